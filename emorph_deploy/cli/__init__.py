@@ -1,0 +1,1 @@
+"""Typer command-line interface: one file per command, thin over the library."""
