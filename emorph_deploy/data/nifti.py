@@ -1,0 +1,315 @@
+"""NIfTI input/output with validation.
+
+Every problem a user can cause (missing file, not NIfTI, corrupt gzip, truncated data, wrong dimensionality,
+NaN/Inf voxels, constant volume, singular affine, non-integer label values) raises :class:`InputError` with
+one line: what was expected, what was got, and the fix.
+
+Images returned by :func:`load_volume` / :func:`as_image` are in-memory ``nib.Nifti1Image`` objects holding a
+3D array (a 4D file with a single volume is squeezed) and the validated affine (``img.affine``, RAS+ world
+mm). Intensity images hold float32 data; label maps (:func:`load_label_map`) hold integer data with the
+original values, and ``img.header.get_data_dtype()`` still records the on-disk dtype so outputs can be written
+with it (see :func:`label_dtype`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from emorph_deploy.errors import InputError
+
+__all__ = [
+    "ImageLike",
+    "as_image",
+    "as_label_image",
+    "check_affine",
+    "label_dtype",
+    "load_label_map",
+    "load_volume",
+    "save_nifti_atomic",
+]
+
+#: Anything accepted where an image is expected: a path, a nibabel image, or an ``(array, affine)`` pair.
+ImageLike = Any
+
+_NIFTI_TYPES = (nib.Nifti1Pair, nib.Nifti2Pair)  # Nifti1Image / Nifti2Image are subclasses
+
+
+def _describe(name: str, source: object) -> str:
+    return f"{name} {source}" if isinstance(source, str | os.PathLike) else name
+
+
+def check_affine(affine: Any, what: str = "image") -> np.ndarray:
+    """Return ``affine`` as a float64 (4, 4) array, or raise InputError if it is non-finite or singular."""
+    try:
+        a = np.asarray(affine, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"{what}: expected a 4x4 numeric affine, got {type(affine).__name__}; fix: pass a 4x4 "
+            "voxel-to-world matrix"
+        ) from exc
+    if a.shape == (3, 4):
+        a = np.vstack([a, [0.0, 0.0, 0.0, 1.0]])
+    if a.shape != (4, 4):
+        raise InputError(
+            f"{what}: expected a 4x4 affine, got shape {a.shape}; fix: pass a 4x4 voxel-to-world matrix"
+        )
+    if not np.all(np.isfinite(a)):
+        raise InputError(
+            f"{what}: expected a finite affine, got NaN/Inf entries in the voxel-to-world matrix; "
+            "fix: repair the header (sform/qform) of the file"
+        )
+    lin = a[:3, :3]
+    scale = float(np.abs(lin).max())
+    det = float(np.linalg.det(lin))
+    if scale == 0.0 or abs(det) <= 1e-9 * scale**3:
+        raise InputError(
+            f"{what}: expected an invertible affine, got a singular voxel-to-world matrix "
+            f"(det {det:.3g}); fix: repair the header (sform/qform, pixdim) of the file"
+        )
+    return a
+
+
+def _squeeze_to_3d(data: np.ndarray, what: str) -> np.ndarray:
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    elif data.ndim == 5 and data.shape[3] == 1 and data.shape[4] == 1:
+        data = data[..., 0, 0]
+    if data.ndim == 4:
+        raise InputError(
+            f"{what}: expected a 3D volume (or 4D with one volume), got a 4D series of "
+            f"{data.shape[3]} volumes {data.shape}; fix: extract one volume first "
+            "(e.g. fslroi in out 0 1)"
+        )
+    if data.ndim != 3:
+        raise InputError(
+            f"{what}: expected a 3D volume, got {data.ndim}D data of shape {data.shape}; "
+            "fix: pass a single 3D image"
+        )
+    if min(data.shape) < 2:
+        raise InputError(
+            f"{what}: expected a 3D volume with at least 2 voxels per axis, got shape {data.shape}; "
+            "fix: pass a 3D volume, not a single slice"
+        )
+    return data
+
+
+def _check_values(data: np.ndarray, what: str, *, allow_constant: bool = False) -> None:
+    if data.dtype.kind == "f" or data.dtype.kind == "c":
+        finite = np.isfinite(data)
+        if not finite.all():
+            n_bad = int(data.size - np.count_nonzero(finite))
+            raise InputError(
+                f"{what}: expected finite voxel values, got {n_bad} NaN/Inf voxels; "
+                "fix: replace them (e.g. fslmaths in -nan out) or re-export the image"
+            )
+    if data.dtype.kind not in "biuf":
+        raise InputError(
+            f"{what}: expected numeric voxel data, got dtype {data.dtype}; fix: convert the image "
+            "to an integer or float type"
+        )
+    if not allow_constant:
+        lo, hi = data.min(), data.max()
+        if lo == hi:
+            kind = "all-zero" if lo == 0 else f"constant ({float(lo):g})"
+            raise InputError(
+                f"{what}: expected an image with contrast, got an {kind} volume; "
+                "fix: check that the right file was passed and that it is not empty"
+            )
+
+
+def _load_nifti(path: str | os.PathLike, what: str) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
+    """Open a NIfTI file and read its (scaled) voxel array, mapping every failure to InputError."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what}: expected an existing NIfTI file, got a missing path; fix: check the path")
+    if p.is_dir():
+        raise InputError(f"{what}: expected a NIfTI file, got a directory; fix: pass a .nii or .nii.gz file")
+    try:
+        img = nib.load(str(p))
+    except nib.filebasedimages.ImageFileError as exc:
+        raise InputError(
+            f"{what}: expected a NIfTI file (.nii/.nii.gz), got a file nibabel cannot read as an "
+            f"image ({_short(exc)}); fix: convert it to NIfTI (e.g. dcm2niix, mri_convert)"
+        ) from exc
+    except Exception as exc:  # gzip/zlib/EOF/header errors
+        raise InputError(
+            f"{what}: expected a readable NIfTI file, got a corrupt or truncated file "
+            f"({type(exc).__name__}: {_short(exc)}); fix: re-export or re-download it"
+        ) from exc
+    if not isinstance(img, _NIFTI_TYPES):
+        raise InputError(
+            f"{what}: expected a NIfTI file, got {type(img).__name__}; fix: convert it to NIfTI "
+            "(e.g. mri_convert in.mgz out.nii.gz)"
+        )
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # corrupt gzip stream, truncated data, ...
+        raise InputError(
+            f"{what}: expected a complete NIfTI file, got corrupt or truncated voxel data "
+            f"({type(exc).__name__}: {_short(exc)}); fix: re-export or re-download it"
+        ) from exc
+    return img, data
+
+
+def _short(exc: BaseException, n: int = 120) -> str:
+    s = " ".join(str(exc).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _header_for(
+    data: np.ndarray, affine: np.ndarray, header: Any = None, disk_dtype: Any = None
+) -> nib.Nifti1Header:
+    hdr = nib.Nifti1Header()
+    if header is not None:
+        try:
+            for key in ("xyzt_units", "descrip", "intent_code", "intent_name"):
+                if key in header:
+                    hdr[key] = header[key]
+        except Exception:  # foreign header types: keep the default
+            pass
+    hdr.set_data_shape(data.shape)
+    hdr.set_data_dtype(disk_dtype if disk_dtype is not None else data.dtype)
+    hdr.set_qform(affine, code=1)
+    hdr.set_sform(affine, code=1)
+    return hdr
+
+
+def _make_image(
+    data: np.ndarray, affine: np.ndarray, header: Any = None, disk_dtype: Any = None
+) -> nib.Nifti1Image:
+    hdr = _header_for(data, affine, header, disk_dtype)
+    img = nib.Nifti1Image(data, affine, hdr)
+    img.header.set_slope_inter(None, None)
+    return img
+
+
+def load_volume(path: str | os.PathLike, *, name: str = "image") -> nib.Nifti1Image:
+    """Load and validate an intensity volume; return a 3D in-memory ``Nifti1Image`` with float32 data."""
+    what = _describe(name, path)
+    img, data = _load_nifti(path, what)
+    return _validated_intensity(data, img.affine, what, header=img.header)
+
+
+def _validated_intensity(data: np.ndarray, affine: Any, what: str, header: Any = None) -> nib.Nifti1Image:
+    affine = check_affine(affine, what)
+    data = _squeeze_to_3d(np.asarray(data), what)
+    _check_values(data, what)
+    data32 = np.ascontiguousarray(data, dtype=np.float32)
+    if not np.all(np.isfinite(data32)):
+        raise InputError(
+            f"{what}: expected values that fit float32, got values overflowing to Inf; fix: rescale the image"
+        )
+    return _make_image(data32, affine, header)
+
+
+def load_label_map(path: str | os.PathLike, *, name: str = "label map") -> nib.Nifti1Image:
+    """Load and validate an integer label map; values (and the on-disk dtype in the header) are preserved.
+
+    Float label maps are accepted only if every value is an integer (e.g. FreeSurfer float32 asegs); they are
+    returned as int32 arrays while ``header.get_data_dtype()`` keeps the original float dtype.
+    """
+    what = _describe(name, path)
+    img, data = _load_nifti(path, what)
+    return _validated_labels(
+        data, img.affine, what, disk_dtype=img.header.get_data_dtype(), header=img.header
+    )
+
+
+def _validated_labels(
+    data: np.ndarray, affine: Any, what: str, disk_dtype: Any = None, header: Any = None
+) -> nib.Nifti1Image:
+    affine = check_affine(affine, what)
+    data = _squeeze_to_3d(np.asarray(data), what)
+    _check_values(data, what, allow_constant=True)
+    if data.dtype.kind == "b":
+        data = data.astype(np.uint8)
+    if data.dtype.kind == "f":
+        frac = np.abs(data - np.round(data))
+        if frac.max() > 1e-3:
+            n_bad = int(np.count_nonzero(frac > 1e-3))
+            raise InputError(
+                f"{what}: expected integer label values, got {n_bad} voxels with fractional values "
+                f"(e.g. {float(data[frac > 1e-3].flat[0]):g}); fix: pass a segmentation, not an "
+                "intensity image or a probability map (threshold/argmax it first)"
+            )
+        rounded = np.round(data)
+        if rounded.min() < np.iinfo(np.int32).min or rounded.max() > np.iinfo(np.int32).max:
+            raise InputError(
+                f"{what}: expected label values that fit int32, got range "
+                f"[{rounded.min():g}, {rounded.max():g}]; fix: relabel the segmentation"
+            )
+        data = rounded.astype(np.int32)
+    if not np.any(data):
+        raise InputError(
+            f"{what}: expected at least one nonzero label, got an all-zero label map; "
+            "fix: check that the right segmentation was passed"
+        )
+    disk = np.dtype(disk_dtype) if disk_dtype is not None else data.dtype
+    return _make_image(np.ascontiguousarray(data), affine, header, disk_dtype=disk)
+
+
+def label_dtype(img: nib.Nifti1Image) -> np.dtype:
+    """The dtype a label map should be written with (the original on-disk dtype)."""
+    return np.dtype(img.header.get_data_dtype())
+
+
+def _split_pair(x: Any, what: str) -> tuple[np.ndarray, Any]:
+    if not (isinstance(x, tuple | list) and len(x) == 2):
+        raise InputError(
+            f"{what}: expected a path, a nibabel image or an (array, affine) pair, got "
+            f"{type(x).__name__}; fix: pass one of those"
+        )
+    data, affine = x
+    if hasattr(data, "detach"):  # torch tensor
+        data = data.detach().cpu().numpy()
+    return np.asarray(data), affine
+
+
+def as_image(x: ImageLike, *, name: str = "image") -> nib.Nifti1Image:
+    """Validate an intensity image given as a path, a nibabel image or an ``(ndarray, affine)`` pair."""
+    if isinstance(x, str | os.PathLike):
+        return load_volume(x, name=name)
+    if isinstance(x, nib.spatialimages.SpatialImage):
+        try:
+            data = np.asanyarray(x.dataobj)
+        except Exception as exc:
+            raise InputError(
+                f"{name}: expected readable voxel data, got {type(exc).__name__}: {_short(exc)}; "
+                "fix: re-export the image"
+            ) from exc
+        return _validated_intensity(data, x.affine, name, header=x.header)
+    data, affine = _split_pair(x, name)
+    return _validated_intensity(data, affine, name)
+
+
+def as_label_image(x: ImageLike, *, name: str = "label map") -> nib.Nifti1Image:
+    """Validate a label map given as a path, a nibabel image or an ``(ndarray, affine)`` pair."""
+    if isinstance(x, str | os.PathLike):
+        return load_label_map(x, name=name)
+    if isinstance(x, nib.spatialimages.SpatialImage):
+        try:
+            data = np.asanyarray(x.dataobj)
+        except Exception as exc:
+            raise InputError(
+                f"{name}: expected readable voxel data, got {type(exc).__name__}: {_short(exc)}; "
+                "fix: re-export the image"
+            ) from exc
+        return _validated_labels(data, x.affine, name, disk_dtype=x.header.get_data_dtype(), header=x.header)
+    data, affine = _split_pair(x, name)
+    return _validated_labels(data, affine, name, disk_dtype=np.asarray(data).dtype)
+
+
+def save_nifti_atomic(
+    img: nib.spatialimages.SpatialImage, path: str | os.PathLike, force: bool = False
+) -> Path:
+    """Write ``img`` to ``path`` atomically (temp file + rename); refuse to overwrite without ``force``."""
+    from emorph_deploy.fileio import atomic_path
+
+    with atomic_path(path, force=force) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)

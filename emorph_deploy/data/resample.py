@@ -1,0 +1,312 @@
+"""Resampling in world coordinates.
+
+All functions work on numpy arrays indexed (D, H, W) = array axes 0, 1, 2 and 4x4 voxel-to-world (RAS mm)
+affines. Sampling follows the align_corners=True convention: voxel centres sit at integer indices, so identity
+resampling is exact. Outside the source field of view the value is ``cval`` (``padding="zeros"``, linear
+interpolation blends towards ``cval`` within one voxel of the edge, like ``grid_sample(padding_mode="zeros")``
+and scipy's ``mode="grid-constant"``) or the nearest edge value (``padding="border"``, scipy
+``mode="nearest"``).
+
+Backends: ``method="torch"`` (default, ``F.grid_sample`` on float32, chunked to bound memory) and
+``method="scipy"`` (``scipy.ndimage.map_coordinates`` in float64, the slow reference used in tests).
+Nearest-neighbour (``order=0``) is an exact index gather for both (any dtype, label values preserved,
+round-half-to-even like grid_sample).
+
+Displacement conventions (see docs/conventions.md):
+- model ``flow`` (3, D, H, W): voxels of the model grid, channel k along array axis k; warped(x) = moving(x +
+  flow(x)).
+- world displacement ``disp`` (3, ...): RAS millimetres, ``disp = A[:3, :3] @ flow`` for the grid's affine A;
+  warped(p) = moving_world(p + disp(p)) for every world point p. ITK/ANTs files want LPS: see
+  :func:`emorph_deploy.data.orientation.ras_to_lps_vectors`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = [
+    "grid_coordinates",
+    "model_flow_to_native",
+    "model_grid_affine",
+    "native_displacement_to_voxel_flow",
+    "resample_displacement",
+    "resample_to_grid",
+    "sample_at_voxel_coords",
+    "voxel_flow_to_world",
+    "warp_world",
+    "world_flow_to_voxel",
+]
+
+Padding = Literal["zeros", "border"]
+_CHUNK_VOXELS = 1 << 21  # ~2M output voxels per grid_sample call (grid: 24 MB float32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# grids
+# ------------------------------------------------------------------------------------------------------------
+def _reference_shape_affine(reference: Any) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(shape, affine) of a nibabel image, a PreparedVolume or an (array-or-shape, affine) pair."""
+    if hasattr(reference, "affine") and hasattr(reference, "shape"):
+        return tuple(int(s) for s in reference.shape[:3]), np.asarray(reference.affine, dtype=np.float64)
+    if isinstance(reference, tuple | list) and len(reference) == 2:
+        first, affine = reference
+        shape = np.shape(first) if hasattr(first, "shape") or np.ndim(first) > 1 else tuple(first)
+        return tuple(int(s) for s in shape[:3]), np.asarray(affine, dtype=np.float64)
+    raise TypeError(
+        f"expected a nibabel image or a (shape-or-array, affine) pair, got {type(reference).__name__}"
+    )
+
+
+def model_grid_affine(
+    reference: Any, shape: tuple[int, int, int], spacing: tuple[float, float, float]
+) -> np.ndarray:
+    """RAS-aligned grid affine of ``shape`` voxels at ``spacing`` mm, centred on the reference's FOV centre.
+
+    ``reference`` is the image whose field of view defines the grid (the fixed image): a nibabel image or a
+    ``(array-or-shape, affine)`` pair. The grid centre (voxel ``(n - 1) / 2``) lands exactly on the world
+    position of the reference's centre voxel ``(m - 1) / 2``.
+    """
+    ref_shape, ref_affine = _reference_shape_affine(reference)
+    centre_world = (
+        ref_affine[:3, :3] @ ((np.asarray(ref_shape, dtype=np.float64) - 1) / 2) + ref_affine[:3, 3]
+    )
+    spacing_arr = np.asarray(spacing, dtype=np.float64)
+    out = np.eye(4)
+    out[:3, :3] = np.diag(spacing_arr)
+    out[:3, 3] = centre_world - spacing_arr * (np.asarray(shape, dtype=np.float64) - 1) / 2
+    return out
+
+
+def grid_coordinates(
+    src_affine: np.ndarray, dst_shape: tuple[int, ...], dst_affine: np.ndarray, d_slice: slice | None = None
+) -> np.ndarray:
+    """Continuous source voxel coordinates (3, d, H, W) of the destination grid voxels (float64)."""
+    m = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
+    d_slice = d_slice or slice(0, dst_shape[0])
+    i = np.arange(d_slice.start, d_slice.stop, dtype=np.float64)
+    j = np.arange(dst_shape[1], dtype=np.float64)
+    k = np.arange(dst_shape[2], dtype=np.float64)
+    ii, jj, kk = np.meshgrid(i, j, k, indexing="ij")
+    coords = np.einsum("ab,b...->a...", m[:3, :3], np.stack([ii, jj, kk]))
+    coords += m[:3, 3].reshape(3, 1, 1, 1)
+    return coords
+
+
+# ------------------------------------------------------------------------------------------------------------
+# core sampler
+# ------------------------------------------------------------------------------------------------------------
+def _as_channels(data: np.ndarray) -> tuple[np.ndarray, bool]:
+    data = np.asarray(data)
+    if data.ndim == 3:
+        return data[None], True
+    if data.ndim == 4:
+        return data, False
+    raise ValueError(f"expected data (D, H, W) or (C, D, H, W), got shape {data.shape}")
+
+
+def _nearest_gather(data: np.ndarray, coords: np.ndarray, cval: float, padding: Padding) -> np.ndarray:
+    # data (C, D, H, W), coords (3, *S) -> (C, *S); exact, any dtype.
+    idx = np.rint(coords).astype(np.int64)
+    inside = np.ones(coords.shape[1:], dtype=bool)
+    for a in range(3):
+        n = data.shape[a + 1]
+        if padding == "zeros":
+            inside &= (idx[a] >= 0) & (idx[a] <= n - 1)
+        np.clip(idx[a], 0, n - 1, out=idx[a])
+    out = data[:, idx[0], idx[1], idx[2]]
+    if padding == "zeros" and not inside.all():
+        fill = np.asarray(cval).astype(out.dtype) if out.dtype.kind in "biu" else cval
+        out[:, ~inside] = fill
+    return out
+
+
+def _linear_torch(data: np.ndarray, coords: np.ndarray, cval: float, padding: Padding) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    # data (C, D, H, W) -> (1, C, D, H, W); coords (3, d, h, w) -> grid (1, d, h, w, 3) in (x=W, y=H, z=D)
+    # order.
+    src = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None]
+    if cval != 0 and padding == "zeros":
+        src = src - float(cval)
+    sizes = np.asarray(data.shape[1:], dtype=np.float64)
+    denom = np.maximum(sizes - 1, 1).reshape(3, *([1] * (coords.ndim - 1)))
+    norm = 2.0 * coords / denom - 1.0  # float64
+    grid = torch.from_numpy(np.ascontiguousarray(np.moveaxis(norm[::-1], 0, -1), dtype=np.float32))[None]
+    with torch.no_grad():
+        out = F.grid_sample(src, grid, mode="bilinear", padding_mode=padding, align_corners=True)[0]
+    if cval != 0 and padding == "zeros":
+        out = out + float(cval)
+    return out.numpy()
+
+
+def _linear_scipy(data: np.ndarray, coords: np.ndarray, cval: float, padding: Padding) -> np.ndarray:
+    from scipy.ndimage import map_coordinates
+
+    mode = "grid-constant" if padding == "zeros" else "nearest"
+    return np.stack(
+        [
+            map_coordinates(np.asarray(c, dtype=np.float64), coords, order=1, mode=mode, cval=cval)
+            for c in data
+        ]
+    )
+
+
+def sample_at_voxel_coords(
+    data: np.ndarray,
+    coords: np.ndarray,
+    order: int = 1,
+    cval: float = 0.0,
+    padding: Padding = "zeros",
+    method: Literal["torch", "scipy"] = "torch",
+) -> np.ndarray:
+    """Sample ``data`` (D, H, W) or (C, D, H, W) at continuous voxel coordinates ``coords`` (3, d, h, w).
+
+    Returns (d, h, w) or (C, d, h, w): float32 for ``order=1`` (float64 with ``method="scipy"``), the input
+    dtype for ``order=0``.
+    """
+    arr, squeeze = _as_channels(data)
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.shape[0] != 3 or coords.ndim != 4:
+        raise ValueError(f"expected coords (3, d, h, w), got {coords.shape}")
+    if padding not in ("zeros", "border"):
+        raise ValueError(f"padding must be 'zeros' or 'border', got {padding!r}")
+    if order == 0:
+        out = _nearest_gather(arr, coords, cval, padding)
+    elif order == 1:
+        out = (_linear_scipy if method == "scipy" else _linear_torch)(arr, coords, cval, padding)
+    else:
+        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
+    return out[0] if squeeze else out
+
+
+def _chunks(dst_shape: tuple[int, ...]) -> list[slice]:
+    per_slice = int(dst_shape[1]) * int(dst_shape[2])
+    step = max(1, _CHUNK_VOXELS // max(per_slice, 1))
+    return [slice(s, min(s + step, dst_shape[0])) for s in range(0, dst_shape[0], step)]
+
+
+def resample_to_grid(
+    data: np.ndarray,
+    src_affine: np.ndarray,
+    dst_shape: tuple[int, int, int],
+    dst_affine: np.ndarray,
+    order: int = 1,
+    cval: float = 0.0,
+    padding: Padding = "zeros",
+    method: Literal["torch", "scipy"] = "torch",
+) -> np.ndarray:
+    """Resample ``data`` (D, H, W) or (C, D, H, W) from ``src_affine`` onto the grid ``(dst_shape,
+    dst_affine)``.
+
+    Each destination voxel j takes the source value at world point ``dst_affine @ j``. ``order=1`` is
+    trilinear (float32 out), ``order=0`` is nearest (dtype and values kept: use it for label maps).
+    """
+    dst_shape = tuple(int(s) for s in dst_shape[:3])
+    arr, squeeze = _as_channels(data)
+    out_dtype = arr.dtype if order == 0 else (np.float64 if method == "scipy" else np.float32)
+    m = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
+    if tuple(arr.shape[1:]) == dst_shape and np.allclose(m, np.eye(4), rtol=0.0, atol=1e-9):
+        out = arr.astype(out_dtype, copy=True)  # identity: exact copy
+        return out[0] if squeeze else out
+    out = np.empty((arr.shape[0], *dst_shape), dtype=out_dtype)
+    for sl in _chunks(dst_shape):
+        coords = grid_coordinates(src_affine, dst_shape, dst_affine, sl)
+        out[:, sl] = sample_at_voxel_coords(
+            arr, coords, order=order, cval=cval, padding=padding, method=method
+        )
+    return out[0] if squeeze else out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# displacement fields
+# ------------------------------------------------------------------------------------------------------------
+def voxel_flow_to_world(flow: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Voxel displacement (3, ...) of the grid with ``affine`` -> world displacement (3, ...) in RAS mm."""
+    lin = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return np.einsum("ab,b...->a...", lin, np.asarray(flow, dtype=np.float64))
+
+
+def world_flow_to_voxel(disp: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """World displacement (3, ...) in RAS mm -> voxel displacement (3, ...) of the grid with ``affine``."""
+    inv = np.linalg.inv(np.asarray(affine, dtype=np.float64)[:3, :3])
+    return np.einsum("ab,b...->a...", inv, np.asarray(disp, dtype=np.float64))
+
+
+def resample_displacement(
+    disp: np.ndarray,
+    src_affine: np.ndarray,
+    dst_shape: tuple[int, int, int],
+    dst_affine: np.ndarray,
+    padding: Padding = "border",
+    method: Literal["torch", "scipy"] = "torch",
+) -> np.ndarray:
+    """Resample a vector field (3, D, H, W) component-wise (trilinear) onto another grid.
+
+    Vector values are not changed, so pass a *world* displacement (mm) when the grids differ in spacing or
+    orientation. Outside the source FOV the default ``padding="border"`` extends the edge displacement.
+    """
+    return resample_to_grid(disp, src_affine, dst_shape, dst_affine, order=1, padding=padding, method=method)
+
+
+def model_flow_to_native(
+    flow: np.ndarray,
+    model_affine: np.ndarray,
+    native_shape: tuple[int, int, int],
+    native_affine: np.ndarray,
+    padding: Padding = "border",
+    method: Literal["torch", "scipy"] = "torch",
+) -> np.ndarray:
+    """Model-grid voxel flow (3, d, h, w) -> world displacement (3, *native_shape) in RAS mm on the native
+    grid.
+
+    With ``disp`` the result, the registered moving image on the native (fixed) grid is ``moving_world(p +
+    disp(p))`` for each native voxel centre p (see :func:`warp_world`).
+    """
+    disp_model = voxel_flow_to_world(flow, model_affine).astype(np.float32)
+    return resample_displacement(
+        disp_model, model_affine, native_shape, native_affine, padding=padding, method=method
+    )
+
+
+def native_displacement_to_voxel_flow(disp: np.ndarray, native_affine: np.ndarray) -> np.ndarray:
+    """World displacement on a grid (3, D, H, W) -> voxel displacement of that grid (Learn2Reg convention)."""
+    return world_flow_to_voxel(disp, native_affine).astype(np.float32)
+
+
+def warp_world(
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    dst_shape: tuple[int, int, int],
+    dst_affine: np.ndarray,
+    disp: np.ndarray | None = None,
+    order: int = 1,
+    cval: float = 0.0,
+    padding: Padding = "zeros",
+    method: Literal["torch", "scipy"] = "torch",
+) -> np.ndarray:
+    """Sample ``moving`` at ``p + disp(p)`` for each destination voxel centre p (world RAS mm).
+
+    ``disp`` (3, *dst_shape) is a world displacement on the destination grid (e.g. from
+    :func:`model_flow_to_native`); ``None`` means plain resampling. ``order=0`` keeps label values and dtype.
+    """
+    dst_shape = tuple(int(s) for s in dst_shape[:3])
+    if disp is None:
+        return resample_to_grid(moving, moving_affine, dst_shape, dst_affine, order, cval, padding, method)
+    disp = np.asarray(disp)
+    if disp.shape != (3, *dst_shape):
+        raise ValueError(f"expected disp (3, {dst_shape}), got {disp.shape}")
+    arr, squeeze = _as_channels(moving)
+    inv_mov = np.linalg.inv(np.asarray(moving_affine, dtype=np.float64))
+    out_dtype = arr.dtype if order == 0 else (np.float64 if method == "scipy" else np.float32)
+    out = np.empty((arr.shape[0], *dst_shape), dtype=out_dtype)
+    for sl in _chunks(dst_shape):
+        # voxel coords in moving grid: inv(A_mov) @ (A_dst j + d) = grid_coordinates + inv(A_mov)[:3,:3] @ d
+        coords = grid_coordinates(moving_affine, dst_shape, dst_affine, sl)
+        coords += np.einsum("ab,b...->a...", inv_mov[:3, :3], disp[:, sl].astype(np.float64))
+        out[:, sl] = sample_at_voxel_coords(
+            arr, coords, order=order, cval=cval, padding=padding, method=method
+        )
+    return out[0] if squeeze else out

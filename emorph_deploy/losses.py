@@ -1,0 +1,251 @@
+"""Training losses for EfficientMorph: local NCC, diffusion regulariser and soft Dice.
+
+All losses are ``nn.Module``s returning a scalar tensor, work for any batch size, are differentiable and are
+written in an export-safe style (fixed kernels as non-persistent buffers, no in-place indexed writes, no
+data-dependent Python control flow in ``forward``).
+
+Recipe (reference): ``NCCLoss(window=9, sigma=1.5, kind="gaussian")`` + 1.0 × ``DiffusionLoss()``
+[+ 1.0 × ``SoftDiceLoss()`` on one-hot labels].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emorph_deploy.errors import InputError
+
+__all__ = ["DiffusionLoss", "NCCLoss", "SoftDiceLoss", "one_hot"]
+
+_NCC_KINDS = ("gaussian", "box")
+_NCC_BORDERS = ("normalized", "zeros")
+
+
+def _window_1d(window: int, sigma: float, kind: str) -> torch.Tensor:
+    """Normalised 1-D window (sums to 1): sampled Gaussian exp(-x²/2σ²) or uniform box."""
+    if kind == "box":
+        return torch.full((window,), 1.0 / window, dtype=torch.float64)
+    x = torch.arange(window, dtype=torch.float64) - (window // 2)
+    g = torch.exp(-(x * x) / (2.0 * sigma * sigma))
+    return g / g.sum()
+
+
+class NCCLoss(nn.Module):
+    """Local normalised cross-correlation loss: ``1 − mean(cc)``.
+
+    For every voxel, local (window-weighted) statistics of the two images give
+    ``cc = (cov² + eps) / (var_a · var_b + eps)`` — the *squared* local correlation, in [0, 1].
+    The loss is ``1 − mean(cc)`` over all voxels, channels and batch items, so identical images give
+    the minimum (0) and the loss is invariant to a positive affine intensity change of either image
+    (up to ``eps``). The ``eps`` in the numerator makes flat regions (zero local variance) count as
+    perfectly correlated, as in the released recipe.
+
+    Args:
+        window: odd window size per axis (9 in the recipe).
+        sigma: Gaussian standard deviation in voxels (1.5 in the recipe); ignored for ``kind="box"``.
+        kind: ``"gaussian"`` (separable, normalised Gaussian window computed as three 1-D conv3d) or ``"box"``
+            (uniform window).
+        eps: stabiliser added to numerator and denominator.
+        border: ``"normalized"`` (default) computes local statistics over the voxels inside the volume
+            only (the window is renormalised by its in-volume mass near the borders, so borders are treated
+            like the interior and the affine invariance holds everywhere); ``"zeros"`` zero-pads the images
+            as the public reference code does (border statistics are biased towards the zero padding).
+
+    ``forward(a, b)`` takes two tensors of equal shape (B, C, D, H, W) (C is usually 1; channels are
+    treated as independent images) and returns a scalar.
+    """
+
+    def __init__(
+        self,
+        window: int = 9,
+        sigma: float = 1.5,
+        kind: str = "gaussian",
+        eps: float = 1e-5,
+        border: str = "normalized",
+    ) -> None:
+        super().__init__()
+        if not isinstance(window, int) or window < 1 or window % 2 == 0:
+            raise InputError(f"NCC window: expected an odd positive integer, got {window!r}; fix: use e.g. 9")
+        if kind not in _NCC_KINDS:
+            raise InputError(f"NCC kind: expected one of {_NCC_KINDS}, got {kind!r}; fix: pick one of those")
+        if kind == "gaussian" and not sigma > 0:
+            raise InputError(f"NCC sigma: expected a positive number, got {sigma!r}; fix: use e.g. 1.5")
+        if not eps >= 0:
+            raise InputError(f"NCC eps: expected a non-negative number, got {eps!r}; fix: use e.g. 1e-5")
+        if border not in _NCC_BORDERS:
+            raise InputError(
+                f"NCC border: expected one of {_NCC_BORDERS}, got {border!r}; fix: pick one of those"
+            )
+        self.window = window
+        self.sigma = float(sigma)
+        self.kind = kind
+        self.eps = float(eps)
+        self.border = border
+        k = _window_1d(window, self.sigma, kind).to(torch.float32)
+        # Three 1-D kernels for the separable filter, one per array axis (D, H, W).
+        self.register_buffer("kernel_d", k.view(1, 1, window, 1, 1).clone(), persistent=False)
+        self.register_buffer("kernel_h", k.view(1, 1, 1, window, 1).clone(), persistent=False)
+        self.register_buffer("kernel_w", k.view(1, 1, 1, 1, window).clone(), persistent=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"window={self.window}, sigma={self.sigma}, kind={self.kind!r}, eps={self.eps}, "
+            f"border={self.border!r}"
+        )
+
+    def _filter(self, x: torch.Tensor) -> torch.Tensor:
+        """Separable zero-padded window filter of (N, C, D, H, W), channels independent (grouped conv)."""
+        p = self.window // 2
+        c = x.shape[1]
+        kd = self.kernel_d.to(x.dtype).expand(c, 1, -1, -1, -1)
+        kh = self.kernel_h.to(x.dtype).expand(c, 1, -1, -1, -1)
+        kw = self.kernel_w.to(x.dtype).expand(c, 1, -1, -1, -1)
+        x = F.conv3d(x, kd, padding=(p, 0, 0), groups=c)
+        x = F.conv3d(x, kh, padding=(0, p, 0), groups=c)
+        return F.conv3d(x, kw, padding=(0, 0, p), groups=c)
+
+    def _window_mass(self, x: torch.Tensor) -> torch.Tensor:
+        """In-volume mass of the (separable) window at each voxel, (1, 1, D, H, W); 1 in the interior."""
+        p = self.window // 2
+        d, h, w = x.shape[-3:]
+        ones = torch.ones_like(x[0, 0])  # (D, H, W)
+        k = self.kernel_w.to(x.dtype).reshape(1, 1, -1)
+        m_d = F.conv1d(ones[:, :1, 0].reshape(1, 1, d), k, padding=p).reshape(d, 1, 1)
+        m_h = F.conv1d(ones[:1, :, 0].reshape(1, 1, h), k, padding=p).reshape(1, h, 1)
+        m_w = F.conv1d(ones[:1, 0, :].reshape(1, 1, w), k, padding=p).reshape(1, 1, w)
+        return (m_d * m_h * m_w).reshape(1, 1, d, h, w)
+
+    def local_cc(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-voxel squared local correlation, shape (B·C, 1, D, H, W)."""
+        if a.shape != b.shape or a.dim() != 5:
+            raise InputError(
+                f"NCCLoss: expected two (B, C, D, H, W) tensors of equal shape, got {tuple(a.shape)} and "
+                f"{tuple(b.shape)}; fix: pass images on the same grid"
+            )
+        d, h, w = a.shape[-3:]
+        a = a.reshape(-1, 1, d, h, w)  # (N, 1, D, H, W), N = B·C
+        b = b.reshape(-1, 1, d, h, w)
+        stats = torch.cat([a, b, a * a, b * b, a * b], dim=1)  # (N, 5, D, H, W)
+        means = self._filter(stats)
+        if self.border == "normalized":
+            means = means / self._window_mass(a)  # renormalise by the in-volume window mass
+        mu_a, mu_b, e_aa, e_bb, e_ab = torch.split(means, 1, dim=1)
+        var_a = torch.clamp(e_aa - mu_a * mu_a, min=0.0)
+        var_b = torch.clamp(e_bb - mu_b * mu_b, min=0.0)
+        cov = e_ab - mu_a * mu_b
+        return (cov * cov + self.eps) / (var_a * var_b + self.eps)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return 1.0 - self.local_cc(a, b).mean()
+
+
+class DiffusionLoss(nn.Module):
+    """Diffusion regulariser: mean squared forward differences of the displacement.
+
+    For flow (B, C, D, H, W) (C = 3 for a displacement field) the forward differences along D, H and W are
+    three tensors of shapes (B, C, D−1, H, W), (B, C, D, H−1, W), (B, C, D, H, W−1). The loss is
+    ``(mean(dD²) + mean(dH²) + mean(dW²)) / 3`` — each mean over *all* elements of its difference tensor
+    (batch, channels, voxels), then averaged over the three axes. Units are those of the flow (voxels²).
+    Example: ``flow[:, 0] = α·i`` (ramp along axis 0, other channels 0) gives ``α² / 9``.
+    """
+
+    def forward(self, flow: torch.Tensor) -> torch.Tensor:
+        if flow.dim() != 5:
+            raise InputError(
+                f"DiffusionLoss: expected a (B, 3, D, H, W) flow, got shape {tuple(flow.shape)}; "
+                "fix: pass the model's displacement field"
+            )
+        dd = flow[:, :, 1:, :, :] - flow[:, :, :-1, :, :]
+        dh = flow[:, :, :, 1:, :] - flow[:, :, :, :-1, :]
+        dw = flow[:, :, :, :, 1:] - flow[:, :, :, :, :-1]
+        return ((dd * dd).mean() + (dh * dh).mean() + (dw * dw).mean()) / 3.0
+
+
+class SoftDiceLoss(nn.Module):
+    """Soft Dice loss on one-hot labels: ``1 − mean soft Dice`` over batch items and labels.
+
+    ``forward(pred, target)`` takes (B, L, D, H, W) float tensors (e.g. warped one-hot moving labels and
+    one-hot fixed labels, see :func:`one_hot`). Per batch item and label:
+    ``dice = (2·Σ p·t + eps) / (Σ p² + Σ t² + eps)`` with ``squared=True`` (the V-Net form used by the
+    released recipe; identical to Σp + Σt for binary inputs) or ``(2·Σ p·t + eps) / (Σ p + Σ t + eps)``
+    with ``squared=False``. A label absent from both volumes has dice 1 (no penalty).
+
+    Args:
+        eps: smoothing term.
+        include_background: if False, channel 0 (background) is left out of the mean. The released recipe
+            includes it (default True).
+        squared: use squared sums in the denominator (default True, as released).
+    """
+
+    def __init__(self, eps: float = 1e-5, include_background: bool = True, squared: bool = True) -> None:
+        super().__init__()
+        if not eps >= 0:
+            raise InputError(f"SoftDiceLoss eps: expected a non-negative number, got {eps!r}; fix: use 1e-5")
+        self.eps = float(eps)
+        self.include_background = bool(include_background)
+        self.squared = bool(squared)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, include_background={self.include_background}, squared={self.squared}"
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if pred.shape != target.shape or pred.dim() != 5:
+            raise InputError(
+                f"SoftDiceLoss: expected two (B, L, D, H, W) one-hot tensors of equal shape, got "
+                f"{tuple(pred.shape)} and {tuple(target.shape)}; fix: one-hot both with the same label values"
+            )
+        if not self.include_background:
+            if pred.shape[1] < 2:
+                raise InputError(
+                    f"SoftDiceLoss: include_background=False needs ≥ 2 label channels, got {pred.shape[1]}; "
+                    "fix: add foreground labels or set include_background=True"
+                )
+            pred = pred[:, 1:]
+            target = target[:, 1:]
+        target = target.to(pred.dtype)
+        inter = (pred * target).sum(dim=(2, 3, 4))  # (B, L)
+        if self.squared:
+            denom = (pred * pred).sum(dim=(2, 3, 4)) + (target * target).sum(dim=(2, 3, 4))
+        else:
+            denom = pred.sum(dim=(2, 3, 4)) + target.sum(dim=(2, 3, 4))
+        dice = (2.0 * inter + self.eps) / (denom + self.eps)  # (B, L)
+        return 1.0 - dice.mean()
+
+
+def one_hot(
+    labels: torch.Tensor,
+    label_values: Sequence[int] | torch.Tensor | int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """One-hot encode a label map: (B, 1, D, H, W) integer → (B, L, D, H, W) float.
+
+    Channel ``i`` is 1 where ``labels == label_values[i]``. ``label_values`` is a sequence (or 1-D tensor) of
+    label values, or an int ``n`` meaning ``range(n)``. Voxels whose value is not listed are zero in every
+    channel. Export-safe (a broadcast comparison, no scatter).
+    """
+    if labels.dim() != 5 or labels.shape[1] != 1:
+        raise InputError(
+            f"one_hot: expected a (B, 1, D, H, W) label map, got shape {tuple(labels.shape)}; "
+            "fix: add the channel axis"
+        )
+    if isinstance(label_values, int):
+        if label_values < 1:
+            raise InputError(f"one_hot: expected ≥ 1 label, got {label_values}; fix: pass the label count")
+        values = torch.arange(label_values, device=labels.device)
+    else:
+        values = torch.as_tensor(label_values, device=labels.device)
+        if values.dim() != 1 or values.numel() == 0:
+            raise InputError(
+                f"one_hot: expected a non-empty 1-D list of label values, got shape {tuple(values.shape)}; "
+                "fix: pass e.g. range(36)"
+            )
+        if values.is_floating_point() and not torch.equal(values, torch.round(values)):
+            raise InputError("one_hot: expected integer label values, got fractions; fix: pass integers")
+        values = values.to(torch.int64)
+    if labels.is_floating_point():
+        labels = torch.round(labels)
+    labels = labels.to(torch.int64)
+    return (labels == values.view(1, -1, 1, 1, 1)).to(dtype)

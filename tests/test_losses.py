@@ -1,0 +1,243 @@
+"""Tests for emorph_deploy.losses (small volumes, explicit tolerances)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emorph_deploy.errors import InputError
+from emorph_deploy.losses import DiffusionLoss, NCCLoss, SoftDiceLoss, one_hot
+
+torch.set_num_threads(1)
+
+KINDS = ("gaussian", "box")
+
+
+def textured(shape=(1, 1, 24, 24, 24), seed=0) -> torch.Tensor:
+    """Smooth random texture in [0, 1] (noise blurred by a 3³ box, rescaled)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=g, dtype=torch.float32)
+    x = F.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
+    x = (x - x.amin()) / (x.amax() - x.amin())
+    return x
+
+
+# ----------------------------------------------------------------------------------------------- NCC
+@pytest.mark.parametrize("kind", KINDS)
+def test_ncc_identical_is_zero_and_minimum(kind):
+    loss = NCCLoss(kind=kind)
+    x = textured()
+    l0 = loss(x, x).item()
+    assert abs(l0) <= 1e-3
+    g = torch.Generator().manual_seed(1)
+    perturbed = [
+        x + 0.1 * torch.randn(x.shape, generator=g),  # noise
+        torch.roll(x, shifts=2, dims=2),  # shift
+        F.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False),  # blur
+        textured(seed=5),  # unrelated image
+    ]
+    for y in perturbed:
+        assert l0 <= loss(x, y).item() + 1e-6
+        assert l0 <= loss(y, x).item() + 1e-6
+    # inverted contrast: the squared correlation makes it equivalent to identical (up to float rounding)
+    assert abs(loss(x, 1.0 - x).item() - l0) <= 1e-4
+    # genuinely different images are clearly worse
+    assert loss(x, textured(seed=5)).item() > l0 + 0.3
+    assert loss(x, torch.roll(x, shifts=2, dims=2)).item() > l0 + 0.05
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ncc_range_and_symmetry(kind):
+    loss = NCCLoss(kind=kind)
+    x, y = textured(seed=2), textured(seed=3)
+    lxy, lyx = loss(x, y).item(), loss(y, x).item()
+    assert -1e-6 <= lxy <= 1.0 + 1e-6
+    assert abs(lxy - lyx) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("scale", "offset"), [(2.0, 0.3), (0.5, -0.2), (3.0, 5.0)])
+def test_ncc_affine_intensity_invariance(kind, scale, offset):
+    # eps is a stabiliser that (by design) breaks exact scale invariance in low-variance regions; with a
+    # negligible eps the loss is invariant to a·x + b (a > 0) for either image, borders included.
+    loss = NCCLoss(kind=kind, eps=1e-8)
+    x = textured(seed=0)
+    y = torch.roll(x, shifts=1, dims=3) + 0.05 * textured(seed=7)  # a partly correlated image
+    base = loss(x, y).item()
+    assert abs(loss(x, scale * y + offset).item() - base) <= 1e-3
+    assert abs(loss(scale * x + offset, y).item() - base) <= 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ncc_offset_invariance_default_eps(kind):
+    # an intensity offset leaves local variances and covariance unchanged, so it holds with the default eps
+    loss = NCCLoss(kind=kind)
+    x = textured(seed=0)
+    y = torch.roll(x, shifts=1, dims=3) + 0.05 * textured(seed=7)
+    base = loss(x, y).item()
+    for offset in (-0.3, 0.4, 2.0):
+        assert abs(loss(x, y + offset).item() - base) <= 1e-3
+        assert abs(loss(x + offset, y).item() - base) <= 1e-3
+
+
+def test_ncc_batch_consistency_and_channels():
+    loss = NCCLoss()
+    x = torch.cat([textured(seed=0), textured(seed=1)])  # (2, 1, 24, 24, 24)
+    y = torch.cat([textured(seed=2), torch.roll(textured(seed=1), 1, dims=4)])
+    batched = loss(x, y).item()
+    singles = (loss(x[:1], y[:1]).item() + loss(x[1:], y[1:]).item()) / 2
+    assert abs(batched - singles) <= 1e-6
+    # channels are independent images: (1, 2, ...) equals the batch of 2
+    assert abs(loss(x.transpose(0, 1), y.transpose(0, 1)).item() - batched) <= 1e-6
+
+
+def test_ncc_gaussian_window_matches_dense_3d_kernel():
+    """Separable Gaussian = dense 3D Gaussian with a normalised kernel (zero border, interior equal)."""
+    loss = NCCLoss(window=5, sigma=1.0, border="zeros")
+    k1 = loss.kernel_d.flatten().double()
+    assert abs(k1.sum().item() - 1.0) <= 1e-6
+    assert torch.allclose(k1, k1.flip(0), atol=1e-7)  # symmetric
+    assert k1.argmax().item() == 2
+    dense = (k1[:, None, None] * k1[None, :, None] * k1[None, None, :]).float()[None, None]
+    x = textured((1, 1, 12, 12, 12))
+    assert torch.allclose(loss._filter(x), F.conv3d(x, dense, padding=2), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ncc_window_mass_is_filtered_ones(kind):
+    loss = NCCLoss(window=7, kind=kind)
+    x = textured((1, 1, 9, 11, 13))
+    mass = loss._window_mass(x)
+    assert torch.allclose(mass, loss._filter(torch.ones_like(x)), atol=1e-6)
+    assert abs(mass[0, 0, 4, 5, 6].item() - 1.0) <= 1e-6  # interior: full window
+    assert mass.min().item() > 0.0
+
+
+def test_ncc_box_matches_avg_pool_interior():
+    loss = NCCLoss(window=3, kind="box", border="zeros")
+    x = textured((1, 1, 10, 10, 10))
+    ref = F.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=True)
+    assert torch.allclose(loss._filter(x), ref, atol=1e-6)
+
+
+def test_ncc_zero_border_option_also_minimum_at_identity():
+    loss = NCCLoss(border="zeros")
+    x = textured()
+    assert abs(loss(x, x).item()) <= 1e-3
+    assert loss(x, torch.roll(x, 2, dims=2)).item() > loss(x, x).item()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ncc_gradients_flow(kind):
+    loss = NCCLoss(kind=kind)
+    x = textured(seed=0)
+    y = textured(seed=1).requires_grad_(True)
+    out = loss(x, y)
+    assert out.dim() == 0
+    out.backward()
+    assert y.grad is not None
+    assert torch.isfinite(y.grad).all()
+    assert y.grad.abs().sum().item() > 0.0
+
+
+def test_ncc_rejects_bad_arguments():
+    with pytest.raises(InputError):
+        NCCLoss(window=8)
+    with pytest.raises(InputError):
+        NCCLoss(kind="triangle")
+    with pytest.raises(InputError):
+        NCCLoss(sigma=0.0)
+    with pytest.raises(InputError):
+        NCCLoss()(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 9))
+
+
+def test_ncc_buffers_not_in_state_dict():
+    assert NCCLoss().state_dict() == {}
+
+
+# ----------------------------------------------------------------------------------------------- diffusion
+def test_diffusion_constant_flow_is_zero():
+    flow = torch.ones(2, 3, 8, 9, 10) * torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1, 1)
+    assert DiffusionLoss()(flow).item() == 0.0
+
+
+def test_diffusion_linear_ramp_analytic():
+    d, h, w = 8, 9, 10
+    alpha, beta = 0.3, -0.7
+    i = torch.arange(d, dtype=torch.float64).view(d, 1, 1).expand(d, h, w)
+    k = torch.arange(w, dtype=torch.float64).view(1, 1, w).expand(d, h, w)
+    flow = torch.zeros(1, 3, d, h, w, dtype=torch.float64)
+    flow[0, 0] = alpha * i  # ramp along axis 0 in channel 0
+    assert abs(DiffusionLoss()(flow).item() - alpha**2 / 9) <= 1e-12
+    flow[0, 2] = beta * k  # add a ramp along axis 2 in channel 2
+    assert abs(DiffusionLoss()(flow).item() - (alpha**2 + beta**2) / 9) <= 1e-12
+    # the same ramp along axis 1 in channel 1 (difference tensor of another shape: per-tensor means)
+    flow2 = torch.zeros(2, 3, d, h, w, dtype=torch.float64)
+    flow2[:, 1] = alpha * torch.arange(h, dtype=torch.float64).view(1, h, 1)
+    assert abs(DiffusionLoss()(flow2).item() - alpha**2 / 9) <= 1e-12
+
+
+def test_diffusion_gradients_flow():
+    flow = (0.5 * torch.randn(1, 3, 8, 8, 8, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    out = DiffusionLoss()(flow)
+    assert out.dim() == 0 and out.item() > 0
+    out.backward()
+    assert torch.isfinite(flow.grad).all() and flow.grad.abs().sum().item() > 0
+
+
+def test_diffusion_rejects_non_5d():
+    with pytest.raises(InputError):
+        DiffusionLoss()(torch.zeros(3, 8, 8, 8))
+
+
+# ----------------------------------------------------------------------------------------------- Dice
+def label_map(shape=(2, 1, 12, 12, 12), n=4, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n, shape, generator=g)
+
+
+def test_one_hot_values_and_shape():
+    lab = label_map()
+    oh = one_hot(lab, [0, 1, 2, 3])
+    assert oh.shape == (2, 4, 12, 12, 12) and oh.dtype == torch.float32
+    assert torch.equal(oh.sum(1), torch.ones(2, 12, 12, 12))
+    assert torch.equal(oh.argmax(1, keepdim=True), lab)
+    assert torch.equal(one_hot(lab, 4), oh)
+    assert torch.equal(one_hot(lab.float(), range(4)), oh)
+    # sparse label values: unlisted values are zero everywhere
+    sparse = one_hot(lab * 10, [0, 20])
+    assert torch.equal(sparse[:, 1:2], (lab == 2).float())
+    assert torch.equal(sparse.sum(1, keepdim=True), ((lab == 0) | (lab == 2)).float())
+    with pytest.raises(InputError):
+        one_hot(lab[:, 0], 4)
+
+
+def test_soft_dice_identical_is_zero():
+    oh = one_hot(label_map(), 4)
+    assert abs(SoftDiceLoss()(oh, oh).item()) <= 1e-6
+    assert abs(SoftDiceLoss(include_background=False)(oh, oh).item()) <= 1e-6
+    assert abs(SoftDiceLoss(squared=False)(oh, oh).item()) <= 1e-6
+
+
+def test_soft_dice_known_value_and_background_option():
+    # label 1: 8 voxels vs 8 voxels overlapping in 4 → dice 0.5; background dice computed by hand
+    a = torch.zeros(1, 1, 4, 4, 4, dtype=torch.int64)
+    b = torch.zeros_like(a)
+    a[0, 0, 0:2, 0:2, 0:2] = 1
+    b[0, 0, 1:3, 0:2, 0:2] = 1
+    pa, pb = one_hot(a, 2), one_hot(b, 2)
+    dice_fg = 2 * 4 / 16
+    dice_bg = 2 * 52 / (56 + 56)
+    assert abs(SoftDiceLoss(eps=0.0, include_background=False)(pa, pb).item() - (1 - dice_fg)) <= 1e-6
+    expected = 1 - (dice_fg + dice_bg) / 2
+    assert abs(SoftDiceLoss(eps=0.0)(pa, pb).item() - expected) <= 1e-6
+
+
+def test_soft_dice_gradients_flow():
+    lab = label_map(n=3)
+    logits = torch.randn(2, 3, 12, 12, 12, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    out = SoftDiceLoss()(logits.softmax(1), one_hot(lab, 3))
+    assert 0.0 < out.item() < 1.0
+    out.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum().item() > 0
