@@ -1,0 +1,154 @@
+"""EfficientMorph forward: shapes, batch independence, gradients everywhere, input checks, ONNX export."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from emorph_deploy.errors import InputError
+from emorph_deploy.models import EfficientMorph, create_model, warp
+from emorph_deploy.models.layers.position import sinusoidal_encoding_3d
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """2 shared cores: intra-op threads only contend on these tiny problems (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SIZE = (16, 16, 24)
+TINY = dict(img_size=SIZE, embed_dims=(16, 32), heads=(2, 4), patch_dim=8, decoder_widths=(16, 8),
+            skip_width=8, flow_init_std=0.05)
+
+
+def tiny(name="em-23-hires", seed=0, **kw) -> EfficientMorph:
+    torch.manual_seed(seed)
+    return create_model(name, **{**TINY, **kw})
+
+
+def pair(batch=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 1, *SIZE, generator=g), torch.rand(batch, 1, *SIZE, generator=g)
+
+
+@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga"])
+def test_forward_shapes_and_warp(name):
+    model = tiny(name).eval()
+    moving, fixed = pair(2)
+    with torch.no_grad():
+        warped, flow = model(moving, fixed)
+    assert warped.shape == (2, 1, *SIZE) and flow.shape == (2, 3, *SIZE)
+    assert flow.abs().max() > 1e-3  # non-trivial field (flow_init_std=0.05)
+    torch.testing.assert_close(warped, warp(moving, flow), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["em-23-hires", "em-23-hires-cga"])
+@pytest.mark.parametrize("sampler", ["grid_sample", "gather"])
+def test_batch_of_two_equals_two_batches_of_one(name, sampler):
+    model = tiny(name, warp_sampler=sampler).eval()
+    moving, fixed = pair(2)
+    with torch.no_grad():
+        warped, flow = model(moving, fixed)
+        for i in range(2):
+            w1, f1 = model(moving[i:i + 1], fixed[i:i + 1])
+            torch.testing.assert_close(f1, flow[i:i + 1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(w1, warped[i:i + 1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["em-23-hires", "em-23-hires-cga"])
+def test_gradients_reach_every_parameter(name):
+    model = tiny(name, drop_path=0.0).train()
+    moving, fixed = pair(2)
+    warped, flow = model(moving, fixed)
+    loss = (warped - fixed).square().mean() + flow.square().mean()
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, pname
+        assert p.grad.abs().max() > 0, pname
+
+
+def test_drop_path_training_runs_and_eval_is_deterministic():
+    model = tiny(drop_path=0.5).train()
+    moving, fixed = pair(2)
+    model(moving, fixed)[1].sum().backward()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(moving, fixed)[1], model(moving, fixed)[1], atol=0, rtol=0)
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    model = tiny().eval()
+    with pytest.raises(InputError, match=r"\(B, 1, 16, 16, 24\)"):
+        model(torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16))
+    with pytest.raises(InputError):
+        model(torch.rand(1, 1, *SIZE), torch.rand(2, 1, *SIZE))
+    with pytest.raises(InputError):
+        model(torch.rand(1, 1, *SIZE), torch.rand(1, 2, *SIZE))
+
+
+def test_buffers_are_not_persistent_and_state_dict_round_trips():
+    model = tiny()
+    keys = set(model.state_dict())
+    assert {n for n, _ in model.named_buffers()} == {"pos_enc.pe", "transformer.grid"}
+    assert not keys & {"pos_enc.pe", "transformer.grid"}
+    other = create_model(model.config)
+    other.load_state_dict(model.state_dict(), strict=True)
+    moving, fixed = pair()
+    with torch.no_grad():
+        a, b = other.eval()(moving, fixed)[1], model.eval()(moving, fixed)[1]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_position_encoding_values():
+    pe = sinusoidal_encoding_3d((3, 4, 5), 4, 14)  # (D, H, W, C): 4 per axis + 2 zero channels
+    assert pe.shape == (3, 4, 5, 14)
+    w = 1.0 / 100.0  # 10000^(-2·1/4)
+    torch.testing.assert_close(pe[2, 0, 0, :4], torch.tensor([np.sin(2.0), np.sin(2 * w), np.cos(2.0),
+                                                               np.cos(2 * w)]).float(), atol=1e-6, rtol=0)
+    # the H block depends on H only
+    torch.testing.assert_close(pe[1, 3, 4, 4:8], pe[0, 3, 0, 4:8], atol=0, rtol=0)
+    assert pe[..., 12:].abs().max() == 0
+
+
+def _export(model, opset):
+    onnx = pytest.importorskip("onnx", reason="onnx not installed")
+    moving, fixed = pair()
+    buf = io.BytesIO()
+    torch.onnx.export(model, (moving, fixed), buf, dynamo=False, opset_version=opset,
+                      input_names=["moving", "fixed"], output_names=["warped", "flow"])
+    ops = {n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node}
+    return buf.getvalue(), ops, moving, fixed
+
+
+def _check_ort(data, model, moving, fixed):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    warped, flow = sess.run(None, {"moving": moving.numpy(), "fixed": fixed.numpy()})
+    with torch.no_grad():
+        w_ref, f_ref = model(moving, fixed)
+    np.testing.assert_allclose(flow, f_ref.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(warped, w_ref.numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga"])
+def test_onnx_export_gather_opset17_has_no_gridsample_or_scatter(name):
+    model = tiny(name, warp_sampler="gather").eval()
+    data, ops, moving, fixed = _export(model, 17)
+    assert "GridSample" not in ops and "ScatterND" not in ops, sorted(ops)
+    assert {"MatMul", "Softmax", "GatherElements"} <= ops
+    _check_ort(data, model, moving, fixed)
+
+
+def test_onnx_export_grid_sample_opset20():
+    model = tiny(warp_sampler="grid_sample").eval()
+    data, ops, moving, fixed = _export(model, 20)
+    assert "GridSample" in ops and "ScatterND" not in ops
+    _check_ort(data, model, moving, fixed)
