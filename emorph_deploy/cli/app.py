@@ -39,6 +39,8 @@ def _root(
 # and keeps its heavy imports (torch, onnx, tensorrt) inside the command function.
 COMMAND_MODULES: tuple[str, ...] = (
     "models",
+    "train",
+    "evaluate",
 )
 
 

@@ -53,6 +53,12 @@ register_model(ModelSpec(
     reference_params=1_793_883, reference_gmacs=235.1,
 ))
 register_model(ModelSpec(
+    ModelConfig(name="em-23-hires-s", img_size=(80, 96, 112), patch_dim=12, embed_dims=(48, 96), heads=(2, 4),
+                decoder_widths=(48, 16), skip_width=24),
+    "half-width em-23-hires (same depths, planes and head width) for 2 mm grids and CPU training;"
+    " the packaged default model",
+))
+register_model(ModelSpec(
     ModelConfig(name="em-23-hires-cga", attention="cga"),
     "depths (2, 3), cascaded group attention on planes",
 ))
@@ -139,6 +145,7 @@ REFERENCE_MACS: dict[str, int] = {
     "em-11-hires": 235_050_762_240,
     "em-23-hires-cga": 311_329_751_040,
     "em-11-hires-cga": 231_520_665_600,
+    "em-23-hires-s": 125_225_533_440,
 }
 
 

@@ -1,0 +1,162 @@
+"""``TrainConfig``: every training option with its default in one place (saved in checkpoints).
+
+Defaults follow the released recipe (shared/reference/efficientmorph.md): NCC (Gaussian window 9, σ 1.5)
++ 1.0 × diffusion [+ 1.0 × soft Dice when labels exist]; Adam (amsgrad) lr 5e-4, weight decay 0; cosine
+annealing T_max 20 epochs down to 5e-5, stepped per epoch; batch 1; both directions per iteration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from emorph_deploy.errors import InputError
+
+__all__ = ["AMP_CHOICES", "RESUMABLE_OVERRIDES", "SYNTHETIC_KINDS", "TrainConfig"]
+
+AMP_CHOICES: tuple[str, ...] = ("none", "bf16", "fp16")
+SYNTHETIC_KINDS: tuple[str, ...] = ("mix", "synth", "template")
+
+#: Options that may differ between the original run and a ``--resume`` (everything else must match).
+RESUMABLE_OVERRIDES: frozenset[str] = frozenset({
+    "epochs", "workers", "log_every", "checkpoint_every", "tensorboard", "progress", "device", "out",
+    "max_steps", "max_minutes", "val_every",
+})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training options. ``to_dict``/``from_dict`` round-trip through JSON."""
+
+    # model
+    model: str = "em-23-hires"
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (widths, depths, ...)
+    # grid / data
+    grid: str = "2mm"  # Preprocessing preset ("1mm" = 160×192×224 as in the paper, "2mm" = 80×96×112)
+    grid_shape: tuple[int, int, int] | None = None  # overrides the preset's shape (e.g. 32³ for tests)
+    spacing_mm: float | None = None  # overrides the preset's spacing
+    data: str | None = None  # folder or CSV of volumes; None = synthetic
+    atlas: str | None = None  # atlas-to-subject pairs with this fixed image (folder/CSV data only)
+    val_fraction: float = 0.1  # share of subjects held out for validation (folder/CSV data)
+    val_pairs: int = 4  # validation pairs evaluated each epoch
+    synthetic_kind: str = "mix"  # "mix" (alternate), "synth" (SynthMorph label maps), "template" (MNI152)
+    synthetic_max_disp: float = 4.0  # largest true displacement of synthetic pairs, in voxels
+    # schedule
+    epochs: int = 200
+    # iterations per epoch (each = both directions, 2 optimizer steps); None = 100 for synthetic data, one
+    # pass over the training subjects (pairs) for folder/CSV data
+    steps_per_epoch: int | None = None
+    max_steps: int | None = None  # stop after this many iterations in total (per invocation; resumable)
+    max_minutes: float | None = None  # stop (saving `last`) after this much wall time in this invocation
+    batch_size: int = 1  # per process
+    workers: int = 0
+    # optimisation
+    lr: float = 5e-4
+    lr_min: float = 5e-5
+    t_max: int = 20  # cosine period in epochs
+    weight_decay: float = 0.0
+    amsgrad: bool = True
+    grad_clip: float | None = 10.0  # max global grad norm; None/0 = off
+    bidirectional: bool = True
+    # loss
+    ncc_window: int = 9
+    ncc_sigma: float = 1.5
+    reg_weight: float = 1.0
+    dice_weight: float = 1.0  # applied only when label maps exist; 0 = off
+    # runtime
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"  # "bf16" | "fp16" on CUDA only
+    out: str = "runs/train"
+    log_every: int = 10
+    val_every: int = 1  # epochs
+    checkpoint_every: int = 20  # also save `last` every N iterations mid-epoch (0 = at epoch ends only)
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.grid_shape, list):
+            object.__setattr__(self, "grid_shape", tuple(int(s) for s in self.grid_shape))
+        if self.model_overrides is None:
+            object.__setattr__(self, "model_overrides", {})
+        object.__setattr__(self, "model_overrides", dict(self.model_overrides))
+        self._validate()
+
+    def _validate(self) -> None:
+        def pos(name: str, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if v < 0 or (v == 0 and not allow_zero):
+                bound = "≥ 0" if allow_zero else "> 0"
+                raise InputError(f"--{name.replace('_', '-')} must be {bound}; got {v}")
+
+        if self.steps_per_epoch is not None:
+            pos("steps_per_epoch")
+        for n in ("epochs", "batch_size", "lr", "t_max", "ncc_window", "log_every",
+                  "val_every"):
+            pos(n)
+        for n in ("workers", "lr_min", "weight_decay", "reg_weight", "dice_weight", "checkpoint_every",
+                  "val_pairs"):
+            pos(n, allow_zero=True)
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise InputError(f"--max-minutes must be > 0; got {self.max_minutes}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise InputError(f"--max-steps must be ≥ 1; got {self.max_steps}")
+        if self.amp not in AMP_CHOICES:
+            raise InputError(f"--amp must be one of {AMP_CHOICES}; got {self.amp!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise InputError(f"--val-fraction must be in [0, 1); got {self.val_fraction}")
+        if self.synthetic_kind not in SYNTHETIC_KINDS:
+            raise InputError(
+                f"--synthetic-kind must be one of {SYNTHETIC_KINDS}; got {self.synthetic_kind!r}"
+            )
+        if not self.synthetic_max_disp > 0:
+            raise InputError(f"--synthetic-max-disp must be > 0 voxels; got {self.synthetic_max_disp}")
+        if self.grid_shape is not None and len(self.grid_shape) != 3:
+            raise InputError(f"--grid-shape needs three sizes D H W; got {self.grid_shape}")
+        if self.ncc_window % 2 == 0:
+            raise InputError(f"--ncc-window must be odd; got {self.ncc_window}")
+
+    # ------------------------------------------------------------------ derived
+    def preprocessing(self) -> Any:
+        """The ``Preprocessing`` of the model grid (preset, with shape/spacing overrides)."""
+        from emorph_deploy.data.preprocess import Preprocessing
+
+        pre = Preprocessing.preset(self.grid)
+        changes: dict[str, Any] = {}
+        if self.grid_shape is not None:
+            changes["grid_shape"] = tuple(self.grid_shape)
+        if self.spacing_mm is not None:
+            changes["spacing_mm"] = (float(self.spacing_mm),) * 3
+        return dataclasses.replace(pre, **changes) if changes else pre
+
+    def model_config(self) -> Any:
+        """The ``ModelConfig``: the named variant + overrides, with ``img_size`` = the grid shape."""
+        from emorph_deploy.models import get_config
+
+        overrides = dict(self.model_overrides)
+        overrides["img_size"] = tuple(self.preprocessing().grid_shape)
+        return get_config(self.model, **overrides)
+
+    @property
+    def synthetic(self) -> bool:
+        return self.data is None
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return json.loads(json.dumps(d))  # tuples → lists, deep copy
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InputError(
+                f"training config has unknown keys {unknown}; fix: upgrade emorph or start a new run"
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
