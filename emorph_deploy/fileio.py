@@ -17,7 +17,7 @@ from emorph_deploy.errors import InputError, OutputExistsError
 
 
 def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
-    """Validate an output path before any work is done: parent creatable/writable, no overwrite without force."""
+    """Validate an output path before any work: parent creatable and writable, no overwrite without force."""
     path = Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"output {path} already exists: pass --force to overwrite it")
@@ -43,6 +43,9 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     try:
         yield tmp_path
         if path.exists() and not force:  # appeared while we were working

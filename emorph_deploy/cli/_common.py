@@ -18,7 +18,7 @@ EXIT_BAD_INPUT = 2
 
 
 def handle_errors(fn: F) -> F:
-    """Decorate a command: an :class:`EmorphError` becomes ``error: <message>`` on stderr and its exit code."""
+    """Decorate a command: an :class:`EmorphError` becomes ``error: <message>`` on stderr + its exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -1,7 +1,7 @@
 """The ``emorph`` command. Each command lives in its own module and is registered here.
 
-Commands wrap their body with :func:`emorph_deploy.cli._common.handle_errors`: a domain error is printed as one
-line on stderr with the exit code it carries (0 ok, 1 check failed / processing error, 2 bad input).
+Commands wrap their body with :func:`emorph_deploy.cli._common.handle_errors`: a domain error is printed as
+one line on stderr with the exit code it carries (0 ok, 1 check failed / processing error, 2 bad input).
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ def _root(
 # and keeps its heavy imports (torch, onnx, tensorrt) inside the command function.
 COMMAND_MODULES: tuple[str, ...] = (
     "models",
+    "export",
+    "check",
+    "register",
     "train",
     "evaluate",
 )

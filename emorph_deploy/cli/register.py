@@ -1,0 +1,171 @@
+"""``emorph register``: native-space registration of one pair (or a CSV of pairs) with standard outputs.
+
+Outputs in ``--out``: ``warped.nii.gz`` (fixed grid and header), ``warped_labels.nii.gz`` (with
+``--moving-labels``), ``displacement.nii.gz`` (ITK/ANTs: LPS mm, 5D vector), ``voxel_flow.nii.gz`` (with
+``--voxel-flow``, Learn2Reg voxels), ``qc.json`` and ``qc.png``. Written all-or-nothing; nothing is
+overwritten without ``--force``. Exit codes: 0 ok, 1 processing error (or any failed pair in batch mode),
+2 bad input.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from emorph_deploy.cli._common import handle_errors
+from emorph_deploy.errors import InputError
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    tensorrt = "tensorrt"
+    onnxruntime = "onnxruntime"
+    torch = "torch"
+
+
+def _artifact(model: Path | None, onnx: Path | None, engine: Path | None) -> Path | None:
+    given = [(n, p) for n, p in (("--model", model), ("--onnx", onnx), ("--engine", engine)) if p is not None]
+    if len(given) > 1:
+        raise InputError(
+            f"model: expected at most one of --model/--onnx/--engine, got {', '.join(n for n, _ in given)}"
+            "; fix: pass one of them"
+        )
+    if not given:
+        return None
+    name, path = given[0]
+    suffixes = {"--model": (".json", ".safetensors"), "--onnx": (".onnx",), "--engine": (".plan", ".engine")}[
+        name
+    ]
+    if path.suffix.lower() not in suffixes and not (
+        name == "--model" and path.with_suffix(".safetensors").exists()
+    ):
+        raise InputError(
+            f"{name}: expected a {'/'.join(suffixes)} file, got {path.name}; fix: pass the right "
+            "file to --model (checkpoint), --onnx (.onnx) or --engine (.plan/.engine)"
+        )
+    if not path.exists() and not (name == "--model" and path.with_suffix(".safetensors").exists()):
+        raise InputError(f"{name}: expected an existing file, got a missing path {path}; fix: check the path")
+    return path
+
+
+@handle_errors
+def register_command(
+    fixed: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Fixed image (NIfTI); its grid and header define the outputs.", show_default=False
+        ),
+    ] = None,
+    moving: Annotated[Path | None, typer.Argument(help="Moving image (NIfTI).", show_default=False)] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint (.json/.safetensors).")] = None,
+    onnx: Annotated[
+        Path | None, typer.Option("--onnx", help="Exported ONNX graph (+ manifest .json).")
+    ] = None,
+    engine: Annotated[Path | None, typer.Option("--engine", help="TensorRT engine (.plan/.engine).")] = None,
+    backend: Annotated[
+        Backend,
+        typer.Option("--backend", help="auto = TensorRT, then ONNX Runtime (GPU, then CPU), then torch."),
+    ] = Backend.auto,
+    moving_labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--moving-labels",
+            help="Moving label map, warped with nearest neighbour (original values and dtype).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder (one subfolder per pair with --pairs).")
+    ] = Path("registration"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    affine: Annotated[
+        bool, typer.Option("--affine", help="Fast affine pre-alignment (~4 mm), composed into the outputs.")
+    ] = False,
+    voxel_flow: Annotated[
+        bool,
+        typer.Option(
+            "--voxel-flow", help="Also write voxel_flow.nii.gz (Learn2Reg: displacement in fixed voxels)."
+        ),
+    ] = False,
+    pairs: Annotated[
+        Path | None,
+        typer.Option("--pairs", help="CSV with columns fixed,moving[,moving_labels][,id]: batch mode."),
+    ] = None,
+    qc_png: Annotated[bool, typer.Option("--qc-png/--no-qc-png", help="Render qc.png.")] = True,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="CPU threads for torch (default: all).")
+    ] = None,
+) -> None:
+    """Register MOVING to FIXED in native space (or every pair of --pairs) and write the standard outputs."""
+    from emorph_deploy.registration.batch import format_summary, read_pairs, run_batch
+    from emorph_deploy.registration.pipeline import OUTPUT_FILES, Registrar, load_inputs
+
+    if pairs is not None and (fixed is not None or moving is not None or moving_labels is not None):
+        raise InputError(
+            "register: expected either FIXED MOVING or --pairs CSV, got both; fix: pass one of them"
+        )
+    if pairs is None and (fixed is None or moving is None):
+        raise InputError(
+            "register: expected FIXED and MOVING images (or --pairs CSV), got "
+            f"{'none' if fixed is None else 'only FIXED'}; fix: emorph register fixed.nii.gz "
+            "moving.nii.gz --model CHECKPOINT"
+        )
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"--threads: expected >= 1, got {threads}; fix: pass e.g. --threads 2")
+        import torch
+
+        torch.set_num_threads(threads)
+    artifact = _artifact(model, onnx, engine)
+    batch = read_pairs(pairs) if pairs is not None else None
+    if batch is None and not force:  # fail before any work if an output exists
+        from emorph_deploy.errors import OutputExistsError
+
+        names = (
+            ["warped", "displacement", "qc_json"]
+            + (["warped_labels"] if moving_labels else [])
+            + (["voxel_flow"] if voxel_flow else [])
+            + (["qc_png"] if qc_png else [])
+        )
+        for n in names:
+            if (out / OUTPUT_FILES[n]).exists():
+                raise OutputExistsError(
+                    f"output {out / OUTPUT_FILES[n]} already exists: pass --force to overwrite it"
+                )
+
+    inputs = load_inputs(fixed, moving, moving_labels) if batch is None else None  # fail fast on bad input
+    reg = Registrar.load(artifact, backend=backend.value, affine=affine)
+    for note in reg.backend_notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(
+        f"backend: {reg.backend} ({reg.precision}), model grid {'x'.join(map(str, reg.grid_shape))}"
+        f"{'' if artifact is not None else ' [packaged default model]'}",
+        err=True,
+    )
+
+    if batch is not None:
+        rows = run_batch(reg, batch, out, force=force, voxel_flow=voxel_flow, qc_png=qc_png, progress=True)
+        typer.echo(format_summary(rows))
+        typer.echo(f"summary: {out / 'summary.csv'}")
+        if any(r["status"] != "ok" for r in rows):
+            raise typer.Exit(1)
+        return
+
+    assert inputs is not None
+    res = reg.register(*inputs, validate=False)
+    written = res.save(out, force=force, voxel_flow=voxel_flow, qc_png=qc_png)
+    q = res.qc
+    t = q["times_s"]
+    typer.echo(
+        f"NCC {q['ncc_before']:.4f} -> {q['ncc_after']:.4f} | J<=0 {100 * q['frac_jac_nonpos']:.4f}% | "
+        f"SDlogJ {q['sdlogj']:.4f} | total {t['total'] + t.get('write', 0.0):.2f} s "
+        f"(infer {t['infer']:.2f} s)"
+    )
+    for path in written.values():
+        typer.echo(str(path))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("register")(register_command)

@@ -1,0 +1,50 @@
+"""Checkpoint → ONNX export (gather or native 3D grid sample), its manifest and the TensorRT op-set check.
+
+Heavy imports (torch, onnx, onnxslim) happen inside the functions, so importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+from emorph_deploy.export.loaders import (
+    DEFAULT_OPSET,
+    GRID_SAMPLE_MODES,
+    TARGETS,
+    ExportWrapper,
+    check_onnx,
+    default_export_name,
+    export_paths,
+    infer_shapes,
+    load_model_from_checkpoint,
+    load_onnx_checked,
+    onnx_from_checkpoint,
+    op_types,
+    set_sampler,
+    simplify_onnx,
+    torch_to_onnx,
+)
+from emorph_deploy.export.manifest import MANIFEST_FORMAT, manifest_path_for, read_manifest
+from emorph_deploy.export.trt_ops import check_tensorrt_ops, supported_ops, tensorrt_op_report
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "GRID_SAMPLE_MODES",
+    "MANIFEST_FORMAT",
+    "TARGETS",
+    "ExportWrapper",
+    "check_onnx",
+    "check_tensorrt_ops",
+    "default_export_name",
+    "export_paths",
+    "infer_shapes",
+    "load_model_from_checkpoint",
+    "load_onnx_checked",
+    "manifest_path_for",
+    "onnx_from_checkpoint",
+    "op_types",
+    "read_manifest",
+    "set_sampler",
+    "simplify_onnx",
+    "supported_ops",
+    "tensorrt_op_report",
+    "torch_to_onnx",
+]

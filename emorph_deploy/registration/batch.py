@@ -1,0 +1,188 @@
+"""Batch registration from a CSV of pairs: ``fixed,moving[,moving_labels][,id]``.
+
+Relative paths are resolved against the CSV's folder. Each pair goes to ``<out>/<id>/`` (``id`` column, or
+``<row number>_<moving stem>``). A failing pair is recorded with its one-line error and the rest continue;
+``<out>/summary.csv`` lists every pair's status, NCC before/after, J ≤ 0, SDlogJ and time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from emorph_deploy.errors import EmorphError, InputError, OutputExistsError
+
+__all__ = ["Pair", "format_summary", "read_pairs", "run_batch"]
+
+SUMMARY_FIELDS = (
+    "id",
+    "status",
+    "fixed",
+    "moving",
+    "ncc_before",
+    "ncc_after",
+    "frac_jac_nonpos",
+    "sdlogj",
+    "seconds",
+    "error",
+)
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    fixed: Path
+    moving: Path
+    moving_labels: Path | None = None
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return p.stem
+
+
+def read_pairs(csv_path: str | Path) -> list[Pair]:
+    """Parse the pairs CSV (header ``fixed,moving[,moving_labels][,id]``); InputError on a malformed file."""
+    path = Path(csv_path)
+    if not path.is_file():
+        raise InputError(
+            f"pairs: expected an existing CSV file, got a missing path {path}; fix: check --pairs"
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(
+            f"pairs {path}: expected a UTF-8 CSV, got {type(exc).__name__}; fix: save it as CSV"
+        ) from exc
+    reader = csv.DictReader(io.StringIO(text))
+    cols = [c.strip() for c in (reader.fieldnames or [])]
+    if "fixed" not in cols or "moving" not in cols:
+        raise InputError(
+            f"pairs {path}: expected a header with columns fixed,moving[,moving_labels], got "
+            f"{cols or 'no header'}; fix: add the header line 'fixed,moving,moving_labels'"
+        )
+    pairs: list[Pair] = []
+    seen: set[str] = set()
+    for n, row in enumerate(reader, start=1):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        if not any(row.values()):
+            continue
+        if not row.get("fixed") or not row.get("moving"):
+            raise InputError(
+                f"pairs {path}: row {n} expected both fixed and moving paths, got {row}; "
+                "fix: fill in both columns"
+            )
+
+        def res(p: str) -> Path:
+            q = Path(p).expanduser()
+            return q if q.is_absolute() else path.parent / q
+
+        moving = res(row["moving"])
+        pid = row.get("id") or f"{n:04d}_{_stem(moving)}"
+        pid = re.sub(r"[^A-Za-z0-9._-]+", "_", pid)
+        if pid in seen:
+            raise InputError(
+                f"pairs {path}: row {n} expected a unique id, got duplicate {pid!r}; "
+                "fix: make the id column unique"
+            )
+        seen.add(pid)
+        labels = row.get("moving_labels") or None
+        pairs.append(Pair(pid, res(row["fixed"]), moving, res(labels) if labels else None))
+    if not pairs:
+        raise InputError(f"pairs {path}: expected at least one pair, got none; fix: add rows fixed,moving")
+    return pairs
+
+
+def run_batch(
+    registrar: Any,
+    pairs: list[Pair],
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    affine: bool | None = None,
+    voxel_flow: bool = False,
+    qc_png: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Register every pair into ``out_dir/<id>/``; never stops on a failing pair. Returns the summary rows."""
+    from emorph_deploy.fileio import check_writable, write_bytes_atomic
+
+    out = Path(out_dir)
+    summary_path = out / "summary.csv"
+    if summary_path.exists() and not force:
+        raise OutputExistsError(f"output {summary_path} already exists: pass --force to overwrite it")
+    check_writable(summary_path, force=force)
+    rows: list[dict[str, Any]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pairs), desc="register", unit="pair", dynamic_ncols=True)
+    try:
+        for pair in pairs:
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"id": pair.id, "fixed": str(pair.fixed), "moving": str(pair.moving)}
+            try:
+                res = registrar.register(pair.fixed, pair.moving, labels=pair.moving_labels, affine=affine)
+                res.save(out / pair.id, force=force, voxel_flow=voxel_flow, qc_png=qc_png)
+                q = res.qc
+                row.update(
+                    status="ok",
+                    ncc_before=q["ncc_before"],
+                    ncc_after=q["ncc_after"],
+                    frac_jac_nonpos=q["frac_jac_nonpos"],
+                    sdlogj=q["sdlogj"],
+                    error="",
+                )
+            except EmorphError as exc:
+                row.update(status="failed", error=str(exc))
+            except Exception as exc:  # one pair must never stop the batch
+                row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            if bar is not None:
+                bar.set_postfix_str(f"{pair.id}: {row['status']}")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_bytes_atomic(summary_path, buf.getvalue().encode(), force=True)
+    return rows
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    """Plain-text summary table (one line per pair, then totals)."""
+
+    def f(v: Any, spec: str) -> str:
+        width = int(re.match(r"\d*", spec).group() or 0)
+        return format(v, spec) if isinstance(v, float) else "-".rjust(width)
+
+    header = (
+        f"{'id':<28} {'status':<7} {'NCC before':>10} {'NCC after':>10} {'J<=0 %':>8} {'SDlogJ':>7} {'s':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        frac = r.get("frac_jac_nonpos")
+        lines.append(
+            f"{r['id'][:28]:<28} {r['status']:<7} {f(r.get('ncc_before'), '10.4f')} "
+            f"{f(r.get('ncc_after'), '10.4f')} {f(100 * frac if isinstance(frac, float) else None, '8.3f')} "
+            f"{f(r.get('sdlogj'), '7.3f')} {f(r.get('seconds'), '6.2f')}"
+        )
+        if r["status"] != "ok":
+            lines.append(f"    error: {r.get('error', '')}")
+    ok = sum(r["status"] == "ok" for r in rows)
+    lines.append(f"{ok}/{len(rows)} pairs registered, {len(rows) - ok} failed")
+    return "\n".join(lines)

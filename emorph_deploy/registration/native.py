@@ -1,0 +1,310 @@
+"""Map a model-grid displacement back to the fixed image's native voxel grid; warp the original moving
+image there.
+
+For every fixed native voxel ``o`` (world position ``p = A_f o``, RAS mm):
+
+* the model-grid flow is interpolated (trilinear) at ``p``'s model-grid position ``A_m^-1 p`` and converted to
+  world mm: ``u(p) = A_m[:3, :3] @ flow``;
+* the moving-world point is ``T(p + u(p))`` (``T`` = optional affine pre-alignment, fixed → moving world);
+* the ORIGINAL moving image (native grid, native intensities) is sampled there: trilinear for intensities,
+  nearest with the original values and dtype for labels. Points more than half a voxel outside the moving
+  image are 0 (ITK's convention, so SimpleITK reproduces the result).
+
+The displacement written for ITK/ANTs is ``d(p) = T(p + u(p)) - p`` in LPS mm.
+
+Everything is folded into per-call 4x4 matrices so the hot loop is: one affine coordinate grid, one
+``grid_sample`` of the (3-channel) flow, one ``addmm``, one ``grid_sample`` of the moving image — float32,
+in slabs along the last native axis, writing straight into Fortran-ordered outputs (NIfTI's on-disk order,
+so saving needs no transpose).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["NativeWarp", "itk_displacement_image", "voxel_flow", "voxel_flow_image", "warp_to_native"]
+
+#: Voxels per slab: bounds the temporaries (~24 MB per (N, 3) float32 tensor).
+_SLAB_VOXELS = 1 << 21
+_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass
+class NativeWarp:
+    """Outputs on the fixed native grid (all Fortran-ordered (I, J, K, ...) views, NIfTI's on-disk order)."""
+
+    warped: np.ndarray  # (I, J, K) float32
+    displacement_lps: np.ndarray  # (I, J, K, 3) float32, LPS mm, ITK convention
+    warped_labels: np.ndarray | None  # (I, J, K) original label dtype
+
+
+def _norm_matrix(shape: tuple[int, int, int]) -> np.ndarray:
+    """(a0, a1, a2) array index → grid_sample coordinates (x = a2, y = a1, z = a0), align_corners=True."""
+    n = np.zeros((4, 4))
+    for row, axis in ((0, 2), (1, 1), (2, 0)):
+        n[row, axis] = 2.0 / max(shape[axis] - 1, 1)
+        n[row, 3] = -1.0
+    n[3, 3] = 1.0
+    return n
+
+
+def _as_c_tensor(arr: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """Zero-copy C-contiguous tensor view of a 3D array, plus the 4x4 map native index → tensor index.
+
+    Fortran-ordered arrays (nibabel's proxies) are viewed reversed, (K, J, I), instead of copied.
+    """
+    if arr.flags.c_contiguous:
+        return torch.from_numpy(arr), np.eye(4)
+    if arr.flags.f_contiguous:
+        rev = np.zeros((4, 4))
+        rev[0, 2] = rev[1, 1] = rev[2, 0] = rev[3, 3] = 1.0
+        return torch.from_numpy(arr.T), rev
+    return torch.from_numpy(np.ascontiguousarray(arr)), np.eye(4)
+
+
+def _affine_coords(m: np.ndarray, o0: torch.Tensor, plane_shape: tuple[int, int]) -> torch.Tensor:
+    """Rows of ``m`` (r x 4) applied to output indices (o0 slab, all o1, all o2) → (n, J, I, r) float32."""
+    mt = torch.as_tensor(m, dtype=torch.float32)
+    o1 = torch.arange(plane_shape[0], dtype=torch.float32)
+    o2 = torch.arange(plane_shape[1], dtype=torch.float32)
+    plane = mt[:, 3] + o1[:, None, None] * mt[:, 1] + o2[None, :, None] * mt[:, 2]  # (J, I, r)
+    return plane[None] + o0[:, None, None, None] * mt[:, 0]  # (n, J, I, r)
+
+
+def _axis_map(m: np.ndarray, tol: float = 1e-7) -> list[tuple[int, float, float]] | None:
+    """For an o → model-index affine ``m`` (4x4) that maps each model axis from exactly one output axis,
+    return per model axis ``(output axis, scale, offset)``; else None (oblique: use grid_sample)."""
+    out = []
+    lin = m[:3, :3]
+    scale = np.abs(lin).max()
+    used = set()
+    for a in range(3):
+        nz = [b for b in range(3) if abs(lin[a, b]) > tol * scale]
+        if len(nz) != 1 or nz[0] in used:
+            return None
+        used.add(nz[0])
+        out.append((nz[0], float(lin[a, nz[0]]), float(m[a, 3])))
+    return out
+
+
+def _lerp_axis(x: torch.Tensor, axis: int, coords: np.ndarray) -> torch.Tensor:
+    """Linear interpolation of ``x`` along ``axis`` at float ``coords`` (clamped: border padding)."""
+    n = x.shape[axis]
+    c = np.clip(coords, 0.0, n - 1)
+    i0 = np.minimum(np.floor(c), max(n - 2, 0)).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w = torch.from_numpy((c - i0).astype(np.float32))
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    a = x.index_select(axis, torch.from_numpy(i0))
+    b = x.index_select(axis, torch.from_numpy(i1))
+    return torch.lerp(a, b, w.view(shape))
+
+
+def _flow_slab_separable(
+    flow: torch.Tensor, amap: list[tuple[int, float, float]], o0: np.ndarray, plane_shape: tuple[int, int]
+) -> torch.Tensor:
+    """Trilinear (border) samples of ``flow`` (3, d, h, w) on the output slab (o0 × J × I), axis-aligned case:
+    three 1D interpolations instead of a 3D grid_sample. Returns (3, n, J, I)."""
+    sizes = {
+        0: o0,
+        1: np.arange(plane_shape[0], dtype=np.float64),
+        2: np.arange(plane_shape[1], dtype=np.float64),
+    }
+    x = flow
+    # interpolate the model axis fed by the slab axis first (it shrinks the most), then the others
+    order = sorted(range(3), key=lambda a: (amap[a][0] != 0, a))
+    for a in order:
+        ob, sc, off = amap[a]
+        x = _lerp_axis(x, a + 1, sizes[ob] * sc + off)
+    # x is indexed (3, model axes); model axis a now holds output axis amap[a][0]: reorder to (3, o0, o1, o2)
+    perm = [0] + [1 + [amap[a][0] for a in range(3)].index(ob) for ob in range(3)]
+    return x.permute(*perm)
+
+
+@torch.inference_mode()
+def warp_to_native(
+    flow: np.ndarray | torch.Tensor,
+    grid_affine: np.ndarray,
+    fixed_shape: tuple[int, int, int],
+    fixed_affine: np.ndarray,
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    *,
+    pre_affine: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    labels_affine: np.ndarray | None = None,
+) -> NativeWarp:
+    """Warp the native moving image (and labels) onto the fixed native grid with a model-grid flow.
+
+    ``flow`` is (3, d, h, w) or (1, 3, d, h, w) float32 in model-grid voxels (channel k along array axis k);
+    ``grid_affine`` maps model-grid indices to world RAS mm; ``pre_affine`` maps fixed world → moving world
+    (applied after the deformation); ``labels`` may have its own grid (``labels_affine``, default: the
+    moving's).
+    """
+    flow_t = torch.as_tensor(flow, dtype=torch.float32)
+    if flow_t.ndim == 4:
+        flow_t = flow_t[None]
+    flow_t = flow_t.contiguous()  # (1, 3, d, h, w)
+    grid_shape = tuple(int(s) for s in flow_t.shape[2:])
+    fixed_shape = tuple(int(s) for s in fixed_shape)
+    big_i, big_j, big_k = fixed_shape
+    a_f = np.asarray(fixed_affine, dtype=np.float64)
+    a_m = np.asarray(grid_affine, dtype=np.float64)
+    t_pre = np.eye(4) if pre_affine is None else np.asarray(pre_affine, dtype=np.float64)
+    has_pre = not np.allclose(t_pre, np.eye(4), atol=1e-12)
+
+    # Output tensors are indexed o = (k, j, i) (C order) == (i, j, k) Fortran order.
+    q = np.zeros((4, 4))
+    q[0, 2] = q[1, 1] = q[2, 0] = q[3, 3] = 1.0  # o → native (i, j, k)
+    p_of_o = a_f @ q  # o → world
+    r_m = a_m[:3, :3]
+
+    # Flow sampling: o → model-grid index; separable 1D interpolations when axis-aligned, else grid_sample.
+    o_to_q = np.linalg.inv(a_m) @ p_of_o
+    amap = _axis_map(o_to_q)
+    g_flow = (_norm_matrix(grid_shape) @ o_to_q)[:3]
+    flow3 = flow_t[0]
+    # World displacement (LPS) = S T_lin R_m f + S ((T - I) p)
+    lin_d = _LPS @ t_pre[:3, :3] @ r_m
+    aff_d = _LPS @ ((t_pre - np.eye(4)) @ p_of_o)[:3] if has_pre else None
+
+    mov_t, p_mov = _as_c_tensor(moving)
+    if mov_t.dtype != torch.float32:
+        mov_t = mov_t.to(torch.float32)
+    mov_shape = tuple(int(s) for s in mov_t.shape)
+    to_mov = (
+        _norm_matrix(mov_shape) @ p_mov @ np.linalg.inv(np.asarray(moving_affine, dtype=np.float64)) @ t_pre
+    )
+    g_mov = (to_mov @ p_of_o)[:3]
+    l_mov = to_mov[:3, :3] @ r_m
+    lim_mov = torch.tensor([1.0 + 1.0 / max(mov_shape[ax] - 1, 1) for ax in (2, 1, 0)])
+    mov5 = mov_t[None, None]
+
+    lab5 = None
+    if labels is not None:
+        lab_arr = np.asarray(labels)
+        lab_t, p_lab = _as_c_tensor(lab_arr)
+        lab_shape = tuple(int(s) for s in lab_t.shape)
+        # nearest sampling through grid_sample: exact for |label| < 2^24 in float32, else float64
+        big = lab_arr.size and max(abs(int(lab_arr.max())), abs(int(lab_arr.min()))) >= 1 << 24
+        lab5 = lab_t.to(torch.float64 if big else torch.float32)[None, None]
+        a_lab = np.asarray(moving_affine if labels_affine is None else labels_affine, dtype=np.float64)
+        same_grid = (
+            lab_shape == mov_shape
+            and np.array_equal(p_lab, p_mov)
+            and np.allclose(a_lab, np.asarray(moving_affine, dtype=np.float64), rtol=0, atol=1e-9)
+        )
+        if not same_grid:
+            to_lab = _norm_matrix(lab_shape) @ p_lab @ np.linalg.inv(a_lab) @ t_pre
+            g_lab = (to_lab @ p_of_o)[:3]
+            l_lab_t = torch.as_tensor((to_lab[:3, :3] @ r_m).T, dtype=torch.float32)
+        labels_out = np.zeros((big_k, big_j, big_i), dtype=lab_arr.dtype)
+        labels_out_t = (
+            torch.from_numpy(labels_out)
+            if labels_out.dtype.kind in "biuf"
+            and labels_out.dtype.itemsize <= 8
+            and labels_out.dtype not in (np.uint16, np.uint32, np.uint64)
+            else None
+        )
+
+    warped_out = torch.empty((big_k, big_j, big_i), dtype=torch.float32)
+    disp_out = torch.empty((3, big_k, big_j, big_i), dtype=torch.float32)
+    lin_d_t = torch.as_tensor(lin_d, dtype=torch.float32)
+    l_mov_t = torch.as_tensor(l_mov, dtype=torch.float32)
+
+    step = max(1, _SLAB_VOXELS // max(big_j * big_i, 1))
+    for k0 in range(0, big_k, step):
+        k1 = min(big_k, k0 + step)
+        n = k1 - k0
+        nvox = n * big_j * big_i
+        o0 = torch.arange(k0, k1, dtype=torch.float32)
+        if amap is not None:
+            f = _flow_slab_separable(flow3, amap, np.arange(k0, k1, dtype=np.float64), (big_j, big_i))
+            f = f.contiguous()  # (3, n, J, I)
+        else:
+            grid_q = _affine_coords(g_flow, o0, (big_j, big_i))  # (n, J, I, 3)
+            f = F.grid_sample(
+                flow_t, grid_q[None], mode="bilinear", padding_mode="border", align_corners=True
+            )  # (1, 3, n, J, I)
+        f2 = f.view(3, nvox)
+        # displacement (LPS mm), channel-first straight into the output slab
+        d_slab = disp_out[:, k0:k1].view(3, nvox)
+        torch.mm(lin_d_t, f2, out=d_slab)
+        if aff_d is not None:
+            d_slab += _affine_coords(aff_d, o0, (big_j, big_i)).view(nvox, 3).T
+        # moving sampling grid (normalised), channel-last
+        base = _affine_coords(g_mov, o0, (big_j, big_i)).view(nvox, 3)
+        g = torch.addmm(base, f2.T, l_mov_t.T)  # (nvox, 3)
+        inside = (g.abs() <= lim_mov).all(dim=1)
+        w = F.grid_sample(
+            mov5, g.view(1, n, big_j, big_i, 3), mode="bilinear", padding_mode="border", align_corners=True
+        ).view(nvox)
+        torch.mul(w, inside, out=warped_out[k0:k1].view(nvox))
+        if lab5 is not None:
+            if same_grid:
+                gl = g
+            else:
+                gl = torch.addmm(_affine_coords(g_lab, o0, (big_j, big_i)).view(nvox, 3), f2.T, l_lab_t)
+            vals = F.grid_sample(
+                lab5,
+                gl.to(lab5.dtype).view(1, n, big_j, big_i, 3),
+                mode="nearest",
+                padding_mode="zeros",
+                align_corners=True,
+            ).view(nvox)
+            if labels_out_t is not None:
+                labels_out_t[k0:k1].view(nvox).copy_(vals)  # exact: integral values, cast to the label dtype
+            else:
+                labels_out[k0:k1].reshape(-1)[:] = vals.numpy().astype(labels_out.dtype)
+
+    warped = warped_out.numpy().T  # (I, J, K), Fortran order
+    disp = disp_out.numpy().transpose(3, 2, 1, 0)  # (I, J, K, 3), Fortran order
+    lab = labels_out.T if labels is not None else None
+    return NativeWarp(warped=warped, displacement_lps=disp, warped_labels=lab)
+
+
+def itk_displacement_image(displacement_lps: np.ndarray, fixed_affine: np.ndarray):
+    """ITK/ANTs displacement field: 5D (X, Y, Z, 1, 3) float32 NIfTI, intent "vector", LPS mm, fixed grid."""
+    import nibabel as nib
+
+    i, j, k = displacement_lps.shape[:3]
+    data = np.reshape(displacement_lps, (i, j, k, 1, 3), order="F")  # a view for Fortran-ordered input
+    img = nib.Nifti1Image(data, fixed_affine)
+    hdr = img.header
+    hdr.set_intent("vector", (), name="")
+    hdr.set_xyzt_units("mm", "sec")
+    hdr.set_data_dtype(np.float32)
+    img.set_qform(fixed_affine, code=1)
+    img.set_sform(fixed_affine, code=1)
+    hdr["descrip"] = b"emorph ITK displacement (LPS mm)"
+    return img
+
+
+def voxel_flow(displacement_lps: np.ndarray, fixed_affine: np.ndarray) -> np.ndarray:
+    """Learn2Reg convention: the displacement in fixed-grid voxels, (X, Y, Z, 3) float32.
+
+    ``moving_voxel = fixed_voxel + flow`` when both images share the fixed grid (Learn2Reg's setting);
+    in general it is the world displacement expressed in fixed voxel units.
+    """
+    lin = np.linalg.inv(np.asarray(fixed_affine, dtype=np.float64)[:3, :3]) @ _LPS  # LPS mm → fixed voxels
+    i, j, k = displacement_lps.shape[:3]
+    flat = displacement_lps.reshape(-1, 3, order="F").T  # (3, N), C-contiguous view for Fortran-ordered input
+    out = lin.astype(np.float32) @ flat  # (3, N)
+    return out.reshape(3, k, j, i).transpose(3, 2, 1, 0)  # (I, J, K, 3), Fortran order
+
+
+def voxel_flow_image(displacement_lps: np.ndarray, fixed_affine: np.ndarray):
+    """:func:`voxel_flow` as a 4D (X, Y, Z, 3) float32 NIfTI on the fixed grid."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(voxel_flow(displacement_lps, fixed_affine), fixed_affine)
+    img.header.set_intent("vector", (), name="")
+    img.header["descrip"] = b"emorph voxel flow (Learn2Reg, fixed voxels)"
+    img.set_qform(fixed_affine, code=1)
+    img.set_sform(fixed_affine, code=1)
+    return img

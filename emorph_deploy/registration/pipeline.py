@@ -1,0 +1,613 @@
+"""Native-space registration: the embeddable :class:`Registrar` and its :class:`Result`.
+
+Pipeline per pair (times of each stage go to ``qc["times_s"]``):
+
+1. ``load``: validate both images (paths, nibabel images or ``(array, affine)`` pairs;
+   :mod:`emorph_deploy.data`).
+2. ``affine`` (optional): :func:`~emorph_deploy.registration.affine.affine_prealign` on a ~4 mm pair.
+3. ``resample``: intensity normalisation on the native voxels and trilinear resampling in world coordinates
+   onto the model grid (RAS, the artifact's :class:`~emorph_deploy.data.Preprocessing`, centred on the
+   fixed FOV).
+4. ``infer``: the runner (TensorRT / ONNX Runtime / torch), under a lock — one warm engine, many threads.
+5. ``resample_back``: :func:`~emorph_deploy.registration.native.warp_to_native` — the original moving image
+   (and labels) sampled on the fixed native grid at ``T(p + u(p))``; the ITK displacement ``d(p)``.
+6. ``qc``: Jacobian statistics and NCC before/after (model grid), centre slices for ``qc.png``.
+
+Nothing touches the disk until :meth:`Result.save`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from emorph_deploy.errors import (
+    ConfigMismatchError,
+    EmorphError,
+    InputError,
+    OutputExistsError,
+    ProcessingError,
+)
+
+__all__ = [
+    "AUTO_ORDER",
+    "OUTPUT_FILES",
+    "Registrar",
+    "Result",
+    "default_artifact",
+    "load_inputs",
+    "open_runner",
+]
+
+#: Order in which ``backend="auto"`` tries backends (each needs its artifact: the one given or a sibling).
+AUTO_ORDER = ("tensorrt", "onnxruntime", "torch")
+_BACKEND_SUFFIXES = {
+    "tensorrt": (".plan", ".engine"),
+    "onnxruntime": (".onnx",),
+    "torch": (".json", ".safetensors"),
+}
+
+#: File names written by :meth:`Result.save` (``voxel_flow`` only on request).
+OUTPUT_FILES = {
+    "warped": "warped.nii.gz",
+    "warped_labels": "warped_labels.nii.gz",
+    "displacement": "displacement.nii.gz",
+    "voxel_flow": "voxel_flow.nii.gz",
+    "qc_json": "qc.json",
+    "qc_png": "qc.png",
+}
+
+
+def default_artifact() -> Path:
+    """The packaged default model (``emorph_deploy.weights``), or an InputError saying none is packaged."""
+    try:
+        mod = importlib.import_module("emorph_deploy.weights")
+    except ImportError:
+        mod = None
+    for fn_name in ("default_checkpoint", "default_model_path", "default_artifact"):
+        fn = getattr(mod, fn_name, None) if mod is not None else None
+        if callable(fn):
+            try:
+                path = fn()
+            except EmorphError:
+                raise
+            except Exception:  # a packaging helper that cannot find its file: fall through to the scan
+                path = None
+            if path is not None and Path(path).exists():
+                return Path(path)
+    folder = Path(__file__).resolve().parents[1] / "weights"
+    found = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    for weights in found:
+        if weights.with_suffix(".json").exists():
+            return weights.with_suffix(".json")
+    raise InputError(
+        "model: expected a packaged default model in emorph_deploy/weights, got none "
+        "(no default model is packaged with this install); fix: pass --model CHECKPOINT "
+        "(or --onnx FILE / --engine FILE)"
+    )
+
+
+def _artifact_for(path: Path, backend: str) -> Path | None:
+    """``path`` if it is ``backend``'s kind of artifact, else a sibling with the same stem, else None."""
+    if path.suffix.lower() in _BACKEND_SUFFIXES[backend]:
+        return path
+    if path.suffix.lower() not in {s for v in _BACKEND_SUFFIXES.values() for s in v}:
+        return None
+    for suffix in _BACKEND_SUFFIXES[backend]:
+        cand = path.with_suffix(suffix)
+        if cand.is_file() and (backend != "torch" or cand.with_suffix(".safetensors").is_file()):
+            if backend == "torch" and cand.suffix == ".json":
+                try:  # an ONNX manifest is also <stem>.json: only a checkpoint counts here
+                    if (
+                        json.loads(cand.read_text()).get("format", "").startswith("emorph-checkpoint")
+                        is False
+                    ):
+                        continue
+                except (OSError, ValueError):
+                    continue
+            return cand
+    return None
+
+
+def open_runner(artifact: str | os.PathLike, backend: str = "auto") -> tuple[Any, list[str]]:
+    """Create the runner for ``artifact``; return ``(runner, notes)``.
+
+    ``backend="auto"`` tries TensorRT, then ONNX Runtime (GPU providers first, then CPU), then torch, each
+    with the given artifact or a sibling of the same stem (``model.plan`` / ``model.onnx`` /
+    ``model.json``), and falls through when a backend is not installed or cannot run here (e.g. no GPU for
+    an engine). ``notes`` says what was skipped and why.
+    """
+    from emorph_deploy.runners import load_runner
+
+    path = Path(artifact)
+    if backend != "auto":
+        if backend not in AUTO_ORDER:
+            raise InputError(
+                f"backend: expected one of auto, {', '.join(AUTO_ORDER)}, got {backend!r}; "
+                "fix: pass --backend auto"
+            )
+        if _artifact_for(path, backend) != path:
+            kind = {
+                "tensorrt": "--engine FILE (.plan/.engine)",
+                "onnxruntime": "--onnx FILE (.onnx)",
+                "torch": "--model CHECKPOINT (.json/.safetensors)",
+            }[backend]
+            raise InputError(
+                f"backend: expected a {backend} artifact for --backend {backend}, got {path.name}; "
+                f"fix: pass {kind} or --backend auto"
+            )
+        return load_runner(path, backend=backend), []
+    notes: list[str] = []
+    last: Exception | None = None
+    for name in AUTO_ORDER:
+        cand = _artifact_for(path, name)
+        if cand is None:
+            continue
+        try:
+            if name == "onnxruntime":
+                runner = load_runner(cand, backend=name, providers="auto")
+            else:
+                runner = load_runner(cand, backend=name)
+        except (EmorphError, ImportError, RuntimeError, OSError) as exc:
+            if cand == path and not isinstance(exc, ImportError | RuntimeError) and name != "tensorrt":
+                raise  # the artifact the user named is broken: say so, do not hide it behind a fallback
+            notes.append(f"{name} skipped: {_one_line(exc)}")
+            last = exc
+            continue
+        providers = getattr(runner, "providers", None)
+        if providers:
+            notes.append(f"onnxruntime providers: {', '.join(providers)}")
+        return runner, notes
+    if last is not None:
+        raise last
+    raise InputError(
+        f"model: expected a checkpoint (.json/.safetensors), .onnx or .plan/.engine, got {path.name}; "
+        "fix: pass --model, --onnx or --engine"
+    )
+
+
+def _one_line(exc: BaseException, n: int = 160) -> str:
+    s = " ".join(str(exc).split()) or type(exc).__name__
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _ras_label_dtype(img: nib.Nifti1Image) -> np.dtype:
+    from emorph_deploy.data.nifti import label_dtype
+
+    return label_dtype(img)
+
+
+@dataclass
+class Result:
+    """Registration outputs, all on the fixed image's native grid (in memory; see :meth:`save`).
+
+    ``warped``: moving image warped onto the fixed grid (float32, fixed header).
+    ``displacement``: ITK/ANTs displacement field (LPS mm, 5D (X, Y, Z, 1, 3), intent "vector").
+    ``warped_labels``: moving labels (nearest, original values and on-disk dtype) or ``None``.
+    ``qc``: stage times, backend, precision, Jacobian statistics, NCC before/after.
+    ``pre_affine``: the affine pre-alignment (fixed world → moving world, RAS mm) or ``None``.
+    """
+
+    warped: nib.Nifti1Image
+    displacement: nib.Nifti1Image
+    warped_labels: nib.Nifti1Image | None
+    qc: dict[str, Any]
+    pre_affine: np.ndarray | None = None
+    qc_slices: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def displacement_lps(self) -> np.ndarray:
+        """The displacement as (X, Y, Z, 3) float32 LPS mm (a view)."""
+        data = np.asanyarray(self.displacement.dataobj)
+        return data.reshape(*data.shape[:3], 3, order="F")
+
+    def voxel_flow(self) -> nib.Nifti1Image:
+        """Learn2Reg convention: displacement in fixed-grid voxels, (X, Y, Z, 3) float32 NIfTI."""
+        from emorph_deploy.registration.native import voxel_flow_image
+
+        return voxel_flow_image(self.displacement_lps(), self.warped.affine)
+
+    def qc_png(self) -> bytes:
+        from emorph_deploy.qc import qc_figure_png
+
+        q = self.qc
+        title = (
+            f"backend {q.get('backend')} ({q.get('precision')}) | NCC {q.get('ncc_before', float('nan')):.3f}"
+            f" → {q.get('ncc_after', float('nan')):.3f} | J≤0 {100 * q.get('frac_jac_nonpos', 0.0):.3f}% | "
+            f"SDlogJ {q.get('sdlogj', float('nan')):.3f}"
+        )
+        return qc_figure_png(self.qc_slices, title=title)
+
+    def save(
+        self,
+        out_dir: str | os.PathLike,
+        force: bool = False,
+        *,
+        voxel_flow: bool = False,
+        qc_png: bool = True,
+    ) -> dict[str, Path]:
+        """Write the outputs into ``out_dir`` all-or-nothing (temp files renamed at the end).
+
+        Refuses to overwrite any existing output without ``force`` (checked before anything is written); on
+        any error no output file (and no folder this call created) is left behind.
+        """
+        from emorph_deploy.fileio import atomic_path, check_writable
+
+        out = Path(out_dir)
+        names = ["warped", "displacement", "qc_json"]
+        if self.warped_labels is not None:
+            names.insert(1, "warped_labels")
+        if voxel_flow:
+            names.append("voxel_flow")
+        if qc_png:
+            names.append("qc_png")
+        targets = {n: out / OUTPUT_FILES[n] for n in names}
+        if out.exists() and not out.is_dir():
+            raise InputError(f"output: expected a folder, got the file {out}; fix: choose another --out")
+        if not force:
+            existing = [str(p) for p in targets.values() if p.exists()]
+            if existing:
+                raise OutputExistsError(f"output {existing[0]} already exists: pass --force to overwrite it")
+        created = not out.exists()
+        check_writable(out / ".emorph-probe", force=True)
+        times: dict[str, float] = {}
+        try:
+            with contextlib.ExitStack() as stack:
+                tmp = {n: stack.enter_context(atomic_path(p, force=force)) for n, p in targets.items()}
+                t0 = time.perf_counter()
+                _save_nii(self.warped, tmp["warped"])
+                if "warped_labels" in tmp:
+                    _save_nii(self.warped_labels, tmp["warped_labels"])
+                _save_nii(self.displacement, tmp["displacement"])
+                if "voxel_flow" in tmp:
+                    _save_nii(self.voxel_flow(), tmp["voxel_flow"])
+                times["write_nifti"] = time.perf_counter() - t0
+                if "qc_png" in tmp:
+                    t1 = time.perf_counter()
+                    tmp["qc_png"].write_bytes(self.qc_png())
+                    times["write_png"] = time.perf_counter() - t1
+                qc = dict(self.qc)
+                qc["times_s"] = {**self.qc.get("times_s", {}), **times}
+                qc["times_s"]["write"] = sum(times.values())
+                qc["outputs"] = {n: OUTPUT_FILES[n] for n in names}
+                tmp["qc_json"].write_text(json.dumps(_jsonable(qc), indent=2) + "\n")
+        except EmorphError:
+            _cleanup_dir(out, created)
+            raise
+        except OSError as exc:
+            _cleanup_dir(out, created)
+            raise ProcessingError(
+                f"output: expected to write {out}, got {type(exc).__name__}: {exc}; "
+                "fix: check free space and permissions"
+            ) from exc
+        except BaseException:
+            _cleanup_dir(out, created)
+            raise
+        self.qc["times_s"] = qc["times_s"]
+        return targets
+
+
+def _save_nii(img: nib.Nifti1Image, path: Path) -> None:
+    """Parallel-gzip writer for our plain outputs; nibabel for anything it does not cover."""
+    from emorph_deploy.registration.niftiio import save_nifti_gz
+
+    try:
+        save_nifti_gz(img, path)
+    except ValueError:
+        nib.save(img, str(path))
+
+
+def _cleanup_dir(out: Path, created: bool) -> None:
+    if created:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only if empty
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+class Registrar:
+    """Load a model once, register many pairs: ``Registrar.load(artifact).register(fixed, moving)``.
+
+    Thread-safe: the runner is called under a lock (one warm engine shared by all threads); every other stage
+    works on per-call data, so concurrent results are identical to serial ones. No files are read or written
+    unless paths are passed in / :meth:`Result.save` is called.
+    """
+
+    def __init__(
+        self,
+        runner: Any,
+        preprocessing: Any = None,
+        *,
+        affine: bool = False,
+        affine_config: Any = None,
+        warmup: bool = True,
+    ) -> None:
+        from emorph_deploy.data.preprocess import Preprocessing
+
+        self.runner = runner
+        meta = dict(getattr(runner, "meta", None) or {})
+        if preprocessing is None:
+            pre_d = meta.get("preprocessing")
+            if pre_d:
+                preprocessing = Preprocessing.from_dict(pre_d)
+            else:
+                preprocessing = Preprocessing(grid_shape=tuple(runner.grid_shape))
+        elif isinstance(preprocessing, dict):
+            preprocessing = Preprocessing.from_dict(preprocessing)
+        self.preprocessing = preprocessing
+        grid = tuple(int(s) for s in runner.grid_shape)
+        if grid != tuple(preprocessing.grid_shape):
+            raise ConfigMismatchError(
+                "artifact: expected a model grid matching its preprocessing grid "
+                f"{tuple(preprocessing.grid_shape)}, "
+                f"got model input grid {grid}; fix: re-export the artifact from a checkpoint whose "
+                "preprocessing grid_shape equals the model img_size"
+            )
+        self.grid_shape = grid
+        self.backend = str(getattr(runner, "name", type(runner).__name__))
+        self.precision = str(meta.get("precision", "fp32"))
+        self.affine = affine
+        self.affine_config = affine_config
+        self._lock = threading.Lock()
+        self.warmup_s: float | None = None
+        self.backend_notes: list[str] = []
+        if warmup:
+            z = np.zeros((1, 1, *grid), dtype=np.float32)
+            t0 = time.perf_counter()
+            with self._lock:
+                runner.infer({"moving": z, "fixed": z})
+            self.warmup_s = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(
+        cls, artifact: str | os.PathLike | None = None, backend: str = "auto", **kwargs: Any
+    ) -> Registrar:
+        """Open ``artifact`` (checkpoint ``.json``/``.safetensors``, ``.onnx`` + manifest, ``.plan`` /
+        ``.engine``) with ``backend`` ("auto" | "tensorrt" | "onnxruntime" | "torch"); ``None`` = the packaged
+        default model. ``kwargs`` go to :class:`Registrar` (``affine``, ``affine_config``, ``warmup``)."""
+        path = Path(artifact) if artifact is not None else default_artifact()
+        if not path.exists():
+            raise InputError(
+                f"model: expected an existing model artifact, got a missing path {path}; "
+                "fix: check the path of --model/--onnx/--engine"
+            )
+        runner, notes = open_runner(path, backend)
+        reg = cls(runner, **kwargs)
+        reg.backend_notes = notes
+        return reg
+
+    # ------------------------------------------------------------------ registration
+    def register(
+        self,
+        fixed: Any,
+        moving: Any,
+        labels: Any = None,
+        *,
+        affine: bool | None = None,
+        validate: bool = True,
+    ) -> Result:
+        """Register ``moving`` to ``fixed``; ``labels`` (moving label map) are warped with nearest neighbour.
+
+        Inputs: paths, nibabel images or ``(array, affine)`` pairs. Returns a :class:`Result` on the fixed
+        grid.
+        ``validate=False`` skips re-validating nibabel images that already come from
+        :func:`emorph_deploy.data.load_volume` / :func:`~emorph_deploy.data.load_label_map` (see
+        :func:`load_inputs`).
+        """
+        import torch
+
+        from emorph_deploy.data.nifti import as_label_image
+        from emorph_deploy.data.resample import resample_to_grid
+        from emorph_deploy.qc import deformation_stats, jacobian_determinant_fast, orthogonal_slices
+        from emorph_deploy.registration.native import itk_displacement_image, warp_to_native
+
+        use_affine = self.affine if affine is None else affine
+        times: dict[str, float] = {}
+        t_all = t0 = time.perf_counter()
+        if validate or not all(isinstance(x, nib.Nifti1Image) for x in (fixed, moving)):
+            fixed_img, moving_img, labels_img = load_inputs(fixed, moving, labels)
+        else:
+            fixed_img, moving_img = fixed, moving
+            labels_img = (
+                labels
+                if labels is None or isinstance(labels, nib.Nifti1Image)
+                else as_label_image(labels, name="moving labels")
+            )
+        times["load"] = time.perf_counter() - t0
+
+        f_data = np.asanyarray(fixed_img.dataobj)  # float32 (validated)
+        m_data = np.asanyarray(moving_img.dataobj)
+        f_aff = np.asarray(fixed_img.affine, dtype=np.float64)
+        m_aff = np.asarray(moving_img.affine, dtype=np.float64)
+        pre = None
+        qc_affine: dict[str, Any] = {}
+        if use_affine:
+            from emorph_deploy.registration.affine import affine_prealign
+
+            t0 = time.perf_counter()
+            fit = affine_prealign(f_data, f_aff, m_data, m_aff, self.affine_config)
+            pre = fit.matrix
+            times["affine"] = time.perf_counter() - t0
+            qc_affine = {
+                "affine_matrix": pre.tolist(),
+                "affine_ncc_init": fit.ncc_init,
+                "affine_ncc_final": fit.ncc_final,
+            }
+
+        t0 = time.perf_counter()
+        prep = self.preprocessing
+        grid = prep.grid_affine(fixed_img)
+        shape = self.grid_shape
+        f_norm, _, _ = prep.normalise(f_data)
+        m_norm, _, _ = prep.normalise(m_data)
+        fixed_m = resample_to_grid(f_norm, f_aff, shape, grid, order=1, cval=0.0)
+        m_src_aff = m_aff if pre is None else np.linalg.inv(pre) @ m_aff
+        moving_m = resample_to_grid(m_norm, m_src_aff, shape, grid, order=1, cval=0.0)
+        del f_norm
+        np.clip(fixed_m, 0.0, 1.0, out=fixed_m)
+        np.clip(moving_m, 0.0, 1.0, out=moving_m)
+        moving_id = None
+        if pre is not None:  # for "NCC before": the moving image without any registration
+            moving_id = resample_to_grid(m_norm, m_aff, shape, grid, order=1, cval=0.0)
+            np.clip(moving_id, 0.0, 1.0, out=moving_id)
+        del m_norm
+        times["resample"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        feed = {"moving": moving_m[None, None], "fixed": fixed_m[None, None]}
+        try:
+            with self._lock:
+                out = self.runner.infer(feed)
+                model_s = getattr(self.runner, "last_latency_s", None)
+        except EmorphError:
+            raise
+        except Exception as exc:
+            raise ProcessingError(
+                f"inference: expected the {self.backend} runner to produce a flow, got "
+                f"{type(exc).__name__}: {exc}; fix: check the artifact with `emorph check`"
+            ) from exc
+        times["infer"] = time.perf_counter() - t0
+        flow = np.asarray(out["flow"], dtype=np.float32)
+        if flow.shape != (1, 3, *shape):
+            raise ProcessingError(
+                f"inference: expected flow (1, 3, {', '.join(map(str, shape))}), got "
+                f"{flow.shape}; fix: re-export the artifact"
+            )
+        flow = flow[0]
+        if not np.isfinite(flow).all():
+            raise ProcessingError(
+                "inference: expected a finite flow, got NaN/Inf; fix: check the artifact "
+                "(e.g. fp16 overflow) with `emorph check`"
+            )
+
+        t0 = time.perf_counter()
+        lab_data = np.asanyarray(labels_img.dataobj) if labels_img is not None else None
+        nw = warp_to_native(
+            flow,
+            grid,
+            f_data.shape,
+            f_aff,
+            m_data,
+            m_aff,
+            pre_affine=pre,
+            labels=lab_data,
+            labels_affine=labels_img.affine if labels_img is not None else None,
+        )
+        times["resample_back"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        warped_m = out.get("warped")
+        if warped_m is not None and np.shape(warped_m) == (1, 1, *shape):
+            warped_m = np.asarray(warped_m, dtype=np.float32)[0, 0]
+        else:
+            from emorph_deploy.models.warp import warp
+
+            with torch.inference_mode():
+                warped_m = warp(torch.from_numpy(moving_m)[None, None], torch.from_numpy(flow)[None]).numpy()[
+                    0, 0
+                ]
+        jac = jacobian_determinant_fast(flow)
+        stats = deformation_stats(jac)
+        ncc_before = _ncc32(fixed_m, moving_id if moving_id is not None else moving_m)
+        ncc_after = _ncc32(fixed_m, warped_m)
+        slices = orthogonal_slices(
+            fixed_m, moving_id if moving_id is not None else moving_m, warped_m, flow, jac
+        )
+        times["qc"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        warped_img = _like_fixed(nw.warped, fixed_img, np.float32, "emorph warped moving")
+        disp_img = itk_displacement_image(nw.displacement_lps, f_aff)
+        labels_out = None
+        if labels_img is not None and nw.warped_labels is not None:
+            labels_out = _like_fixed(
+                nw.warped_labels, fixed_img, _ras_label_dtype(labels_img), "emorph warped labels"
+            )
+        times["package"] = time.perf_counter() - t0
+        times["total"] = time.perf_counter() - t_all
+
+        qc: dict[str, Any] = {
+            "format": "emorph-register-qc/1",
+            "backend": self.backend,
+            "precision": self.precision,
+            "model_grid": list(shape),
+            "model_spacing_mm": list(prep.spacing_mm),
+            "fixed_shape": list(f_data.shape),
+            "moving_shape": list(m_data.shape),
+            "affine_prealignment": pre is not None,
+            **qc_affine,
+            "ncc_before": ncc_before,
+            "ncc_after": ncc_after,
+            **stats,
+            "jacobian_grid": "model",
+            "model_latency_s": model_s,
+            "times_s": times,
+        }
+        return Result(
+            warped=warped_img,
+            displacement=disp_img,
+            warped_labels=labels_out,
+            qc=qc,
+            pre_affine=pre,
+            qc_slices=slices,
+        )
+
+    def __repr__(self) -> str:
+        return f"Registrar(backend={self.backend!r}, precision={self.precision!r}, grid={self.grid_shape})"
+
+
+def load_inputs(fixed: Any, moving: Any, labels: Any = None) -> tuple[nib.Nifti1Image, nib.Nifti1Image, Any]:
+    """Validate the inputs (paths, nibabel images or ``(array, affine)`` pairs); InputError on a defect."""
+    from emorph_deploy.data.nifti import as_image, as_label_image
+
+    fixed_img = as_image(fixed, name="fixed image")
+    moving_img = as_image(moving, name="moving image")
+    labels_img = as_label_image(labels, name="moving labels") if labels is not None else None
+    return fixed_img, moving_img, labels_img
+
+
+def _ncc32(a: np.ndarray, b: np.ndarray) -> float:
+    import torch
+
+    ta = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(-1)
+    tb = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)).reshape(-1)
+    ta = ta - ta.mean()
+    tb = tb - tb.mean()
+    den = float(torch.sqrt((ta * ta).sum().double() * (tb * tb).sum().double()))
+    return float((ta * tb).sum().double() / den) if den > 0 else float("nan")
+
+
+def _like_fixed(data: np.ndarray, fixed_img: nib.Nifti1Image, dtype: Any, descrip: str) -> nib.Nifti1Image:
+    hdr = fixed_img.header.copy()
+    img = nib.Nifti1Image(data, fixed_img.affine, hdr)
+    img.header.set_data_dtype(np.dtype(dtype))
+    img.header.set_slope_inter(None, None)
+    img.header.set_intent("none", ())
+    img.header["descrip"] = descrip.encode()[:79]
+    img.set_qform(fixed_img.affine, code=1)
+    img.set_sform(fixed_img.affine, code=1)
+    return img

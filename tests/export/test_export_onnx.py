@@ -1,0 +1,170 @@
+"""Checkpoint → ONNX: parity with torch, TensorRT op set, opsets, manifest, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emorph_deploy.errors import InputError, OutputExistsError, ProcessingError
+
+onnx = pytest.importorskip("onnx", reason="onnx extra not installed")
+pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
+
+GRID = (24, 32, 40)  # the grid of the tiny checkpoint in conftest.py
+
+
+FP32_MAX_DFLOW = 1e-3  # voxels: the fp32 tolerance of emorph check
+
+
+def _opset(model) -> int:
+    return next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
+
+
+@pytest.fixture(scope="module")
+def torch_ref(tiny_ckpt, feed):
+    from emorph_deploy.runners import TorchRunner
+
+    return TorchRunner(tiny_ckpt).infer(feed)
+
+
+@pytest.mark.parametrize("mode", ["gather", "native"])
+def test_onnxruntime_matches_torch(mode, exports, feed, torch_ref):
+    from emorph_deploy.runners import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(exports[mode], threads=1, providers="cpu")
+    out = runner.infer(feed)
+    ref_norm = np.sqrt((torch_ref["flow"] ** 2).sum(axis=1)).max()
+    assert ref_norm > 0.5, "reference flow too small for a meaningful parity test"
+    dflow = np.sqrt(((out["flow"].astype(np.float64) - torch_ref["flow"]) ** 2).sum(axis=1))
+    assert dflow.max() <= FP32_MAX_DFLOW
+    assert np.abs(out["warped"] - torch_ref["warped"]).max() <= 1e-4
+    assert out["flow"].shape == (1, 3, *GRID) and out["warped"].shape == (1, 1, *GRID)
+
+
+def test_gather_graph_is_tensorrt_clean_opset17(exports):
+    from emorph_deploy.export import supported_ops
+
+    model = onnx.load(str(exports["gather"]))
+    ops = {n.op_type for n in model.graph.node}
+    assert "GridSample" not in ops
+    assert ops <= supported_ops(), f"not on the TensorRT list: {sorted(ops - supported_ops())}"
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    assert _opset(model) == 17
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_native_graph_has_5d_gridsample_at_opset20(exports):
+    from emorph_deploy.export import tensorrt_op_report
+
+    model = onnx.load(str(exports["native"]))
+    assert "GridSample" in {n.op_type for n in model.graph.node}
+    assert _opset(model) == 20
+    report = tensorrt_op_report(onnx.shape_inference.infer_shapes(model))
+    assert report.unsupported == ("GridSample",)
+    assert "11.2" in report.reasons["GridSample"]
+    assert tensorrt_op_report(onnx.shape_inference.infer_shapes(model), trt_version="11.2").ok
+
+
+def test_manifest_content_and_hashes(exports, tiny_ckpt):
+    from emorph_deploy import __version__
+    from emorph_deploy.export import read_manifest
+    from emorph_deploy.fileio import sha256_file
+
+    for mode, path in exports.items():
+        meta = read_manifest(path.with_suffix(".json"))
+        assert meta["format"] == "emorph-onnx/1"
+        assert meta["grid_sample"] == mode
+        assert meta["opset"] == {"gather": 17, "native": 20}[mode]
+        assert meta["target"] == {"gather": "tensorrt", "native": "onnxruntime"}[mode]
+        assert meta["exporter"].startswith("torch.onnx.export(dynamo=False)")
+        assert meta["grid_shape"] == list(GRID)
+        assert meta["spacing_mm"] == [1.5, 1.0, 2.0]
+        assert meta["orientation"] == "RAS"
+        assert meta["precision"] == "fp32"
+        assert meta["preprocessing"]["grid_shape"] == list(GRID)
+        assert meta["model"]["img_size"] == list(GRID)
+        assert meta["model"]["warp_sampler"] == {"gather": "gather", "native": "grid_sample"}[mode]
+        assert meta["inputs"] == [
+            {"name": n, "shape": [1, 1, *GRID], "dtype": "float32"} for n in ("moving", "fixed")
+        ]
+        assert meta["outputs"] == [
+            {"name": "flow", "shape": [1, 3, *GRID], "dtype": "float32"},
+            {"name": "warped", "shape": [1, 1, *GRID], "dtype": "float32"},
+        ]
+        assert meta["sha256_onnx"] == sha256_file(path)
+        assert meta["sha256_weights"] == sha256_file(tiny_ckpt)
+        assert meta["package_version"] == __version__
+        assert Path(meta["source_checkpoint"]) == tiny_ckpt.with_suffix(".json").resolve()
+        assert meta["tensorrt_check"]["ok"] is (mode == "gather")
+
+
+def test_flow_only_output(tiny_ckpt, tmp_path, feed, torch_ref):
+    from emorph_deploy.export import onnx_from_checkpoint
+    from emorph_deploy.runners import load_runner
+
+    path = onnx_from_checkpoint(tiny_ckpt, tmp_path / "f.onnx", grid_sample="native", outputs="flow")
+    model = onnx.load(str(path))
+    assert [o.name for o in model.graph.output] == ["flow"]
+    runner = load_runner(path)
+    assert runner.output_names == ("flow",)
+    out = runner.infer(feed)
+    assert set(out) == {"flow"}
+    assert np.abs(out["flow"] - torch_ref["flow"]).max() <= FP32_MAX_DFLOW
+
+
+def test_trt_check_names_offending_op():
+    from onnx import TensorProto, helper
+
+    from emorph_deploy.export import check_tensorrt_ops
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])
+    graph = helper.make_graph([helper.make_node("Unique", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ProcessingError, match="Unique"):
+        check_tensorrt_ops(model)
+
+
+def test_native_for_tensorrt_is_refused_before_work(tiny_ckpt, tmp_path):
+    from emorph_deploy.export import onnx_from_checkpoint
+
+    with pytest.raises(InputError, match=r"11\.2"):
+        onnx_from_checkpoint(tiny_ckpt, tmp_path / "n.onnx", grid_sample="native", target="tensorrt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(exports, tiny_ckpt):
+    from emorph_deploy.export import onnx_from_checkpoint
+
+    path = exports["gather"]
+    before = path.read_bytes()
+    with pytest.raises(OutputExistsError):
+        onnx_from_checkpoint(tiny_ckpt, path, grid_sample="gather")
+    assert path.read_bytes() == before
+
+
+def test_failure_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
+    import emorph_deploy.export.loaders as loaders
+
+    def boom(model):
+        raise ProcessingError("simulated failure")
+
+    monkeypatch.setattr(loaders, "simplify_onnx", boom)
+    with pytest.raises(ProcessingError, match="simulated"):
+        loaders.onnx_from_checkpoint(tiny_ckpt, tmp_path / "x.onnx", grid_sample="native")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_a_checkpoint_is_input_error(tmp_path):
+    from emorph_deploy.export import onnx_from_checkpoint
+
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(InputError):
+        onnx_from_checkpoint(tmp_path / "bad.safetensors", tmp_path / "out" / "x.onnx")
+    assert not (tmp_path / "out" / "x.onnx").exists()
+    with pytest.raises(InputError, match="not found"):
+        onnx_from_checkpoint(tmp_path / "missing.safetensors", tmp_path / "out" / "x.onnx")

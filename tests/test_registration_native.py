@@ -1,0 +1,303 @@
+"""Native-space mapping, ITK export, QC helpers and Result.save — with a stub runner (known smooth flow)."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from emorph_deploy.data.preprocess import Preprocessing
+from emorph_deploy.data.resample import model_flow_to_native, warp_world
+from emorph_deploy.errors import ConfigMismatchError, InputError, OutputExistsError
+from emorph_deploy.metrics import jacobian_determinant
+from emorph_deploy.qc import deformation_stats, jacobian_determinant_fast
+from emorph_deploy.registration import Registrar, voxel_flow
+
+GRID = (24, 24, 24)
+
+
+def smooth_flow(shape: tuple[int, int, int], amp: float = 1.5) -> np.ndarray:
+    z = np.stack(np.meshgrid(*[np.linspace(0, np.pi, s) for s in shape], indexing="ij"))
+    return amp * np.stack([np.sin(z[1]) * np.sin(z[2]), np.sin(z[0]), -np.sin(z[2]) * np.cos(z[0])]).astype(
+        np.float32
+    )
+
+
+class StubRunner:
+    """Runner protocol stand-in: returns a fixed smooth flow (or zeros)."""
+
+    name = "stub"
+
+    def __init__(self, grid=GRID, spacing=3.0, zero=False, pre_grid=None):
+        self.grid_shape = grid
+        self.meta = {
+            "preprocessing": Preprocessing(grid_shape=pre_grid or grid, spacing_mm=(spacing,) * 3).to_dict(),
+            "precision": "fp32",
+        }
+        self.flow = np.zeros((3, *grid), np.float32) if zero else smooth_flow(grid)
+        self.last_latency_s = 0.0
+
+    def infer(self, feed):
+        assert feed["moving"].shape == (1, 1, *self.grid_shape) and feed["fixed"].dtype == np.float32
+        return {"flow": self.flow[None].copy()}
+
+
+def rotation(angle: float, axis: int) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    r = np.eye(3)
+    i, j = [a for a in range(3) if a != axis]
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+def make_affine(lin: np.ndarray, shape, centre=(0.0, 0.0, 0.0)) -> np.ndarray:
+    a = np.eye(4)
+    a[:3, :3] = lin
+    a[:3, 3] = np.asarray(centre) - lin @ ((np.asarray(shape) - 1) / 2)
+    return a
+
+
+# non-identity, non-RAS affines: LPS flip, permuted axes, anisotropic spacing, small rotation
+PERM = np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]], float)
+AFFINES = {
+    "ras_iso": lambda s: make_affine(np.diag([2.0, 2.0, 2.0]), s),
+    "lps_aniso": lambda s: make_affine(np.diag([-1.6, -2.1, 2.6]), s, (3, -2, 1)),
+    "permuted_rotated": lambda s: make_affine(
+        rotation(0.12, 2) @ PERM @ np.diag([1.8, 2.4, 2.0]), s, (-4, 2, 3)
+    ),
+    "flipped_permuted_rot": lambda s: make_affine(
+        rotation(-0.1, 0) @ np.diag([-1, 1, -1]) @ PERM.T @ np.diag([2.2, 1.7, 2.0]), s, (2, 5, -3)
+    ),
+}
+
+
+def blob(shape, seed):
+    rng = np.random.default_rng(seed)
+    v = gaussian_filter(rng.random(shape), 2.0).astype(np.float32)
+    v -= v.min()
+    return v / v.max()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    fs, ms = (30, 26, 28), (28, 32, 24)
+    fixed = blob(fs, 0)
+    moving = blob(ms, 1)
+    labels = (moving > 0.5).astype(np.int16) * 3 + (moving > 0.7).astype(np.int16) * 4
+    return fixed, moving, labels
+
+
+def test_warp_matches_reference_resampler(pair):
+    """Fused float32 native warp == data.resample's float64 reference (interior) for a non-RAS pair."""
+    fixed, moving, labels = pair
+    a_f = AFFINES["lps_aniso"](fixed.shape)
+    a_m = AFFINES["permuted_rotated"](moving.shape)
+    runner = StubRunner()
+    reg = Registrar(runner, warmup=False)
+    res = reg.register((fixed, a_f), (moving, a_m), labels=(labels, a_m))
+    grid = reg.preprocessing.grid_affine((fixed, a_f))
+    disp = model_flow_to_native(runner.flow, grid, fixed.shape, a_f)  # (3, ...) RAS mm
+    ref = warp_world(moving, a_m, fixed.shape, a_f, disp, order=1, padding="border", method="scipy")
+    ref_in = warp_world(np.ones_like(moving), a_m, fixed.shape, a_f, disp, order=1, padding="zeros")
+    w = np.asanyarray(res.warped.dataobj)
+    interior = ref_in > 0.999  # away from the moving FOV edge (edge conventions differ by design)
+    assert interior.mean() > 0.3
+    assert np.abs(w - ref)[interior].max() < 1e-4
+    lps = res.displacement_lps()
+    assert np.abs(lps - np.moveaxis(disp, 0, -1) * np.array([-1, -1, 1])).max() < 1e-4
+    ref_lab = warp_world(labels, a_m, fixed.shape, a_f, disp, order=0)
+    wl = np.asanyarray(res.warped_labels.dataobj)
+    assert wl.dtype == np.int16 and res.warped_labels.get_data_dtype() == np.int16
+    assert set(np.unique(wl)) <= {0, 3, 7}
+    assert (wl != ref_lab)[interior].mean() < 1e-3  # rounding ties only
+
+
+def test_zero_flow_same_grid_is_identity(pair):
+    _, moving, labels = pair
+    a = AFFINES["flipped_permuted_rot"](moving.shape)
+    res = Registrar(StubRunner(zero=True), warmup=False).register(
+        (moving, a), (moving, a), labels=(labels, a)
+    )
+    # float32 coordinate arithmetic: identity up to ~1e-6 of the intensity range; labels exactly
+    assert np.abs(np.asanyarray(res.warped.dataobj) - moving).max() < 1e-5
+    assert np.array_equal(np.asanyarray(res.warped_labels.dataobj), labels)
+    assert np.abs(res.displacement_lps()).max() < 1e-4
+    assert res.qc["frac_jac_nonpos"] == 0.0 and abs(res.qc["ncc_before"] - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("kind", sorted(AFFINES))
+def test_simpleitk_reproduces_warped(tmp_path, pair, kind):
+    """SimpleITK's DisplacementFieldTransform + displacement.nii.gz reproduces warped.nii.gz (NCC ≥ 0.999)."""
+    sitk = pytest.importorskip("SimpleITK", reason="SimpleITK is needed for the ITK interoperability check")
+    fixed, moving, _ = pair
+    a_f = AFFINES[kind](fixed.shape)
+    a_m = AFFINES["flipped_permuted_rot" if kind != "flipped_permuted_rot" else "lps_aniso"](moving.shape)
+    for name, data, aff in (("fixed", fixed, a_f), ("moving", moving, a_m)):
+        img = nib.Nifti1Image(data, aff)
+        img.set_qform(aff, code=1)
+        img.set_sform(aff, code=1)
+        nib.save(img, tmp_path / f"{name}.nii.gz")
+    res = Registrar(StubRunner(), warmup=False).register(
+        tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"
+    )
+    res.save(tmp_path / "out", qc_png=False)
+    disp = sitk.ReadImage(str(tmp_path / "out" / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    assert disp.GetNumberOfComponentsPerPixel() == 3 and disp.GetSize() == fixed.shape
+    out = sitk.Resample(
+        sitk.ReadImage(str(tmp_path / "moving.nii.gz"), sitk.sitkFloat32),
+        sitk.ReadImage(str(tmp_path / "fixed.nii.gz"), sitk.sitkFloat32),
+        sitk.DisplacementFieldTransform(disp),
+        sitk.sitkLinear,
+        0.0,
+        sitk.sitkFloat32,
+    )
+    ours = nib.load(tmp_path / "out" / "warped.nii.gz").get_fdata(dtype=np.float32)
+    theirs = sitk.GetArrayFromImage(out).transpose(2, 1, 0)
+    ncc = float(np.corrcoef(ours.ravel(), theirs.ravel())[0, 1])
+    print(f"{kind}: NCC(SimpleITK, ours) = {ncc:.7f}, max |diff| = {np.abs(ours - theirs).max():.2e}")
+    assert ncc >= 0.999
+    assert np.abs(ours - theirs).max() < 1e-3
+
+
+def test_itk_header_and_voxel_flow(tmp_path, pair):
+    fixed, moving, _ = pair
+    a_f = AFFINES["permuted_rotated"](fixed.shape)
+    res = Registrar(StubRunner(), warmup=False).register((fixed, a_f), (moving, a_f))
+    paths = res.save(tmp_path / "o", voxel_flow=True, qc_png=False)
+    d = nib.load(paths["displacement"])
+    assert d.shape == (*fixed.shape, 1, 3)
+    assert d.header.get_intent()[0] == "vector" and d.get_data_dtype() == np.float32
+    assert np.allclose(d.affine, a_f, atol=1e-5)
+    vf = nib.load(paths["voxel_flow"]).get_fdata(dtype=np.float32)  # (X, Y, Z, 3) fixed voxels
+    # moving voxel = fixed voxel + flow when the grids coincide: world displacement = A_f[:3,:3] @ flow
+    world = np.einsum("ab,...b->...a", a_f[:3, :3], vf)
+    lps = res.displacement_lps()
+    assert np.abs(world * np.array([-1, -1, 1]) - lps).max() < 1e-3
+    assert np.abs(voxel_flow(lps, a_f) - vf).max() < 1e-5
+    q = json.loads(paths["qc_json"].read_text())
+    for key in ("backend", "precision", "frac_jac_nonpos", "sdlogj", "ncc_before", "ncc_after", "times_s"):
+        assert key in q
+    for stage in ("load", "resample", "infer", "resample_back", "write"):
+        assert stage in q["times_s"]
+
+
+def test_jacobian_fast_matches_metrics():
+    flow = smooth_flow((12, 14, 10), amp=2.5)
+    ref = jacobian_determinant(flow)
+    fast = jacobian_determinant_fast(flow)
+    assert fast.dtype == np.float32 and np.abs(fast - ref).max() < 1e-4
+    s = deformation_stats(fast)
+    assert abs(s["frac_jac_nonpos"] - float((ref <= 0).mean())) < 1e-9
+    assert abs(s["sdlogj"] - float(np.log(ref[ref > 0]).std())) < 1e-4
+
+
+def test_save_is_all_or_nothing(tmp_path, pair, monkeypatch):
+    fixed, moving, labels = pair
+    a = AFFINES["ras_iso"](fixed.shape)
+    res = Registrar(StubRunner(), warmup=False).register((fixed, a), (moving, a), labels=(labels, a))
+    out = tmp_path / "o"
+    import emorph_deploy.registration.niftiio as niftiio
+
+    calls = {"n": 0}
+    real_save = niftiio.save_nifti_gz
+
+    def failing_save(img, path, workers=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(img, path, workers)
+
+    monkeypatch.setattr(niftiio, "save_nifti_gz", failing_save)
+    with pytest.raises(Exception, match="No space left"):
+        res.save(out, qc_png=False)
+    assert calls["n"] == 2
+    assert not out.exists() or list(out.iterdir()) == []
+    monkeypatch.setattr(niftiio, "save_nifti_gz", real_save)
+    res.save(out, qc_png=True)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert set(before) == {
+        "warped.nii.gz",
+        "warped_labels.nii.gz",
+        "displacement.nii.gz",
+        "qc.json",
+        "qc.png",
+    }
+    with pytest.raises(OutputExistsError):
+        res.save(out)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    res.save(out, force=True, qc_png=False)
+
+
+def test_grid_mismatch_and_bad_arrays(pair):
+    fixed, moving, _ = pair
+    with pytest.raises(ConfigMismatchError, match="grid"):
+        Registrar(StubRunner(pre_grid=(16, 16, 16)), warmup=False)
+    reg = Registrar(StubRunner(), warmup=False)
+    a = np.eye(4)
+    bad = fixed.copy()
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        reg.register((bad, a), (moving, a))
+    with pytest.raises(InputError, match=r"singular|invertible"):
+        reg.register((fixed, np.diag([1.0, 0.0, 1.0, 1.0])), (moving, a))
+    with pytest.raises(InputError, match="all-zero"):
+        reg.register((fixed, a), (np.zeros_like(moving), a))
+    with pytest.raises(InputError, match="integer label"):
+        reg.register((fixed, a), (moving, a), labels=(moving * 3.3, a))
+
+
+@pytest.mark.slow
+def test_affine_prealignment_recovers_known_affine():
+    """MNI152 moved by a known affine onto a rotated, anisotropic grid: ``affine=True`` recovers it."""
+    datasets = pytest.importorskip("nilearn.datasets", reason="nilearn ships the MNI152 template")
+    from emorph_deploy.data.resample import resample_to_grid
+
+    t = datasets.load_mni152_template(resolution=2)
+    fixed = np.asanyarray(t.dataobj).astype(np.float32)
+    a_f = t.affine
+    t_true = np.eye(4)
+    t_true[:3, :3] = rotation(0.10, 2) @ np.diag([1.04, 0.97, 1.0])
+    t_true[:3, 3] = [6.0, -4.0, 3.0]
+    ms = (90, 100, 80)
+    a_m = make_affine(rotation(-0.05, 0) @ np.diag([2.2, 2.2, 2.4]), ms, (5, -3, 2))
+    moving = resample_to_grid(
+        fixed, np.linalg.inv(t_true) @ a_f, ms, a_m, order=1
+    )  # moving(y) = fixed(t_true y)
+    reg = Registrar(StubRunner(spacing=8.0, zero=True), warmup=False)
+    res = reg.register((fixed, a_f), (moving, a_m), affine=True)
+    expected = np.linalg.inv(t_true)  # T (fixed world -> moving world) with moving(T p) = fixed(p)
+    err_lin = np.abs(res.pre_affine[:3, :3] - expected[:3, :3]).max()
+    err_t = np.abs(res.pre_affine[:3, 3] - expected[:3, 3]).max()
+    print(
+        f"affine error: linear {err_lin:.4f}, translation {err_t:.2f} mm, {res.qc['times_s']['affine']:.2f} s"
+    )
+    assert err_lin < 0.03 and err_t < 1.5
+    assert res.qc["ncc_after"] > res.qc["ncc_before"] + 0.05
+    # the written displacement includes the affine: it alone maps the moving image onto the fixed grid
+    lps = res.displacement_lps()
+    centre = np.array(fixed.shape) // 2
+    p = a_f[:3, :3] @ centre + a_f[:3, 3]
+    d_expected = (res.pre_affine[:3, :3] @ p + res.pre_affine[:3, 3]) - p
+    assert np.abs(lps[tuple(centre)] - d_expected * np.array([-1, -1, 1])).max() < 1e-3
+
+
+def test_separable_flow_path_matches_grid_sample(pair, monkeypatch):
+    """Axis-aligned grids use three 1D interpolations of the flow; they must equal the 3D grid_sample path."""
+    import emorph_deploy.registration.native as native
+
+    fixed, moving, labels = pair
+    a_f = AFFINES["lps_aniso"](fixed.shape)  # axis-aligned with the RAS model grid (flipped, anisotropic)
+    a_m = AFFINES["permuted_rotated"](moving.shape)
+    runner = StubRunner()
+    grid = Preprocessing(grid_shape=GRID, spacing_mm=(3.0,) * 3).grid_affine((fixed, a_f))
+    assert native._axis_map(np.linalg.inv(grid) @ a_f) is not None
+    args = (runner.flow, grid, fixed.shape, a_f, moving, a_m)
+    fast = native.warp_to_native(*args, labels=labels)
+    monkeypatch.setattr(native, "_axis_map", lambda m, tol=1e-7: None)
+    slow = native.warp_to_native(*args, labels=labels)
+    assert np.abs(fast.displacement_lps - slow.displacement_lps).max() < 1e-4
+    assert np.abs(fast.warped - slow.warped).max() < 1e-4
+    assert (fast.warped_labels != slow.warped_labels).mean() < 1e-3
