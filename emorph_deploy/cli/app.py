@@ -44,6 +44,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "register",
     "train",
     "evaluate",
+    "build",
+    "calibrate",
 )
 
 

@@ -1,0 +1,197 @@
+"""``emorph calibrate``: ONNX (FP32) + calibration pairs -> QDQ (INT8) ONNX and its records under
+``calibration/``.
+
+Writes ``<name>-int8.onnx`` (QDQ graph), ``<name>-int8.json`` (its ONNX manifest: precision int8 plus a
+``calibration`` section), ``<name>-int8-pairs.csv`` (the pairs used), ``<name>-int8-stats.json`` (activation
+scales and amax per tensor, per-channel weight info, what was excluded) and ``<name>-int8.cache`` (the
+activation scales in TensorRT calibration-cache text form). All outputs are checked before work starts and
+written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from emorph_deploy.calibration.pairs import CalibrationSet, make_reader
+from emorph_deploy.calibration.quantize import QuantizeOptions, quantize_qdq, trt_calibration_cache
+from emorph_deploy.errors import ConfigMismatchError, InputError
+from emorph_deploy.fileio import check_writable, sha256_file, write_bytes_atomic, write_json_atomic
+
+
+@dataclass
+class CalibrationResult:
+    qdq_onnx: Path
+    manifest_path: Path
+    files: list[Path]
+    report: dict[str, Any]
+
+
+def output_paths(name: str, out_dir: str | os.PathLike) -> dict[str, Path]:
+    out = Path(out_dir)
+    base = f"{name}-int8"
+    return {
+        "onnx": out / f"{base}.onnx",
+        "manifest": out / f"{base}.json",
+        "pairs": out / f"{base}-pairs.csv",
+        "stats": out / f"{base}-stats.json",
+        "cache": out / f"{base}.cache",
+    }
+
+
+def _graph_grid(model: Any) -> tuple[int, int, int]:
+    for vi in model.graph.input:
+        if vi.name == "moving":
+            dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+            if len(dims) == 5 and all(d > 0 for d in dims[2:]):
+                return tuple(dims[2:])  # type: ignore[return-value]
+    raise InputError(
+        "ONNX: expected an input 'moving' of static shape (1, 1, D, H, W); fix: re-run 'emorph export'"
+    )
+
+
+def calibrate(
+    onnx_path: str | os.PathLike,
+    *,
+    pairs: str | os.PathLike | None = None,
+    synthetic: int | None = None,
+    options: QuantizeOptions = QuantizeOptions(),
+    out_dir: str | os.PathLike = "calibration",
+    seed: int = 0,
+    synthetic_kind: str = "template",
+    limit: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+    say: Any = None,
+) -> CalibrationResult:
+    """Calibrate ``onnx_path`` on ``pairs`` (CSV) or ``synthetic`` generated pairs and write the QDQ graph."""
+    import onnx
+
+    from emorph_deploy.engines.builder import graph_precision, load_onnx, read_onnx_manifest
+
+    say = say or (lambda _m: None)
+    onnx_path = Path(onnx_path)
+    if (pairs is None) == (synthetic is None):
+        raise InputError(
+            "calibrate: expected exactly one of --pairs CSV or --synthetic N, got "
+            f"{'both' if pairs is not None else 'neither'}; fix: pass one of them"
+        )
+    model = load_onnx(onnx_path)
+    if graph_precision(model) != "fp32":
+        raise InputError(
+            f"calibrate: expected the FP32 export, got a {graph_precision(model)} graph {onnx_path}; "
+            "fix: calibrate the ONNX written by 'emorph export'"
+        )
+    meta = read_onnx_manifest(onnx_path)
+    grid = _graph_grid(model)
+    name = str((meta or {}).get("name") or onnx_path.stem)
+    paths = output_paths(name, out_dir)
+    for p in paths.values():
+        check_writable(p, force=force)
+    pre = None
+    if meta and meta.get("preprocessing"):
+        from emorph_deploy.data.preprocess import Preprocessing
+
+        pre = Preprocessing.from_dict(meta["preprocessing"])
+        if tuple(pre.grid_shape) != tuple(grid):
+            raise ConfigMismatchError(
+                f"ONNX manifest {onnx_path.with_suffix('.json')}: expected preprocessing grid "
+                f"equal to the graph's {grid}, got {tuple(pre.grid_shape)}; fix: re-run "
+                "'emorph export'"
+            )
+    t0 = time.perf_counter()
+    if pairs is not None:
+        if pre is None:
+            raise InputError(
+                f"calibrate --pairs: expected the ONNX manifest {onnx_path.with_suffix('.json')} "
+                "(its preprocessing defines the model grid), got none; fix: re-run 'emorph export' or "
+                "use --synthetic N"
+            )
+        say(f"loading and preprocessing pairs from {pairs}")
+        calib = CalibrationSet.from_csv(pairs, pre, grid, limit=limit, progress=progress)
+    else:
+        say(f"synthesising {synthetic} {synthetic_kind} pairs on the grid {grid}")
+        calib = CalibrationSet.synthetic(
+            int(synthetic), grid, seed=seed, kind=synthetic_kind, progress=progress
+        )
+    prep_s = time.perf_counter() - t0
+    say(f"calibrating ({options.method}) and inserting Q/DQ on {','.join(options.op_types)}")
+    t1 = time.perf_counter()
+    qdq, report = quantize_qdq(onnx_path, make_reader(calib, progress=progress), options)
+    calib_s = time.perf_counter() - t1
+    scales = report["activation_scales"]
+    stats = {
+        "format": "emorph-calibration/1",
+        "name": name,
+        "source_onnx": str(onnx_path.resolve()),
+        "source_sha256": sha256_file(onnx_path),
+        "n_pairs": len(calib),
+        "pairs_source": str(Path(pairs).resolve())
+        if pairs is not None
+        else f"synthetic:{synthetic_kind}:seed={seed}",
+        "options": report["options"],
+        "quantizer": report["quantizer"],
+        "quantized_nodes": report["quantized_nodes"],
+        "excluded": report["excluded"],
+        "n_quantize": report["n_quantize"],
+        "n_dequantize": report["n_dequantize"],
+        "activations": {k: {"scale": s, "amax": s * 127.0} for k, s in sorted(scales.items())},
+        "weights": report["weights"],
+        "seconds": {"preprocess": round(prep_s, 3), "calibrate": round(calib_s, 3)},
+    }
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["moving", "fixed"])
+    for src in calib.sources:
+        w.writerow([src.moving, src.fixed])
+    qdq_bytes = qdq.SerializeToString()
+    import hashlib
+
+    from emorph_deploy import __version__
+
+    manifest = dict(
+        meta
+        or {
+            "format": "emorph-onnx/1",
+            "name": name,
+            "model": None,
+            "preprocessing": None,
+            "grid_shape": list(grid),
+        }
+    )
+    manifest.update(
+        {
+            "format": "emorph-onnx/1",
+            "name": name,
+            "precision": "int8",
+            "sha256_onnx": hashlib.sha256(qdq_bytes).hexdigest(),
+            "derived_from": {"onnx": str(onnx_path.resolve()), "sha256": stats["source_sha256"]},
+            "calibration": {
+                "method": options.method,
+                "op_types": list(options.op_types),
+                "quantizer": report["quantizer"],
+                "n_pairs": len(calib),
+                "pairs": str(paths["pairs"].resolve()),
+                "stats": str(paths["stats"].resolve()),
+                "cache": str(paths["cache"].resolve()),
+                "excluded": report["excluded"],
+                "package_version": __version__,
+            },
+        }
+    )
+    if "inputs" not in manifest or "outputs" not in manifest:
+        from emorph_deploy.engines.builder import io_spec
+
+        manifest["inputs"], manifest["outputs"] = io_spec(model)
+    write_bytes_atomic(paths["pairs"], buf.getvalue().encode(), force=force)
+    write_json_atomic(paths["stats"], stats, force=force)
+    write_bytes_atomic(paths["cache"], trt_calibration_cache(scales).encode(), force=force)
+    write_bytes_atomic(paths["onnx"], qdq_bytes, force=force)
+    write_json_atomic(paths["manifest"], manifest, force=force)
+    _ = onnx  # imported for its side effect of validating the install early
+    return CalibrationResult(paths["onnx"], paths["manifest"], list(paths.values()), stats)

@@ -1,0 +1,190 @@
+"""Calibration pairs: a CSV of NIfTI (moving, fixed) pairs or synthetic pairs, preprocessed exactly as at
+inference.
+
+CSV: one pair per row, columns ``moving,fixed`` (a header row with those names is optional; ``#`` starts a
+comment); relative paths are resolved against the CSV's folder. Every row is loaded and preprocessed with the
+graph's :class:`~emorph_deploy.data.Preprocessing` (the ONNX manifest's) *before* calibration starts, so an
+unreadable or mismatched volume fails fast with its row number and nothing is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emorph_deploy.errors import ConfigMismatchError, EmorphError, InputError
+
+
+@dataclass(frozen=True)
+class PairSource:
+    """Where a calibration pair came from (written to the saved pair list)."""
+
+    moving: str
+    fixed: str
+
+
+def read_pair_csv(path: str | os.PathLike) -> list[PairSource]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(
+            f"calibration list {path} not found: expected a CSV of 'moving,fixed' NIfTI paths; "
+            "fix: check the path or use --synthetic N"
+        )
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"calibration list {path} cannot be read ({exc}); fix: pass a UTF-8 CSV") from exc
+    rows = [
+        r
+        for r in csv.reader(
+            line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+        )
+    ]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["moving", "fixed"]:
+        rows = rows[1:]
+    pairs: list[PairSource] = []
+    for i, row in enumerate(rows, start=1):
+        cells = [c.strip() for c in row if c.strip()]
+        if len(cells) != 2:
+            raise InputError(
+                f"calibration list {path} row {i}: expected 2 columns 'moving,fixed', got "
+                f"{len(cells)}; fix: one pair per row"
+            )
+        mv, fx = ((Path(c) if Path(c).is_absolute() else (path.parent / c)) for c in cells)
+        pairs.append(PairSource(str(mv), str(fx)))
+    if not pairs:
+        raise InputError(
+            f"calibration list {path}: expected at least one pair, got none; fix: add 'moving,fixed' rows"
+        )
+    return pairs
+
+
+def preprocess_pair(
+    src: PairSource, preprocessing: Any, grid: tuple[int, int, int], where: str
+) -> dict[str, np.ndarray]:
+    """Load + preprocess one pair onto the model grid (fixed defines the grid) as registration does."""
+    try:
+        fixed = preprocessing.apply(src.fixed, name="fixed image")
+        moving = preprocessing.apply(src.moving, reference=fixed.affine, name="moving image")
+    except EmorphError as exc:
+        raise InputError(f"{where}: {exc}") from exc
+    except Exception as exc:  # nibabel/scipy errors on corrupt files
+        raise InputError(
+            f"{where}: cannot load/preprocess ({type(exc).__name__}: {exc}); fix: check the files "
+            "or remove the row"
+        ) from exc
+    for what, vol in (("moving", moving), ("fixed", fixed)):
+        if tuple(vol.data.shape) != tuple(grid):
+            raise ConfigMismatchError(
+                f"{where}: expected {what} on the model grid {tuple(grid)}, got "
+                f"{tuple(vol.data.shape)}; fix: use the ONNX manifest's preprocessing"
+            )
+    return {
+        "moving": moving.data[None, None].astype(np.float32),
+        "fixed": fixed.data[None, None].astype(np.float32),
+    }
+
+
+def synthetic_pair(
+    grid: tuple[int, int, int], seed: int, index: int, kind: str = "template"
+) -> dict[str, np.ndarray]:
+    """A synthetic brain pair (MNI152-template based or SynthMorph-style) on the model grid."""
+    from emorph_deploy.data.synthetic import synth_pair, template_pair
+
+    make = template_pair if kind == "template" or (kind == "mix" and index % 2 == 1) else synth_pair
+    pair = make(tuple(grid), seed=(int(seed), int(index)))
+    return {
+        "moving": pair.moving[None, None].astype(np.float32),
+        "fixed": pair.fixed[None, None].astype(np.float32),
+    }
+
+
+class CalibrationSet:
+    """Preprocessed calibration feeds held in memory (volumes are small: ≤ 1 GB for 64 pairs at full grid)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]], sources: list[PairSource]) -> None:
+        self.feeds = feeds
+        self.sources = sources
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    @classmethod
+    def from_csv(
+        cls,
+        path: str | os.PathLike,
+        preprocessing: Any,
+        grid: tuple[int, int, int],
+        limit: int | None = None,
+        progress: bool = True,
+    ) -> CalibrationSet:
+        pairs = read_pair_csv(path)[: limit or None]
+        feeds = []
+        for i, src in enumerate(_bar(pairs, "preprocessing pairs", progress), start=1):
+            feeds.append(preprocess_pair(src, preprocessing, grid, f"calibration list {path} row {i}"))
+        return cls(feeds, pairs)
+
+    @classmethod
+    def synthetic(
+        cls, n: int, grid: tuple[int, int, int], seed: int = 0, kind: str = "template", progress: bool = True
+    ) -> CalibrationSet:
+        if n < 1:
+            raise InputError(f"--synthetic: expected at least 1 pair, got {n}; fix: e.g. --synthetic 16")
+        feeds = [synthetic_pair(grid, seed, i, kind) for i in _bar(range(n), "synthesising pairs", progress)]
+        return cls(
+            feeds,
+            [
+                PairSource(
+                    f"synthetic:{kind}:seed={seed}:{i}:moving", f"synthetic:{kind}:seed={seed}:{i}:fixed"
+                )
+                for i in range(n)
+            ],
+        )
+
+
+def _bar(it: Any, desc: str, enabled: bool) -> Iterator[Any]:
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, unit="pair", disable=not enabled, leave=False)
+
+
+def make_reader(calib: CalibrationSet, progress: bool = True, desc: str = "calibrating") -> Any:
+    """An ONNX Runtime CalibrationDataReader over ``calib`` with a tqdm progress bar (one tick per pair)."""
+    from onnxruntime.quantization import CalibrationDataReader
+    from tqdm.auto import tqdm
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._i = 0
+            self._bar = None
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self._bar is None:
+                self._bar = tqdm(total=len(calib), desc=desc, unit="pair", disable=not progress, leave=False)
+            if self._i >= len(calib):
+                self._bar.close()
+                return None
+            feed = calib.feeds[self._i]
+            self._i += 1
+            self._bar.update(1)
+            return feed
+
+        def get_first(self) -> dict[str, np.ndarray]:  # Model Optimizer's test run
+            return calib.feeds[0]
+
+        def rewind(self) -> None:
+            self._i = 0
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = None
+
+        def __len__(self) -> int:
+            return len(calib)
+
+    return _Reader()
