@@ -97,6 +97,15 @@ def register_command(
     threads: Annotated[
         int | None, typer.Option("--threads", help="CPU threads for torch (default: all).")
     ] = None,
+    refine: Annotated[
+        int,
+        typer.Option(
+            "--refine",
+            min=0,
+            help="Test-time refinement: N Adam steps on the displacement (at half resolution; same loss as "
+            "training; the network is untouched). 0 = off.",
+        ),
+    ] = 0,
 ) -> None:
     """Register MOVING to FIXED in native space (or every pair of --pairs) and write the standard outputs."""
     from emorph_deploy.registration.batch import format_summary, read_pairs, run_batch
@@ -146,7 +155,9 @@ def register_command(
     )
 
     if batch is not None:
-        rows = run_batch(reg, batch, out, force=force, voxel_flow=voxel_flow, qc_png=qc_png, progress=True)
+        rows = run_batch(
+            reg, batch, out, force=force, voxel_flow=voxel_flow, qc_png=qc_png, progress=True, refine=refine
+        )
         typer.echo(format_summary(rows))
         typer.echo(f"summary: {out / 'summary.csv'}")
         if any(r["status"] != "ok" for r in rows):
@@ -154,7 +165,7 @@ def register_command(
         return
 
     assert inputs is not None
-    res = reg.register(*inputs, validate=False)
+    res = reg.register(*inputs, validate=False, refine=refine)
     written = res.save(out, force=force, voxel_flow=voxel_flow, qc_png=qc_png)
     q = res.qc
     t = q["times_s"]

@@ -111,6 +111,7 @@ def run_batch(
     voxel_flow: bool = False,
     qc_png: bool = True,
     progress: bool = True,
+    refine: Any = 0,
 ) -> list[dict[str, Any]]:
     """Register every pair into ``out_dir/<id>/``; never stops on a failing pair. Returns the summary rows."""
     from emorph_deploy.fileio import check_writable, write_bytes_atomic
@@ -131,7 +132,9 @@ def run_batch(
             t0 = time.perf_counter()
             row: dict[str, Any] = {"id": pair.id, "fixed": str(pair.fixed), "moving": str(pair.moving)}
             try:
-                res = registrar.register(pair.fixed, pair.moving, labels=pair.moving_labels, affine=affine)
+                res = registrar.register(
+                    pair.fixed, pair.moving, labels=pair.moving_labels, affine=affine, refine=refine
+                )
                 res.save(out / pair.id, force=force, voxel_flow=voxel_flow, qc_png=qc_png)
                 q = res.qc
                 row.update(

@@ -26,10 +26,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
+
+if TYPE_CHECKING:
+    from emorph_deploy.refine import RefineConfig
 
 from emorph_deploy.errors import (
     ConfigMismatchError,
@@ -409,6 +412,7 @@ class Registrar:
         *,
         affine: bool | None = None,
         validate: bool = True,
+        refine: int | RefineConfig = 0,
     ) -> Result:
         """Register ``moving`` to ``fixed``; ``labels`` (moving label map) are warped with nearest neighbour.
 
@@ -417,6 +421,10 @@ class Registrar:
         ``validate=False`` skips re-validating nibabel images that already come from
         :func:`emorph_deploy.data.load_volume` / :func:`~emorph_deploy.data.load_label_map` (see
         :func:`load_inputs`).
+        ``refine=N`` (> 0) or a :class:`~emorph_deploy.refine.RefineConfig`: N test-time Adam steps on the
+        displacement (default: at half resolution, see :func:`emorph_deploy.refine.refine_flow`; the training
+        loss), starting from the network's flow. Runs outside the runner lock (per-call data only); the
+        network is untouched.
         """
         import torch
 
@@ -503,6 +511,19 @@ class Registrar:
                 "inference: expected a finite flow, got NaN/Inf; fix: check the artifact "
                 "(e.g. fp16 overflow) with `emorph check`"
             )
+        from emorph_deploy.refine import RefineConfig, refine_flow
+
+        refine_cfg = RefineConfig.coerce(refine)
+        if refine_cfg.steps:
+            t0 = time.perf_counter()
+            flow = refine_flow(
+                torch.from_numpy(moving_m)[None, None],
+                torch.from_numpy(fixed_m)[None, None],
+                torch.from_numpy(flow)[None],
+                **refine_cfg.to_dict(),
+            )[0].numpy()
+            times["refine"] = time.perf_counter() - t0
+            out = {"flow": flow}  # the network's "warped" is stale after refinement: QC re-warps
 
         t0 = time.perf_counter()
         lab_data = np.asanyarray(labels_img.dataobj) if labels_img is not None else None
@@ -565,6 +586,7 @@ class Registrar:
             **stats,
             "jacobian_grid": "model",
             "model_latency_s": model_s,
+            "refine": refine_cfg.to_dict() if refine_cfg.steps else None,
             "times_s": times,
         }
         return Result(

@@ -89,7 +89,8 @@ def test_create_model_from_config_and_dict():
 
 def test_registered_variants_and_parameter_counts():
     assert list_models()[0] == "em-23-hires"
-    assert set(list_models()) == {"em-23-hires", "em-11-hires", "em-23-hires-cga", "em-11-hires-cga"}
+    assert set(list_models()) == {"em-23-hires", "em-11-hires", "em-23-hires-s", "em-23-hires-cga",
+                                  "em-11-hires-cga"}
     counts = {name: count_params(get_config(name)) for name in list_models()}
     # reference (public code) counts include an unused 2→16 conv (864 params) that we do not build
     assert abs(counts["em-23-hires"] - 2_794_011) / 2_794_011 < 0.01
@@ -101,6 +102,10 @@ def test_registered_variants_and_parameter_counts():
     saved11 = (3 * 96**2 - 3 * 96**2 // 4) + (3 * 192**2 - 3 * 192**2 // 8)
     assert counts["em-23-hires-cga"] == counts["em-23-hires"] - saved23 == 2_461_371
     assert counts["em-11-hires-cga"] == counts["em-11-hires"] - saved11 == 1_675_515
+    # half-width em-23 (packaged default): same depths/planes, every width halved, head width kept at 24
+    small = get_config("em-23-hires-s")
+    assert small.depths == (2, 3) and small.embed_dims == (48, 96) and small.img_size == (80, 96, 112)
+    assert counts["em-23-hires-s"] == 723_303
 
 
 def test_real_build_at_half_resolution_has_registered_count():

@@ -1,0 +1,176 @@
+"""Test-time refinement (``emorph_deploy.refine``): loss decreases, steps=0 is the identity, the network is
+untouched, deterministic, and Dice improves on a deformed-template pair starting from zero flow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is needed for refinement")
+
+from emorph_deploy.errors import InputError  # noqa: E402
+from emorph_deploy.refine import RefineConfig, refine_flow, refine_loss  # noqa: E402
+
+GRID = (40, 40, 40)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    from emorph_deploy.data.synthetic import template_pair
+
+    p = template_pair(GRID, seed=10_000)  # held-out seed (training draws (0, epoch, index))
+    return {
+        "moving": torch.from_numpy(p.moving)[None, None],
+        "fixed": torch.from_numpy(p.fixed)[None, None],
+        "moving_labels": torch.from_numpy(p.moving_labels)[None, None].float(),
+        "fixed_labels": p.fixed_labels,
+    }
+
+
+def _tiny_model(grid):
+    from emorph_deploy.models import create_model
+
+    torch.manual_seed(0)
+    return create_model(
+        "em-11-hires", img_size=grid, patch_dim=6, embed_dims=(8, 16), heads=(1, 2), decoder_widths=(8, 8),
+        skip_width=4, drop_path=0.0, flow_init_std=1e-2,
+    ).eval()
+
+
+def _gm_wm_dice(pair, flow) -> float:
+    from emorph_deploy.metrics import dice_per_label
+    from emorph_deploy.models.warp import warp
+
+    warped = warp(pair["moving_labels"], flow, mode="nearest")[0, 0].numpy().round().astype(np.int32)
+    d = dice_per_label(warped, pair["fixed_labels"], labels=[2, 3])
+    return float(np.mean(list(d.values())))
+
+
+def test_steps_zero_returns_input_unchanged(pair):
+    flow0 = torch.randn(1, 3, *GRID) * 0.5
+    before = flow0.clone()
+    out = refine_flow(pair["moving"], pair["fixed"], flow0, steps=0)
+    assert torch.equal(out, before)
+    assert torch.equal(flow0, before)
+    assert not out.requires_grad
+
+
+def test_loss_decreases_and_deterministic(pair):
+    m = pair["moving"][..., 8:32, 8:32, 8:32].contiguous()  # 24³ crop: cheap
+    f = pair["fixed"][..., 8:32, 8:32, 8:32].contiguous()
+    zero = torch.zeros(1, 3, 24, 24, 24)
+    losses: list[float] = []
+    a = refine_flow(m, f, zero, steps=5, lr=0.2, levels=1, losses=losses)
+    b = refine_flow(m, f, zero, steps=5, lr=0.2, levels=1)
+    assert len(losses) == 5
+    l0 = float(refine_loss(m, f, zero))
+    l1 = float(refine_loss(m, f, a))
+    assert abs(losses[0] - l0) < 1e-5
+    assert l1 < l0 - 0.02, (l0, l1)
+    assert torch.equal(a, b)  # deterministic on the CPU
+    assert not a.requires_grad and a.shape == (1, 3, 24, 24, 24) and a.dtype == torch.float32
+    assert torch.equal(zero, torch.zeros_like(zero))  # input not modified
+    # default: the steps at half resolution only; also lowers the full-resolution loss
+    coarse: list[float] = []
+    c = refine_flow(m, f, zero, steps=5, losses=coarse)
+    assert len(coarse) == 5
+    assert float(refine_loss(m, f, c)) < l0 - 0.02
+    # half, then full resolution (5 + 3 steps)
+    both: list[float] = []
+    e = refine_flow(m, f, zero, steps=5, full_steps=3, losses=both)
+    assert len(both) == 8
+    assert float(refine_loss(m, f, e)) < float(refine_loss(m, f, c)) + 1e-4
+
+
+@pytest.mark.slow
+def test_improves_dice_from_zero_flow(pair):
+    zero = torch.zeros(1, 3, *GRID)
+    before = _gm_wm_dice(pair, zero)
+    flow = refine_flow(pair["moving"], pair["fixed"], zero, steps=30)  # default: 30 steps at 20³
+    after = _gm_wm_dice(pair, flow)
+    assert after > before + 0.1, (before, after)
+
+
+def test_network_untouched_and_inference_mode_caller(pair):
+    grid = (24, 24, 24)
+    model = _tiny_model(grid)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    m = pair["moving"][..., :24, :24, :24].contiguous()
+    f = pair["fixed"][..., :24, :24, :24].contiguous()
+    with torch.inference_mode():
+        _, flow = model(m, f)
+        refined = refine_flow(m, f, flow, steps=3, lr=0.1)
+    assert refined.shape == flow.shape and not torch.equal(refined, flow)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_registrar_refine_is_per_call(tmp_path):
+    from emorph_deploy.data.preprocess import Preprocessing
+    from emorph_deploy.registration import Registrar
+    from emorph_deploy.train.checkpoint import save_checkpoint
+
+    grid = (16, 16, 16)
+    save_checkpoint(_tiny_model(grid), tmp_path / "tiny",
+                    preprocessing=Preprocessing(grid_shape=grid, spacing_mm=(4.0, 4.0, 4.0)))
+    reg = Registrar.load(tmp_path / "tiny.json", backend="torch")
+    weights = {k: v.clone() for k, v in reg.runner.model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    fixed = (rng.random(grid, dtype=np.float32) + 0.1, affine)
+    moving = (np.roll(fixed[0], 1, axis=0), affine)
+    r1 = reg.register(fixed, moving, refine=2)
+    r2 = reg.register(fixed, moving, refine=RefineConfig(steps=2))
+    plain = reg.register(fixed, moving)
+    d1 = np.asanyarray(r1.displacement.dataobj)
+    np.testing.assert_array_equal(d1, np.asanyarray(r2.displacement.dataobj))  # no state between calls
+    assert float(np.abs(d1 - np.asanyarray(plain.displacement.dataobj)).max()) > 1e-4  # refinement acted
+    assert r1.qc["refine"]["steps"] == 2 and plain.qc["refine"] is None
+    for k, v in reg.runner.model.state_dict().items():  # the network is untouched
+        assert torch.equal(v, weights[k]), k
+    with pytest.raises(InputError):
+        reg.register(fixed, moving, refine=-1)
+
+
+@pytest.mark.parametrize("kwargs", [{"steps": -1}, {"steps": 1.5}, {"steps": 2, "levels": 3},
+                                    {"steps": 2, "lr": 0.0}])
+def test_bad_arguments(pair, kwargs):
+    zero = torch.zeros(1, 3, *GRID)
+    with pytest.raises(InputError):
+        refine_flow(pair["moving"], pair["fixed"], zero, **kwargs)
+
+
+def test_bad_shapes(pair):
+    with pytest.raises(InputError, match="flow_init"):
+        refine_flow(pair["moving"], pair["fixed"], torch.zeros(1, 3, 8, 8, 8), steps=1)
+    with pytest.raises(InputError, match="moving and fixed"):
+        refine_flow(pair["moving"], pair["fixed"][..., :8], torch.zeros(1, 3, *GRID), steps=1)
+
+
+def test_matmul_ncc_equals_training_ncc():
+    from emorph_deploy.losses import NCCLoss
+    from emorph_deploy.refine import MatmulNCCLoss
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 1, 12, 16, 20, generator=g)
+    b = (a + 0.3 * torch.rand(1, 1, 12, 16, 20, generator=g)).clamp(0, 1)
+    ref, fast = NCCLoss(window=9, sigma=1.5), MatmulNCCLoss(window=9, sigma=1.5)
+    x = torch.rand(2, 5, 12, 16, 20, generator=g)
+    assert float((ref._filter(x) - fast._filter(x)).abs().max()) < 1e-5
+    ga, gb = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    la, lb = ref(ga, b), fast(gb, b)
+    la.backward()
+    lb.backward()
+    assert abs(float(la.detach()) - float(lb.detach())) < 1e-6
+    assert float((ga.grad - gb.grad).abs().max()) < 1e-6
+
+
+def test_callback_snapshots_equal_shorter_runs(pair):
+    m = pair["moving"][..., 8:32, 8:32, 8:32].contiguous()
+    f = pair["fixed"][..., 8:32, 8:32, 8:32].contiguous()
+    zero = torch.zeros(1, 3, 24, 24, 24)
+    snaps: dict[int, torch.Tensor] = {}
+    refine_flow(m, f, zero, steps=4, levels=1, callback=lambda k, fl: snaps.__setitem__(k, fl))
+    assert sorted(snaps) == [1, 2, 3, 4]
+    assert torch.equal(snaps[2], refine_flow(m, f, zero, steps=2, levels=1))
