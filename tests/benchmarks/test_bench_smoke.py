@@ -1,0 +1,202 @@
+"""Smoke tests of the benchmark scripts: each runs in --quick mode on a tiny model/grid and writes a results
+JSON (schema ``emorph-bench/1``) plus markdown. No timing assertions: only structure and sanity of values."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    """Import benchmarks/<name>.py under a unique module name (the scripts put benchmarks/ on sys.path)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    if name == "_common":  # the scripts import it as ``_common``: share that module
+        return importlib.import_module("_common")
+    mod_name = f"emorph_bench_{name}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod  # dataclasses look their module up in sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The scripts set thread environment variables and torch's thread count: undo that for other tests."""
+    import os
+
+    import torch
+
+    env, threads = dict(os.environ), torch.get_num_threads()
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(threads)
+
+
+def _result(stem: Path) -> dict:
+    common = _load("_common")
+    data = json.loads(stem.with_name(stem.name + ".json").read_text())
+    assert common.validate_result(data) == []
+    md = stem.with_name(stem.name + ".md").read_text()
+    assert "Command: `python" in md and "Machine:" in md
+    assert data["quick"] is True
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- _common
+def test_common_helpers(tmp_path: Path) -> None:
+    c = _load("_common")
+    assert c.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6, abs=1e-12)
+    assert c.percentile([3.0], 50) == 3.0
+    calls = []
+    t = c.time_call(lambda: calls.append(1), runs=5, warmup=2)
+    assert len(calls) == 7 and len(t.times_s) == 5 and len(t.warmup_s) == 2
+    d = t.to_dict()
+    assert d["min_s"] <= d["median_s"] <= d["p90_s"] + 1e-12
+    table = c.md_table(["a", "b|c"], [[1, None]])
+    assert table.splitlines() == ["| a | b\\|c |", "|---|---|", "| 1 | - |"]
+    assert c.parse_size("160x192×224") == (160, 192, 224)
+    info = c.cpu_info()
+    assert info["logical_cpus"] >= 1 and isinstance(info["cpu_flags"], list)
+    assert isinstance(info["avx2"], bool) and isinstance(info["amx"], bool)
+
+
+def test_run_measured_reports_child_peak_rss() -> None:
+    """The child's own VmHWM is reported (not inflated by this process), and its JSON report is parsed."""
+    c = _load("_common")
+    code = (f"import sys; sys.path.insert(0, {str(BENCH)!r}); import _common as C; "
+            "b = bytearray(120 * 2**20); b[::4096] = b'x' * len(b[::4096]); C.child_report({'ok': True})")
+    m = c.run_measured([sys.executable, "-c", code], timeout=120)
+    assert m.returncode == 0, m.stderr
+    assert m.report is not None and m.report["ok"] is True
+    assert 120 * 2**20 <= m.peak_rss_bytes < 1024 * 2**20  # the 120 MiB buffer + a small interpreter
+    assert m.rusage_maxrss_bytes is not None and m.rusage_maxrss_bytes >= m.peak_rss_bytes * 0.9
+
+
+def test_finish_args_quick_defaults(tmp_path: Path) -> None:
+    c = _load("_common")
+    args = c.finish_args(c.base_parser("x").parse_args(["--quick", "--threads", "1"]), "demo")
+    assert args.runs == 3 and args.out.endswith("results/quick/demo")
+    with pytest.raises(SystemExit):
+        c.finish_args(c.base_parser("x").parse_args(["--runs", "0"]), "demo")
+
+
+# ---------------------------------------------------------------------------------------------- scripts
+def test_compute_bound_quick(tmp_path: Path) -> None:
+    mod = _load("compute_bound")
+    out = tmp_path / "cb"
+    argv = ["--quick", "--threads", "1", "--n", "128", "--grids", "16x16x16", "--out", str(out)]
+    assert mod.main(argv) == 0
+    data = _result(out)
+    assert data["benchmark"] == "compute_bound"
+    assert data["summary"]["peak_gflops"] > 0
+    (row,) = data["rows"]
+    assert row["grid"] == [16, 16, 16] and row["gflop"] > 0 and row["bound_s"] > 0
+    with pytest.raises(Exception, match="already exists"):  # no overwrite without --force
+        mod.main(argv)
+
+
+@pytest.mark.slow
+def test_model_latency_quick(tmp_path: Path) -> None:
+    mod = _load("model_latency")
+    out = tmp_path / "ml"
+    only = "torch-eager$|torch-jit-freeze$|ort-native-(default|no-spin)$|ort-gather-default|ort-int8"
+    assert mod.main(["--quick", "--threads", "1", "--grids", "16x16x16", "--runs", "1", "--warmup", "0",
+                     "--only", only, "--no-fp16", "--out", str(out)]) == 0
+    data = _result(out)
+    rows = {r["row"]: r for r in data["rows"]}
+    assert {"torch-eager", "torch-jit-freeze", "ort-native-default", "ort-native-no-spin",
+            "ort-gather-default", "ort-int8"} <= set(rows)
+    for r in rows.values():
+        assert r.get("ok"), r.get("error")
+        assert r["median_s"] > 0 and r["x_bound"] > 0 and len(r["timing"]["times_s"]) == 1
+    # fp32 paths agree with torch eager; the int8 graph is labelled an accuracy check
+    assert rows["torch-eager"]["max_dflow_voxel"] == 0.0
+    assert rows["ort-native-default"]["max_dflow_voxel"] < 1e-3
+    assert rows["ort-gather-default"]["max_dflow_voxel"] < 1e-3
+    assert rows["ort-int8"]["accuracy_check"] is True and rows["ort-int8"]["precision"] == "int8"
+    g = data["summary"]["grids"]["16×16×16"]
+    assert g["fastest_cpu"] in rows and rows[g["fastest_cpu"]]["precision"] == "fp32"
+    t = data["summary"]["targets"]
+    assert set(t) >= {"x_bound", "speedup", "x_bound_met", "speedup_met"}
+
+
+@pytest.mark.slow
+def test_model_latency_process_isolation(tmp_path: Path) -> None:
+    """One ONNX Runtime row in its own process: timings and its peak RSS come back."""
+    mod = _load("model_latency")
+    out = tmp_path / "mlp"
+    assert mod.main(["--quick", "--threads", "1", "--grids", "16x16x16", "--runs", "1", "--warmup", "0",
+                     "--isolate", "process", "--only", "ort-native-default$", "--no-fp16", "--no-int8",
+                     "--out", str(out)]) == 0
+    (row,) = _result(out)["rows"]
+    assert row["ok"], row.get("error")
+    assert row["peak_rss_bytes"] > 10 * 2**20 and row["process_wall_s"] > 0
+
+
+@pytest.mark.slow
+def test_memory_quick(tmp_path: Path) -> None:
+    mod = _load("memory")
+    out = tmp_path / "mem"
+    only = "infer-ort-native$|train-step$"
+    assert mod.main(["--quick", "--threads", "1", "--only", only, "--out", str(out)]) == 0
+    data = _result(out)
+    rows = {r["row"]: r for r in data["rows"]}
+    assert set(rows) == {"infer-ort-native", "train-step"}
+    for r in rows.values():
+        assert r["ok"], r.get("error")
+        assert r["peak_rss_bytes"] >= r["rss_before_bytes"] > 0
+    assert rows["train-step"]["bidirectional"] in (True, False) and rows["train-step"]["step_s"] > 0
+    assert data["summary"]["target"]["row"] == "infer-ort-native"
+
+
+@pytest.mark.slow
+def test_peers_quick(tmp_path: Path) -> None:
+    pytest.importorskip("ants", reason="antspyx (the 'peers' extra) is not installed")
+    pytest.importorskip("picsl_greedy", reason="picsl-greedy (the 'peers' extra) is not installed")
+    mod = _load("peers")
+    out = tmp_path / "peers"
+    assert mod.main(["--quick", "--threads", "1", "--out", str(out)]) == 0
+    data = _result(out)
+    methods = {"no registration", "affine (ANTs)", "ANTs SyN", "greedy", "emorph"}
+    for pair in ("template-0", "demo"):
+        got = {r["method"]: r for r in data["rows"] if r["pair"] == pair}
+        assert set(got) == methods
+        for r in got.values():
+            assert r["ok"], r.get("error")
+            assert 0.0 <= r["dice_gm"] <= 1.0 and 0.0 <= r["dice_wm"] <= 1.0
+            assert r["seconds"] >= 0.0
+    # a classical deformable registration improves the overlap of the known template deformation
+    tpl = data["summary"]["by_kind"]["template"]
+    assert tpl["ANTs SyN"]["dice_mean"] > tpl["no registration"]["dice_mean"] + 0.01
+    assert tpl["greedy"]["dice_mean"] > tpl["no registration"]["dice_mean"] + 0.01
+    demo = next(p for p in data["summary"]["pairs"] if p["name"] == "demo")
+    assert "Atropos" in demo["labels_method"]
+
+
+@pytest.mark.slow
+def test_run_all_quick_collates(tmp_path: Path) -> None:
+    mod = _load("run_all")
+    out = tmp_path / "all"
+    assert mod.main(["--quick", "--threads", "1", "--only", "compute_bound", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runs"][0]["name"] == "compute_bound" and summary["runs"][0]["status"] == "ok"
+    assert {t["source"] for t in summary["targets"]} >= {"model_latency", "memory", "peers", "register_e2e"}
+    md = (out / "summary.md").read_text()
+    assert "## Targets (issue 8)" in md and "Compute bound: matmul peak" in md
+    # collate-only re-reads what exists, runs nothing
+    assert mod.main(["--quick", "--collate-only", "--only", "compute_bound,memory", "--out", str(out)]) == 0
+    runs = {r["name"]: r["status"] for r in json.loads((out / "summary.json").read_text())["runs"]}
+    assert runs == {"compute_bound": "ok", "memory": "no results"}
