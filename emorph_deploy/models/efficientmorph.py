@@ -15,6 +15,7 @@ from emorph_deploy.models.layers import (
     PlaneBlock,
     SinusoidalPositionEncoding3D,
 )
+from emorph_deploy.models.layers.fastpath import use_onednn as _use_onednn
 from emorph_deploy.models.warp import SpatialTransformer
 
 
@@ -105,11 +106,26 @@ class EfficientMorph(nn.Module):
             t = blk(t)
         f1 = self.norm1(t)  # (B, D/8, H/8, W/8, C1)
 
+        # Decoder. In eager CPU inference it runs channels_last_3d (NDHWC memory, same NCDHW shapes): the
+        # permuted (B, D, H, W, C) tokens already are channels-last views, trilinear upsampling, cat, oneDNN
+        # conv and ConvBlock3d's norm keep that layout, and oneDNN's 3D conv needs no reorders on it. Export
+        # and training see plain tensors (ONNX has no memory format; the graph is unchanged).
+        cl = _use_onednn(x)  # eager CPU float32 inference
         y = _up2(f1.permute(0, 4, 1, 2, 3))  # (B, C1, D/4, H/4, W/4)
         y = self.up2(torch.cat([y, f0.permute(0, 4, 1, 2, 3)], dim=1))  # (B, dec0, D/4, H/4, W/4)
         y = _up2(y)  # (B, dec0, D/2, H/2, W/2)
-        skip = self.skip(self.skip_pool(x))  # (B, skip, D/2, H/2, W/2)
-        y = self.up3(torch.cat([y, skip], dim=1))  # (B, dec1, D/2, H/2, W/2)
+        pooled = self.skip_pool(x)  # (B, 2, D/2, H/2, W/2)
+        if cl:
+            pooled = pooled.contiguous(memory_format=torch.channels_last_3d)
+        skip = self.skip(pooled)  # (B, skip, D/2, H/2, W/2)
+        if cl:  # = up3(cat([y, skip])) without materialising the concatenation (see ConvBlock3d.forward_cat)
+            y = self.up3[1](self.up3[0].forward_cat([y, skip]))  # (B, dec1, D/2, H/2, W/2)
+        else:  # export/training: the original module calls (same ONNX graph and node names)
+            y = self.up3(torch.cat([y, skip], dim=1))  # (B, dec1, D/2, H/2, W/2)
+        if cl:  # oneDNN flow head (it falls to slow_conv3d otherwise), then back to a plain NCDHW flow
+            h = self.flow_head
+            y = torch.mkldnn_convolution(y, h.weight, h.bias, h.padding, h.stride, h.dilation, h.groups)
+            return _up2(y.contiguous())  # (B, 3, D, H, W)
         return _up2(self.flow_head(y))  # (B, 3, D, H, W)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

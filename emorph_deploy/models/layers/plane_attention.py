@@ -7,8 +7,12 @@ concatenation along s of the per-voxel C-channel vectors, length S·C.
 Head split (our documented choice): head i owns channel group i (C/h channels) of *every* slice along s, so
 its vectors have length S·C/h and there is one N×N attention map per head, shared across the stacking axis.
 Softmax scale = 1/sqrt(S·C/h) (the dot-product length). The output is reshaped back and the permutation
-undone, so each voxel receives its own plane position's output. Batch items never mix. Attention runs as
-MatMul + Softmax + MatMul (head dims S·C/h are far beyond fused-kernel limits and export to plain ONNX ops).
+undone, so each voxel receives its own plane position's output. Batch items never mix.
+
+Kernels: when traced / exported, attention is written as MatMul + Softmax + MatMul (plain ONNX ops,
+TensorRT-friendly; the exported graph is unchanged). In eager torch it calls
+``F.scaled_dot_product_attention`` (same scale), which on CPU runs the blocked flash kernel — no N×N map in
+memory, scale fused, no head-dim limit — equal to the explicit form up to float32 rounding (~1e-6).
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from emorph_deploy.models.layers.fastpath import reference_ops_required as _tracing
 
 Plane = tuple[int, int]
 
@@ -30,13 +37,12 @@ def plane_permutation(plane: Plane) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return perm, inv
 
 
-def plane_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plane: Plane, heads: int,
-                    shape: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """Global attention over the plane positions. q, k, v: (B, D, H, W, C) → (B, D, H, W, C).
-
-    ``shape`` = static (D, H, W, C) (modules pass it so traced/exported graphs hold constants, not Shape ops);
-    by default it is read from ``q``.
-    """
+def _plane_attention_permuted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plane: Plane, heads: int,
+                              shape: tuple[int, int, int, int] | None = None
+                              ) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """:func:`plane_attention` without the final un-permutation: returns the contiguous (B, A, Bp, S, C)
+    output and ``inv`` (``out.permute(*inv)`` is (B, D, H, W, C)). Lets a per-voxel Linear run on the
+    contiguous tensor before the (free) permuted view instead of after it (saves one full-tensor copy)."""
     dhwc = tuple(int(x) for x in q.shape[1:]) if shape is None else tuple(shape)
     perm, inv = plane_permutation(plane)
     na, nb, ns, c = (dhwc[perm[i] - 1] for i in (1, 2, 3, 4))
@@ -49,11 +55,24 @@ def plane_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plane: Pl
 
     qh, kh, vh = split(q), split(k), split(v)
     scale = 1.0 / math.sqrt(hd)
-    attn = torch.matmul(qh * scale, kh.transpose(-2, -1))  # (B, h, N, N)
-    attn = torch.softmax(attn, dim=-1)
-    out = torch.matmul(attn, vh)  # (B, h, N, S·C/h)
+    if _tracing():  # export: explicit MatMul + Softmax + MatMul (graph unchanged, TensorRT-listed ops)
+        attn = torch.matmul(qh * scale, kh.transpose(-2, -1))  # (B, h, N, N)
+        attn = torch.softmax(attn, dim=-1)
+        out = torch.matmul(attn, vh)  # (B, h, N, S·C/h)
+    else:  # eager: fused kernel (flash attention on CPU), same scale
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)  # (B, h, N, S·C/h)
     out = out.reshape(-1, heads, n, ns, c // heads).permute(0, 2, 3, 1, 4)  # (B, N, S, h, C/h)
-    out = out.reshape(-1, na, nb, ns, c)  # (B, A, Bp, S, C)
+    return out.reshape(-1, na, nb, ns, c), inv  # (B, A, Bp, S, C) contiguous
+
+
+def plane_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plane: Plane, heads: int,
+                    shape: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Global attention over the plane positions. q, k, v: (B, D, H, W, C) → (B, D, H, W, C).
+
+    ``shape`` = static (D, H, W, C) (modules pass it so traced/exported graphs hold constants, not Shape ops);
+    by default it is read from ``q``.
+    """
+    out, inv = _plane_attention_permuted(q, k, v, plane, heads, shape)  # (B, A, Bp, S, C)
     return out.permute(*inv)  # (B, D, H, W, C)
 
 
@@ -73,7 +92,13 @@ class PlaneAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)  # (B, D, H, W, 3C): [q | k | v] along channels
         q, k, v = qkv.split(self.dim, dim=-1)
-        return self.proj(plane_attention(q, k, v, self.plane, self.heads, self.shape))  # (B, D, H, W, C)
+        out, inv = _plane_attention_permuted(q, k, v, self.plane, self.heads, self.shape)  # (B, A, Bp, S, C)
+        if _tracing():  # export: proj after the Transpose, exactly the graph exported so far
+            return self.proj(out.permute(*inv))  # (B, D, H, W, C)
+        # eager: proj acts per voxel on the channel axis, which the plane permutation keeps in place, so apply
+        # it to the contiguous tensor and return the permuted view (saves the copy Linear makes of a strided
+        # input; the residual add in PlaneBlock takes the view and writes x's contiguous layout)
+        return self.proj(out).permute(*inv)  # (B, D, H, W, C)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, plane={self.plane}"
