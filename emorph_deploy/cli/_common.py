@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -29,3 +29,15 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+#: ``--refine N`` shared by ``emorph register`` and ``emorph demo``.
+RefineOption = Annotated[
+    int,
+    typer.Option(
+        "--refine",
+        min=0,
+        help="Test-time refinement: N Adam steps on the displacement (at half resolution; same loss as "
+        "training; the network is untouched). 0 = off.",
+    ),
+]

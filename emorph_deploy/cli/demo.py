@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from emorph_deploy.cli._common import handle_errors
+from emorph_deploy.cli._common import RefineOption, handle_errors
 from emorph_deploy.errors import InputError, OutputExistsError
 
 INPUT_FILES = {"fixed": "fixed.nii.gz", "moving": "moving.nii.gz"}
@@ -43,15 +43,7 @@ def demo_command(
         Backend,
         typer.Option("--backend", help="auto = TensorRT, then ONNX Runtime (GPU, then CPU), then torch."),
     ] = Backend.auto,
-    refine: Annotated[
-        int,
-        typer.Option(
-            "--refine",
-            min=0,
-            help="Test-time refinement: N Adam steps on the displacement (at half resolution; same loss as "
-            "training; the network is untouched). 0 = off.",
-        ),
-    ] = 0,
+    refine: RefineOption = 0,
     model: Annotated[
         Path | None,
         typer.Option("--model", help="Checkpoint (.json/.safetensors) instead of the packaged default."),

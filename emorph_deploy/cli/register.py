@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from emorph_deploy.cli._common import handle_errors
+from emorph_deploy.cli._common import RefineOption, handle_errors
 from emorph_deploy.errors import InputError
 
 
@@ -97,15 +97,7 @@ def register_command(
     threads: Annotated[
         int | None, typer.Option("--threads", help="CPU threads for torch (default: all).")
     ] = None,
-    refine: Annotated[
-        int,
-        typer.Option(
-            "--refine",
-            min=0,
-            help="Test-time refinement: N Adam steps on the displacement (at half resolution; same loss as "
-            "training; the network is untouched). 0 = off.",
-        ),
-    ] = 0,
+    refine: RefineOption = 0,
 ) -> None:
     """Register MOVING to FIXED in native space (or every pair of --pairs) and write the standard outputs."""
     from emorph_deploy.registration.batch import format_summary, read_pairs, run_batch

@@ -116,22 +116,16 @@ def find_regions(model: Any) -> Regions:
 
 
 def tensor_ranks(model: Any) -> dict[str, int]:
-    """Rank of every tensor whose shape ONNX shape inference knows."""
+    """Rank of every tensor whose shape ONNX shape inference knows (best-effort inference)."""
     import onnx
+
+    from emorph_deploy.export.trt_ops import value_ranks
 
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:  # inference is best-effort here
         inferred = model
-    ranks: dict[str, int] = {}
-    g = inferred.graph
-    for vi in [*g.input, *g.output, *g.value_info]:
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            ranks[vi.name] = len(t.shape.dim)
-    for init in g.initializer:
-        ranks[init.name] = len(init.dims)
-    return ranks
+    return value_ranks(inferred)
 
 
 def grid_sample_5d_nodes(model: Any) -> list[str]:

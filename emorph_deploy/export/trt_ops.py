@@ -69,7 +69,8 @@ class TrtOpReport:
         }
 
 
-def _value_ranks(model: onnx.ModelProto) -> dict[str, int]:
+def value_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every graph input/output/value_info and initializer whose shape the graph records."""
     ranks: dict[str, int] = {}
     graph = model.graph
     for vi in [*graph.input, *graph.output, *graph.value_info]:
@@ -85,7 +86,7 @@ def tensorrt_op_report(model: onnx.ModelProto, trt_version: str = DEFAULT_TRT_VE
     """List the graph's op types and those TensorRT ``trt_version`` cannot parse (run shape inference
     first)."""
     supported = supported_ops()
-    ranks = _value_ranks(model)
+    ranks = value_ranks(model)
     ops: set[str] = set()
     reasons: dict[str, str] = {}
 
