@@ -43,7 +43,7 @@ def demo_command(
         Backend,
         typer.Option("--backend", help="auto = TensorRT, then ONNX Runtime (GPU, then CPU), then torch."),
     ] = Backend.auto,
-    refine: RefineOption = 0,
+    refine: RefineOption = 20,
     model: Annotated[
         Path | None,
         typer.Option("--model", help="Checkpoint (.json/.safetensors) instead of the packaged default."),
