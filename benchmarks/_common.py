@@ -722,6 +722,16 @@ def finalize(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def publish(result: dict[str, Any], render: Any, args: Any) -> tuple[Path, Path]:
+    """Finalize ``result``, render its markdown with ``render(result)``, write both files, print the table."""
+    finalize(result)
+    md = render(result)
+    paths = write_results(result, args.out, md, force=args.force)
+    print(md)
+    log(f"wrote {paths[0]} and {paths[1]}")
+    return paths
+
+
 def write_results(
     result: dict[str, Any], out_stem: str | os.PathLike, markdown: str, force: bool = False
 ) -> tuple[Path, Path]:

@@ -141,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.quick:
         res["notes"].append(f"--quick: a narrow em-23-hires ({C.QUICK_OVERRIDES}) and a {n}³ matmul.")
-    md = markdown(C.finalize(res))
-    paths = C.write_results(res, args.out, md, force=args.force)
-    print(md)
-    C.log(f"wrote {paths[0]} and {paths[1]}")
+    C.publish(res, markdown, args)
     return 0
 
 

@@ -398,11 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         res["notes"].append(f"--quick: {C.fmt_size(QUICK_SHAPE)} template pair, demo pair at 6 mm, few ANTs "
                             "iterations; an untrained tiny model unless --model: checks the script only.")
-    C.finalize(res)
-    md = _markdown(res)
-    paths = C.write_results(res, args.out, md, force=args.force)
-    print(md)
-    C.log(f"wrote {paths[0]} and {paths[1]}")
+    C.publish(res, _markdown, args)
     return 0
 
 

@@ -359,11 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for k, v in (res["summary"].get("skipped") or {}).items():
         res["notes"].append(f"skipped {k}: {v}")
-    C.finalize(res)
-    md = _markdown(res)
-    p = C.write_results(res, args.out, md, force=args.force)
-    print(md)
-    C.log(f"wrote {p[0]} and {p[1]}")
+    C.publish(res, _markdown, args)
     return 0
 
 

@@ -878,11 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Input: held-out MNI152 template pair (template_pair seed {HELDOUT_SEED}, no intensity "
         "augmentation); the same arrays for every row."
     )
-    C.finalize(res)
-    md = _markdown(res)
-    paths_out = C.write_results(res, args.out, md, force=args.force)
-    print(md)
-    C.log(f"wrote {paths_out[0]} and {paths_out[1]}")
+    C.publish(res, _markdown, args)
     if profile_out is not None:
         pres = {**res, "benchmark": NAME + "_profile", "rows": [], "summary": {"profile": profile_out}}
         pmd = _profile_markdown(pres, profile_out)

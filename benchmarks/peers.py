@@ -597,11 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             "--quick: 32×40×48 template pair, demo pair at 6 mm, few iterations, untrained emorph "
             "model unless --model: checks the script only."
         )
-    C.finalize(res)
-    md = _markdown(res)
-    p = C.write_results(res, args.out, md, force=args.force)
-    print(md)
-    C.log(f"wrote {p[0]} and {p[1]}")
+    C.publish(res, _markdown, args)
     return 0
 
 

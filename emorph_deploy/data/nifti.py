@@ -270,19 +270,23 @@ def _split_pair(x: Any, what: str) -> tuple[np.ndarray, Any]:
     return np.asarray(data), affine
 
 
+def _image_data(img: nib.spatialimages.SpatialImage, name: str) -> np.ndarray:
+    """The voxel data of an in-memory/proxy image; unreadable data is an InputError."""
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise InputError(
+            f"{name}: expected readable voxel data, got {type(exc).__name__}: {_short(exc)}; "
+            "fix: re-export the image"
+        ) from exc
+
+
 def as_image(x: ImageLike, *, name: str = "image") -> nib.Nifti1Image:
     """Validate an intensity image given as a path, a nibabel image or an ``(ndarray, affine)`` pair."""
     if isinstance(x, str | os.PathLike):
         return load_volume(x, name=name)
     if isinstance(x, nib.spatialimages.SpatialImage):
-        try:
-            data = np.asanyarray(x.dataobj)
-        except Exception as exc:
-            raise InputError(
-                f"{name}: expected readable voxel data, got {type(exc).__name__}: {_short(exc)}; "
-                "fix: re-export the image"
-            ) from exc
-        return _validated_intensity(data, x.affine, name, header=x.header)
+        return _validated_intensity(_image_data(x, name), x.affine, name, header=x.header)
     data, affine = _split_pair(x, name)
     return _validated_intensity(data, affine, name)
 
@@ -292,14 +296,8 @@ def as_label_image(x: ImageLike, *, name: str = "label map") -> nib.Nifti1Image:
     if isinstance(x, str | os.PathLike):
         return load_label_map(x, name=name)
     if isinstance(x, nib.spatialimages.SpatialImage):
-        try:
-            data = np.asanyarray(x.dataobj)
-        except Exception as exc:
-            raise InputError(
-                f"{name}: expected readable voxel data, got {type(exc).__name__}: {_short(exc)}; "
-                "fix: re-export the image"
-            ) from exc
-        return _validated_labels(data, x.affine, name, disk_dtype=x.header.get_data_dtype(), header=x.header)
+        return _validated_labels(_image_data(x, name), x.affine, name, disk_dtype=x.header.get_data_dtype(),
+                                 header=x.header)
     data, affine = _split_pair(x, name)
     return _validated_labels(data, affine, name, disk_dtype=np.asarray(data).dtype)
 
