@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from emorph_deploy.errors import InputError, OutputExistsError
+from emorph_deploy.errors import ConfigMismatchError, InputError, OutputExistsError
 
 
 def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
@@ -87,3 +87,29 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_manifest_json(
+    path: str | os.PathLike, *, kind: str, fmt: str, required: tuple[str, ...] | list[str], fix: str
+) -> dict[str, Any]:
+    """Read a JSON manifest and validate its ``format`` and required keys.
+
+    Missing/corrupt file or missing keys → :class:`InputError`; another format → :class:`ConfigMismatchError`.
+    ``kind`` names the manifest in messages (e.g. "engine manifest"); ``fix`` is the remedy shown.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(
+            f"{kind} {path} not found: expected the .json written beside the artifact; fix: {fix}"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{kind} {path} is not valid JSON ({exc}); fix: {fix}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ConfigMismatchError(f"{kind} {path}: expected format '{fmt}', got '{got}'; fix: {fix}")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise InputError(f"{kind} {path} lacks keys {missing}; fix: {fix}")
+    return meta

@@ -7,13 +7,12 @@ refuses a mismatch with the exact ``emorph build`` command that rebuilds the eng
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from pathlib import Path
 from typing import Any
 
-from emorph_deploy.errors import ConfigMismatchError, InputError
+from emorph_deploy.errors import ConfigMismatchError
 
 ENGINE_FORMAT = "emorph-engine/1"
 AOT_GPU = "AOT/CPU"
@@ -55,28 +54,10 @@ def rebuild_command(meta: dict[str, Any], flavour: str | None = None) -> str:
 
 
 def read_engine_manifest(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(
-            f"engine manifest {path} not found: expected the .json written by 'emorph build' beside "
-            "the engine; fix: rebuild the engine with 'emorph build'"
-        )
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(
-            f"engine manifest {path} is not valid JSON ({exc}); fix: rebuild with 'emorph build'"
-        ) from exc
-    if not isinstance(meta, dict) or meta.get("format") != ENGINE_FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ConfigMismatchError(
-            f"engine manifest {path}: expected format '{ENGINE_FORMAT}', got '{got}'; "
-            "fix: rebuild with 'emorph build'"
-        )
-    missing = [k for k in REQUIRED if k not in meta]
-    if missing:
-        raise InputError(f"engine manifest {path} lacks keys {missing}; fix: rebuild with 'emorph build'")
-    return meta
+    from emorph_deploy.fileio import read_manifest_json
+
+    return read_manifest_json(path, kind="engine manifest", fmt=ENGINE_FORMAT, required=REQUIRED,
+                              fix="rebuild the engine with 'emorph build'")
 
 
 def check_compatible(meta: dict[str, Any], flavour: str, version: str, gpu: Any | None) -> None:

@@ -11,11 +11,8 @@ exported), ``preprocessing`` (Preprocessing dict), ``grid_shape``, ``spacing_mm`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
-
-from emorph_deploy.errors import ConfigMismatchError, InputError
 
 MANIFEST_FORMAT = "emorph-onnx/1"
 REQUIRED_KEYS = ("format", "model", "grid_shape", "inputs", "outputs", "precision")
@@ -40,25 +37,10 @@ def spacing_and_orientation(preprocessing: dict[str, Any] | None) -> tuple[list[
 
 def read_manifest(path: str | Path, expected_format: str = MANIFEST_FORMAT) -> dict[str, Any]:
     """Read and validate a manifest JSON; :class:`InputError` (exit 2) on a missing/corrupt/foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(
-            f"manifest {path} not found: expected the .json written by 'emorph export' beside the "
-            "artifact; fix: re-run 'emorph export' or pass the matching manifest"
-        )
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"manifest {path} is not valid JSON ({exc}); fix: re-run 'emorph export'") from exc
-    if not isinstance(meta, dict) or meta.get("format") != expected_format:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ConfigMismatchError(
-            f"manifest {path}: expected format '{expected_format}', got '{got}'; fix: re-run 'emorph export'"
-        )
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise InputError(f"manifest {path} lacks keys {missing}; fix: re-run 'emorph export'")
-    return meta
+    from emorph_deploy.fileio import read_manifest_json
+
+    return read_manifest_json(path, kind="manifest", fmt=expected_format, required=REQUIRED_KEYS,
+                              fix="re-run 'emorph export' or pass the matching manifest")
 
 
 def io_entry(name: str, shape: tuple[int, ...] | list[int], dtype: str = "float32") -> dict[str, Any]:
