@@ -29,6 +29,7 @@ Targets (issue 8) at 160×192×224: fastest CPU fp32 path ≤ 1.5× bound and �
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import re
@@ -690,19 +691,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--compile",
-        action=__import__("argparse").BooleanOptionalAction,
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="include torch.compile rows (default: on; off with --quick)",
     )
     ap.add_argument(
         "--fp16",
-        action=__import__("argparse").BooleanOptionalAction,
+        action=argparse.BooleanOptionalAction,
         default=True,
         help="include the fp16 graph (accuracy check)",
     )
     ap.add_argument(
         "--int8",
-        action=__import__("argparse").BooleanOptionalAction,
+        action=argparse.BooleanOptionalAction,
         default=True,
         help="include the int8 QDQ graph (accuracy check)",
     )
