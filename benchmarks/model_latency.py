@@ -6,7 +6,9 @@ thread-pool or allocator state shared between rows) with ``--threads`` threads: 
 then the median (min, p90) of ``--runs`` timed runs. Model only: inputs already on the model grid, no I/O.
 
 Rows
-* torch eager (reference: ``inference_mode``, grid_sample warp) and its variants: ``no_grad``, gather warp,
+* torch eager, the model as written (reference ops, ``EMORPH_FAST_PATH=0``; ``inference_mode``, grid_sample
+  warp) — the baseline of every speed-up and Δflow; then emorph's eager CPU fast path (the default) and its
+  variants: ``no_grad``, gather warp,
   ``channels_last_3d``, ``torch.backends.mkldnn.enabled=False``, ``torch.jit.trace`` + ``torch.jit.freeze``
   (with/without ``optimize_for_inference``), ``torch.compile`` (inductor; with/without
   ``torch._inductor.config.freezing``; first-call compile time reported separately);
@@ -19,7 +21,7 @@ Rows
 * TensorRT fp32/fp16 engines when a CUDA GPU is present (skipped with the reason otherwise).
 
 Every row: median/min/p90, ``× bound`` (median / compute bound from ``compute_bound.py``'s method), speed-up
-vs torch eager, max/mean |Δflow| vs torch eager (voxels), load and first-call seconds, peak RSS of its
+vs torch eager (reference ops), max/mean |Δflow| vs it (voxels), load and first-call seconds, peak RSS of its
 process.
 Targets (issue 8) at 160×192×224: fastest CPU fp32 path ≤ 1.5× bound and ≥ 1.6× faster than torch eager.
 
@@ -59,6 +61,7 @@ ORT_DEFAULT = {
 #: one option changed at a time from ORT_DEFAULT (the runner's session)
 ORT_SWEEP: dict[str, dict[str, Any]] = {
     "default": {},
+    "sysmem": {"malloc": "system"},  # glibc's default allocator instead of emorph's keep_freed_memory
     "opt-basic": {"opt_level": "basic"},
     "opt-extended": {"opt_level": "extended"},
     "arena-off": {"arena": False},
@@ -73,10 +76,12 @@ def _torch_callable(spec: dict[str, Any], moving, fixed):
     import torch
 
     from emorph_deploy.export.loaders import set_sampler
+    from emorph_deploy.models.layers.fastpath import set_fast_path
     from emorph_deploy.train.checkpoint import load_checkpoint
 
     o = spec["options"]
     torch.set_num_threads(spec["threads"])
+    set_fast_path(bool(o.get("fast_path", True)))
     torch.backends.mkldnn.enabled = bool(o.get("mkldnn", True))
     model, _ = load_checkpoint(spec["artifact"])
     model.eval()
@@ -176,6 +181,13 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     res: dict[str, Any] = {"id": spec["id"]}
     try:
+        if spec["options"].get("malloc", "heap") == "heap":  # emorph's default (CLI, load_runner)
+            from emorph_deploy.runtime import allocator_state, keep_freed_memory
+
+            keep_freed_memory(force=True)
+            res["allocator"] = allocator_state()
+        else:
+            res["allocator"] = {"applied": False, "reason": "glibc defaults (row option malloc=system)"}
         moving = np.load(spec["moving"])
         fixed = np.load(spec["fixed"])
         t0 = time.perf_counter()
@@ -223,7 +235,28 @@ def _specs_for_grid(grid_tag: str, paths: dict[str, Any], args: Any) -> list[dic
             }
         )
 
-    torch_row("torch-eager", "torch eager (inference_mode, grid_sample warp) — reference")
+    torch_row(
+        "torch-eager",
+        "torch eager, the model as written (reference ops: MatMul/Softmax attention, nn.Conv3d, NCDHW "
+        "decoder), glibc's default allocator; inference_mode, grid_sample warp — reference",
+        fast_path=False,
+        malloc="system",
+    )
+    torch_row(
+        "torch-eager-heapmem",
+        "torch eager, reference ops, freed memory kept for reuse (emorph.runtime.keep_freed_memory)",
+        fast_path=False,
+    )
+    torch_row(
+        "torch-eager-fast-sysmem",
+        "torch eager, emorph's CPU fast path (SDPA, direct oneDNN convs, channels-last decoder), glibc's "
+        "default allocator",
+        malloc="system",
+    )
+    torch_row(
+        "torch-eager-fast",
+        "torch eager, emorph's fast path + freed memory kept for reuse — emorph's default torch path",
+    )
     torch_row("torch-eager-no_grad", "torch eager, no_grad instead of inference_mode", grad="no_grad")
     torch_row("torch-eager-gather", "torch eager, gather warp", sampler="gather")
     torch_row("torch-channels_last_3d", "torch eager, channels_last_3d weights/inputs", channels_last=True)
@@ -431,6 +464,11 @@ def _summarise_grid(rows: list[dict[str, Any]], bound_s: float | None) -> dict[s
     }
     out["fastest_x_bound"] = C.ratio(out["fastest_cpu_median_s"], bound_s)
     out["fastest_speedup_vs_eager"] = C.ratio(out["torch_eager_median_s"], out["fastest_cpu_median_s"])
+    fast = next((r for r in ok if r["row"] == "torch-eager-fast"), None)
+    out["torch_eager_fast_median_s"] = fast["median_s"] if fast else None
+    out["fastest_speedup_vs_eager_fast"] = C.ratio(
+        out["torch_eager_fast_median_s"], out["fastest_cpu_median_s"]
+    )
     return out
 
 
@@ -441,7 +479,9 @@ def _markdown(res: dict[str, Any]) -> str:
         f"**{s['peak_gflops']:.1f} GFLOP/s**. Latency = median of {res['params']['runs']} runs after "
         f"{res['params']['warmup']} warm-up run(s), model only; each row in "
         f"{'its own process' if res['params']['isolate'] == 'process' else 'this process'}. "
-        "× bound = median / (model GFLOP / matmul peak). Speed-up and Δflow are vs torch eager.",
+        "× bound = median / (model GFLOP / matmul peak). Speed-up and Δflow are vs torch eager running "
+        "the model as written (`torch-eager`: reference ops, emorph's fast path off); `torch-eager-fast` is "
+        "emorph's default eager path.",
         "",
     ]
     targets = s.get("targets")
@@ -459,7 +499,7 @@ def _markdown(res: dict[str, Any]) -> str:
                         _yes(targets["x_bound_met"]),
                     ],
                     [
-                        "fastest CPU path vs torch eager",
+                        "fastest CPU path vs torch eager (reference ops)",
                         f"{C.fmt(targets['speedup'], '.2f')}× faster",
                         f"≥ {TARGET_SPEEDUP}×",
                         _yes(targets["speedup_met"]),
@@ -513,7 +553,7 @@ def _markdown(res: dict[str, Any]) -> str:
                     "median (s)",
                     "min / p90 (s)",
                     "× bound",
-                    "speed-up vs eager",
+                    "speed-up vs reference eager",
                     "max \\|Δflow\\| (vox)",
                     "load (s)",
                     "first call (s)",
@@ -527,7 +567,8 @@ def _markdown(res: dict[str, Any]) -> str:
             f"Fastest CPU fp32 path: **{g.get('fastest_cpu')}** — "
             f"{C.fmt(g.get('fastest_cpu_median_s'), '.3g')} s"
             f" = {C.fmt(g.get('fastest_x_bound'), '.2f')}× bound, "
-            f"{C.fmt(g.get('fastest_speedup_vs_eager'), '.2f')}× torch eager.",
+            f"{C.fmt(g.get('fastest_speedup_vs_eager'), '.2f')}× torch eager (reference ops), "
+            f"{C.fmt(g.get('fastest_speedup_vs_eager_fast'), '.2f')}× emorph's eager fast path.",
             "",
         ]
     body += [

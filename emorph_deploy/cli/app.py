@@ -60,4 +60,7 @@ _register_commands()
 
 def main() -> None:
     """Console-script entry point."""
+    from emorph_deploy.runtime import keep_freed_memory
+
+    keep_freed_memory()  # reuse freed tensor memory (EMORPH_MALLOC=system keeps glibc's defaults)
     app()

@@ -132,6 +132,7 @@ def _export_wrapper_cls():
             super().__init__()
             self.model = model
             self.with_warped = "warped" in outputs
+            self.training = model.training  # a fresh Module is in training mode: mirror (not recursively)
 
         def forward(self, moving, fixed):  # (1, 1, D, H, W) each
             warped, flow = self.model(moving, fixed)  # (1, 1, D, H, W), (1, 3, D, H, W)
@@ -164,6 +165,11 @@ def torch_to_onnx(
     gen = torch.Generator().manual_seed(0)
     args = (torch.rand(shape, generator=gen), torch.rand(shape, generator=gen))
     out_path = Path(out_path)
+    # torch.onnx.export evaluates the module in eval mode and afterwards calls .train(<top-level mode>)
+    # recursively: put every submodule back exactly as it was (a wrapper in training mode would otherwise
+    # leave the wrapped model in training mode — DropPath active — for the caller's next eager call)
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -185,6 +191,9 @@ def torch_to_onnx(
             f"torch.onnx.export failed at opset {opset} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}); fix: check --grid-sample/--opset"
         ) from exc
+    finally:
+        for m, training in modes:
+            m.training = training
     return out_path
 
 

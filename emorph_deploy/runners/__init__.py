@@ -70,7 +70,14 @@ def backend_for(artifact: str | Path, backend: str = "auto") -> str:
 
 
 def load_runner(artifact: str | Path, backend: str = "auto", **kwargs: Any) -> Runner:
-    """Create the runner for ``artifact`` (``backend`` "auto"|"torch"|"onnxruntime"|"tensorrt")."""
+    """Create the runner for ``artifact`` (``backend`` "auto"|"torch"|"onnxruntime"|"tensorrt").
+
+    Also makes the process keep freed memory for reuse (:func:`emorph_deploy.runtime.keep_freed_memory`;
+    ``EMORPH_MALLOC=system`` opts out): large per-layer tensors are then not page-faulted in afresh.
+    """
+    from emorph_deploy.runtime import keep_freed_memory
+
+    keep_freed_memory()
     name = backend_for(artifact, backend)
     return runner_class(name)(artifact, **kwargs)
 

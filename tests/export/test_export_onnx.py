@@ -168,3 +168,27 @@ def test_not_a_checkpoint_is_input_error(tmp_path):
     assert not (tmp_path / "out" / "x.onnx").exists()
     with pytest.raises(InputError, match="not found"):
         onnx_from_checkpoint(tmp_path / "missing.safetensors", tmp_path / "out" / "x.onnx")
+
+
+def test_export_leaves_every_module_mode_as_it_was(tmp_path):
+    """torch.onnx.export re-applies the top-level module's mode recursively afterwards; a fresh wrapper is in
+    training mode, which used to leave the exported model with DropPath active for the caller's next call."""
+    import torch
+
+    from emorph_deploy.export.loaders import ExportWrapper, torch_to_onnx
+    from emorph_deploy.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("em-23-hires", img_size=(16, 16, 16), embed_dims=(8, 16), heads=(2, 2), patch_dim=4,
+                         decoder_widths=(8, 8), skip_width=4, drop_path=0.5).eval()
+    model.stage0[0].train()  # a mixed state must come back exactly, too
+    before = {name: m.training for name, m in model.named_modules()}
+    wrapper = ExportWrapper(model, ("flow",))
+    assert wrapper.training is False  # mirrors the wrapped model's top-level mode
+    torch_to_onnx(wrapper, (16, 16, 16), tmp_path / "m.onnx", 17, ("flow",))
+    assert {name: m.training for name, m in model.named_modules()} == before
+    model.eval()
+    m, f = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    with torch.inference_mode():
+        a, b = model(m, f)[1], model(m, f)[1]
+    assert torch.equal(a, b)

@@ -152,3 +152,43 @@ def test_onnx_export_grid_sample_opset20():
     data, ops, moving, fixed = _export(model, 20)
     assert "GridSample" in ops and "ScatterND" not in ops
     _check_ort(data, model, moving, fixed)
+
+
+@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga"])
+def test_eager_fast_path_equals_reference_ops(name):
+    """The eager CPU fast kernels (SDPA, direct oneDNN convs, channels-last decoder and instance norm, split
+    concat convs) change only float32 summation order: flow and warped image equal the reference ops."""
+    from emorph_deploy.models.layers import fastpath
+
+    model = tiny(name).eval()
+    m, f = pair(batch=1)
+    calls: list[str] = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        calls.append("sdpa")
+        return real_sdpa(*a, **k)
+
+    with torch.inference_mode():
+        with fastpath.fast_path(False):
+            w_ref, flow_ref = model(m, f)
+        torch.nn.functional.scaled_dot_product_attention = spy
+        try:
+            assert fastpath.fast_path_enabled()
+            w_fast, flow_fast = model(m, f)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = real_sdpa
+    assert calls, "the fast path was not taken (no SDPA call)"
+    assert float(flow_ref.abs().max()) > 1e-3  # non-vacuous: a real flow
+    assert torch.allclose(flow_fast, flow_ref, atol=1e-5, rtol=0)
+    assert torch.allclose(w_fast, w_ref, atol=1e-5, rtol=0)
+
+
+def test_fast_path_switch_restores_and_reference_is_what_export_sees():
+    from emorph_deploy.models.layers import fastpath
+
+    assert fastpath.fast_path_enabled()
+    with fastpath.fast_path(False):
+        assert not fastpath.fast_path_enabled()
+        assert fastpath.reference_ops_required()
+    assert fastpath.fast_path_enabled() and not fastpath.reference_ops_required()

@@ -8,7 +8,36 @@ mode with no ``TorchDispatchMode`` active.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+
+#: ``EMORPH_FAST_PATH=0`` runs eager inference on the reference ops too (the model exactly as exported).
+_enabled = os.environ.get("EMORPH_FAST_PATH", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def fast_path_enabled() -> bool:
+    """Whether eager CPU inference may use the fast kernels (default yes; ``EMORPH_FAST_PATH=0`` disables)."""
+    return _enabled
+
+
+def set_fast_path(enabled: bool) -> bool:
+    """Enable/disable the eager fast kernels process-wide; returns the previous setting."""
+    global _enabled
+    prev, _enabled = _enabled, bool(enabled)
+    return prev
+
+
+@contextmanager
+def fast_path(enabled: bool) -> Iterator[None]:
+    """``with fast_path(False): model(m, f)`` runs the reference ops (e.g. a baseline or an A/B check)."""
+    prev = set_fast_path(enabled)
+    try:
+        yield
+    finally:
+        set_fast_path(prev)
 
 
 def _dispatch_mode_active() -> bool:
@@ -20,8 +49,9 @@ def _dispatch_mode_active() -> bool:
 
 
 def reference_ops_required() -> bool:
-    """True while tracing / exporting to ONNX or under a dispatch mode (FlopCounterMode, FakeTensorMode)."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _dispatch_mode_active()
+    """True while tracing / exporting to ONNX, under a dispatch mode (FlopCounterMode, FakeTensorMode), or
+    when the fast path is switched off (:func:`set_fast_path`)."""
+    return not _enabled or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _dispatch_mode_active()
 
 
 def use_onednn(x: torch.Tensor) -> bool:
@@ -33,4 +63,14 @@ def use_onednn(x: torch.Tensor) -> bool:
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
         and not reference_ops_required()
+        and not _compiling()
     )
+
+
+def _compiling() -> bool:
+    """Under ``torch.compile`` (dynamo) the direct ``torch.mkldnn_convolution`` call cannot run on fake
+    tensors; inductor picks oneDNN convolutions (and fuses the norms/activations) on its own."""
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # pragma: no cover - torch < 2.3
+        return False
