@@ -10,7 +10,10 @@ space, /proc/self/status): the kernel's high-water mark, so short peaks are not 
   ``train_iteration`` (both directions, one Adam step each, NCC + diffusion + Dice as in ``emorph train``);
 * ``*-cuda``: peak ``torch.cuda.max_memory_allocated`` as well, when a CUDA GPU is present.
 
-Each row also gives the RSS before the measured work (imports, weights, inputs) so the working set is visible.
+Every worker runs with emorph's allocator setting (:func:`emorph_deploy.runtime.keep_freed_memory`, as the
+CLI and ``load_runner`` do) and ONNX Runtime rows with the runner's session options (no memory pattern).
+Each row also gives the RSS before the measured work (imports, weights, inputs) so the working set is
+visible.
 Target (issue 8): inference peak RSS ≤ 3 GB at 160×192×224.
 
     python benchmarks/memory.py [--quick] [--threads 2] [--model CHECKPOINT] [--only REGEX] [--force]
@@ -44,6 +47,10 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     out: dict[str, Any] = {"id": spec["row"]}
     kind = spec["kind"]
+    from emorph_deploy.runtime import allocator_state, keep_freed_memory
+
+    keep_freed_memory(force=True)  # emorph's default in the CLI and load_runner (reuses freed blocks)
+    out["allocator"] = allocator_state()
     grid = tuple(spec["grid"])
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
@@ -73,6 +80,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         so.intra_op_num_threads = spec["threads"]
         so.inter_op_num_threads = 1
         so.enable_cpu_mem_arena = bool(spec.get("arena", True))
+        so.enable_mem_pattern = bool(spec.get("mem_pattern", False))  # the runner's setting
         so.log_severity_level = 3
         sess = ort.InferenceSession(spec["artifact"], sess_options=so, providers=["CPUExecutionProvider"])
         feed = {
