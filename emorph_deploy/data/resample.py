@@ -225,6 +225,66 @@ def resample_to_grid(
     return out[0] if squeeze else out
 
 
+def axis_map(m: np.ndarray, tol: float = 1e-7) -> list[tuple[int, float, float]] | None:
+    """For a 4x4 index map ``m`` (output index → source index) that takes each source axis from exactly one
+    output axis (axis-aligned: scaling, flips, translation, axis permutation), return per source axis
+    ``(output axis, scale, offset)``; None when oblique (a source axis mixes output axes)."""
+    out = []
+    lin = np.asarray(m, dtype=np.float64)[:3, :3]
+    scale = np.abs(lin).max()
+    used = set()
+    for a in range(3):
+        nz = [b for b in range(3) if abs(lin[a, b]) > tol * scale]
+        if len(nz) != 1 or nz[0] in used:
+            return None
+        used.add(nz[0])
+        out.append((nz[0], float(lin[a, nz[0]]), float(m[a, 3])))
+    return out
+
+
+def lerp_axis(x, axis: int, coords: np.ndarray, padding: Padding = "border"):
+    """Linear interpolation of tensor ``x`` along ``axis`` at float64 source indices ``coords``.
+
+    ``padding="border"`` clamps to the edge voxels; ``"zeros"`` treats the outside as 0 (a sample within one
+    voxel of the edge blends towards 0), exactly like ``grid_sample``'s paddings along one axis.
+    """
+    import torch
+
+    n = x.shape[axis]
+    if padding == "zeros":  # one zero voxel each side, then the border rule on the padded axis
+        pad = [0] * (2 * x.ndim)
+        pad[2 * (x.ndim - 1 - axis)] = pad[2 * (x.ndim - 1 - axis) + 1] = 1
+        x = torch.nn.functional.pad(x, pad)
+        coords = np.asarray(coords, dtype=np.float64) + 1.0
+        n += 2
+    c = np.clip(coords, 0.0, n - 1)
+    i0 = np.minimum(np.floor(c), max(n - 2, 0)).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w = torch.from_numpy((c - i0).astype(np.float32))
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    a = x.index_select(axis, torch.from_numpy(i0))
+    b = x.index_select(axis, torch.from_numpy(i1))
+    return torch.lerp(a, b, w.view(shape))
+
+
+def _resample_linear_separable(
+    src, amap: list[tuple[int, float, float]], dst_shape: tuple[int, int, int], padding: Padding
+):
+    """Axis-aligned trilinear resampling of ``src`` (C, D, H, W) as three 1-D interpolations (trilinear is
+    separable; each pass shrinks or grows one axis), returned as (C, *dst_shape). ~5x faster than the 3D
+    ``grid_sample`` (scalar code on CPU) for 1 mm volumes; equal to it to float32 rounding."""
+    x = src
+    # interpolate the axes that shrink the most first: smaller intermediates
+    order = sorted(range(3), key=lambda a: dst_shape[amap[a][0]] / max(src.shape[a + 1], 1))
+    for a in order:
+        ob, sc, off = amap[a]
+        x = lerp_axis(x, a + 1, np.arange(dst_shape[ob], dtype=np.float64) * sc + off, padding)
+    # x is indexed (C, source axes) with source axis a now of output axis amap[a][0]: reorder to output axes
+    perm = [0] + [1 + [amap[a][0] for a in range(3)].index(ob) for ob in range(3)]
+    return x.permute(*perm)
+
+
 def _resample_linear_torch_affine(
     arr: np.ndarray, m: np.ndarray, dst_shape: tuple[int, int, int], cval: float, padding: Padding
 ) -> np.ndarray:
@@ -241,6 +301,13 @@ def _resample_linear_torch_affine(
     src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]  # (1, C, D, H, W)
     if cval != 0 and padding == "zeros":
         src = src - float(cval)
+    amap = axis_map(m)
+    if amap is not None:  # axis-aligned (the common case): three 1-D passes instead of a 3D grid_sample
+        with torch.no_grad():
+            out_t = _resample_linear_separable(src[0], amap, dst_shape, padding).contiguous()
+        if cval != 0 and padding == "zeros":
+            out_t += float(cval)
+        return out_t.numpy()
     sizes = arr.shape[1:]
     norm = np.zeros((3, 4))  # src index (a0, a1, a2, 1) → grid_sample (x = a2, y = a1, z = a0), align_corners
     for row, axis in ((0, 2), (1, 1), (2, 0)):

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from emorph_deploy.data.resample import axis_map, lerp_axis
+
 __all__ = ["NativeWarp", "itk_displacement_image", "voxel_flow", "voxel_flow_image", "warp_to_native"]
 
 #: Voxels per slab: bounds the temporaries (~24 MB per (N, 3) float32 tensor).
@@ -75,36 +77,6 @@ def _affine_coords(m: np.ndarray, o0: torch.Tensor, plane_shape: tuple[int, int]
     return plane[None] + o0[:, None, None, None] * mt[:, 0]  # (n, J, I, r)
 
 
-def _axis_map(m: np.ndarray, tol: float = 1e-7) -> list[tuple[int, float, float]] | None:
-    """For an o → model-index affine ``m`` (4x4) that maps each model axis from exactly one output axis,
-    return per model axis ``(output axis, scale, offset)``; else None (oblique: use grid_sample)."""
-    out = []
-    lin = m[:3, :3]
-    scale = np.abs(lin).max()
-    used = set()
-    for a in range(3):
-        nz = [b for b in range(3) if abs(lin[a, b]) > tol * scale]
-        if len(nz) != 1 or nz[0] in used:
-            return None
-        used.add(nz[0])
-        out.append((nz[0], float(lin[a, nz[0]]), float(m[a, 3])))
-    return out
-
-
-def _lerp_axis(x: torch.Tensor, axis: int, coords: np.ndarray) -> torch.Tensor:
-    """Linear interpolation of ``x`` along ``axis`` at float ``coords`` (clamped: border padding)."""
-    n = x.shape[axis]
-    c = np.clip(coords, 0.0, n - 1)
-    i0 = np.minimum(np.floor(c), max(n - 2, 0)).astype(np.int64)
-    i1 = np.minimum(i0 + 1, n - 1)
-    w = torch.from_numpy((c - i0).astype(np.float32))
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    a = x.index_select(axis, torch.from_numpy(i0))
-    b = x.index_select(axis, torch.from_numpy(i1))
-    return torch.lerp(a, b, w.view(shape))
-
-
 def _flow_slab_separable(
     flow: torch.Tensor, amap: list[tuple[int, float, float]], o0: np.ndarray, plane_shape: tuple[int, int]
 ) -> torch.Tensor:
@@ -120,7 +92,7 @@ def _flow_slab_separable(
     order = sorted(range(3), key=lambda a: (amap[a][0] != 0, a))
     for a in order:
         ob, sc, off = amap[a]
-        x = _lerp_axis(x, a + 1, sizes[ob] * sc + off)
+        x = lerp_axis(x, a + 1, sizes[ob] * sc + off, "border")
     # x is indexed (3, model axes); model axis a now holds output axis amap[a][0]: reorder to (3, o0, o1, o2)
     perm = [0] + [1 + [amap[a][0] for a in range(3)].index(ob) for ob in range(3)]
     return x.permute(*perm)
@@ -166,7 +138,7 @@ def warp_to_native(
 
     # Flow sampling: o → model-grid index; separable 1D interpolations when axis-aligned, else grid_sample.
     o_to_q = np.linalg.inv(a_m) @ p_of_o
-    amap = _axis_map(o_to_q)
+    amap = axis_map(o_to_q)
     g_flow = (_norm_matrix(grid_shape) @ o_to_q)[:3]
     flow3 = flow_t[0]
     # World displacement (LPS) = S T_lin R_m f + S ((T - I) p)
