@@ -22,6 +22,7 @@ Displacement conventions (see docs/conventions.md):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -268,18 +269,20 @@ def lerp_axis(x, axis: int, coords: np.ndarray, padding: Padding = "border"):
     return torch.lerp(a, b, w.view(shape))
 
 
-def _resample_linear_separable(
-    src, amap: list[tuple[int, float, float]], dst_shape: tuple[int, int, int], padding: Padding
+def separable_lerp(
+    src, amap: list[tuple[int, float, float]], out_index: Sequence[np.ndarray], padding: Padding = "border"
 ):
     """Axis-aligned trilinear resampling of ``src`` (C, D, H, W) as three 1-D interpolations (trilinear is
-    separable; each pass shrinks or grows one axis), returned as (C, *dst_shape). ~5x faster than the 3D
-    ``grid_sample`` (scalar code on CPU) for 1 mm volumes; equal to it to float32 rounding."""
+    separable): output axis ``b`` takes the float64 output indices ``out_index[b]`` (e.g. ``arange(n)`` or a
+    slab of it), mapped to source axis ``a`` by ``amap[a] = (b, scale, offset)`` (:func:`axis_map`). Returns
+    a (C, *output lengths) view. ~5x faster than the 3D ``grid_sample`` (scalar code on CPU) for 1 mm
+    volumes; equal to it to float32 rounding."""
     x = src
     # interpolate the axes that shrink the most first: smaller intermediates
-    order = sorted(range(3), key=lambda a: dst_shape[amap[a][0]] / max(src.shape[a + 1], 1))
+    order = sorted(range(3), key=lambda a: len(out_index[amap[a][0]]) / max(src.shape[a + 1], 1))
     for a in order:
         ob, sc, off = amap[a]
-        x = lerp_axis(x, a + 1, np.arange(dst_shape[ob], dtype=np.float64) * sc + off, padding)
+        x = lerp_axis(x, a + 1, np.asarray(out_index[ob], dtype=np.float64) * sc + off, padding)
     # x is indexed (C, source axes) with source axis a now of output axis amap[a][0]: reorder to output axes
     perm = [0] + [1 + [amap[a][0] for a in range(3)].index(ob) for ob in range(3)]
     return x.permute(*perm)
@@ -288,15 +291,10 @@ def _resample_linear_separable(
 def _resample_linear_torch_affine(
     arr: np.ndarray, m: np.ndarray, dst_shape: tuple[int, int, int], cval: float, padding: Padding
 ) -> np.ndarray:
-    """Trilinear ``grid_sample`` of ``arr`` (C, D, H, W) on the affine grid ``m`` (dst index → src index).
-
-    Hot path of :func:`resample_to_grid` (``order=1``, torch): the voxel → normalised-coordinate map is folded
-    into one 4x4 matrix in float64, then the grid is built directly in float32 as ``plane(j, k) + i · col0``
-    per chunk (plane and column rounded from float64). No full-size float64 meshgrid / einsum /
-    normalisation / moveaxis arrays; coordinates agree with the float64 route to ~2 float32 roundings.
-    """
+    """Trilinear resampling of ``arr`` (C, D, H, W) on the affine grid ``m`` (dst index → src index): hot path
+    of :func:`resample_to_grid` (``order=1``, torch). Axis-aligned maps run as three 1-D interpolations
+    (:func:`separable_lerp`), oblique ones as a chunked 3D ``grid_sample``."""
     import torch
-    import torch.nn.functional as F
 
     src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]  # (1, C, D, H, W)
     if cval != 0 and padding == "zeros":
@@ -304,11 +302,27 @@ def _resample_linear_torch_affine(
     amap = axis_map(m)
     if amap is not None:  # axis-aligned (the common case): three 1-D passes instead of a 3D grid_sample
         with torch.no_grad():
-            out_t = _resample_linear_separable(src[0], amap, dst_shape, padding).contiguous()
-        if cval != 0 and padding == "zeros":
-            out_t += float(cval)
-        return out_t.numpy()
-    sizes = arr.shape[1:]
+            out = separable_lerp(src[0], amap, [np.arange(n) for n in dst_shape], padding).contiguous()
+    else:
+        out = _grid_sample_affine(src, m, dst_shape, padding)
+    if cval != 0 and padding == "zeros":
+        out += float(cval)
+    return out.numpy()
+
+
+def _grid_sample_affine(src, m: np.ndarray, dst_shape: tuple[int, int, int], padding: Padding):
+    """Oblique case of :func:`_resample_linear_torch_affine`: chunked 3D ``grid_sample`` of ``src``
+    (1, C, D, H, W) → (C, *dst_shape) tensor.
+
+    The voxel → normalised-coordinate map is folded into one 4x4 matrix in float64, then the grid is built
+    directly in float32 as ``plane(j, k) + i · col0`` per chunk (plane and column rounded from float64). No
+    full-size float64 meshgrid / einsum / normalisation / moveaxis arrays; coordinates agree with the float64
+    route to ~2 float32 roundings.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    sizes = src.shape[2:]
     norm = np.zeros((3, 4))  # src index (a0, a1, a2, 1) → grid_sample (x = a2, y = a1, z = a0), align_corners
     for row, axis in ((0, 2), (1, 1), (2, 0)):
         norm[row, axis] = 2.0 / max(sizes[axis] - 1, 1)
@@ -320,15 +334,13 @@ def _resample_linear_torch_affine(
     plane = g[:, 3] + j[:, None, None] * g[:, 1] + k[None, :, None] * g[:, 2]  # (H', W', 3)
     plane_t = torch.from_numpy(plane.astype(np.float32))
     col = torch.from_numpy((np.arange(dst_shape[0], dtype=np.float64)[:, None] * g[:, 0]).astype(np.float32))
-    out = torch.empty((arr.shape[0], *dst_shape), dtype=torch.float32)
+    out = torch.empty((src.shape[1], *dst_shape), dtype=torch.float32)
     with torch.no_grad():
         for sl in _chunks(dst_shape):
             grid = plane_t[None] + col[sl, None, None, :]  # (d, H', W', 3)
             out[:, sl] = F.grid_sample(src, grid[None], mode="bilinear", padding_mode=padding,
                                        align_corners=True)[0]
-    if cval != 0 and padding == "zeros":
-        out += float(cval)
-    return out.numpy()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------

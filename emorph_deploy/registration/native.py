@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from emorph_deploy.data.resample import axis_map, lerp_axis
+from emorph_deploy.data.resample import axis_map, separable_lerp
 
 __all__ = ["NativeWarp", "itk_displacement_image", "voxel_flow", "voxel_flow_image", "warp_to_native"]
 
@@ -75,27 +75,6 @@ def _affine_coords(m: np.ndarray, o0: torch.Tensor, plane_shape: tuple[int, int]
     o2 = torch.arange(plane_shape[1], dtype=torch.float32)
     plane = mt[:, 3] + o1[:, None, None] * mt[:, 1] + o2[None, :, None] * mt[:, 2]  # (J, I, r)
     return plane[None] + o0[:, None, None, None] * mt[:, 0]  # (n, J, I, r)
-
-
-def _flow_slab_separable(
-    flow: torch.Tensor, amap: list[tuple[int, float, float]], o0: np.ndarray, plane_shape: tuple[int, int]
-) -> torch.Tensor:
-    """Trilinear (border) samples of ``flow`` (3, d, h, w) on the output slab (o0 × J × I), axis-aligned case:
-    three 1D interpolations instead of a 3D grid_sample. Returns (3, n, J, I)."""
-    sizes = {
-        0: o0,
-        1: np.arange(plane_shape[0], dtype=np.float64),
-        2: np.arange(plane_shape[1], dtype=np.float64),
-    }
-    x = flow
-    # interpolate the model axis fed by the slab axis first (it shrinks the most), then the others
-    order = sorted(range(3), key=lambda a: (amap[a][0] != 0, a))
-    for a in order:
-        ob, sc, off = amap[a]
-        x = lerp_axis(x, a + 1, sizes[ob] * sc + off, "border")
-    # x is indexed (3, model axes); model axis a now holds output axis amap[a][0]: reorder to (3, o0, o1, o2)
-    perm = [0] + [1 + [amap[a][0] for a in range(3)].index(ob) for ob in range(3)]
-    return x.permute(*perm)
 
 
 @torch.inference_mode()
@@ -196,8 +175,8 @@ def warp_to_native(
         nvox = n * big_j * big_i
         o0 = torch.arange(k0, k1, dtype=torch.float32)
         if amap is not None:
-            f = _flow_slab_separable(flow3, amap, np.arange(k0, k1, dtype=np.float64), (big_j, big_i))
-            f = f.contiguous()  # (3, n, J, I)
+            out_index = (np.arange(k0, k1), np.arange(big_j), np.arange(big_i))
+            f = separable_lerp(flow3, amap, out_index, "border").contiguous()  # (3, n, J, I)
         else:
             grid_q = _affine_coords(g_flow, o0, (big_j, big_i))  # (n, J, I, 3)
             f = F.grid_sample(
