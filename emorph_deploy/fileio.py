@@ -6,6 +6,7 @@ Nothing partial is ever left at the destination; an existing file is only replac
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -31,6 +32,15 @@ def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
     return path
 
 
+@functools.cache
+def _process_umask() -> int:
+    """The process umask, read once: reading it means setting it, which must not race with other threads
+    creating files (``Result.save`` writes in threads)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``, on error removed.
@@ -43,9 +53,7 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+    os.chmod(tmp_path, 0o666 & ~_process_umask())  # mkstemp creates 0600; give the file the usual permissions
     try:
         yield tmp_path
         if path.exists() and not force:  # appeared while we were working

@@ -15,9 +15,8 @@ half- + 20 full-resolution steps (lr 0.2 was the best of 0.1 / 0.2 / 0.4); see `
 ``full_steps=N`` adds N full-resolution steps after the coarse level; ``levels=1`` runs at full resolution
 only.
 
-:class:`RefiningRunner` wraps any :class:`~emorph_deploy.runners.Runner` so that ``infer`` returns the refined
-flow; :func:`refined_registrar` gives a :class:`~emorph_deploy.registration.Registrar` sharing the same warm
-runner that refines every pair (used by ``emorph demo --refine N`` and the default-model benchmark).
+:meth:`emorph_deploy.registration.Registrar.register` calls it with ``refine=N`` (``emorph register`` /
+``emorph demo --refine N`` and the default-model benchmark).
 """
 
 from __future__ import annotations

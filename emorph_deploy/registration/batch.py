@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emorph_deploy.errors import EmorphError, InputError, OutputExistsError
+from emorph_deploy.errors import EmorphError, InputError
 
 __all__ = ["Pair", "format_summary", "read_pairs", "run_batch"]
 
@@ -118,9 +118,7 @@ def run_batch(
 
     out = Path(out_dir)
     summary_path = out / "summary.csv"
-    if summary_path.exists() and not force:
-        raise OutputExistsError(f"output {summary_path} already exists: pass --force to overwrite it")
-    check_writable(summary_path, force=force)
+    check_writable(summary_path, force=force)  # OutputExistsError without --force
     rows: list[dict[str, Any]] = []
     bar = None
     if progress:

@@ -19,7 +19,6 @@ Nothing touches the disk until :meth:`Result.save`.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import threading
@@ -72,32 +71,10 @@ OUTPUT_FILES = {
 
 
 def default_artifact() -> Path:
-    """The packaged default model (``emorph_deploy.weights``), or an InputError saying none is packaged."""
-    try:
-        mod = importlib.import_module("emorph_deploy.weights")
-    except ImportError:
-        mod = None
-    for fn_name in ("default_checkpoint", "default_model_path", "default_artifact"):
-        fn = getattr(mod, fn_name, None) if mod is not None else None
-        if callable(fn):
-            try:
-                path = fn()
-            except EmorphError:
-                raise
-            except Exception:  # a packaging helper that cannot find its file: fall through to the scan
-                path = None
-            if path is not None and Path(path).exists():
-                return Path(path)
-    folder = Path(__file__).resolve().parents[1] / "weights"
-    found = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    for weights in found:
-        if weights.with_suffix(".json").exists():
-            return weights.with_suffix(".json")
-    raise InputError(
-        "model: expected a packaged default model in emorph_deploy/weights, got none "
-        "(no default model is packaged with this install); fix: pass --model CHECKPOINT "
-        "(or --onnx FILE / --engine FILE)"
-    )
+    """The packaged default model (``emorph_deploy.weights``), or its InputError saying none is packaged."""
+    from emorph_deploy.weights import default_checkpoint_path
+
+    return default_checkpoint_path()
 
 
 def _artifact_for(path: Path, backend: str) -> Path | None:
@@ -283,9 +260,6 @@ class Result:
                 qc["times_s"]["write"] = sum(times.values())
                 qc["outputs"] = {n: OUTPUT_FILES[n] for n in names}
                 tmp["qc_json"].write_text(json.dumps(_jsonable(qc), indent=2) + "\n")
-        except EmorphError:
-            _cleanup_dir(out, created)
-            raise
         except OSError as exc:
             _cleanup_dir(out, created)
             raise ProcessingError(
@@ -431,8 +405,10 @@ class Registrar:
         from emorph_deploy.data.nifti import as_label_image
         from emorph_deploy.data.resample import resample_to_grid
         from emorph_deploy.qc import deformation_stats, jacobian_determinant_fast, orthogonal_slices
+        from emorph_deploy.refine import RefineConfig, refine_flow
         from emorph_deploy.registration.native import itk_displacement_image, warp_to_native
 
+        refine_cfg = RefineConfig.coerce(refine)  # a bad value fails before any work on the pair
         use_affine = self.affine if affine is None else affine
         times: dict[str, float] = {}
         t_all = t0 = time.perf_counter()
@@ -511,9 +487,6 @@ class Registrar:
                 "inference: expected a finite flow, got NaN/Inf; fix: check the artifact "
                 "(e.g. fp16 overflow) with `emorph check`"
             )
-        from emorph_deploy.refine import RefineConfig, refine_flow
-
-        refine_cfg = RefineConfig.coerce(refine)
         if refine_cfg.steps:
             t0 = time.perf_counter()
             flow = refine_flow(

@@ -1,7 +1,7 @@
 """The packaged default model: ``default.safetensors`` + ``default.json`` (an emorph checkpoint).
 
 Ships as package data (``[tool.setuptools.package-data]`` in pyproject: ``weights/*.safetensors``,
-``weights/*.json``). The model card is ``docs/model_card.md``. Until trained weights are copied here,
+``weights/*.json``). The model card is ``docs/model_card.md``. When the files are missing (a trimmed install),
 :func:`default_checkpoint_path` raises an :class:`~emorph_deploy.errors.InputError` telling the user to pass
 ``--model CHECKPOINT``.
 
@@ -38,7 +38,7 @@ def default_checkpoint_path() -> Path:
     return weights
 
 
-#: name probed by :func:`emorph_deploy.registration.default_artifact`
+#: short alias of :func:`default_checkpoint_path` (public API)
 default_checkpoint = default_checkpoint_path
 
 
