@@ -107,7 +107,6 @@ def csv_pairs(
 
     The fixed image defines the grid for both images (and labels, resampled nearest).
     """
-    from emorph_deploy.data.nifti import load_volume
     from emorph_deploy.data.preprocess import Preprocessing
 
     if not preprocessing:
@@ -125,8 +124,8 @@ def csv_pairs(
     for i, row in enumerate(rows):
         fixed_path = row["fixed"]
         assert fixed_path is not None and row["moving"] is not None
-        grid = pre.grid_affine(load_volume(str(fixed_path), name="fixed image"))
-        fixed = pre.apply(str(fixed_path), reference=grid, name="fixed image").data
+        fixed_vol = pre.apply(str(fixed_path), name="fixed image")  # the fixed image defines the grid
+        grid, fixed = fixed_vol.affine, fixed_vol.data
         moving = pre.apply(str(row["moving"]), reference=grid, name="moving image").data
         ml = fl = None
         if row["moving_label"] is not None and row["fixed_label"] is not None:

@@ -21,6 +21,7 @@ from typing import Any
 from emorph_deploy.calibration.pairs import CalibrationSet, make_reader
 from emorph_deploy.calibration.quantize import QuantizeOptions, quantize_qdq, trt_calibration_cache
 from emorph_deploy.errors import ConfigMismatchError, InputError
+from emorph_deploy.export.manifest import MANIFEST_FORMAT
 from emorph_deploy.fileio import check_writable, sha256_file, write_bytes_atomic, write_json_atomic
 
 
@@ -70,8 +71,6 @@ def calibrate(
     say: Any = None,
 ) -> CalibrationResult:
     """Calibrate ``onnx_path`` on ``pairs`` (CSV) or ``synthetic`` generated pairs and write the QDQ graph."""
-    import onnx
-
     from emorph_deploy.engines.builder import graph_precision, load_onnx, read_onnx_manifest
 
     say = say or (lambda _m: None)
@@ -82,9 +81,10 @@ def calibrate(
             f"{'both' if pairs is not None else 'neither'}; fix: pass one of them"
         )
     model = load_onnx(onnx_path)
-    if graph_precision(model) != "fp32":
+    precision = graph_precision(model)
+    if precision != "fp32":
         raise InputError(
-            f"calibrate: expected the FP32 export, got a {graph_precision(model)} graph {onnx_path}; "
+            f"calibrate: expected the FP32 export, got a {precision} graph {onnx_path}; "
             "fix: calibrate the ONNX written by 'emorph export'"
         )
     meta = read_onnx_manifest(onnx_path)
@@ -157,7 +157,7 @@ def calibrate(
     manifest = dict(
         meta
         or {
-            "format": "emorph-onnx/1",
+            "format": MANIFEST_FORMAT,
             "name": name,
             "model": None,
             "preprocessing": None,
@@ -166,7 +166,7 @@ def calibrate(
     )
     manifest.update(
         {
-            "format": "emorph-onnx/1",
+            "format": MANIFEST_FORMAT,
             "name": name,
             "precision": "int8",
             "sha256_onnx": hashlib.sha256(qdq_bytes).hexdigest(),
@@ -193,5 +193,4 @@ def calibrate(
     write_bytes_atomic(paths["cache"], trt_calibration_cache(scales).encode(), force=force)
     write_bytes_atomic(paths["onnx"], qdq_bytes, force=force)
     write_json_atomic(paths["manifest"], manifest, force=force)
-    _ = onnx  # imported for its side effect of validating the install early
     return CalibrationResult(paths["onnx"], paths["manifest"], list(paths.values()), stats)

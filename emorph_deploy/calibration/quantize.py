@@ -142,9 +142,8 @@ def quantize_qdq(
             f"quantization of {onnx_path}: expected nodes of op types {list(options.op_types)} to "
             "quantize, got none after exclusions; fix: widen --ops or relax --exclude"
         )
-    real_ops = sorted(
-        {model.graph.node[i].op_type for i, n in enumerate(model.graph.node) if n.name in set(nodes)}
-    )
+    chosen = set(nodes)
+    real_ops = sorted({n.op_type for n in model.graph.node if n.name in chosen})
     quantizer = options.quantizer
     if quantizer == "auto":
         quantizer = "modelopt" if _has_modelopt() else "onnxruntime"
@@ -343,18 +342,23 @@ def restrict_qdq(model: Any, quantized: set[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- inspection
-def _const_value(graph: Any, name: str) -> np.ndarray | None:
-    from onnx import numpy_helper
-
-    for t in graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
+def _constant_tensors(graph: Any) -> dict[str, Any]:
+    """name → TensorProto of every initializer and ``Constant`` node value (initializers first); converted
+    to numpy only when looked up (:func:`_const_value`)."""
+    out = {t.name: t for t in graph.initializer}
     for n in graph.node:
-        if n.op_type == "Constant" and n.output[0] == name:
+        if n.op_type == "Constant":
             for a in n.attribute:
                 if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-    return None
+                    out.setdefault(n.output[0], a.t)
+    return out
+
+
+def _const_value(consts: dict[str, Any], name: str) -> np.ndarray | None:
+    from onnx import numpy_helper
+
+    t = consts.get(name)
+    return None if t is None else numpy_helper.to_array(t)
 
 
 def inspect_qdq(model: Any, excluded_nodes: list[str] | None = None) -> dict[str, Any]:
@@ -368,13 +372,14 @@ def inspect_qdq(model: Any, excluded_nodes: list[str] | None = None) -> dict[str
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     inits = {t.name for t in graph.initializer}
+    consts = _constant_tensors(graph)
     problems: list[str] = []
     q_nodes = [n for n in graph.node if n.op_type == "QuantizeLinear"]
     dq_nodes = [n for n in graph.node if n.op_type == "DequantizeLinear"]
     activations: dict[str, float] = {}
     weights: dict[str, dict[str, Any]] = {}
     for n in q_nodes + dq_nodes:
-        zp = _const_value(graph, n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        zp = _const_value(consts, n.input[2]) if len(n.input) > 2 and n.input[2] else None
         if zp is None:
             if n.op_type == "QuantizeLinear":
                 problems.append(f"{n.name}: no zero point (output would be uint8)")
@@ -385,9 +390,9 @@ def inspect_qdq(model: Any, excluded_nodes: list[str] | None = None) -> dict[str
             problems.append(f"{n.name}: non-zero zero point")
     for n in dq_nodes:
         src = n.input[0]
-        scale = _const_value(graph, n.input[1])
+        scale = _const_value(consts, n.input[1])
         if src in inits or (src in prod and prod[src].op_type == "Constant"):  # weight DQ
-            w = _const_value(graph, src)
+            w = _const_value(consts, src)
             consumer = consumers.get(n.output[0], [])
             roles = [(c.op_type, list(c.input).index(n.output[0])) for c in consumer]
             if any(idx == 2 for _, idx in roles):
@@ -402,11 +407,9 @@ def inspect_qdq(model: Any, excluded_nodes: list[str] | None = None) -> dict[str
             }
             if not per_channel:
                 problems.append(f"{n.name}: weight scale is per-tensor, expected per-channel")
-        elif src in prod and prod[src].op_type == "QuantizeLinear":
-            pass
     for n in q_nodes:
         src = n.input[0]
-        scale = _const_value(graph, n.input[1])
+        scale = _const_value(consts, n.input[1])
         if src in inits or (src in prod and prod[src].op_type == "Constant"):
             # FP32 weight + Q/DQ (Model Optimizer form) is fine when it feeds only compute-op weight inputs
             uses = [

@@ -14,7 +14,7 @@ flags):
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,8 +23,15 @@ from typing import Any
 
 from emorph_deploy.engines.manifest import AOT_GPU, ENGINE_FORMAT, engine_stem, rebuild_command
 from emorph_deploy.engines.trt import GpuInfo, TensorRT, detect_gpu, load_tensorrt
-from emorph_deploy.errors import ConfigMismatchError, InputError, MissingDependencyError, ProcessingError
-from emorph_deploy.fileio import check_writable, sha256_file, write_bytes_atomic, write_json_atomic
+from emorph_deploy.errors import InputError, ProcessingError
+from emorph_deploy.export.manifest import MANIFEST_FORMAT, manifest_path_for
+from emorph_deploy.fileio import (
+    check_writable,
+    read_manifest_json,
+    sha256_file,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 FP16_MODES = ("graph", "flag")
@@ -99,22 +106,11 @@ def make_logger(trt: Any, verbose: bool = False) -> Any:
 # ---------------------------------------------------------------------------------------------- inputs
 def read_onnx_manifest(onnx_path: Path) -> dict[str, Any] | None:
     """The ONNX manifest beside the graph (``x.onnx`` -> ``x.json``), or None when there is none."""
-    path = onnx_path.with_suffix(".json")
+    path = manifest_path_for(onnx_path)
     if not path.is_file():
         return None
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(
-            f"ONNX manifest {path} is not valid JSON ({exc}); fix: re-run 'emorph export'"
-        ) from exc
-    if not isinstance(meta, dict) or meta.get("format") != "emorph-onnx/1":
-        raise ConfigMismatchError(
-            f"ONNX manifest {path}: expected format 'emorph-onnx/1', got "
-            f"{meta.get('format') if isinstance(meta, dict) else meta!r}; "
-            "fix: re-run 'emorph export'"
-        )
-    return meta
+    return read_manifest_json(path, kind="ONNX manifest", fmt=MANIFEST_FORMAT, required=(),
+                              fix="re-run 'emorph export'")
 
 
 def load_onnx(path: Path) -> Any:
@@ -338,7 +334,7 @@ def build_engine(
     engine_path = out_dir / f"{stem}.plan"
     manifest_path = out_dir / f"{stem}.json"
     fp16_onnx = out_dir / f"{name}-fp16.onnx"
-    fp16_json = fp16_onnx.with_suffix(".json")
+    fp16_json = manifest_path_for(fp16_onnx)
     for p in [engine_path, manifest_path] + ([fp16_onnx, fp16_json] if convert_fp16 else []):
         check_writable(p, force=options.force)
 
@@ -414,10 +410,15 @@ def build_engine(
             )
         data = bytes(serialized)
         # --- write: graph first (manifest references it), engine, manifest last
-        built_graph = onnx_path
+        source_sha = sha256_file(onnx_path)
+        built_graph, built_sha = onnx_path, source_sha
         if convert_fp16:
-            fp16_meta = _fp16_onnx_manifest(onnx_meta, model, graph_path, name, fp16_summary or {}, onnx_path)
-            write_bytes_atomic(fp16_onnx, graph_path.read_bytes(), force=options.force)
+            fp16_bytes = graph_path.read_bytes()
+            built_sha = hashlib.sha256(fp16_bytes).hexdigest()
+            fp16_meta = _fp16_onnx_manifest(
+                onnx_meta, model, name, fp16_summary or {}, onnx_path, source_sha, built_sha
+            )
+            write_bytes_atomic(fp16_onnx, fp16_bytes, force=options.force)
             write_json_atomic(fp16_json, fp16_meta, force=options.force)
             extra += [fp16_onnx, fp16_json]
             built_graph = fp16_onnx
@@ -438,11 +439,11 @@ def build_engine(
         "gpu": gpu_info,
         "onnx": {
             "source": str(onnx_path.resolve()),
-            "source_sha256": sha256_file(onnx_path),
+            "source_sha256": source_sha,
             "path": str(Path(built_graph).resolve()),
-            "sha256": sha256_file(built_graph),
+            "sha256": built_sha,
             "graph_precision": "fp16" if convert_fp16 else have,
-            "manifest": (onnx_meta or {}).get("format") and str(onnx_path.with_suffix(".json").resolve()),
+            "manifest": (onnx_meta or {}).get("format") and str(manifest_path_for(onnx_path).resolve()),
         },
         "model": (onnx_meta or {}).get("model"),
         "preprocessing": (onnx_meta or {}).get("preprocessing"),
@@ -465,7 +466,7 @@ def build_engine(
         "total_seconds": round(total_s, 3),
         "conversion_seconds": round(convert_s, 3) if convert_fp16 else None,
         "engine_bytes": len(data),
-        "engine_sha256": sha256_file(engine_path),
+        "engine_sha256": hashlib.sha256(data).hexdigest(),
         "out_dir": str(out_dir),
         "package_version": __version__,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -478,17 +479,18 @@ def build_engine(
 def _fp16_onnx_manifest(
     onnx_meta: dict[str, Any] | None,
     model: Any,
-    graph: Path,
     name: str,
     summary: dict[str, Any],
     source: Path,
+    source_sha: str,
+    graph_sha: str,
 ) -> dict[str, Any]:
     """The ONNX manifest of the FP16 graph: the source manifest with precision/sha256 updated."""
     inputs, outputs = io_spec(model)
     meta = dict(
         onnx_meta
         or {
-            "format": "emorph-onnx/1",
+            "format": MANIFEST_FORMAT,
             "name": name,
             "model": None,
             "preprocessing": None,
@@ -500,17 +502,9 @@ def _fp16_onnx_manifest(
     meta.update(
         {
             "precision": "fp16",
-            "sha256_onnx": sha256_file(graph),
+            "sha256_onnx": graph_sha,
             "fp16_conversion": summary,
-            "derived_from": {"onnx": str(source.resolve()), "sha256": sha256_file(source)},
+            "derived_from": {"onnx": str(source.resolve()), "sha256": source_sha},
         }
     )
     return meta
-
-
-def require_tensorrt(flavour: str = "auto") -> TensorRT:
-    """Alias used by the CLI: load TensorRT or raise the one-line MissingDependencyError."""
-    try:
-        return load_tensorrt(flavour)
-    except MissingDependencyError:
-        raise

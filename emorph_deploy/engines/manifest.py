@@ -25,10 +25,6 @@ def engine_stem(name: str, precision: str, gpu_tag: str, trt_tag: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", stem)
 
 
-def manifest_path_for(engine: str | Path) -> Path:
-    return Path(engine).with_suffix(".json")
-
-
 def rebuild_command(meta: dict[str, Any], flavour: str | None = None) -> str:
     """The ``emorph build`` command that rebuilds this engine (on the machine that runs it)."""
     onnx = meta.get("onnx", {})

@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Any
 
 from emorph_deploy.errors import InputError, MissingDependencyError
+from emorph_deploy.export.trt_ops import gridsample_5d_supported, parse_version
 
 
 class Flavour(str, Enum):
@@ -33,21 +34,6 @@ INSTALL_HINT: dict[str, str] = {
     "elsewhere)",
     "tensorrt-rtx": "pip install 'emorph-deploy[tensorrt]' (tensorrt-rtx)",
 }
-#: first full TensorRT whose IGridSampleLayer takes rank-5 input (TensorRT 11.2.1 release notes)
-GRID_SAMPLE_5D_MIN = (11, 2)
-
-
-def parse_version(text: str) -> tuple[int, ...]:
-    """'10.3.0.26' -> (10, 3, 0, 26); non-numeric tails are dropped."""
-    out: list[int] = []
-    for part in str(text).split("."):
-        m = re.match(r"\d+", part)
-        if not m:
-            break
-        out.append(int(m.group()))
-    return tuple(out)
-
-
 @dataclass(frozen=True)
 class TensorRT:
     """A loaded TensorRT flavour: the module and what it is."""
@@ -77,7 +63,7 @@ class TensorRT:
     @property
     def supports_grid_sample_5d(self) -> bool:
         # TensorRT-RTX 1.7's parser and builder accept a rank-5 GridSample (checked CPU-only, AOT).
-        return self.is_rtx or self.version_tuple[:2] >= GRID_SAMPLE_5D_MIN
+        return self.is_rtx or gridsample_5d_supported(self.version)
 
     def describe(self) -> dict[str, str]:
         return {"flavour": self.flavour, "module": self.module.__name__, "version": self.version}

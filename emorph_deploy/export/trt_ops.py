@@ -7,6 +7,7 @@ TensorRT 11.2 (rank-5 GridSample arrived in 11.2.1), so a 5D GridSample fails un
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -31,19 +32,20 @@ def supported_ops() -> frozenset[str]:
     )
 
 
-def gridsample_5d_supported(trt_version: str) -> bool:
-    """TensorRT >= 11.2 parses rank-5 GridSample."""
-    return _version_tuple(trt_version) >= GRIDSAMPLE_5D_MIN_TRT
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in str(version).split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
+def parse_version(text: str) -> tuple[int, ...]:
+    """'10.3.0.26' -> (10, 3, 0, 26); non-numeric tails are dropped."""
+    out: list[int] = []
+    for part in str(text).split("."):
+        m = re.match(r"\d+", part)
+        if not m:
             break
-        parts.append(int(digits))
-    return tuple(parts) or (0,)
+        out.append(int(m.group()))
+    return tuple(out)
+
+
+def gridsample_5d_supported(trt_version: str) -> bool:
+    """Full TensorRT >= 11.2 parses rank-5 GridSample (TensorRT 11.2.1 release notes)."""
+    return parse_version(trt_version) >= GRIDSAMPLE_5D_MIN_TRT
 
 
 @dataclass(frozen=True)

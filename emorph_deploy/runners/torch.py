@@ -30,7 +30,12 @@ class TorchRunner(Runner):
         super().__init__()
         import torch
 
-        from emorph_deploy.export.loaders import grid_shape_of, load_model_from_checkpoint, set_sampler
+        from emorph_deploy.export.loaders import (
+            config_dict_of,
+            grid_shape_of,
+            load_model_from_checkpoint,
+            set_sampler,
+        )
 
         if threads is not None:
             if int(threads) < 1:
@@ -44,9 +49,7 @@ class TorchRunner(Runner):
         self._model = model.to(self._device).eval()
         self._grid_shape = grid_shape_of(model)
         self._output_names = (FLOW, WARPED)
-        cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(meta.get("model") or {})
-        if sampler is not None and "warp_sampler" in cfg:
-            cfg["warp_sampler"] = sampler
+        cfg = config_dict_of(model, meta, sampler)
         self._meta: dict[str, Any] = {
             "format": meta.get("format"),
             "model": cfg,
