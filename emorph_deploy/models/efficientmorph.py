@@ -15,6 +15,7 @@ from emorph_deploy.models.layers import (
     PlaneBlock,
     SinusoidalPositionEncoding3D,
 )
+from emorph_deploy.models.layers.fastpath import onednn_conv
 from emorph_deploy.models.layers.fastpath import use_onednn as _use_onednn
 from emorph_deploy.models.warp import SpatialTransformer
 
@@ -123,9 +124,7 @@ class EfficientMorph(nn.Module):
         else:  # export/training: the original module calls (same ONNX graph and node names)
             y = self.up3(torch.cat([y, skip], dim=1))  # (B, dec1, D/2, H/2, W/2)
         if cl:  # oneDNN flow head (it falls to slow_conv3d otherwise), then back to a plain NCDHW flow
-            h = self.flow_head
-            y = torch.mkldnn_convolution(y, h.weight, h.bias, h.padding, h.stride, h.dilation, h.groups)
-            return _up2(y.contiguous())  # (B, 3, D, H, W)
+            return _up2(onednn_conv(self.flow_head, y).contiguous())  # (B, 3, D, H, W)
         return _up2(self.flow_head(y))  # (B, 3, D, H, W)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

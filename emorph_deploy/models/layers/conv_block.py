@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from emorph_deploy.models.layers.fastpath import onednn_conv
 from emorph_deploy.models.layers.fastpath import use_onednn as _use_onednn
 
 
@@ -23,8 +24,7 @@ class ConvBlock3d(nn.Module):
         # slower. In eager inference call the oneDNN kernel directly (the one every larger conv already
         # gets; same result up to float32 summation order). Training and export keep nn.Conv3d.
         if _use_onednn(x):
-            c = self.conv
-            return torch.mkldnn_convolution(x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)
+            return onednn_conv(self.conv, x)
         return self.conv(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,13 +37,9 @@ class ConvBlock3d(nn.Module):
         at D/2 for up3 at 80×96×112, 495 MB at 160×192×224)."""
         if not _use_onednn(parts[0]):
             return self.forward(torch.cat(parts, dim=1))
-        c = self.conv
         y = None
-        start = 0
-        for t in parts:
-            w = c.weight[:, start : start + t.shape[1]].contiguous()
-            start += t.shape[1]
-            z = torch.mkldnn_convolution(t, w, None, c.padding, c.stride, c.dilation, c.groups)
+        for t, w in zip(parts, self.conv.weight.split([t.shape[1] for t in parts], dim=1), strict=True):
+            z = onednn_conv(self.conv, t, w.contiguous(), with_bias=False)
             y = z if y is None else y.add_(z)
         return self._norm_act(y)
 

@@ -74,3 +74,13 @@ def _compiling() -> bool:
         return bool(torch.compiler.is_compiling())
     except AttributeError:  # pragma: no cover - torch < 2.3
         return False
+
+
+def onednn_conv(conv: torch.nn.Conv3d, x: torch.Tensor, weight: torch.Tensor | None = None,
+                with_bias: bool = True) -> torch.Tensor:
+    """``conv(x)`` through oneDNN directly (``torch.mkldnn_convolution``), with ``conv``'s padding, stride,
+    dilation and groups; ``weight`` overrides ``conv.weight`` (e.g. an input-channel slice). PyTorch's CPU
+    heuristic would send small batch-1 3D convs to im2col ``slow_conv3d``. Only when :func:`use_onednn`."""
+    w = conv.weight if weight is None else weight
+    b = conv.bias if with_bias else None
+    return torch.mkldnn_convolution(x, w, b, conv.padding, conv.stride, conv.dilation, conv.groups)

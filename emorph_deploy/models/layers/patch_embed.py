@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from emorph_deploy.models.layers.fastpath import onednn_conv
 from emorph_deploy.models.layers.fastpath import use_onednn as _use_onednn
 
 
@@ -21,9 +22,7 @@ class PatchEmbed3D(nn.Module):
             # eager CPU inference: PyTorch sends this strided conv to im2col ``slow_conv3d`` at small grids;
             # oneDNN on a channels-last input also returns channels-last, so the permute below is already
             # contiguous and LayerNorm needs no copy (same result up to float32 summation order)
-            p = self.proj
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-            x = torch.mkldnn_convolution(x, p.weight, p.bias, p.padding, p.stride, p.dilation, p.groups)
+            x = onednn_conv(self.proj, x.contiguous(memory_format=torch.channels_last_3d))
         else:
             x = self.proj(x)  # (B, C, D', H', W')
         return self.norm(x.permute(0, 2, 3, 4, 1))  # (B, D', H', W', C)
