@@ -33,9 +33,9 @@ def _onnx_facts(path):
 
 
 @pytest.fixture(scope="module")
-def qdq_default(tiny_export, tmp_path_factory):
+def qdq_default(tiny_onnx, tmp_path_factory):
     out = tmp_path_factory.mktemp("cal")
-    return calibrate(tiny_export, synthetic=3, synthetic_kind="synth", out_dir=out, progress=False)
+    return calibrate(tiny_onnx, synthetic=3, synthetic_kind="synth", out_dir=out, progress=False)
 
 
 def test_qdq_graph_properties(qdq_default):
@@ -93,7 +93,7 @@ def test_qdq_graph_properties(qdq_default):
     assert onnx.TensorProto.UINT8 not in {t.data_type for t in g.initializer}
 
 
-def test_saved_records(qdq_default, tiny_export):
+def test_saved_records(qdq_default, tiny_onnx):
     paths = {p.name: p for p in qdq_default.files}
     assert set(paths) == {
         "tiny-int8.onnx",
@@ -119,7 +119,7 @@ def test_saved_records(qdq_default, tiny_export):
     from emorph_deploy.fileio import sha256_file
 
     assert meta["sha256_onnx"] == sha256_file(qdq_default.qdq_onnx)
-    assert meta["derived_from"]["sha256"] == sha256_file(tiny_export)
+    assert meta["derived_from"]["sha256"] == sha256_file(tiny_onnx)
     assert paths["tiny-int8.cache"].read_text().splitlines()[0].startswith("TRT-")
     # the QDQ graph runs in ONNX Runtime (Q/DQ semantics: basic optimisation, no fused int8 kernels) close to
     # FP32
@@ -130,7 +130,7 @@ def test_saved_records(qdq_default, tiny_export):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     feed = synthetic_pair((8, 8, 8), seed=99, index=0, kind="synth")
-    ref = ort.InferenceSession(str(tiny_export), so, providers=["CPUExecutionProvider"]).run(["flow"], feed)[
+    ref = ort.InferenceSession(str(tiny_onnx), so, providers=["CPUExecutionProvider"]).run(["flow"], feed)[
         0
     ]
     got = ort.InferenceSession(str(qdq_default.qdq_onnx), so, providers=["CPUExecutionProvider"]).run(
@@ -140,10 +140,10 @@ def test_saved_records(qdq_default, tiny_export):
 
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
-def test_other_methods_and_linear_only(tiny_export, tmp_path, method):
+def test_other_methods_and_linear_only(tiny_onnx, tmp_path, method):
     opts = QuantizeOptions(method=method, op_types=("Conv", "LinearMatMul"))
     res = calibrate(
-        tiny_export, synthetic=2, synthetic_kind="synth", options=opts, out_dir=tmp_path, progress=False
+        tiny_onnx, synthetic=2, synthetic_kind="synth", options=opts, out_dir=tmp_path, progress=False
     )
     _, regions, _ = _onnx_facts(res.qdq_onnx)
     ops = regions.op_types
@@ -152,7 +152,7 @@ def test_other_methods_and_linear_only(tiny_export, tmp_path, method):
     assert res.report["options"]["method"] == method
 
 
-def test_csv_pairs_cli(tiny_export, tmp_path):
+def test_csv_pairs_cli(tiny_onnx, tmp_path):
     from emorph_deploy.cli.app import app
 
     for i in range(2):
@@ -165,7 +165,7 @@ def test_csv_pairs_cli(tiny_export, tmp_path):
         app,
         [
             "calibrate",
-            str(tiny_export),
+            str(tiny_onnx),
             "--pairs",
             str(lst),
             "--out",
@@ -182,7 +182,7 @@ def test_csv_pairs_cli(tiny_export, tmp_path):
     assert rows[1].split(",")[0].endswith("m0.nii.gz")
 
 
-def test_bad_calibration_lists(tiny_export, tmp_path):
+def test_bad_calibration_lists(tiny_onnx, tmp_path):
     from emorph_deploy.cli.app import app
 
     _nifti(tmp_path / "ok.nii.gz")
@@ -201,24 +201,24 @@ def test_bad_calibration_lists(tiny_export, tmp_path):
         lst = tmp_path / f"{key}.csv"
         lst.write_text(text)
         r = CliRunner().invoke(
-            app, ["calibrate", str(tiny_export), "--pairs", str(lst), "--out", str(out), "--no-progress"]
+            app, ["calibrate", str(tiny_onnx), "--pairs", str(lst), "--out", str(out), "--no-progress"]
         )
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert r.exit_code == 2, (key, r.output)
         assert lines[-1].startswith("error: calibration list") and "row" in lines[-1], (key, lines)
         assert not out.exists() or list(out.iterdir()) == [], key
     with pytest.raises(InputError, match="exactly one of"):
-        calibrate(tiny_export, out_dir=out)
+        calibrate(tiny_onnx, out_dir=out)
 
 
-def test_grid_mismatch_between_manifest_and_graph(tiny_export, tmp_path):
+def test_grid_mismatch_between_manifest_and_graph(tiny_onnx, tmp_path):
     import shutil
 
     from emorph_deploy.errors import ConfigMismatchError
 
     onnx_copy = tmp_path / "tiny.onnx"
-    shutil.copy(tiny_export, onnx_copy)
-    meta = json.loads(tiny_export.with_suffix(".json").read_text())
+    shutil.copy(tiny_onnx, onnx_copy)
+    meta = json.loads(tiny_onnx.with_suffix(".json").read_text())
     meta["preprocessing"]["grid_shape"] = [16, 16, 16]
     onnx_copy.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(ConfigMismatchError, match="preprocessing grid"):
@@ -226,14 +226,14 @@ def test_grid_mismatch_between_manifest_and_graph(tiny_export, tmp_path):
     assert not (tmp_path / "c").exists() or list((tmp_path / "c").iterdir()) == []
 
 
-def test_modelopt_quantizer(tiny_export, tmp_path):
+def test_modelopt_quantizer(tiny_onnx, tmp_path):
     pytest.importorskip(
         "modelopt.onnx.quantization",
         reason="nvidia-modelopt not installed: pip install nvidia-modelopt onnx-graphsurgeon lief",
     )
     opts = QuantizeOptions(quantizer="modelopt")
     res = calibrate(
-        tiny_export, synthetic=2, synthetic_kind="synth", options=opts, out_dir=tmp_path, progress=False
+        tiny_onnx, synthetic=2, synthetic_kind="synth", options=opts, out_dir=tmp_path, progress=False
     )
     model, regions, _ = _onnx_facts(res.qdq_onnx)
     assert res.report["quantizer"] == "modelopt"
