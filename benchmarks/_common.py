@@ -497,6 +497,16 @@ def run_measured(
     return Measured(proc.returncode, stdout, stderr, wall, peak, report, rusage_peak)
 
 
+def flow_diff(flow: Any, ref: Any) -> tuple[Any, dict[str, float]]:
+    """Flow (1, 3, D, H, W) against a reference: the float64 difference (3, D, H, W) and the max/mean of its
+    per-voxel Euclidean norm (``max_dflow_voxel``, ``mean_dflow_voxel``, voxels)."""
+    import numpy as np
+
+    d = np.asarray(flow)[0].astype(np.float64) - np.asarray(ref)[0].astype(np.float64)
+    norm = np.sqrt((d * d).sum(0))
+    return d, {"max_dflow_voxel": float(norm.max()), "mean_dflow_voxel": float(norm.mean())}
+
+
 def gib(nbytes: float | None) -> float | None:
     return None if nbytes is None else nbytes / 2**30
 

@@ -292,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     res = C.new_result(NAME, args, argv)
-    res["params"].pop("_quick_shape", None)
     s = res["summary"]
     s["skipped"] = {}
     s["seeds"] = {"eval": [EVAL_SEED0 + i for i in range(args.pairs)],
@@ -303,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir(parents=True, exist_ok=True)
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="emorph-default-eval-")))
-        registrar, label = P.open_registrar(args, res, work)
+        registrar, label = P.open_registrar(args, work)
         if registrar is None:
             raise SystemExit(f"error: {label}; fix: pass --model CHECKPOINT")
         s["model"] = label

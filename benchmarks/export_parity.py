@@ -25,36 +25,24 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def _parse_size(text: str) -> tuple[int, int, int]:
-    size = tuple(int(p) for p in text.lower().replace("×", "x").split("x"))
-    if len(size) != 3:
-        raise SystemExit(f"--size expects DxHxW, got {text!r}")
-    return size  # type: ignore[return-value]
+import _common as C
 
 
 def _timed(
     runner, feed: dict[str, np.ndarray], warmup: int, runs: int
 ) -> tuple[dict[str, np.ndarray], list[float]]:
-    out = None
-    for _ in range(warmup):
-        out = runner.infer(feed)
-    times = []
-    for _ in range(runs):
-        out = runner.infer(feed)
-        times.append(runner.last_latency_s)
-    assert out is not None
-    return out, times
+    """Last output and the runner's own latencies of ``runs`` calls after ``warmup`` calls."""
+    box: dict[str, Any] = {}
+    t = C.time_call(lambda: box.update(out=runner.infer(feed)), runs, warmup,
+                    timer=lambda: runner.last_latency_s)
+    return box["out"], t.times_s
 
 
 def _diff(a: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, float]:
-    d = a["flow"][0].astype(np.float64) - ref["flow"][0].astype(np.float64)  # (3, D, H, W)
-    norm = np.sqrt(np.sum(d * d, axis=0))
-    out = {
-        "max_dflow_voxel": float(norm.max()),
-        "mean_dflow_voxel": float(norm.mean()),
-        "max_abs_dflow_component_voxel": float(np.abs(d).max()),
-    }
+    d, out = C.flow_diff(a["flow"], ref["flow"])  # d: (3, D, H, W)
+    out["max_abs_dflow_component_voxel"] = float(np.abs(d).max())
     if "warped" in a and "warped" in ref:
         out["max_dwarped"] = float(np.abs(a["warped"].astype(np.float64) - ref["warped"]).max())
     return out
@@ -152,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     out_json, out_md = Path(args.out).with_suffix(".json"), Path(args.out).with_suffix(".md")
     check_writable(out_json, args.force)
     check_writable(out_md, args.force)
-    size = _parse_size(args.size)
+    size = C.parse_size(args.size)
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="emorph-parity-") as tmp:

@@ -298,7 +298,7 @@ def run_emorph(pair: dict[str, Any], tmp: Path, args: Any, registrar: Any, affin
 
 
 # ---------------------------------------------------------------------------------------------- emorph model
-def open_registrar(args: Any, res: dict[str, Any], tmp: Path) -> tuple[Any, str | None]:
+def open_registrar(args: Any, tmp: Path) -> tuple[Any, str | None]:
     """The emorph Registrar (``--model``, the packaged default, or with --quick an untrained tiny model)."""
     import torch
 
@@ -491,7 +491,6 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     res = C.new_result(NAME, args, argv)
-    res["params"].pop("_quick_shape", None)
     res["summary"]["skipped"] = {}
     with contextlib.ExitStack() as stack:
         if args.keep:
@@ -513,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         registrar = None
         if "emorph" in methods:
             try:
-                registrar, label = open_registrar(args, res, work)
+                registrar, label = open_registrar(args, work)
             except Exception as exc:
                 registrar, label = None, f"cannot open the emorph model: {type(exc).__name__}: {exc}"
             if registrar is None:
