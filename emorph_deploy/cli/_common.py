@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from enum import Enum
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -40,4 +41,18 @@ RefineOption = Annotated[
         help="Test-time refinement: N Adam steps on the displacement (at half resolution; same loss as "
         "training; the network is untouched). 0 = off.",
     ),
+]
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    tensorrt = "tensorrt"
+    onnxruntime = "onnxruntime"
+    torch = "torch"
+
+
+#: ``--backend`` shared by ``emorph register`` and ``emorph demo``.
+BackendOption = Annotated[
+    Backend,
+    typer.Option("--backend", help="auto = TensorRT, then ONNX Runtime (GPU, then CPU), then torch."),
 ]

@@ -11,23 +11,15 @@ on an error nothing this command wrote is left behind.
 from __future__ import annotations
 
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from emorph_deploy.cli._common import RefineOption, handle_errors
+from emorph_deploy.cli._common import Backend, BackendOption, RefineOption, handle_errors
 from emorph_deploy.errors import InputError, OutputExistsError
 
 INPUT_FILES = {"fixed": "fixed.nii.gz", "moving": "moving.nii.gz"}
-
-
-class Backend(str, Enum):
-    auto = "auto"
-    tensorrt = "tensorrt"
-    onnxruntime = "onnxruntime"
-    torch = "torch"
 
 
 def _output_names(qc_png: bool) -> list[str]:
@@ -39,10 +31,7 @@ def _output_names(qc_png: bool) -> list[str]:
 def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("emorph-demo"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
-    backend: Annotated[
-        Backend,
-        typer.Option("--backend", help="auto = TensorRT, then ONNX Runtime (GPU, then CPU), then torch."),
-    ] = Backend.auto,
+    backend: BackendOption = Backend.auto,
     refine: RefineOption = 20,
     model: Annotated[
         Path | None,

@@ -9,21 +9,13 @@ overwritten without ``--force``. Exit codes: 0 ok, 1 processing error (or any fa
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from emorph_deploy.cli._common import RefineOption, handle_errors
+from emorph_deploy.cli._common import Backend, BackendOption, RefineOption, handle_errors
 from emorph_deploy.errors import InputError
-
-
-class Backend(str, Enum):
-    auto = "auto"
-    tensorrt = "tensorrt"
-    onnxruntime = "onnxruntime"
-    torch = "torch"
 
 
 def _artifact(model: Path | None, onnx: Path | None, engine: Path | None) -> Path | None:
@@ -65,10 +57,7 @@ def register_command(
         Path | None, typer.Option("--onnx", help="Exported ONNX graph (+ manifest .json).")
     ] = None,
     engine: Annotated[Path | None, typer.Option("--engine", help="TensorRT engine (.plan/.engine).")] = None,
-    backend: Annotated[
-        Backend,
-        typer.Option("--backend", help="auto = TensorRT, then ONNX Runtime (GPU, then CPU), then torch."),
-    ] = Backend.auto,
+    backend: BackendOption = Backend.auto,
     moving_labels: Annotated[
         Path | None,
         typer.Option(
