@@ -63,8 +63,10 @@ def _normalise(t: torch.Tensor) -> torch.Tensor:
     nz = t[t > 0]
     if nz.numel() < 16:
         nz = t.reshape(-1)
-    lo = float(torch.quantile(nz[:: max(1, nz.numel() // 200_000)], 0.01)) if nz.numel() else 0.0
-    hi = float(torch.quantile(nz[:: max(1, nz.numel() // 200_000)], 0.99)) if nz.numel() else 1.0
+    lo, hi = 0.0, 1.0
+    if nz.numel():
+        sub = nz[:: max(1, nz.numel() // 200_000)]
+        lo, hi = (float(v) for v in torch.quantile(sub, torch.tensor([0.01, 0.99], dtype=sub.dtype)))
     if not hi > lo:
         lo, hi = float(t.min()), float(t.max())
     return ((t - lo) / max(hi - lo, 1e-12)).clamp_(0.0, 1.0)
@@ -136,7 +138,6 @@ def affine_prealign(
     lin = torch.zeros(3, 3, dtype=torch.float32)  # T_lin = I + lin
     trans = None
     ncc_init = ncc_final = float("nan")
-    best_state: tuple[float, torch.Tensor, torch.Tensor] | None = None
     levels = max(1, cfg.levels)
     iters = tuple(cfg.iterations) + (cfg.iterations[-1],) * max(0, levels - len(cfg.iterations))
     with torch.enable_grad():
@@ -172,7 +173,7 @@ def affine_prealign(
             tr_p = trans.clone().requires_grad_(True)
             adam = _Adam([(lin_p, cfg.lr_linear), (tr_p, cfg.lr_translation)])
             eye = torch.eye(3)
-            best_state = None
+            best_state: tuple[float, torch.Tensor, torch.Tensor] | None = None
             for it in range(iters[level] + 1):
                 tp = p_c @ (eye + lin_p).T + c + tr_p  # (N, 3) moving world
                 g = tp @ w2n[:, :3].T + w2n[:, 3]
