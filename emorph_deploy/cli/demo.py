@@ -17,14 +17,9 @@ from typing import Annotated
 import typer
 
 from emorph_deploy.cli._common import Backend, BackendOption, RefineOption, handle_errors
-from emorph_deploy.errors import InputError, OutputExistsError
+from emorph_deploy.errors import InputError
 
 INPUT_FILES = {"fixed": "fixed.nii.gz", "moving": "moving.nii.gz"}
-
-
-def _output_names(qc_png: bool) -> list[str]:
-    names = ["warped", "displacement", "qc_json"]
-    return [*names, "qc_png"] if qc_png else names
 
 
 @handle_errors
@@ -54,19 +49,15 @@ def demo_command(
 
     from emorph_deploy.data.demo import demo_pair
     from emorph_deploy.fileio import atomic_path, check_writable
-    from emorph_deploy.registration import OUTPUT_FILES, Registrar
+    from emorph_deploy.registration import Registrar
+    from emorph_deploy.registration.pipeline import output_targets, refuse_existing
 
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output: expected a folder, got the file {out}; fix: choose another --out")
-    targets = [out / f for f in INPUT_FILES.values()] + [out / OUTPUT_FILES[n] for n in _output_names(qc_png)]
-    if not force:  # fail before any work
-        for p in targets:
-            if p.exists():
-                raise OutputExistsError(f"output {p} already exists: pass --force to overwrite it")
+    outputs = output_targets(out, labels=False, voxel_flow=False, qc_png=qc_png)
+    refuse_existing(out, [*(out / f for f in INPUT_FILES.values()), *outputs.values()], force)
     if model is not None:
         if not model.exists() and not model.with_suffix(".safetensors").exists():
             raise InputError(f"--model: expected an existing checkpoint, got a missing path {model}; "

@@ -90,7 +90,7 @@ def register_command(
 ) -> None:
     """Register MOVING to FIXED in native space (or every pair of --pairs) and write the standard outputs."""
     from emorph_deploy.registration.batch import format_summary, read_pairs, run_batch
-    from emorph_deploy.registration.pipeline import OUTPUT_FILES, Registrar, load_inputs
+    from emorph_deploy.registration.pipeline import Registrar, load_inputs, output_targets, refuse_existing
 
     if pairs is not None and (fixed is not None or moving is not None or moving_labels is not None):
         raise InputError(
@@ -110,20 +110,9 @@ def register_command(
         torch.set_num_threads(threads)
     artifact = _artifact(model, onnx, engine)
     batch = read_pairs(pairs) if pairs is not None else None
-    if batch is None and not force:  # fail before any work if an output exists
-        from emorph_deploy.errors import OutputExistsError
-
-        names = (
-            ["warped", "displacement", "qc_json"]
-            + (["warped_labels"] if moving_labels else [])
-            + (["voxel_flow"] if voxel_flow else [])
-            + (["qc_png"] if qc_png else [])
-        )
-        for n in names:
-            if (out / OUTPUT_FILES[n]).exists():
-                raise OutputExistsError(
-                    f"output {out / OUTPUT_FILES[n]} already exists: pass --force to overwrite it"
-                )
+    if batch is None:  # fail before any work on a bad or existing output
+        targets = output_targets(out, labels=moving_labels is not None, voxel_flow=voxel_flow, qc_png=qc_png)
+        refuse_existing(out, targets.values(), force)
 
     inputs = load_inputs(fixed, moving, moving_labels) if batch is None else None  # fail fast on bad input
     reg = Registrar.load(artifact, backend=backend.value, affine=affine)

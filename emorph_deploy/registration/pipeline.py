@@ -23,6 +23,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,8 @@ __all__ = [
     "default_artifact",
     "load_inputs",
     "open_runner",
+    "output_targets",
+    "refuse_existing",
 ]
 
 #: Order in which ``backend="auto"`` tries backends (each needs its artifact: the one given or a sibling).
@@ -68,6 +71,24 @@ OUTPUT_FILES = {
     "qc_json": "qc.json",
     "qc_png": "qc.png",
 }
+
+
+def output_targets(out: Path, *, labels: bool, voxel_flow: bool, qc_png: bool) -> dict[str, Path]:
+    """The files :meth:`Result.save` writes into ``out`` (name → path), in writing order."""
+    names = ["warped", *(["warped_labels"] if labels else []), "displacement", "qc_json"]
+    names += [*(["voxel_flow"] if voxel_flow else []), *(["qc_png"] if qc_png else [])]
+    return {n: Path(out) / OUTPUT_FILES[n] for n in names}
+
+
+def refuse_existing(out: Path, targets: Iterable[Path], force: bool) -> None:
+    """Before any work: ``out`` must be a folder (or not exist yet); without ``force`` no target may exist."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output: expected a folder, got the file {out}; fix: choose another --out")
+    if not force:
+        for p in targets:
+            if p.exists():
+                raise OutputExistsError(f"output {p} already exists: pass --force to overwrite it")
 
 
 def default_artifact() -> Path:
@@ -223,20 +244,10 @@ class Result:
         from emorph_deploy.fileio import atomic_path, check_writable
 
         out = Path(out_dir)
-        names = ["warped", "displacement", "qc_json"]
-        if self.warped_labels is not None:
-            names.insert(1, "warped_labels")
-        if voxel_flow:
-            names.append("voxel_flow")
-        if qc_png:
-            names.append("qc_png")
-        targets = {n: out / OUTPUT_FILES[n] for n in names}
-        if out.exists() and not out.is_dir():
-            raise InputError(f"output: expected a folder, got the file {out}; fix: choose another --out")
-        if not force:
-            existing = [str(p) for p in targets.values() if p.exists()]
-            if existing:
-                raise OutputExistsError(f"output {existing[0]} already exists: pass --force to overwrite it")
+        targets = output_targets(
+            out, labels=self.warped_labels is not None, voxel_flow=voxel_flow, qc_png=qc_png
+        )
+        refuse_existing(out, targets.values(), force)
         created = not out.exists()
         check_writable(out / ".emorph-probe", force=True)
         times: dict[str, float] = {}
@@ -258,7 +269,7 @@ class Result:
                 qc = dict(self.qc)
                 qc["times_s"] = {**self.qc.get("times_s", {}), **times}
                 qc["times_s"]["write"] = sum(times.values())
-                qc["outputs"] = {n: OUTPUT_FILES[n] for n in names}
+                qc["outputs"] = {n: OUTPUT_FILES[n] for n in targets}
                 tmp["qc_json"].write_text(json.dumps(_jsonable(qc), indent=2) + "\n")
         except OSError as exc:
             _cleanup_dir(out, created)
