@@ -201,36 +201,10 @@ def _markdown(res: dict[str, Any]) -> str:
         body += [
             f"## {names[kind]}",
             "",
-            C.md_table(
-                ["method", "pairs", "Dice GM", "Dice WM", "Dice mean", "J ≤ 0", "seconds / pair",
-                 "speed-up vs SyN"],
-                [
-                    [
-                        m, v["pairs"], f"{v['dice_gm']:.3f}", f"{v['dice_wm']:.3f}", f"{v['dice_mean']:.3f}",
-                        C.fmt(v["frac_jac_nonpos"], ".2g"), f"{v['seconds']:.3g}",
-                        C.fmt(C.ratio(ms.get(syn, {}).get("seconds"), v["seconds"]), ".1f"),
-                    ]
-                    for m, v in ms.items()
-                ],
-            ),
+            P.method_table(ms, syn, jac_first=True, speedup_header="speed-up vs SyN"),
             "",
         ]
-    body += [
-        "## Per pair",
-        "",
-        C.md_table(
-            ["pair", "method", "Dice GM", "Dice WM", "J ≤ 0", "seconds", "note"],
-            [
-                [
-                    r["pair"], r["method"], C.fmt(r.get("dice_gm"), ".3f"), C.fmt(r.get("dice_wm"), ".3f"),
-                    C.fmt(r.get("frac_jac_nonpos"), ".2g"), C.fmt(r.get("seconds"), ".3g"),
-                    r.get("error") or r.get("note") or "",
-                ]
-                for r in res["rows"]
-            ],
-        ),
-        "",
-    ]
+    body += ["## Per pair", "", P.pair_table(res["rows"], jac_first=True), ""]
     for p in s.get("pairs", []):
         body.append(f"- `{p['name']}`: {p['description']}; labels: {p['labels_method']}.")
     for t in s.get("targets", []):

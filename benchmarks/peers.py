@@ -364,6 +364,47 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def method_table(
+    ms: dict[str, dict[str, Any]], syn: str = "ANTs SyN", jac_first: bool = False,
+    speedup_header: str = "speed-up vs ANTs SyN",
+) -> str:
+    """Per-method means (Dice GM/WM/mean, seconds, J ≤ 0, speed-up vs ``syn``) as a markdown table;
+    ``jac_first`` puts the J ≤ 0 column before the seconds."""
+    cols = [("seconds / pair", lambda v: f"{v['seconds']:.3g}"),
+            ("J ≤ 0", lambda v: C.fmt(v["frac_jac_nonpos"], ".2g"))]
+    if jac_first:
+        cols.reverse()
+    return C.md_table(
+        ["method", "pairs", "Dice GM", "Dice WM", "Dice mean", *(h for h, _ in cols), speedup_header],
+        [
+            [
+                m, v["pairs"], f"{v['dice_gm']:.3f}", f"{v['dice_wm']:.3f}", f"{v['dice_mean']:.3f}",
+                *(f(v) for _, f in cols),
+                C.fmt(C.ratio(ms.get(syn, {}).get("seconds"), v["seconds"]), ".1f"),
+            ]
+            for m, v in ms.items()
+        ],
+    )
+
+
+def pair_table(rows: list[dict[str, Any]], jac_first: bool = False) -> str:
+    """One markdown row per (pair, method): Dice GM/WM, seconds, J ≤ 0 (``jac_first``: J ≤ 0 first), note."""
+    cols = [("seconds", lambda r: C.fmt(r.get("seconds"), ".3g")),
+            ("J ≤ 0", lambda r: C.fmt(r.get("frac_jac_nonpos"), ".2g"))]
+    if jac_first:
+        cols.reverse()
+    return C.md_table(
+        ["pair", "method", "Dice GM", "Dice WM", *(h for h, _ in cols), "note"],
+        [
+            [
+                r["pair"], r["method"], C.fmt(r.get("dice_gm"), ".3f"), C.fmt(r.get("dice_wm"), ".3f"),
+                *(f(r) for _, f in cols), r.get("error") or r.get("note") or "",
+            ]
+            for r in rows
+        ],
+    )
+
+
 def _markdown(res: dict[str, Any]) -> str:
     body = [
         f"Threads: {res['machine']['threads']} (ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS for ANTs, "
@@ -382,53 +423,10 @@ def _markdown(res: dict[str, Any]) -> str:
         body += [
             f"## {names[kind]}",
             "",
-            C.md_table(
-                [
-                    "method",
-                    "pairs",
-                    "Dice GM",
-                    "Dice WM",
-                    "Dice mean",
-                    "seconds / pair",
-                    "J ≤ 0",
-                    "speed-up vs ANTs SyN",
-                ],
-                [
-                    [
-                        m,
-                        v["pairs"],
-                        f"{v['dice_gm']:.3f}",
-                        f"{v['dice_wm']:.3f}",
-                        f"{v['dice_mean']:.3f}",
-                        f"{v['seconds']:.3g}",
-                        C.fmt(v["frac_jac_nonpos"], ".2g"),
-                        C.fmt(C.ratio(ms.get("ANTs SyN", {}).get("seconds"), v["seconds"]), ".1f"),
-                    ]
-                    for m, v in ms.items()
-                ],
-            ),
+            method_table(ms),
             "",
         ]
-    body += [
-        "## Per pair",
-        "",
-        C.md_table(
-            ["pair", "method", "Dice GM", "Dice WM", "seconds", "J ≤ 0", "note"],
-            [
-                [
-                    r["pair"],
-                    r["method"],
-                    C.fmt(r.get("dice_gm"), ".3f"),
-                    C.fmt(r.get("dice_wm"), ".3f"),
-                    C.fmt(r.get("seconds"), ".3g"),
-                    C.fmt(r.get("frac_jac_nonpos"), ".2g"),
-                    r.get("error") or r.get("note") or "",
-                ]
-                for r in res["rows"]
-            ],
-        ),
-        "",
-    ]
+    body += ["## Per pair", "", pair_table(res["rows"]), ""]
     for p in res["summary"].get("pairs", []):
         body.append(f"- `{p['name']}`: {p['description']}; labels: {p['labels_method']}.")
     t = res["summary"].get("target")
