@@ -96,6 +96,9 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------------------------- collation
+TARGET_COLUMNS = ("target", "measured", "goal", "met", "source")
+
+
 def targets_table(results: dict[str, dict[str, Any] | None], quick: bool = False) -> list[list[str]]:
     """One row per issue-8 target: what, measured, goal, met, source (--quick: never judged)."""
     rows: list[list[str]] = []
@@ -254,7 +257,7 @@ def summary_markdown(summary: dict[str, Any], results: dict[str, dict[str, Any] 
     body = [
         "## Targets (issue 8)",
         "",
-        C.md_table(["target", "measured", "goal", "met", "source"], targets_table(results, summary["quick"])),
+        C.md_table(list(TARGET_COLUMNS), [[t[k] for k in TARGET_COLUMNS] for t in summary["targets"]]),
         "",
         "## Key figures",
         "",
@@ -415,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": {k: v for k, v in vars(args).items() if k != "extra"},
         "runs": runs,
         "targets": [
-            dict(zip(("target", "measured", "goal", "met", "source"), row, strict=True))
+            dict(zip(TARGET_COLUMNS, row, strict=True))
             for row in targets_table(results, args.quick)
         ],
         "warnings": warnings,
