@@ -122,6 +122,29 @@ def _check_values(data: np.ndarray, what: str, *, allow_constant: bool = False) 
             )
 
 
+def _read_nii_gz_fast(p: Path) -> tuple[nib.spatialimages.SpatialImage, np.ndarray] | None:
+    """A single-file ``.nii.gz`` decoded in one call (ISA-L's igzip when installed, else zlib), outside the
+    GIL, then parsed by nibabel from memory: ~2x faster than nibabel's streamed gzip reader, and concurrent
+    reads really overlap. None for anything it does not cover (or any failure): the caller falls back to
+    ``nib.load``, which also produces the error message."""
+    if not p.name.lower().endswith(".nii.gz"):
+        return None
+    try:
+        try:
+            from isal.igzip import decompress
+        except ImportError:  # pragma: no cover - isal is a dependency; plain zlib works too
+            from gzip import decompress
+        raw = decompress(p.read_bytes())
+        if len(raw) < 348:
+            return None
+        cls = nib.Nifti2Image if int.from_bytes(raw[:4], "little") == 540 or int.from_bytes(
+            raw[:4], "big") == 540 else nib.Nifti1Image
+        img = cls.from_bytes(raw)
+        return img, np.asanyarray(img.dataobj)
+    except Exception:
+        return None
+
+
 def _load_nifti(path: str | os.PathLike, what: str) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
     """Open a NIfTI file and read its (scaled) voxel array, mapping every failure to InputError."""
     p = Path(path)
@@ -129,6 +152,9 @@ def _load_nifti(path: str | os.PathLike, what: str) -> tuple[nib.spatialimages.S
         raise InputError(f"{what}: expected an existing NIfTI file, got a missing path; fix: check the path")
     if p.is_dir():
         raise InputError(f"{what}: expected a NIfTI file, got a directory; fix: pass a .nii or .nii.gz file")
+    fast = _read_nii_gz_fast(p)
+    if fast is not None:
+        return fast
     try:
         img = nib.load(str(p))
     except nib.filebasedimages.ImageFileError as exc:

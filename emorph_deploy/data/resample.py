@@ -7,7 +7,7 @@ interpolation blends towards ``cval`` within one voxel of the edge, like ``grid_
 and scipy's ``mode="grid-constant"``) or the nearest edge value (``padding="border"``, scipy
 ``mode="nearest"``).
 
-Backends: ``method="torch"`` (default, ``F.grid_sample`` on float32, chunked to bound memory) and
+Backends: ``method="torch"`` (default, ``grid_sample`` on float32 over all threads, chunked to bound memory) and
 ``method="scipy"`` (``scipy.ndimage.map_coordinates`` in float64, the slow reference used in tests).
 Nearest-neighbour (``order=0``) is an exact index gather for both (any dtype, label values preserved,
 round-half-to-even like grid_sample).
@@ -125,7 +125,7 @@ def _nearest_gather(data: np.ndarray, coords: np.ndarray, cval: float, padding: 
 
 def _linear_torch(data: np.ndarray, coords: np.ndarray, cval: float, padding: Padding) -> np.ndarray:
     import torch
-    import torch.nn.functional as F
+    from emorph_deploy.sampling import grid_sample_3d
 
     # data (C, D, H, W) -> (1, C, D, H, W); coords (3, d, h, w) -> grid (1, d, h, w, 3) in (x=W, y=H, z=D)
     # order.
@@ -137,7 +137,7 @@ def _linear_torch(data: np.ndarray, coords: np.ndarray, cval: float, padding: Pa
     norm = 2.0 * coords / denom - 1.0  # float64
     grid = torch.from_numpy(np.ascontiguousarray(np.moveaxis(norm[::-1], 0, -1), dtype=np.float32))[None]
     with torch.no_grad():
-        out = F.grid_sample(src, grid, mode="bilinear", padding_mode=padding, align_corners=True)[0]
+        out = grid_sample_3d(src, grid, mode="bilinear", padding_mode=padding)[0]
     if cval != 0 and padding == "zeros":
         out = out + float(cval)
     return out.numpy()
@@ -320,7 +320,7 @@ def _grid_sample_affine(src, m: np.ndarray, dst_shape: tuple[int, int, int], pad
     route to ~2 float32 roundings.
     """
     import torch
-    import torch.nn.functional as F
+    from emorph_deploy.sampling import grid_sample_3d
 
     sizes = src.shape[2:]
     norm = np.zeros((3, 4))  # src index (a0, a1, a2, 1) → grid_sample (x = a2, y = a1, z = a0), align_corners
@@ -338,8 +338,7 @@ def _grid_sample_affine(src, m: np.ndarray, dst_shape: tuple[int, int, int], pad
     with torch.no_grad():
         for sl in _chunks(dst_shape):
             grid = plane_t[None] + col[sl, None, None, :]  # (d, H', W', 3)
-            out[:, sl] = F.grid_sample(src, grid[None], mode="bilinear", padding_mode=padding,
-                                       align_corners=True)[0]
+            out[:, sl] = grid_sample_3d(src, grid[None], mode="bilinear", padding_mode=padding)[0]
     return out
 
 

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from emorph_deploy.errors import InputError
+from emorph_deploy.models.layers.fastpath import use_parallel_sampler
+from emorph_deploy.sampling import grid_sample_3d
 
 MODES = ("bilinear", "nearest")
 SAMPLERS = ("grid_sample", "gather")
@@ -57,6 +59,8 @@ def _sample_grid_sample(src: torch.Tensor, coords: torch.Tensor, size: tuple[int
     sz, sy, sx = (2.0 / max(s - 1, 1) for s in size)
     grid = torch.stack([coords[:, 2] * sx - 1.0, coords[:, 1] * sy - 1.0, coords[:, 0] * sz - 1.0],
                        dim=-1)  # (B, D, H, W, 3) as (x=W, y=H, z=D)
+    if use_parallel_sampler(src):  # eager CPU: torch's 3D kernel is single-threaded at batch 1
+        return grid_sample_3d(src, grid, mode=mode, padding_mode=padding, align_corners=True)
     return F.grid_sample(src, grid, mode=mode, padding_mode=padding, align_corners=True)
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from emorph_deploy.sampling import grid_sample_3d
+
 __all__ = ["AffineConfig", "AffineResult", "affine_prealign"]
 
 
@@ -174,12 +176,11 @@ def affine_prealign(
             adam = _Adam([(lin_p, cfg.lr_linear), (tr_p, cfg.lr_translation)])
             eye = torch.eye(3)
             best_state: tuple[float, torch.Tensor, torch.Tensor] | None = None
+            w_lin, w_off = w2n[:, :3], w2n[:, 3]
             for it in range(iters[level] + 1):
-                tp = p_c @ (eye + lin_p).T + c + tr_p  # (N, 3) moving world
-                g = tp @ w2n[:, :3].T + w2n[:, 3]
-                mvals = F.grid_sample(
-                    mv, g.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="zeros", align_corners=True
-                ).view(-1)
+                # moving world T p = (I + lin)(p - c) + c + t, folded with world → normalised: one (N, 3) GEMM
+                g = torch.addmm(w_lin @ (c + tr_p) + w_off, p_c, (w_lin @ (eye + lin_p)).T)  # (N, 3)
+                mvals = grid_sample_3d(mv, g.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="zeros").view(-1)
                 ncc = _ncc(fvals, mvals)
                 val = float(ncc.detach())
                 if level == levels - 1 and it == 0:

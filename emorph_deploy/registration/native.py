@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from emorph_deploy.data.resample import axis_map, separable_lerp
+from emorph_deploy.sampling import grid_sample_3d
 
 __all__ = ["NativeWarp", "itk_displacement_image", "voxel_flow", "voxel_flow_image", "warp_to_native"]
 
@@ -179,9 +179,7 @@ def warp_to_native(
             f = separable_lerp(flow3, amap, out_index, "border").contiguous()  # (3, n, J, I)
         else:
             grid_q = _affine_coords(g_flow, o0, (big_j, big_i))  # (n, J, I, 3)
-            f = F.grid_sample(
-                flow_t, grid_q[None], mode="bilinear", padding_mode="border", align_corners=True
-            )  # (1, 3, n, J, I)
+            f = grid_sample_3d(flow_t, grid_q[None], mode="bilinear", padding_mode="border")  # (1, 3, n, J, I)
         f2 = f.view(3, nvox)
         # displacement (LPS mm), channel-first straight into the output slab
         d_slab = disp_out[:, k0:k1].view(3, nvox)
@@ -192,21 +190,15 @@ def warp_to_native(
         base = _affine_coords(g_mov, o0, (big_j, big_i)).view(nvox, 3)
         g = torch.addmm(base, f2.T, l_mov_t.T)  # (nvox, 3)
         inside = (g.abs() <= lim_mov).all(dim=1)
-        w = F.grid_sample(
-            mov5, g.view(1, n, big_j, big_i, 3), mode="bilinear", padding_mode="border", align_corners=True
-        ).view(nvox)
+        w = grid_sample_3d(mov5, g.view(1, n, big_j, big_i, 3), mode="bilinear", padding_mode="border").view(nvox)
         torch.mul(w, inside, out=warped_out[k0:k1].view(nvox))
         if lab5 is not None:
             if same_grid:
                 gl = g
             else:
                 gl = torch.addmm(_affine_coords(g_lab, o0, (big_j, big_i)).view(nvox, 3), f2.T, l_lab_t)
-            vals = F.grid_sample(
-                lab5,
-                gl.to(lab5.dtype).view(1, n, big_j, big_i, 3),
-                mode="nearest",
-                padding_mode="zeros",
-                align_corners=True,
+            vals = grid_sample_3d(
+                lab5, gl.to(lab5.dtype).view(1, n, big_j, big_i, 3), mode="nearest", padding_mode="zeros"
             ).view(nvox)
             if labels_out_t is not None:
                 labels_out_t[k0:k1].view(nvox).copy_(vals)  # exact: integral values, cast to the label dtype

@@ -198,3 +198,48 @@ def test_save_nifti_atomic(tmp_path: Path) -> None:
     save_nifti_atomic(as_image((VOL * 2, np.eye(4))), out, force=True)
     np.testing.assert_allclose(np.asanyarray(nib.load(str(out)).dataobj), VOL * 2, atol=1e-6)
     assert sorted(os.listdir(out.parent)) == ["out.nii.gz"]  # no temp files left
+
+
+@pytest.mark.parametrize(
+    "kind", ["float32", "int16_scaled", "uint8", "float64_big_endian", "nifti2", "multi_member_gzip"]
+)
+def test_fast_gz_reader_matches_nibabel(tmp_path: Path, monkeypatch, kind: str) -> None:
+    """``.nii.gz`` files are decoded in one call (not through nib.load) with nib.load's values, affine and
+    header dtype; a file written by our parallel gzip writer (several gzip members) reads back whole."""
+    from emorph_deploy.registration.niftiio import save_nifti_gz
+
+    aff = np.array([[0, 0, -1.5, 10], [1.2, 0, 0, -3], [0, 0.8, 0, 4], [0, 0, 0, 1.0]])
+    data: np.ndarray = (VOL * 1000).astype(np.int16)
+    p = tmp_path / f"{kind}.nii.gz"
+    if kind == "float32":
+        img = nib.Nifti1Image(VOL, aff)
+    elif kind == "int16_scaled":
+        img = nib.Nifti1Image(data, aff)
+        img.header.set_slope_inter(0.5, 2.0)
+    elif kind == "uint8":
+        img = nib.Nifti1Image((VOL * 200).astype(np.uint8), aff)
+    elif kind == "float64_big_endian":
+        img = nib.Nifti1Image(VOL.astype(">f8"), aff)
+    elif kind == "nifti2":
+        img = nib.Nifti2Image(VOL, aff)
+    else:
+        img = nib.Nifti1Image(RNG.random((64, 64, 40)).astype(np.float32), aff)  # ~640 kB raw
+    if kind == "multi_member_gzip":
+        monkeypatch.setattr("emorph_deploy.registration.niftiio._CHUNK", 100_000)
+        save_nifti_gz(img, p)
+    else:
+        nib.save(img, str(p))
+    ref = nib.load(str(p))
+    ref_data = np.asanyarray(ref.dataobj)
+
+    def no_nib_load(*a, **k):
+        raise AssertionError("the fast reader should not fall back to nib.load")
+
+    monkeypatch.setattr(nib, "load", no_nib_load)
+    out = load_volume(p)
+    np.testing.assert_allclose(out.affine, ref.affine, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asanyarray(out.dataobj), ref_data.astype(np.float32), rtol=0, atol=0)
+    if kind == "uint8":
+        lab = load_label_map(p)
+        assert lab.header.get_data_dtype() == np.uint8
+        assert np.array_equal(np.asanyarray(lab.dataobj), ref_data)

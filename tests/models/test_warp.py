@@ -154,3 +154,33 @@ def test_gather_sampler_exports_without_gridsample():
     sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
     out = sess.run(None, {"src": src.numpy(), "flow": flow.numpy()})[0]
     np.testing.assert_allclose(out, mod(src, flow).numpy(), atol=1e-5, rtol=0)
+
+
+def test_eager_warp_uses_the_thread_split_sampler(monkeypatch):
+    """Eager CPU warps go through sampling.grid_sample_3d (split into a batch of views) and equal the
+    reference op bit for bit; with the fast path off (as during export) the plain op runs."""
+    from emorph_deploy import sampling
+    from emorph_deploy.models.layers.fastpath import fast_path
+
+    monkeypatch.setattr(sampling, "_MIN_POINTS_PER_PART", 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    calls: list[int] = []
+    real = sampling.F.grid_sample
+
+    def spy(inp, grid, **kw):
+        calls.append(int(grid.shape[0]))
+        return real(inp, grid, **kw)
+
+    monkeypatch.setattr(sampling.F, "grid_sample", spy)
+    g = torch.Generator().manual_seed(4)
+    src = torch.rand(1, 1, 8, 9, 10, generator=g)
+    flow = torch.randn(1, 3, 8, 9, 10, generator=g) * 2
+    for mode in ("bilinear", "nearest"):
+        calls.clear()
+        fast = warp(src, flow, mode=mode)
+        assert calls == [2]
+        calls.clear()
+        with fast_path(False):
+            ref = warp(src, flow, mode=mode)
+        assert calls == [1]  # one plain batch-1 call (F is torch.nn.functional, spied on as a whole)
+        assert torch.equal(fast, ref)

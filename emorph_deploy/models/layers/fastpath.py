@@ -84,3 +84,9 @@ def onednn_conv(conv: torch.nn.Conv3d, x: torch.Tensor, weight: torch.Tensor | N
     w = conv.weight if weight is None else weight
     b = conv.bias if with_bias else None
     return torch.mkldnn_convolution(x, w, b, conv.padding, conv.stride, conv.dilation, conv.groups)
+
+
+def use_parallel_sampler(x: torch.Tensor) -> bool:
+    """Eager CPU (not traced/exported/analysed/compiled): a batch-1 3D ``grid_sample`` may be spread over all
+    threads (:func:`emorph_deploy.sampling.grid_sample_3d`, bit-identical to the plain call)."""
+    return x.device.type == "cpu" and not reference_ops_required() and not _compiling()

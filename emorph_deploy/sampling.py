@@ -1,0 +1,59 @@
+"""``grid_sample`` of one 3D volume on every thread.
+
+torch's CPU 3D ``grid_sample`` kernel (forward and backward) parallelises over the batch dimension only, so
+registration's typical call — one volume, millions of sample points — runs on a single core. The helper
+below splits the sample points into ``parts`` equal runs and samples them as a batch of ``parts``
+zero-copy views (``expand``) of the same volume: every point is computed by the same kernel with the same
+arithmetic, so the result is bit-identical to the plain call (tests assert ``torch.equal``), and autograd
+works through it (``expand``'s backward sums the per-run input gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["grid_sample_3d"]
+
+#: Below this many points per part the split is not worth its bookkeeping.
+_MIN_POINTS_PER_PART = 1 << 14
+
+
+def grid_sample_3d(
+    src: torch.Tensor,
+    grid: torch.Tensor,
+    *,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+    align_corners: bool = True,
+    parts: int | None = None,
+) -> torch.Tensor:
+    """``F.grid_sample`` for a single 5D volume, spread over ``parts`` threads (default: torch's count).
+
+    ``src`` (1, C, D, H, W); ``grid`` (1, d, h, w, 3) normalised (x, y, z) → (1, C, d, h, w). Other batch
+    sizes, non-CPU tensors and small grids go straight to ``F.grid_sample``.
+    """
+    n = torch.get_num_threads() if parts is None else int(parts)
+    npts = grid[0, ..., 0].numel() if grid.dim() == 5 else 0
+    if (
+        n <= 1
+        or src.dim() != 5
+        or grid.dim() != 5
+        or src.shape[0] != 1
+        or grid.shape[0] != 1
+        or src.device.type != "cpu"
+        or npts < n * _MIN_POINTS_PER_PART
+    ):
+        return F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+    c = src.shape[1]
+    out_shape = grid.shape[1:4]
+    flat = grid.reshape(npts, 3)
+    per = npts // n
+    main = per * n
+    kw = {"mode": mode, "padding_mode": padding_mode, "align_corners": align_corners}
+    body = F.grid_sample(src.expand(n, -1, -1, -1, -1), flat[:main].view(n, per, 1, 1, 3), **kw)  # (n, C, per, 1, 1)
+    body = body.view(n, c, per).transpose(0, 1).reshape(c, main)  # a view when C == 1
+    if main < npts:
+        tail = F.grid_sample(src, flat[main:].view(1, npts - main, 1, 1, 3), **kw).view(c, npts - main)
+        body = torch.cat([body, tail], dim=1)
+    return body.view(1, c, *out_shape)
