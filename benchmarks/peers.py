@@ -18,8 +18,10 @@ Methods (per pair; seconds are wall-clock of the registration call only, on ``--
 * greedy: ``-a -dof 12 -ia-image-centers -m NCC 2x2x2 -n 100x50x10`` then deformable
   ``-m NCC 2x2x2 -n 100x50x10 -s 1.5vox 0.75vox`` (greedy's documented brain defaults), ``-threads N``;
 * emorph: ``Registrar.load(--model).register(fixed, moving, labels=moving_labels)`` (model kept warm;
-  seconds = the whole ``register`` call: resampling, inference, resampling back, labels, QC); affine
-  pre-alignment on the demo pair only (``--emorph-affine auto``). Without ``--model`` the packaged default
+  seconds = the whole ``register`` call: decoding the inputs, resampling, inference, resampling back,
+  labels, QC; the median of ``--runs`` calls after ``--warmup``, since a sub-second call is noisy on a shared
+  machine — the peers, at 3-11 s, are timed once); affine pre-alignment on the demo pair only
+  (``--emorph-affine auto``). Without ``--model`` the packaged default
   model is used when one exists; otherwise the row is skipped with the reason.
 
 Dice: GM and WM of the warped moving labels (nearest/genericLabel) vs the fixed labels on the fixed grid.
@@ -275,18 +277,25 @@ def run_greedy(pair: dict[str, Any], tmp: Path, args: Any) -> dict[str, Any]:
 def run_emorph(pair: dict[str, Any], tmp: Path, args: Any, registrar: Any, affine: bool,
                refine: Any = 0) -> dict[str, Any]:
     import nibabel as nib
+    import numpy as np
 
-    fixed = nib.load(str(pair["fixed"]))
-    moving = nib.load(str(pair["moving"]))
-    labels = nib.load(str(pair["moving_labels"]))
-    t0 = time.perf_counter()
-    res = registrar.register(fixed, moving, labels=labels, affine=affine, refine=refine)
-    secs = time.perf_counter() - t0
+    secs_all: list[float] = []
+    for _ in range(max(0, args.warmup) + max(1, args.runs)):
+        # fresh proxies each call: the gzip decoding is timed as part of register()
+        fixed = nib.load(str(pair["fixed"]))
+        moving = nib.load(str(pair["moving"]))
+        labels = nib.load(str(pair["moving_labels"]))
+        t0 = time.perf_counter()
+        res = registrar.register(fixed, moving, labels=labels, affine=affine, refine=refine)
+        secs_all.append(time.perf_counter() - t0)
+    timed = secs_all[max(0, args.warmup):]
+    secs = float(np.median(timed))
     out = tmp / "emorph_labels.nii.gz"
     nib.save(res.warped_labels, str(out))
     qc = res.qc
     return {
         "seconds": secs,
+        "seconds_runs": timed,
         "warped_labels": out,
         "frac_jac_nonpos": qc.get("frac_jac_nonpos"),
         "jac_min": qc.get("jac_min"),
@@ -429,11 +438,10 @@ def _markdown(res: dict[str, Any]) -> str:
     body += ["## Per pair", "", pair_table(res["rows"]), ""]
     for p in res["summary"].get("pairs", []):
         body.append(f"- `{p['name']}`: {p['description']}; labels: {p['labels_method']}.")
-    t = res["summary"].get("target")
-    if t:
+    for t in res["summary"].get("targets", []):
         body += [
             "",
-            f"Target (issue 8): emorph ≥ {TARGET_SPEEDUP_VS_SYN:.0f}× faster than ANTs SyN on the same pair "
+            f"Target (issue 8): emorph ≥ {TARGET_SPEEDUP_VS_SYN:.0f}× faster than ANTs SyN on the same pairs "
             f"({t['kind']}): {C.fmt(t['speedup'], '.1f')}× → "
             + ("not judged (--quick)." if res.get("quick") else ("met." if t["met"] else "**missed**.")),
         ]
@@ -573,20 +581,22 @@ def main(argv: list[str] | None = None) -> int:
             for p in pairs
         ]
     res["summary"]["by_kind"] = _summary(res["rows"])
-    for kind in ("real", "template"):
+    res["summary"]["targets"] = []  # one verdict per kind of pair: template pairs, the real pair
+    for kind in ("template", "real"):
         e = res["summary"]["by_kind"].get(kind, {}).get("emorph", {})
         if e.get("speedup_vs_ants_syn") is not None:
-            res["summary"]["target"] = {
-                "kind": kind,
-                "speedup": e["speedup_vs_ants_syn"],
-                "met": e["speedup_vs_ants_syn"] >= TARGET_SPEEDUP_VS_SYN,
-            }
-            break
+            res["summary"]["targets"].append(
+                {
+                    "kind": kind,
+                    "speedup": e["speedup_vs_ants_syn"],
+                    "met": e["speedup_vs_ants_syn"] >= TARGET_SPEEDUP_VS_SYN,
+                }
+            )
     res["notes"] += [
-        "Seconds: wall-clock of the registration call(s) on this CPU; ANTs/greedy write their transforms "
-        "to a "
-        "temporary folder as part of it; label warping and Jacobians are not included (emorph's register() "
-        "includes its label warp and QC).",
+        "Seconds: wall-clock of the registration call(s) on this CPU; ANTs/greedy: one call each, writing "
+        "their transforms to a temporary folder as part of it; label warping and Jacobians are not included. "
+        f"emorph: median of {args.runs} register() calls after {args.warmup} warm-up (each decodes its "
+        "inputs and includes its label warp and QC).",
         "Dice over GM (2) and WM (3) only; background and CSF are not scored.",
     ]
     if args.quick:

@@ -296,8 +296,35 @@ def _split_pair(x: Any, what: str) -> tuple[np.ndarray, Any]:
     return np.asarray(data), affine
 
 
+def _proxy_data_fast(img: nib.spatialimages.SpatialImage) -> np.ndarray | None:
+    """The data of a ``nib.load``-ed ``.nii.gz`` (an array proxy on the file) through the one-call decoder;
+    None unless the file decodes to exactly the proxy's layout and scaling (then nibabel reads it)."""
+    proxy = img.dataobj
+    path = getattr(proxy, "file_like", None)
+    if not nib.is_proxy(proxy) or not isinstance(path, str | os.PathLike):
+        return None
+    got = _read_nii_gz_fast(Path(path))
+    if got is None:
+        return None
+    mine = got[0].dataobj
+    same = (
+        tuple(mine.shape) == tuple(proxy.shape)
+        and np.dtype(mine.dtype) == np.dtype(proxy.dtype)
+        and getattr(mine, "offset", None) == getattr(proxy, "offset", None)
+        and all(
+            np.array_equal(np.asarray(getattr(mine, k, 0.0), float), np.asarray(getattr(proxy, k, 0.0), float),
+                           equal_nan=True)
+            for k in ("slope", "inter")
+        )
+    )
+    return got[1] if same else None
+
+
 def _image_data(img: nib.spatialimages.SpatialImage, name: str) -> np.ndarray:
     """The voxel data of an in-memory/proxy image; unreadable data is an InputError."""
+    fast = _proxy_data_fast(img)
+    if fast is not None:
+        return fast
     try:
         return np.asanyarray(img.dataobj)
     except Exception as exc:

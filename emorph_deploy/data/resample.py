@@ -247,11 +247,20 @@ def lerp_axis(x, axis: int, coords: np.ndarray, padding: Padding = "border"):
     """Linear interpolation of tensor ``x`` along ``axis`` at float64 source indices ``coords``.
 
     ``padding="border"`` clamps to the edge voxels; ``"zeros"`` treats the outside as 0 (a sample within one
-    voxel of the edge blends towards 0), exactly like ``grid_sample``'s paddings along one axis.
+    voxel of the edge blends towards 0), exactly like ``grid_sample``'s paddings along one axis. Integral
+    indices are a plain gather; the identity returns ``x`` itself (not a copy).
     """
     import torch
 
     n = x.shape[axis]
+    coords = np.asarray(coords, dtype=np.float64)
+    if np.array_equal(coords, np.round(coords)):  # integral indices (e.g. identical grids): a gather, exact
+        idx = coords.astype(np.int64)
+        if padding == "border" or (idx.min(initial=0) >= 0 and idx.max(initial=0) < n):
+            idx = np.clip(idx, 0, n - 1)
+            if idx.size == n and np.array_equal(idx, np.arange(n)):
+                return x  # the identity: x itself, no copy
+            return x.index_select(axis, torch.from_numpy(idx))
     if padding == "zeros":  # one zero voxel each side, then the border rule on the padded axis
         pad = [0] * (2 * x.ndim)
         pad[2 * (x.ndim - 1 - axis)] = pad[2 * (x.ndim - 1 - axis) + 1] = 1
@@ -303,6 +312,8 @@ def _resample_linear_torch_affine(
     if amap is not None:  # axis-aligned (the common case): three 1-D passes instead of a 3D grid_sample
         with torch.no_grad():
             out = separable_lerp(src[0], amap, [np.arange(n) for n in dst_shape], padding).contiguous()
+        if out.data_ptr() == src.data_ptr():  # the identical grid: never hand back the caller's array
+            out = out.clone()
     else:
         out = _grid_sample_affine(src, m, dst_shape, padding)
     if cval != 0 and padding == "zeros":

@@ -225,3 +225,34 @@ def test_bad_arguments() -> None:
         resample_to_grid(np.zeros((4, 4, 4)), np.eye(4), (4, 4, 4), np.eye(4) * 2, order=3)
     with pytest.raises(ValueError, match="padding"):
         resample_to_grid(np.zeros((4, 4, 4)), np.eye(4), (4, 4, 4), np.eye(4) * 2, padding="reflect")
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+def test_lerp_axis_integral_indices_are_an_exact_gather(padding) -> None:
+    """Integral source indices take the gather shortcut (identity: the tensor itself) and agree with the
+    interpolating path, which a 1e-9 nudge forces."""
+    import torch
+
+    from emorph_deploy.data.resample import lerp_axis
+
+    x = torch.from_numpy(RNG_LERP.random((2, 5, 6, 7)).astype(np.float32))
+    ident = np.arange(6, dtype=np.float64)
+    assert lerp_axis(x, 2, ident, padding) is x
+    for coords in (np.array([0.0, 2, 2, 5, 1]), np.array([-2.0, 0, 3, 6, 9])):
+        got = lerp_axis(x, 2, coords, padding)
+        ref = lerp_axis(x, 2, coords + 1e-9, padding)  # not integral: the general lerp
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    if padding == "zeros":  # outside indices read the zero padding
+        out = lerp_axis(x, 2, np.array([-1.0, 6.0]), padding)
+        assert torch.count_nonzero(out) == 0
+
+
+def test_resample_onto_the_same_grid_is_a_copy() -> None:
+    data = RNG_LERP.random((6, 7, 8)).astype(np.float32)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    out = resample_to_grid(data, aff, data.shape, aff, order=1)
+    np.testing.assert_array_equal(out, data)
+    assert not np.shares_memory(out, data)
+
+
+RNG_LERP = np.random.default_rng(11)
