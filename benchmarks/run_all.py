@@ -96,6 +96,7 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------------------------- collation
+_PAIR_KIND = {"template": "template pairs", "real": "real pair"}
 TARGET_COLUMNS = ("target", "measured", "goal", "met", "source")
 
 
@@ -173,7 +174,7 @@ def targets_table(results: dict[str, dict[str, Any] | None], quick: bool = False
     for pt in pts:
         rows.append(
             [
-                f"emorph register vs ANTs SyN ({'template pairs' if pt['kind'] == 'template' else 'real pair'})",
+                f"emorph register vs ANTs SyN ({_PAIR_KIND.get(pt['kind'], pt['kind'])})",
                 f"{C.fmt(pt['speedup'], '.1f')}× faster",
                 "≥ 20×",
                 met(pt["met"]),

@@ -51,7 +51,8 @@ def grid_sample_3d(
     per = npts // n
     main = per * n
     kw = {"mode": mode, "padding_mode": padding_mode, "align_corners": align_corners}
-    body = F.grid_sample(src.expand(n, -1, -1, -1, -1), flat[:main].view(n, per, 1, 1, 3), **kw)  # (n, C, per, 1, 1)
+    # (n, C, per, 1, 1): run b samples points [b * per, (b + 1) * per) of the same (expanded) volume
+    body = F.grid_sample(src.expand(n, -1, -1, -1, -1), flat[:main].view(n, per, 1, 1, 3), **kw)
     body = body.view(n, c, per).transpose(0, 1).reshape(c, main)  # a view when C == 1
     if main < npts:
         tail = F.grid_sample(src, flat[main:].view(1, npts - main, 1, 1, 3), **kw).view(c, npts - main)

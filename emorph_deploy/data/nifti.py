@@ -312,8 +312,11 @@ def _proxy_data_fast(img: nib.spatialimages.SpatialImage) -> np.ndarray | None:
         and np.dtype(mine.dtype) == np.dtype(proxy.dtype)
         and getattr(mine, "offset", None) == getattr(proxy, "offset", None)
         and all(
-            np.array_equal(np.asarray(getattr(mine, k, 0.0), float), np.asarray(getattr(proxy, k, 0.0), float),
-                           equal_nan=True)
+            np.array_equal(
+                np.asarray(getattr(mine, k, 0.0), float),
+                np.asarray(getattr(proxy, k, 0.0), float),
+                equal_nan=True,
+            )
             for k in ("slope", "inter")
         )
     )

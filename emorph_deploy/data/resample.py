@@ -7,8 +7,8 @@ interpolation blends towards ``cval`` within one voxel of the edge, like ``grid_
 and scipy's ``mode="grid-constant"``) or the nearest edge value (``padding="border"``, scipy
 ``mode="nearest"``).
 
-Backends: ``method="torch"`` (default, ``grid_sample`` on float32 over all threads, chunked to bound memory) and
-``method="scipy"`` (``scipy.ndimage.map_coordinates`` in float64, the slow reference used in tests).
+Backends: ``method="torch"`` (default, ``grid_sample`` on float32 over all threads, chunked to bound memory)
+and ``method="scipy"`` (``scipy.ndimage.map_coordinates`` in float64, the slow reference used in tests).
 Nearest-neighbour (``order=0``) is an exact index gather for both (any dtype, label values preserved,
 round-half-to-even like grid_sample).
 
@@ -125,6 +125,7 @@ def _nearest_gather(data: np.ndarray, coords: np.ndarray, cval: float, padding: 
 
 def _linear_torch(data: np.ndarray, coords: np.ndarray, cval: float, padding: Padding) -> np.ndarray:
     import torch
+
     from emorph_deploy.sampling import grid_sample_3d
 
     # data (C, D, H, W) -> (1, C, D, H, W); coords (3, d, h, w) -> grid (1, d, h, w, 3) in (x=W, y=H, z=D)
@@ -331,6 +332,7 @@ def _grid_sample_affine(src, m: np.ndarray, dst_shape: tuple[int, int, int], pad
     route to ~2 float32 roundings.
     """
     import torch
+
     from emorph_deploy.sampling import grid_sample_3d
 
     sizes = src.shape[2:]

@@ -180,7 +180,8 @@ def affine_prealign(
             for it in range(iters[level] + 1):
                 # moving world T p = (I + lin)(p - c) + c + t, folded with world → normalised: one (N, 3) GEMM
                 g = torch.addmm(w_lin @ (c + tr_p) + w_off, p_c, (w_lin @ (eye + lin_p)).T)  # (N, 3)
-                mvals = grid_sample_3d(mv, g.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="zeros").view(-1)
+                mvals = grid_sample_3d(mv, g.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="zeros")
+                mvals = mvals.view(-1)
                 ncc = _ncc(fvals, mvals)
                 val = float(ncc.detach())
                 if level == levels - 1 and it == 0:

@@ -179,7 +179,8 @@ def warp_to_native(
             f = separable_lerp(flow3, amap, out_index, "border").contiguous()  # (3, n, J, I)
         else:
             grid_q = _affine_coords(g_flow, o0, (big_j, big_i))  # (n, J, I, 3)
-            f = grid_sample_3d(flow_t, grid_q[None], mode="bilinear", padding_mode="border")  # (1, 3, n, J, I)
+            # (1, 3, n, J, I)
+            f = grid_sample_3d(flow_t, grid_q[None], mode="bilinear", padding_mode="border")
         f2 = f.view(3, nvox)
         # displacement (LPS mm), channel-first straight into the output slab
         d_slab = disp_out[:, k0:k1].view(3, nvox)
@@ -190,7 +191,8 @@ def warp_to_native(
         base = _affine_coords(g_mov, o0, (big_j, big_i)).view(nvox, 3)
         g = torch.addmm(base, f2.T, l_mov_t.T)  # (nvox, 3)
         inside = (g.abs() <= lim_mov).all(dim=1)
-        w = grid_sample_3d(mov5, g.view(1, n, big_j, big_i, 3), mode="bilinear", padding_mode="border").view(nvox)
+        w = grid_sample_3d(mov5, g.view(1, n, big_j, big_i, 3), mode="bilinear", padding_mode="border")
+        w = w.view(nvox)
         torch.mul(w, inside, out=warped_out[k0:k1].view(nvox))
         if lab5 is not None:
             if same_grid:
