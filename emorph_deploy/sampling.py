@@ -10,13 +10,27 @@ works through it (``expand``'s backward sums the per-run input gradients).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grid_sample_3d"]
+__all__ = ["grid_sample_3d", "index_to_grid"]
 
 #: Below this many points per part the split is not worth its bookkeeping.
 _MIN_POINTS_PER_PART = 1 << 14
+
+
+def index_to_grid(shape: Sequence[int]) -> np.ndarray:
+    """4x4 map from array indices ``(a0, a1, a2, 1)`` of a volume of ``shape`` to ``grid_sample``'s
+    normalised coordinates ``(x, y, z, 1) = (a2, a1, a0)`` scaled to [-1, 1] (``align_corners=True``)."""
+    n = np.zeros((4, 4))
+    for row, axis in ((0, 2), (1, 1), (2, 0)):
+        n[row, axis] = 2.0 / max(int(shape[axis]) - 1, 1)
+        n[row, 3] = -1.0
+    n[3, 3] = 1.0
+    return n
 
 
 def grid_sample_3d(

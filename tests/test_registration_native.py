@@ -194,6 +194,20 @@ def test_jacobian_fast_matches_metrics():
     assert abs(s["sdlogj"] - float(np.log(ref[ref > 0]).std())) < 1e-4
 
 
+@pytest.mark.parametrize("folds", [0, 37])
+def test_deformation_stats_match_float64_numpy(folds):
+    """float32 logs with double accumulation: every statistic within 1e-6 (relative) of float64 numpy."""
+    rng = np.random.default_rng(5)
+    jac = (1.0 + 0.3 * rng.standard_normal((20, 30, 40))).clip(0.05, None).astype(np.float32)
+    jac.reshape(-1)[rng.choice(jac.size, folds, replace=False)] = -0.2
+    s = deformation_stats(jac)
+    j64 = jac.astype(np.float64).ravel()
+    assert s["frac_jac_nonpos"] == folds / jac.size
+    np.testing.assert_allclose(s["sdlogj"], np.log(j64[j64 > 0]).std(), rtol=1e-6)
+    np.testing.assert_allclose(s["sdlogj_l2r"], np.log(np.clip(j64 + 3.0, 1e-9, 1e9)).std(), rtol=1e-6)
+    assert s["jac_min"] == float(j64.min()) and s["jac_max"] == float(j64.max())
+
+
 def test_save_is_all_or_nothing(tmp_path, pair, monkeypatch):
     fixed, moving, labels = pair
     a = AFFINES["ras_iso"](fixed.shape)

@@ -67,3 +67,24 @@ def test_batch_and_single_thread_fall_back(monkeypatch):
     ref = F.grid_sample(src2, grid2, align_corners=True)
     assert torch.equal(grid_sample_3d(src2, grid2, parts=2), ref)
     assert torch.equal(grid_sample_3d(src, grid, parts=1), F.grid_sample(src, grid, align_corners=True))
+
+
+def test_index_to_grid_maps_corners_to_plus_minus_one() -> None:
+    import numpy as np
+
+    from emorph_deploy.sampling import index_to_grid
+
+    shape = (5, 7, 9)
+    n = index_to_grid(shape)
+    corner0 = n @ np.array([0, 0, 0, 1.0])
+    corner1 = n @ np.array([4, 6, 8, 1.0])
+    np.testing.assert_allclose(corner0, [-1, -1, -1, 1])
+    np.testing.assert_allclose(corner1, [1, 1, 1, 1])
+    # x follows the last array axis: index (0, 0, 4) → x = 2·4/8 − 1 = 0
+    np.testing.assert_allclose(n @ np.array([0, 0, 4, 1.0]), [0, -1, -1, 1])
+    # a volume sampled at index_to_grid of its own indices is returned unchanged
+    vol = torch.arange(5 * 7 * 9, dtype=torch.float32).view(1, 1, *shape)
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+    g = (np.c_[idx, np.ones(len(idx))] @ n.T)[:, :3]
+    out = F.grid_sample(vol, torch.from_numpy(g).float().view(1, *shape, 3), align_corners=True)
+    torch.testing.assert_close(out, vol, rtol=0, atol=1e-3)

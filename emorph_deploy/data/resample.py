@@ -274,9 +274,42 @@ def lerp_axis(x, axis: int, coords: np.ndarray, padding: Padding = "border"):
     w = torch.from_numpy((c - i0).astype(np.float32))
     shape = [1] * x.ndim
     shape[axis] = -1
+    runs = _unit_step_runs(coords, i0, n)
+    if runs is not None:  # same spacing: slices instead of gathers (bit-identical)
+        left, lo, hi, right = runs
+        parts = [x.narrow(axis, 0, 1).expand(*_sized(x.shape, axis, left))] if left else []
+        if hi > lo:
+            a = x.narrow(axis, int(i0[lo]), hi - lo)
+            b = x.narrow(axis, int(i0[lo]) + 1, hi - lo)
+            parts.append(torch.lerp(a, b, w[lo:hi].view(shape)))
+        if right:
+            parts.append(x.narrow(axis, n - 1, 1).expand(*_sized(x.shape, axis, right)))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
     a = x.index_select(axis, torch.from_numpy(i0))
     b = x.index_select(axis, torch.from_numpy(i1))
     return torch.lerp(a, b, w.view(shape))
+
+
+def _sized(shape: Sequence[int], axis: int, size: int) -> list[int]:
+    out = list(shape)
+    out[axis] = size
+    return out
+
+
+def _unit_step_runs(coords: np.ndarray, i0: np.ndarray, n: int) -> tuple[int, int, int, int] | None:
+    """For increasing coordinates whose in-range part steps through consecutive source voxels (equal
+    spacing), ``(left, lo, hi, right)``: ``left`` leading samples at or below voxel 0, samples ``lo:hi``
+    strictly inside (``i0`` consecutive), ``right`` trailing samples at or beyond voxel ``n - 1``; else None.
+    """
+    m = len(coords)
+    if n < 2 or m < 2 or not np.all(np.diff(coords) > 0):
+        return None
+    left = int(np.count_nonzero(coords <= 0.0))
+    right = int(np.count_nonzero(coords >= n - 1))
+    lo, hi = left, m - right
+    if hi > lo and not np.all(np.diff(i0[lo:hi]) == 1):
+        return None
+    return left, lo, hi, right
 
 
 def separable_lerp(
@@ -333,14 +366,9 @@ def _grid_sample_affine(src, m: np.ndarray, dst_shape: tuple[int, int, int], pad
     """
     import torch
 
-    from emorph_deploy.sampling import grid_sample_3d
+    from emorph_deploy.sampling import grid_sample_3d, index_to_grid
 
-    sizes = src.shape[2:]
-    norm = np.zeros((3, 4))  # src index (a0, a1, a2, 1) → grid_sample (x = a2, y = a1, z = a0), align_corners
-    for row, axis in ((0, 2), (1, 1), (2, 0)):
-        norm[row, axis] = 2.0 / max(sizes[axis] - 1, 1)
-        norm[row, 3] = -1.0
-    g = norm @ m  # (3, 4): dst index → grid channels
+    g = (index_to_grid(src.shape[2:]) @ m)[:3]  # (3, 4): dst index → grid channels
     # the two small factors in float64 (one rounding each), their full-size sum in float32
     j = np.arange(dst_shape[1], dtype=np.float64)
     k = np.arange(dst_shape[2], dtype=np.float64)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from emorph_deploy.sampling import grid_sample_3d
+from emorph_deploy.sampling import grid_sample_3d, index_to_grid
 
 __all__ = ["AffineConfig", "AffineResult", "affine_prealign"]
 
@@ -163,13 +163,8 @@ def affine_prealign(
                 sel = torch.randperm(pts.shape[0], generator=gen)[: cfg.max_points]
                 pts, fvals = pts[sel], fvals[sel]
             # world → normalised moving coordinates (x = axis 2, y = axis 1, z = axis 0)
-            inv_m = np.linalg.inv(mv_aff)
-            shape = mv.shape[2:]
-            norm = np.zeros((3, 4))
-            for row, axis in ((0, 2), (1, 1), (2, 0)):
-                norm[row, :] = 2.0 / max(shape[axis] - 1, 1) * inv_m[axis]
-                norm[row, 3] -= 1.0
-            w2n = torch.as_tensor(norm, dtype=torch.float32)
+            w2n = index_to_grid(mv.shape[2:]) @ np.linalg.inv(mv_aff)
+            w2n = torch.as_tensor(w2n[:3], dtype=torch.float32)
             p_c = pts - c
             lin_p = lin.clone().requires_grad_(True)
             tr_p = trans.clone().requires_grad_(True)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from emorph_deploy.data.resample import axis_map, separable_lerp
-from emorph_deploy.sampling import grid_sample_3d
+from emorph_deploy.sampling import grid_sample_3d, index_to_grid
 
 __all__ = ["NativeWarp", "itk_displacement_image", "voxel_flow", "voxel_flow_image", "warp_to_native"]
 
@@ -42,16 +42,6 @@ class NativeWarp:
     warped: np.ndarray  # (I, J, K) float32
     displacement_lps: np.ndarray  # (I, J, K, 3) float32, LPS mm, ITK convention
     warped_labels: np.ndarray | None  # (I, J, K) original label dtype
-
-
-def _norm_matrix(shape: tuple[int, int, int]) -> np.ndarray:
-    """(a0, a1, a2) array index → grid_sample coordinates (x = a2, y = a1, z = a0), align_corners=True."""
-    n = np.zeros((4, 4))
-    for row, axis in ((0, 2), (1, 1), (2, 0)):
-        n[row, axis] = 2.0 / max(shape[axis] - 1, 1)
-        n[row, 3] = -1.0
-    n[3, 3] = 1.0
-    return n
 
 
 def _as_c_tensor(arr: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -118,7 +108,7 @@ def warp_to_native(
     # Flow sampling: o → model-grid index; separable 1D interpolations when axis-aligned, else grid_sample.
     o_to_q = np.linalg.inv(a_m) @ p_of_o
     amap = axis_map(o_to_q)
-    g_flow = (_norm_matrix(grid_shape) @ o_to_q)[:3]
+    g_flow = (index_to_grid(grid_shape) @ o_to_q)[:3]
     flow3 = flow_t[0]
     # World displacement (LPS) = S T_lin R_m f + S ((T - I) p)
     lin_d = _LPS @ t_pre[:3, :3] @ r_m
@@ -129,7 +119,7 @@ def warp_to_native(
         mov_t = mov_t.to(torch.float32)
     mov_shape = tuple(int(s) for s in mov_t.shape)
     to_mov = (
-        _norm_matrix(mov_shape) @ p_mov @ np.linalg.inv(np.asarray(moving_affine, dtype=np.float64)) @ t_pre
+        index_to_grid(mov_shape) @ p_mov @ np.linalg.inv(np.asarray(moving_affine, dtype=np.float64)) @ t_pre
     )
     g_mov = (to_mov @ p_of_o)[:3]
     l_mov = to_mov[:3, :3] @ r_m
@@ -151,7 +141,7 @@ def warp_to_native(
             and np.allclose(a_lab, np.asarray(moving_affine, dtype=np.float64), rtol=0, atol=1e-9)
         )
         if not same_grid:
-            to_lab = _norm_matrix(lab_shape) @ p_lab @ np.linalg.inv(a_lab) @ t_pre
+            to_lab = index_to_grid(lab_shape) @ p_lab @ np.linalg.inv(a_lab) @ t_pre
             g_lab = (to_lab @ p_of_o)[:3]
             l_lab_t = torch.as_tensor((to_lab[:3, :3] @ r_m).T, dtype=torch.float32)
         labels_out = np.zeros((big_k, big_j, big_i), dtype=lab_arr.dtype)
@@ -169,6 +159,8 @@ def warp_to_native(
     l_mov_t = torch.as_tensor(l_mov, dtype=torch.float32)
 
     step = max(1, _SLAB_VOXELS // max(big_j * big_i, 1))
+    if (big_j * big_i) % 2 and step > 1:  # even voxel counts per slab: grid_sample_3d splits without a tail
+        step -= step % 2
     for k0 in range(0, big_k, step):
         k1 = min(big_k, k0 + step)
         n = k1 - k0

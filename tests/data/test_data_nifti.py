@@ -247,3 +247,26 @@ def test_fast_gz_reader_matches_nibabel(tmp_path: Path, monkeypatch, kind: str) 
         lab = load_label_map(p)
         assert lab.header.get_data_dtype() == np.uint8
         assert np.array_equal(np.asanyarray(lab.dataobj), ref_data)
+
+
+def test_big_gz_volumes_stream_through_nibabel(tmp_path: Path, monkeypatch) -> None:
+    """Above FAST_READ_MAX_BYTES of voxel data the one-call decoder (~3x the data in memory) steps aside."""
+    import emorph_deploy.data.nifti as nifti_mod
+
+    p = _save(tmp_path / "big.nii.gz", VOL)
+    monkeypatch.setattr(nifti_mod, "FAST_READ_MAX_BYTES", VOL.nbytes - 1)
+    calls: list[str] = []
+    real_load = nib.load
+
+    def spy(path, *a, **k):
+        calls.append(str(path))
+        return real_load(path, *a, **k)
+
+    monkeypatch.setattr(nib, "load", spy)
+    out = load_volume(p)
+    assert calls == [str(p)]
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj), VOL)
+    monkeypatch.setattr(nifti_mod, "FAST_READ_MAX_BYTES", VOL.nbytes)
+    calls.clear()
+    load_volume(p)
+    assert calls == []

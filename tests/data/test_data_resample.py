@@ -256,3 +256,30 @@ def test_resample_onto_the_same_grid_is_a_copy() -> None:
 
 
 RNG_LERP = np.random.default_rng(11)
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+@pytest.mark.parametrize("offset", [0.5, 0.3, -3.7, 6.25, -40.5])
+def test_lerp_axis_unit_step_slices_equal_the_gathers(padding, offset, monkeypatch) -> None:
+    """Equal spacing (unit steps, any offset, clamped ends) runs on slices; bit-identical to the gathers."""
+    import torch
+
+    import emorph_deploy.data.resample as R
+
+    x = torch.from_numpy(RNG_LERP.random((2, 9, 5, 4)).astype(np.float32))
+    coords = np.arange(14, dtype=np.float64) + offset  # reaches past both ends for most offsets
+    calls: list[object] = []
+    real = R._unit_step_runs
+
+    def spy(*a):
+        out = real(*a)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(R, "_unit_step_runs", spy)
+    got = R.lerp_axis(x, 1, coords, padding)
+    assert calls and calls[0] is not None  # the slice path ran
+    monkeypatch.setattr(R, "_unit_step_runs", lambda *a: None)
+    ref = R.lerp_axis(x, 1, coords, padding)
+    assert got.shape == ref.shape == (2, 14, 5, 4)
+    assert torch.equal(got, ref)
