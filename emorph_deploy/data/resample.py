@@ -312,6 +312,33 @@ def _unit_step_runs(coords: np.ndarray, i0: np.ndarray, n: int) -> tuple[int, in
     return left, lo, hi, right
 
 
+def _lerp_order(shape: tuple[int, ...], coords: list[np.ndarray]) -> tuple[int, ...]:
+    """The order of the three 1-D passes with the least estimated work: each pass costs its output size,
+    three times over for a gather along the contiguous last axis (equal-spacing axes are slices, cheap
+    anywhere). Shrinking axes go first, the last axis early when it must gather."""
+    from itertools import permutations
+
+    def step_cost(a: int, size: int) -> float:
+        n = shape[a + 1]
+        last = a == len(shape) - 2
+        gathers = _unit_step_runs(coords[a], _floor_index(coords[a], n), n) is None
+        return size * (3.0 if last and gathers else 1.0)
+
+    best, best_cost = (0, 1, 2), float("inf")
+    for order in permutations(range(3)):
+        dims, cost = list(shape), 0.0
+        for a in order:
+            dims[a + 1] = len(coords[a])
+            cost += step_cost(a, int(np.prod(dims)))
+        if cost < best_cost:
+            best, best_cost = order, cost
+    return best
+
+
+def _floor_index(coords: np.ndarray, n: int) -> np.ndarray:
+    return np.minimum(np.floor(np.clip(coords, 0.0, n - 1)), max(n - 2, 0)).astype(np.int64)
+
+
 def separable_lerp(
     src, amap: list[tuple[int, float, float]], out_index: Sequence[np.ndarray], padding: Padding = "border"
 ):
@@ -321,11 +348,9 @@ def separable_lerp(
     a (C, *output lengths) view. ~5x faster than the 3D ``grid_sample`` (scalar code on CPU) for 1 mm
     volumes; equal to it to float32 rounding."""
     x = src
-    # interpolate the axes that shrink the most first: smaller intermediates
-    order = sorted(range(3), key=lambda a: len(out_index[amap[a][0]]) / max(src.shape[a + 1], 1))
-    for a in order:
-        ob, sc, off = amap[a]
-        x = lerp_axis(x, a + 1, np.asarray(out_index[ob], dtype=np.float64) * sc + off, padding)
+    coords = [np.asarray(out_index[amap[a][0]], dtype=np.float64) * amap[a][1] + amap[a][2] for a in range(3)]
+    for a in _lerp_order(tuple(int(s) for s in src.shape), coords):
+        x = lerp_axis(x, a + 1, coords[a], padding)
     # x is indexed (C, source axes) with source axis a now of output axis amap[a][0]: reorder to output axes
     perm = [0] + [1 + [amap[a][0] for a in range(3)].index(ob) for ob in range(3)]
     return x.permute(*perm)

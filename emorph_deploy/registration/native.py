@@ -12,10 +12,11 @@ For every fixed native voxel ``o`` (world position ``p = A_f o``, RAS mm):
 
 The displacement written for ITK/ANTs is ``d(p) = T(p + u(p)) - p`` in LPS mm.
 
-Everything is folded into per-call 4x4 matrices so the hot loop is: one affine coordinate grid, one
-``grid_sample`` of the (3-channel) flow, one ``addmm``, one ``grid_sample`` of the moving image — float32,
-in slabs along the last native axis, writing straight into Fortran-ordered outputs (NIfTI's on-disk order,
-so saving needs no transpose).
+Everything is folded into per-call 4x4 matrices so the hot loop is: the flow at the slab's voxels (three 1-D
+interpolations when the grids are axis-aligned, else a ``grid_sample``), one ``addmm`` for the moving
+coordinates (channel-first, passed to ``grid_sample`` as a strided view), one ``grid_sample`` of the moving
+image — float32, in slabs along the last native axis, writing straight into Fortran-ordered outputs (NIfTI's
+on-disk order, so saving needs no transpose).
 """
 
 from __future__ import annotations
@@ -58,13 +59,20 @@ def _as_c_tensor(arr: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(np.ascontiguousarray(arr)), np.eye(4)
 
 
-def _affine_coords(m: np.ndarray, o0: torch.Tensor, plane_shape: tuple[int, int]) -> torch.Tensor:
-    """Rows of ``m`` (r x 4) applied to output indices (o0 slab, all o1, all o2) → (n, J, I, r) float32."""
+def _affine_coords_cf(m: np.ndarray, o0: torch.Tensor, plane_shape: tuple[int, int]) -> torch.Tensor:
+    """Rows of ``m`` (r x 4) applied to output indices (o0 slab, all o1, all o2), channel-first:
+    (r, n·J·I) float32, rows contiguous."""
     mt = torch.as_tensor(m, dtype=torch.float32)
     o1 = torch.arange(plane_shape[0], dtype=torch.float32)
     o2 = torch.arange(plane_shape[1], dtype=torch.float32)
-    plane = mt[:, 3] + o1[:, None, None] * mt[:, 1] + o2[None, :, None] * mt[:, 2]  # (J, I, r)
-    return plane[None] + o0[:, None, None, None] * mt[:, 0]  # (n, J, I, r)
+    plane = mt[:, 3, None, None] + o1[:, None] * mt[:, 1, None, None] + o2 * mt[:, 2, None, None]  # (r, J, I)
+    out = plane[:, None] + o0[:, None, None] * mt[:, 0, None, None, None]  # (r, n, J, I)
+    return out.view(mt.shape[0], -1)
+
+
+def _channel_last(g_cf: torch.Tensor, n: int, j: int, i: int) -> torch.Tensor:
+    """(3, n·J·I) channel-first coordinates as a (1, n, J, I, 3) grid_sample grid: a strided view, no copy."""
+    return g_cf.view(3, n, j, i).permute(1, 2, 3, 0)[None]
 
 
 @torch.inference_mode()
@@ -110,6 +118,12 @@ def warp_to_native(
     amap = axis_map(o_to_q)
     g_flow = (index_to_grid(grid_shape) @ o_to_q)[:3]
     flow3 = flow_t[0]
+    if amap is not None and any(b != a for a, (b, _, _) in enumerate(amap)):
+        # transpose the (small) model-grid flow once into the output's axis order, instead of every
+        # upsampled slab: flow axis b then feeds output axis b
+        src_of = {b: a for a, (b, _, _) in enumerate(amap)}
+        flow3 = flow3.permute(0, *(1 + src_of[b] for b in range(3))).contiguous()
+        amap = [(b, amap[src_of[b]][1], amap[src_of[b]][2]) for b in range(3)]
     # World displacement (LPS) = S T_lin R_m f + S ((T - I) p)
     lin_d = _LPS @ t_pre[:3, :3] @ r_m
     aff_d = _LPS @ ((t_pre - np.eye(4)) @ p_of_o)[:3] if has_pre else None
@@ -143,7 +157,7 @@ def warp_to_native(
         if not same_grid:
             to_lab = index_to_grid(lab_shape) @ p_lab @ np.linalg.inv(a_lab) @ t_pre
             g_lab = (to_lab @ p_of_o)[:3]
-            l_lab_t = torch.as_tensor((to_lab[:3, :3] @ r_m).T, dtype=torch.float32)
+            l_lab_t = torch.as_tensor(to_lab[:3, :3] @ r_m, dtype=torch.float32)
         labels_out = np.zeros((big_k, big_j, big_i), dtype=lab_arr.dtype)
         labels_out_t = (
             torch.from_numpy(labels_out)
@@ -170,29 +184,29 @@ def warp_to_native(
             out_index = (np.arange(k0, k1), np.arange(big_j), np.arange(big_i))
             f = separable_lerp(flow3, amap, out_index, "border").contiguous()  # (3, n, J, I)
         else:
-            grid_q = _affine_coords(g_flow, o0, (big_j, big_i))  # (n, J, I, 3)
-            # (1, 3, n, J, I)
-            f = grid_sample_3d(flow_t, grid_q[None], mode="bilinear", padding_mode="border")
+            grid_q = _channel_last(_affine_coords_cf(g_flow, o0, (big_j, big_i)), n, big_j, big_i)
+            f = grid_sample_3d(flow_t, grid_q, mode="bilinear", padding_mode="border")  # (1, 3, n, J, I)
         f2 = f.view(3, nvox)
         # displacement (LPS mm), channel-first straight into the output slab
         d_slab = disp_out[:, k0:k1].view(3, nvox)
         torch.mm(lin_d_t, f2, out=d_slab)
         if aff_d is not None:
-            d_slab += _affine_coords(aff_d, o0, (big_j, big_i)).view(nvox, 3).T
-        # moving sampling grid (normalised), channel-last
-        base = _affine_coords(g_mov, o0, (big_j, big_i)).view(nvox, 3)
-        g = torch.addmm(base, f2.T, l_mov_t.T)  # (nvox, 3)
-        inside = (g.abs() <= lim_mov).all(dim=1)
-        w = grid_sample_3d(mov5, g.view(1, n, big_j, big_i, 3), mode="bilinear", padding_mode="border")
-        w = w.view(nvox)
-        torch.mul(w, inside, out=warped_out[k0:k1].view(nvox))
+            d_slab += _affine_coords_cf(aff_d, o0, (big_j, big_i))
+        # moving sampling grid (normalised), computed channel-first (a well-shaped GEMM, contiguous rows for
+        # the inside test) and handed to grid_sample as a channel-last strided view
+        g = torch.addmm(_affine_coords_cf(g_mov, o0, (big_j, big_i)), l_mov_t, f2)  # (3, nvox)
+        inside = g[0].abs() <= lim_mov[0]
+        inside &= g[1].abs() <= lim_mov[1]
+        inside &= g[2].abs() <= lim_mov[2]
+        w = grid_sample_3d(mov5, _channel_last(g, n, big_j, big_i), mode="bilinear", padding_mode="border")
+        torch.mul(w.view(nvox), inside, out=warped_out[k0:k1].view(nvox))
         if lab5 is not None:
             if same_grid:
                 gl = g
             else:
-                gl = torch.addmm(_affine_coords(g_lab, o0, (big_j, big_i)).view(nvox, 3), f2.T, l_lab_t)
+                gl = torch.addmm(_affine_coords_cf(g_lab, o0, (big_j, big_i)), l_lab_t, f2)
             vals = grid_sample_3d(
-                lab5, gl.to(lab5.dtype).view(1, n, big_j, big_i, 3), mode="nearest", padding_mode="zeros"
+                lab5, _channel_last(gl.to(lab5.dtype), n, big_j, big_i), mode="nearest", padding_mode="zeros"
             ).view(nvox)
             if labels_out_t is not None:
                 labels_out_t[k0:k1].view(nvox).copy_(vals)  # exact: integral values, cast to the label dtype
