@@ -81,9 +81,17 @@ def deformation_stats(jac: np.ndarray) -> dict[str, float]:
     j = torch.as_tensor(jac).reshape(-1)
     n = j.numel()
     n_nonpos = int(torch.count_nonzero(j <= 0))
-    pos = j if n_nonpos == 0 else j[j > 0]  # no masked copy in the usual, fold-free case
+    n_pos = n - n_nonpos
     # logs in the input precision; CPU reductions accumulate float32 in double (sdlogj to ~1e-8 relative)
-    sd = float(torch.log(pos).std(unbiased=False)) if pos.numel() > 1 else float("nan")
+    if n_pos <= 1:
+        sd = float("nan")
+    elif n_nonpos == 0:
+        sd = float(torch.log(j).std(unbiased=False))
+    else:  # folds: log(1) = 0 stands in for J ≤ 0 (no masked copy), then their share is taken out again
+        lg = torch.log(torch.where(j > 0, j, torch.ones((), dtype=j.dtype)))
+        mean = float(lg.sum(dtype=torch.float64)) / n_pos
+        ss = float((lg - mean).square_().sum(dtype=torch.float64)) - n_nonpos * mean * mean
+        sd = max(ss, 0.0) ** 0.5 / n_pos**0.5
     l2r = float(torch.log((j + 3.0).clamp(1e-9, 1e9)).std(unbiased=False))
     lo, hi = torch.aminmax(j)
     return {

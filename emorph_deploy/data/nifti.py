@@ -237,7 +237,7 @@ def _validated_intensity(data: np.ndarray, affine: Any, what: str, header: Any =
     data = _squeeze_to_3d(np.asarray(data), what)
     _check_values(data, what)
     data32 = np.ascontiguousarray(data, dtype=np.float32)
-    if not np.all(np.isfinite(data32)):
+    if data.dtype != np.float32 and not np.all(np.isfinite(data32)):  # float32 input: checked just above
         raise InputError(
             f"{what}: expected values that fit float32, got values overflowing to Inf; fix: rescale the image"
         )

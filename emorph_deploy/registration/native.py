@@ -34,6 +34,7 @@ __all__ = ["NativeWarp", "itk_displacement_image", "voxel_flow", "voxel_flow_ima
 #: Voxels per slab: bounds the temporaries (~24 MB per (N, 3) float32 tensor).
 _SLAB_VOXELS = 1 << 21
 _LPS = np.diag([-1.0, -1.0, 1.0])
+_ZERO = torch.zeros((), dtype=torch.float32)
 
 
 @dataclass
@@ -199,7 +200,7 @@ def warp_to_native(
         inside &= g[1].abs() <= lim_mov[1]
         inside &= g[2].abs() <= lim_mov[2]
         w = grid_sample_3d(mov5, _channel_last(g, n, big_j, big_i), mode="bilinear", padding_mode="border")
-        torch.mul(w.view(nvox), inside, out=warped_out[k0:k1].view(nvox))
+        torch.where(inside, w.view(nvox), _ZERO, out=warped_out[k0:k1].view(nvox))
         if lab5 is not None:
             if same_grid:
                 gl = g

@@ -16,9 +16,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["save_nifti_gz"]
+__all__ = ["save_nifti_gz", "save_nifti_gz_many"]
 
-_CHUNK = 8 << 20  # bytes of raw data per gzip member
+_CHUNK = 4 << 20  # bytes of raw data per gzip member
 
 
 def _compressor():
@@ -61,17 +61,32 @@ def _raw_parts(img: nib.Nifti1Image) -> tuple[bytes, memoryview]:
 
 def save_nifti_gz(img: nib.Nifti1Image, path: str | os.PathLike, workers: int | None = None) -> Path:
     """Write ``img`` as a gzipped single-file NIfTI-1 at ``path`` (chunks compressed in parallel)."""
-    head, data = _raw_parts(img)
-    pieces = [head] + [data[i : i + _CHUNK] for i in range(0, len(data), _CHUNK)]
+    return save_nifti_gz_many([(img, path)], workers)[0]
+
+
+def save_nifti_gz_many(
+    items: list[tuple[nib.Nifti1Image, str | os.PathLike]], workers: int | None = None
+) -> list[Path]:
+    """Write several images (each as :func:`save_nifti_gz`) with one pool: every chunk of every file is
+    queued at once, so the cores stay busy across file boundaries; files are written in order as their
+    chunks complete. ValueError (before anything is written) if an image is not covered."""
+    files = []
+    for img, path in items:
+        head, data = _raw_parts(img)
+        files.append((Path(path), [head] + [data[i : i + _CHUNK] for i in range(0, len(data), _CHUNK)]))
     compress = _compressor()
-    workers = workers or min(len(pieces), max(1, os.cpu_count() or 1))
-    path = Path(path)
-    with open(path, "wb") as f:
-        if workers <= 1:
-            for p in pieces:
-                f.write(compress(p))
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for member in pool.map(compress, pieces):
-                    f.write(member)
-    return path
+    n_pieces = sum(len(p) for _, p in files)
+    workers = workers or min(n_pieces, max(1, os.cpu_count() or 1))
+    if workers <= 1:
+        for path, pieces in files:
+            with open(path, "wb") as f:
+                for p in pieces:
+                    f.write(compress(p))
+        return [path for path, _ in files]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        queued = [(path, [pool.submit(compress, p) for p in pieces]) for path, pieces in files]
+        for path, futures in queued:
+            with open(path, "wb") as f:
+                for fut in futures:
+                    f.write(fut.result())
+    return [path for path, _ in files]

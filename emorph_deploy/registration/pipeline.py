@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -255,12 +256,13 @@ class Result:
             with contextlib.ExitStack() as stack:
                 tmp = {n: stack.enter_context(atomic_path(p, force=force)) for n, p in targets.items()}
                 t0 = time.perf_counter()
-                _save_nii(self.warped, tmp["warped"])
+                images = [(self.warped, tmp["warped"])]
                 if "warped_labels" in tmp:
-                    _save_nii(self.warped_labels, tmp["warped_labels"])
-                _save_nii(self.displacement, tmp["displacement"])
+                    images.append((self.warped_labels, tmp["warped_labels"]))
+                images.append((self.displacement, tmp["displacement"]))
                 if "voxel_flow" in tmp:
-                    _save_nii(self.voxel_flow(), tmp["voxel_flow"])
+                    images.append((self.voxel_flow(), tmp["voxel_flow"]))
+                _save_niis(images)
                 times["write_nifti"] = time.perf_counter() - t0
                 if "qc_png" in tmp:
                     t1 = time.perf_counter()
@@ -284,14 +286,19 @@ class Result:
         return targets
 
 
-def _save_nii(img: nib.Nifti1Image, path: Path) -> None:
-    """Parallel-gzip writer for our plain outputs; nibabel for anything it does not cover."""
-    from emorph_deploy.registration.niftiio import save_nifti_gz
+def _save_niis(images: list[tuple[nib.Nifti1Image, Path]]) -> None:
+    """Parallel-gzip writer for our plain outputs (one pool for all files); nibabel for anything it does not
+    cover."""
+    from emorph_deploy.registration.niftiio import save_nifti_gz_many
 
     try:
-        save_nifti_gz(img, path)
-    except ValueError:
-        nib.save(img, str(path))
+        save_nifti_gz_many(images)
+    except ValueError:  # raised before anything is written: one image needs nibabel
+        for img, path in images:
+            try:
+                save_nifti_gz_many([(img, path)])
+            except ValueError:
+                nib.save(img, str(path))
 
 
 def _cleanup_dir(out: Path, created: bool) -> None:
@@ -457,8 +464,10 @@ class Registrar:
         prep = self.preprocessing
         grid = prep.grid_affine(fixed_img)
         shape = self.grid_shape
-        f_norm, _, _ = prep.normalise(f_data)
-        m_norm, _, _ = prep.normalise(m_data)
+        # the two percentile searches are single-threaded numpy (GIL released): run them side by side
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="emorph-norm") as pool:
+            f_job, m_job = pool.submit(prep.normalise, f_data), pool.submit(prep.normalise, m_data)
+            (f_norm, _, _), (m_norm, _, _) = f_job.result(), m_job.result()
         fixed_m = resample_to_grid(f_norm, f_aff, shape, grid, order=1, cval=0.0)
         m_src_aff = m_aff if pre is None else np.linalg.inv(pre) @ m_aff
         moving_m = resample_to_grid(m_norm, m_src_aff, shape, grid, order=1, cval=0.0)
@@ -592,8 +601,6 @@ def load_inputs(fixed: Any, moving: Any, labels: Any = None) -> tuple[nib.Nifti1
     The inputs are read concurrently (gzip decoding and the numpy checks release the GIL); a defect is
     reported for the first bad input in argument order.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from emorph_deploy.data.nifti import as_image, as_label_image
 
     jobs: list[tuple[Any, Any, str]] = [(as_image, fixed, "fixed image"), (as_image, moving, "moving image")]
