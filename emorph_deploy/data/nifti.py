@@ -140,8 +140,8 @@ def _read_nii_gz_fast(p: Path) -> tuple[nib.spatialimages.SpatialImage, np.ndarr
             from isal.igzip import decompress
         except ImportError:  # pragma: no cover - isal is a dependency; plain zlib works too
             from gzip import decompress
-        with open(p, "rb") as fh:  # the header alone first: how big is the data?
-            head = zlib.decompressobj(31).decompress(fh.read(1 << 16), 540)
+        packed = p.read_bytes()
+        head = zlib.decompressobj(31).decompress(packed[: 1 << 16], 540)  # the header first: how big is it?
         nifti2 = 540 in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big"))
         hdr_cls, cls = (nib.Nifti2Header, nib.Nifti2Image) if nifti2 else (nib.Nifti1Header, nib.Nifti1Image)
         if len(head) < hdr_cls.sizeof_hdr:
@@ -150,7 +150,7 @@ def _read_nii_gz_fast(p: Path) -> tuple[nib.spatialimages.SpatialImage, np.ndarr
         nbytes = int(np.prod(hdr.get_data_shape(), dtype=np.int64)) * hdr.get_data_dtype().itemsize
         if nbytes > FAST_READ_MAX_BYTES:
             return None
-        img = cls.from_bytes(decompress(p.read_bytes()))
+        img = cls.from_bytes(decompress(packed))
         return img, np.asanyarray(img.dataobj)
     except Exception:
         return None

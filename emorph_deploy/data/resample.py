@@ -266,11 +266,10 @@ def lerp_axis(x, axis: int, coords: np.ndarray, padding: Padding = "border"):
         pad = [0] * (2 * x.ndim)
         pad[2 * (x.ndim - 1 - axis)] = pad[2 * (x.ndim - 1 - axis) + 1] = 1
         x = torch.nn.functional.pad(x, pad)
-        coords = np.asarray(coords, dtype=np.float64) + 1.0
+        coords = coords + 1.0
         n += 2
     c = np.clip(coords, 0.0, n - 1)
-    i0 = np.minimum(np.floor(c), max(n - 2, 0)).astype(np.int64)
-    i1 = np.minimum(i0 + 1, n - 1)
+    i0 = _floor_index(coords, n)
     w = torch.from_numpy((c - i0).astype(np.float32))
     shape = [1] * x.ndim
     shape[axis] = -1
@@ -286,7 +285,7 @@ def lerp_axis(x, axis: int, coords: np.ndarray, padding: Padding = "border"):
             parts.append(x.narrow(axis, n - 1, 1).expand(*_sized(x.shape, axis, right)))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
     a = x.index_select(axis, torch.from_numpy(i0))
-    b = x.index_select(axis, torch.from_numpy(i1))
+    b = x.index_select(axis, torch.from_numpy(np.minimum(i0 + 1, n - 1)))
     return torch.lerp(a, b, w.view(shape))
 
 
@@ -336,6 +335,7 @@ def _lerp_order(shape: tuple[int, ...], coords: list[np.ndarray]) -> tuple[int, 
 
 
 def _floor_index(coords: np.ndarray, n: int) -> np.ndarray:
+    """Lower interpolation corner of each (border-clamped) coordinate; at most ``n - 2``."""
     return np.minimum(np.floor(np.clip(coords, 0.0, n - 1)), max(n - 2, 0)).astype(np.int64)
 
 

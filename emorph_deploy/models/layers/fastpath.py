@@ -62,9 +62,13 @@ def use_onednn(x: torch.Tensor) -> bool:
         and not torch.is_grad_enabled()
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
-        and not reference_ops_required()
-        and not _compiling()
+        and _plain_eager()
     )
+
+
+def _plain_eager() -> bool:
+    """Not traced/exported/analysed, fast path on, and not under ``torch.compile``."""
+    return not reference_ops_required() and not _compiling()
 
 
 def _compiling() -> bool:
@@ -89,4 +93,4 @@ def onednn_conv(conv: torch.nn.Conv3d, x: torch.Tensor, weight: torch.Tensor | N
 def use_parallel_sampler(x: torch.Tensor) -> bool:
     """Eager CPU (not traced/exported/analysed/compiled): a batch-1 3D ``grid_sample`` may be spread over all
     threads (:func:`emorph_deploy.sampling.grid_sample_3d`, bit-identical to the plain call)."""
-    return x.device.type == "cpu" and not reference_ops_required() and not _compiling()
+    return x.device.type == "cpu" and _plain_eager()
