@@ -120,6 +120,17 @@ def finish_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
     return args
 
 
+def use_allocator(malloc: str = "heap") -> dict[str, Any]:
+    """Set up a worker process's allocator: ``"heap"`` = emorph's default (CLI, ``load_runner``: glibc keeps
+    freed memory for reuse), ``"system"`` = glibc defaults. Returns what was applied, for the row's JSON."""
+    if malloc != "heap":
+        return {"applied": False, "reason": "glibc defaults (row option malloc=system)"}
+    from emorph_deploy.runtime import allocator_state, keep_freed_memory
+
+    keep_freed_memory(force=True)
+    return allocator_state()
+
+
 def thread_env(threads: int) -> dict[str, str]:
     """Environment variables that fix the thread count of OpenMP/MKL/ITK (inherited by subprocesses)."""
     t = str(int(threads))

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -32,12 +31,12 @@ import _common as C
 
 def _timed(
     runner, feed: dict[str, np.ndarray], warmup: int, runs: int
-) -> tuple[dict[str, np.ndarray], list[float]]:
+) -> tuple[dict[str, np.ndarray], C.Timing]:
     """Last output and the runner's own latencies of ``runs`` calls after ``warmup`` calls."""
     box: dict[str, Any] = {}
     t = C.time_call(lambda: box.update(out=runner.infer(feed)), runs, warmup,
                     timer=lambda: runner.last_latency_s)
-    return box["out"], t.times_s
+    return box["out"], t
 
 
 def _diff(a: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, float]:
@@ -162,14 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         ref_runner = TorchRunner(ckpt, threads=args.threads)
         if tuple(ref_runner.grid_shape) != size:
             raise SystemExit(f"checkpoint grid {ref_runner.grid_shape} differs from --size {size}")
-        ref, ref_times = _timed(ref_runner, feed, args.warmup, args.runs)
-        print(f"torch eager: median {statistics.median(ref_times):.2f} s", flush=True)
+        ref, ref_t = _timed(ref_runner, feed, args.warmup, args.runs)
+        print(f"torch eager: median {ref_t.median_s:.2f} s", flush=True)
         fr = ref["flow"][0].astype(np.float64)
         rows: list[dict[str, Any]] = [
             {
                 "backend": f"torch {torch.__version__} eager (grid_sample warp)",
-                "latency_median_s": statistics.median(ref_times),
-                "latencies_s": ref_times,
+                "latency_median_s": ref_t.median_s,
+                "latencies_s": ref_t.times_s,
             }
         ]
         for mode in ("gather", "native"):
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             export_s = time.perf_counter() - t0
             meta = json.loads(onnx_path.with_suffix(".json").read_text())
             runner = OnnxRuntimeRunner(onnx_path, threads=args.threads, providers="cpu")
-            out, times = _timed(runner, feed, args.warmup, args.runs)
+            out, t = _timed(runner, feed, args.warmup, args.runs)
             runner.close()
             row = {
                 "backend": f"onnxruntime {onnxruntime.__version__} CPU",
@@ -189,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 "tensorrt_parser_ok": meta["tensorrt_check"]["ok"],
                 "export_s": export_s,
                 "onnx_mb": onnx_path.stat().st_size / 1e6,
-                "latency_median_s": statistics.median(times),
-                "latencies_s": times,
+                "latency_median_s": t.median_s,
+                "latencies_s": t.times_s,
                 **_diff(out, ref),
             }
             rows.append(row)

@@ -47,10 +47,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     out: dict[str, Any] = {"id": spec["row"]}
     kind = spec["kind"]
-    from emorph_deploy.runtime import allocator_state, keep_freed_memory
-
-    keep_freed_memory(force=True)  # emorph's default in the CLI and load_runner (reuses freed blocks)
-    out["allocator"] = allocator_state()
+    out["allocator"] = C.use_allocator()  # emorph's default in the CLI and load_runner (reuses freed blocks)
     grid = tuple(spec["grid"])
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()

@@ -184,13 +184,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     res: dict[str, Any] = {"id": spec["id"]}
     try:
-        if spec["options"].get("malloc", "heap") == "heap":  # emorph's default (CLI, load_runner)
-            from emorph_deploy.runtime import allocator_state, keep_freed_memory
-
-            keep_freed_memory(force=True)
-            res["allocator"] = allocator_state()
-        else:
-            res["allocator"] = {"applied": False, "reason": "glibc defaults (row option malloc=system)"}
+        res["allocator"] = C.use_allocator(spec["options"].get("malloc", "heap"))
         moving = np.load(spec["moving"])
         fixed = np.load(spec["fixed"])
         t0 = time.perf_counter()
@@ -352,11 +346,16 @@ def _execute(spec: dict[str, Any], args: Any) -> dict[str, Any]:
     return res
 
 
-def _flow_diff(flow, ref) -> dict[str, float]:
+def _rms(a) -> float:
+    import numpy as np
+
+    return float(np.sqrt((a.astype(np.float64) ** 2).mean()))
+
+
+def _flow_diff(flow, ref, ref_rms: float) -> dict[str, float]:
     import numpy as np
 
     d, out = C.flow_diff(flow, ref)
-    ref_rms = float(np.sqrt((ref.astype(np.float64) ** 2).mean()))
     out["rel_rms_dflow"] = float(np.sqrt((d * d).mean()) / max(ref_rms, 1e-12))
     return out
 
@@ -823,6 +822,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             specs = [s for s in _specs_for_grid(tag, paths, args) if _selected(s["row"], args)]
             ref = None
+            ref_rms = 0.0  # of the reference flow, computed once
             rows: list[dict[str, Any]] = []
 
             def run_spec(
@@ -834,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows: list = rows,
                 paths: dict = paths,
             ) -> dict[str, Any]:
-                nonlocal ref
+                nonlocal ref, ref_rms
                 spec = {
                     **spec,
                     "threads": args.threads,
@@ -866,9 +866,9 @@ def main(argv: list[str] | None = None) -> int:
                     flow = np.load(spec["flow_out"])
                     Path(spec["flow_out"]).unlink()
                     if spec["row"] == "torch-eager":
-                        ref = flow
+                        ref, ref_rms = flow, _rms(flow)
                     if ref is not None:
-                        row.update(_flow_diff(flow, ref))
+                        row.update(_flow_diff(flow, ref, ref_rms))
                     del flow
                     C.log(
                         f"[{tag}] {spec['row']}: median {t['median_s']:.3g} s ({row['x_bound']:.2f}× bound)"

@@ -43,6 +43,8 @@ OUT_NAME = {"default_model_eval": "default_model", "register_e2e_full": "registe
 #: entries that run another script with fixed arguments (not in --quick): the issue's full-resolution case
 SCRIPT_FILE = {"register_e2e_full": "register_e2e"}
 FIXED_ARGS = {"register_e2e_full": ["--grid", "160x192x224"]}
+#: the end-to-end results, full-resolution case first
+E2E_SOURCES = ("register_e2e_full", "register_e2e")
 #: scripts that take --model (a trained checkpoint); export_parity calls it --checkpoint
 MODEL_FLAG = {
     "model_latency": "--model",
@@ -157,7 +159,7 @@ def targets_table(results: dict[str, dict[str, Any] | None], quick: bool = False
                 "model_latency",
             ]
         )
-    for source in ("register_e2e_full", "register_e2e"):
+    for source in E2E_SOURCES:
         e2e = (results.get(source) or {}).get("summary") or {}
         what = f"end-to-end register vs model forward ({_e2e_case(e2e) if e2e else source})"
         if e2e.get("e2e_over_model") is None:
@@ -240,7 +242,7 @@ def key_figures(results: dict[str, dict[str, Any] | None]) -> list[str]:
                 f"- Export parity {r.get('backend')} ({r.get('grid_sample')}): max |Δflow| "
                 f"{r['max_dflow_voxel']:.2g} vox, median {r.get('latency_median_s', float('nan')):.3g} s."
             )
-    for source in ("register_e2e_full", "register_e2e"):
+    for source in E2E_SOURCES:
         e2e = (results.get(source) or {}).get("summary") or {}
         if e2e.get("e2e_median_s"):
             out.append(
