@@ -21,7 +21,7 @@ from typing import Any
 from emorph_deploy.calibration.pairs import CalibrationSet, make_reader
 from emorph_deploy.calibration.quantize import QuantizeOptions, quantize_qdq, trt_calibration_cache
 from emorph_deploy.errors import ConfigMismatchError, InputError
-from emorph_deploy.export.manifest import MANIFEST_FORMAT
+from emorph_deploy.export.manifest import manifest_path_for
 from emorph_deploy.fileio import check_writable, sha256_file, write_bytes_atomic, write_json_atomic
 
 
@@ -100,7 +100,7 @@ def calibrate(
         pre = Preprocessing.from_dict(meta["preprocessing"])
         if tuple(pre.grid_shape) != tuple(grid):
             raise ConfigMismatchError(
-                f"ONNX manifest {onnx_path.with_suffix('.json')}: expected preprocessing grid "
+                f"ONNX manifest {manifest_path_for(onnx_path)}: expected preprocessing grid "
                 f"equal to the graph's {grid}, got {tuple(pre.grid_shape)}; fix: re-run "
                 "'emorph export'"
             )
@@ -108,7 +108,7 @@ def calibrate(
     if pairs is not None:
         if pre is None:
             raise InputError(
-                f"calibrate --pairs: expected the ONNX manifest {onnx_path.with_suffix('.json')} "
+                f"calibrate --pairs: expected the ONNX manifest {manifest_path_for(onnx_path)} "
                 "(its preprocessing defines the model grid), got none; fix: re-run 'emorph export' or "
                 "use --synthetic N"
             )
@@ -153,41 +153,28 @@ def calibrate(
     import hashlib
 
     from emorph_deploy import __version__
+    from emorph_deploy.engines.builder import derived_onnx_manifest
 
-    manifest = dict(
-        meta
-        or {
-            "format": MANIFEST_FORMAT,
-            "name": name,
-            "model": None,
-            "preprocessing": None,
-            "grid_shape": list(grid),
-        }
+    manifest = derived_onnx_manifest(
+        meta,
+        model,
+        name=name,
+        precision="int8",
+        graph_sha=hashlib.sha256(qdq_bytes).hexdigest(),
+        source=onnx_path,
+        source_sha=stats["source_sha256"],
+        calibration={
+            "method": options.method,
+            "op_types": list(options.op_types),
+            "quantizer": report["quantizer"],
+            "n_pairs": len(calib),
+            "pairs": str(paths["pairs"].resolve()),
+            "stats": str(paths["stats"].resolve()),
+            "cache": str(paths["cache"].resolve()),
+            "excluded": report["excluded"],
+            "package_version": __version__,
+        },
     )
-    manifest.update(
-        {
-            "format": MANIFEST_FORMAT,
-            "name": name,
-            "precision": "int8",
-            "sha256_onnx": hashlib.sha256(qdq_bytes).hexdigest(),
-            "derived_from": {"onnx": str(onnx_path.resolve()), "sha256": stats["source_sha256"]},
-            "calibration": {
-                "method": options.method,
-                "op_types": list(options.op_types),
-                "quantizer": report["quantizer"],
-                "n_pairs": len(calib),
-                "pairs": str(paths["pairs"].resolve()),
-                "stats": str(paths["stats"].resolve()),
-                "cache": str(paths["cache"].resolve()),
-                "excluded": report["excluded"],
-                "package_version": __version__,
-            },
-        }
-    )
-    if "inputs" not in manifest or "outputs" not in manifest:
-        from emorph_deploy.engines.builder import io_spec
-
-        manifest["inputs"], manifest["outputs"] = io_spec(model)
     write_bytes_atomic(paths["pairs"], buf.getvalue().encode(), force=force)
     write_json_atomic(paths["stats"], stats, force=force)
     write_bytes_atomic(paths["cache"], trt_calibration_cache(scales).encode(), force=force)

@@ -156,7 +156,7 @@ def quantize_qdq(
         else:
             _quantize_modelopt(src, out, reader, nodes, real_ops, options)
         qdq = onnx.load(str(out))
-    rewired = restrict_qdq(qdq, set(nodes))
+    rewired = restrict_qdq(qdq, chosen)
     report = inspect_qdq(qdq, excluded_nodes=[n for v in excluded.values() for n in v])
     problems = report["problems"]
     if problems:
@@ -373,6 +373,10 @@ def inspect_qdq(model: Any, excluded_nodes: list[str] | None = None) -> dict[str
             consumers.setdefault(i, []).append(n)
     inits = {t.name for t in graph.initializer}
     consts = _constant_tensors(graph)
+
+    def is_constant(name: str) -> bool:  # an initializer or a Constant node's output (weights)
+        return name in inits or (name in prod and prod[name].op_type == "Constant")
+
     problems: list[str] = []
     q_nodes = [n for n in graph.node if n.op_type == "QuantizeLinear"]
     dq_nodes = [n for n in graph.node if n.op_type == "DequantizeLinear"]
@@ -391,7 +395,7 @@ def inspect_qdq(model: Any, excluded_nodes: list[str] | None = None) -> dict[str
     for n in dq_nodes:
         src = n.input[0]
         scale = _const_value(consts, n.input[1])
-        if src in inits or (src in prod and prod[src].op_type == "Constant"):  # weight DQ
+        if is_constant(src):  # weight DQ
             w = _const_value(consts, src)
             consumer = consumers.get(n.output[0], [])
             roles = [(c.op_type, list(c.input).index(n.output[0])) for c in consumer]
@@ -410,7 +414,7 @@ def inspect_qdq(model: Any, excluded_nodes: list[str] | None = None) -> dict[str
     for n in q_nodes:
         src = n.input[0]
         scale = _const_value(consts, n.input[1])
-        if src in inits or (src in prod and prod[src].op_type == "Constant"):
+        if is_constant(src):
             # FP32 weight + Q/DQ (Model Optimizer form) is fine when it feeds only compute-op weight inputs
             uses = [
                 (c, list(c.input).index(d.output[0]))

@@ -346,14 +346,13 @@ def build_engine(
 
     with tempfile.TemporaryDirectory(prefix="emorph-build-") as tmp:
         if convert_fp16:
-            import onnx
-
             from emorph_deploy.engines.fp16 import convert_fp16 as _convert
 
             say("converting to mixed FP16/FP32 (AutoCast; LayerNorm, Softmax, flow head, warp kept FP32)")
             fp16_model, fp16_summary = _convert(onnx_path)
             graph_path = Path(tmp) / fp16_onnx.name
-            onnx.save(fp16_model, str(graph_path))
+            fp16_bytes = fp16_model.SerializeToString()  # TensorRT parses the file; hash and copy from memory
+            graph_path.write_bytes(fp16_bytes)
         convert_s = time.perf_counter() - t0
 
         mod = trt.module
@@ -413,10 +412,10 @@ def build_engine(
         source_sha = sha256_file(onnx_path)
         built_graph, built_sha = onnx_path, source_sha
         if convert_fp16:
-            fp16_bytes = graph_path.read_bytes()
             built_sha = hashlib.sha256(fp16_bytes).hexdigest()
-            fp16_meta = _fp16_onnx_manifest(
-                onnx_meta, model, name, fp16_summary or {}, onnx_path, source_sha, built_sha
+            fp16_meta = derived_onnx_manifest(
+                onnx_meta, model, name=name, precision="fp16", graph_sha=built_sha, source=onnx_path,
+                source_sha=source_sha, fp16_conversion=fp16_summary or {},
             )
             write_bytes_atomic(fp16_onnx, fp16_bytes, force=options.force)
             write_json_atomic(fp16_json, fp16_meta, force=options.force)
@@ -476,35 +475,31 @@ def build_engine(
     return BuildResult(engine_path, manifest_path, manifest, Path(built_graph), extra)
 
 
-def _fp16_onnx_manifest(
-    onnx_meta: dict[str, Any] | None,
+def derived_onnx_manifest(
+    meta: dict[str, Any] | None,
     model: Any,
+    *,
     name: str,
-    summary: dict[str, Any],
+    precision: str,
+    graph_sha: str,
     source: Path,
     source_sha: str,
-    graph_sha: str,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """The ONNX manifest of the FP16 graph: the source manifest with precision/sha256 updated."""
-    inputs, outputs = io_spec(model)
-    meta = dict(
-        onnx_meta
-        or {
-            "format": MANIFEST_FORMAT,
-            "name": name,
-            "model": None,
-            "preprocessing": None,
-            "grid_shape": inputs[0]["shape"][2:] if inputs else None,
-            "inputs": inputs,
-            "outputs": outputs,
-        }
-    )
-    meta.update(
+    """The ONNX manifest of a graph derived from ``source`` (FP16 conversion, INT8 Q/DQ): the source's
+    manifest (or a minimal one when it has none) with precision, hash and provenance updated, plus ``extra``
+    sections; name, inputs/outputs and grid filled in from ``model`` when the source manifest lacks them."""
+    out = dict(meta or {"format": MANIFEST_FORMAT, "model": None, "preprocessing": None})
+    out.setdefault("name", name)
+    out.update(
         {
-            "precision": "fp16",
+            "precision": precision,
             "sha256_onnx": graph_sha,
-            "fp16_conversion": summary,
             "derived_from": {"onnx": str(source.resolve()), "sha256": source_sha},
+            **extra,
         }
     )
-    return meta
+    if "inputs" not in out or "outputs" not in out:
+        out["inputs"], out["outputs"] = io_spec(model)
+    out.setdefault("grid_shape", out["inputs"][0]["shape"][2:] if out["inputs"] else None)
+    return out
