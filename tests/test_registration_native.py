@@ -336,3 +336,58 @@ def test_save_nifti_gz_many_writes_every_file_whole(tmp_path, monkeypatch):
         assert back.get_data_dtype() == im.get_data_dtype()
         np.testing.assert_array_equal(np.asanyarray(back.dataobj), np.asanyarray(im.dataobj))
         np.testing.assert_allclose(back.affine, im.affine)
+
+
+def test_affine_trilinear_value_and_gradient_match_grid_sample_autograd():
+    """The affine fit's sampler: values and their derivatives along each array axis equal F.grid_sample's
+    (zeros padding, align_corners=True) and its autograd gradient, inside, on and beyond the faces."""
+    import torch
+    import torch.nn.functional as F
+
+    from emorph_deploy.registration.affine import _trilinear_with_gradient
+    from emorph_deploy.sampling import index_to_grid
+
+    gen = torch.Generator().manual_seed(0)
+    vol = torch.rand(7, 9, 11, dtype=torch.float64, generator=gen)
+    idx = torch.stack([torch.rand(600, dtype=torch.float64, generator=gen) * (n + 3) - 2 for n in vol.shape])
+    out = _trilinear_with_gradient(vol, idx)  # (4, N)
+    x = idx.clone().requires_grad_(True)
+    n2g = torch.as_tensor(index_to_grid(vol.shape), dtype=torch.float64)
+    grid = (n2g[:3, :3] @ x + n2g[:3, 3:]).T
+    ref = F.grid_sample(vol[None, None], grid.view(1, 1, 1, -1, 3), align_corners=True, padding_mode="zeros")
+    (grad,) = torch.autograd.grad(ref.sum(), x)
+    assert (idx < 0).any() and (idx[0] > vol.shape[0] - 1).any()  # points outside are part of the test
+    assert torch.allclose(out[0], ref.view(-1), atol=1e-12)
+    assert torch.allclose(out[1:], grad, atol=1e-12)
+
+
+def test_affine_fit_only_accepts_steps_that_raise_ncc():
+    """Levenberg-Marquardt on one level recovers a known shift; it returns the best NCC it evaluated."""
+    import torch
+
+    from emorph_deploy.registration.affine import _fit_level, _Level
+
+    gen = torch.Generator().manual_seed(1)
+    mv = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 24, 26, 28, generator=gen), 5, 1, 2)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    axes = (torch.arange(4.0, 2 * n - 4, 2.0) for n in (24, 26, 28))
+    pts = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    pts = pts.reshape(3, -1).T  # (N, 3) world mm = 2 * index
+    c = pts.mean(0).double().numpy()
+    truth = np.zeros(12)
+    truth[9:] = [1.3, -0.8, 0.6]  # mm
+    fvals = _trilinear_sample(mv, (pts + torch.tensor(truth[9:], dtype=torch.float32)) / 2.0)
+    level = _Level(mv, aff, pts - torch.as_tensor(c, dtype=torch.float32), fvals, c)
+    seen = []
+    orig = level.evaluate
+    level.evaluate = lambda th: seen.append(orig(th)) or seen[-1]
+    theta, rho0, rho = _fit_level(level, np.zeros(12), 30, 1e-9)
+    assert rho > rho0 + 0.05 and rho > 0.999
+    assert np.abs(theta[9:] - truth[9:]).max() < 0.05
+    assert rho == max(r[0] for r in seen) and seen[0][0] == rho0  # the best NCC seen is the one returned
+
+
+def _trilinear_sample(mv, idx_n3):
+    from emorph_deploy.registration.affine import _trilinear_with_gradient
+
+    return _trilinear_with_gradient(mv[0, 0], idx_n3.T.contiguous())[0]

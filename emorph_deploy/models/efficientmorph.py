@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from emorph_deploy.errors import InputError
@@ -17,6 +16,7 @@ from emorph_deploy.models.layers import (
 )
 from emorph_deploy.models.layers.fastpath import onednn_conv
 from emorph_deploy.models.layers.fastpath import use_onednn as _use_onednn
+from emorph_deploy.models.layers.upsample import upsample2x_trilinear
 from emorph_deploy.models.warp import SpatialTransformer
 
 
@@ -24,8 +24,7 @@ def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
-def _up2(x: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, scale_factor=2.0, mode="trilinear", align_corners=False)
+_up2 = upsample2x_trilinear  # trilinear ×2, align_corners=False
 
 
 class EfficientMorph(nn.Module):

@@ -18,8 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from emorph_deploy.sampling import grid_sample_3d, index_to_grid
-
 __all__ = ["AffineConfig", "AffineResult", "affine_prealign"]
 
 
@@ -29,10 +27,9 @@ class AffineConfig:
 
     spacing_mm: float = 4.0  # finest level
     levels: int = 2  # coarse-to-fine levels (spacing_mm * 2**(levels-1) ... spacing_mm)
-    iterations: tuple[int, ...] = (120, 80)  # per level, coarse first
+    iterations: tuple[int, ...] = (40, 20)  # at most, per level, coarse first (Levenberg-Marquardt steps)
     max_points: int = 60_000  # fixed foreground points per level (a fixed-seed subset beyond this)
-    lr_linear: float = 5e-3  # Adam step on the 3x3 linear part (dimensionless)
-    lr_translation: float = 0.5  # Adam step on the translation (mm)
+    tolerance: float = 1e-5  # stop a level when an accepted step gains less NCC than this
     max_scale_change: float = 0.5  # reject solutions whose singular values leave [1/(1+x), 1+x]
 
 
@@ -92,36 +89,112 @@ def _world_points(shape: tuple[int, ...], affine: np.ndarray) -> torch.Tensor:
     return grid @ a[:3, :3].T + a[:3, 3]
 
 
-def _ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a = a - a.mean()
-    b = b - b.mean()
-    return (a * b).sum() / torch.sqrt((a * a).sum() * (b * b).sum() + 1e-12)
+def _axis_corners(x: torch.Tensor, n: int, stride: int) -> tuple[torch.Tensor, ...]:
+    """One axis of trilinear sampling with zero padding: the two corners' flat offsets (clamped; ``(2, N)``
+    int64), their weights and the weights' derivatives along the axis (``(2, N)`` float32, zero outside)."""
+    lo = torch.floor(x)
+    frac = x - lo
+    lo = lo.long()
+    idx = torch.stack([lo, lo + 1])  # (2, N)
+    inside = ((idx >= 0) & (idx <= n - 1)).to(x.dtype)
+    weight = torch.stack([1.0 - frac, frac]) * inside
+    dweight = torch.stack([-inside[0], inside[1]])
+    return idx.clamp_(0, n - 1).mul_(stride), weight, dweight
 
 
-class _Adam:
-    """Minimal Adam (torch.optim's first use imports torch._dynamo: seconds of start-up we do not want)."""
+def _trilinear_with_gradient(vol: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of ``vol`` (D, H, W) at array coordinates ``idx`` (3, N) (zeros outside, like
+    ``grid_sample(padding_mode="zeros", align_corners=True)``) and their exact derivatives along array axes
+    0, 1, 2: returns (4, N) = value, d/da0, d/da1, d/da2. One gather of the 8 corners."""
+    flat = vol.reshape(-1)
+    (o0, w0, d0), (o1, w1, d1), (o2, w2, d2) = (
+        _axis_corners(idx[a], vol.shape[a], vol.stride(a)) for a in range(3)
+    )
+    corners = flat.take(o0[:, None, None] + o1[None, :, None] + o2[None, None, :])  # (2, 2, 2, N)
+    along2 = torch.stack([(corners * w2).sum(2), (corners * d2).sum(2)])  # (2, 2, 2, N): [value | d2, a0, a1]
+    along1 = (along2 * w1).sum(2)  # (2, 2, N): [value | d2, a0]
+    dalong1 = (along2[0] * d1).sum(1)  # (2, N): d1 by a0
+    value = (along1[0] * w0).sum(0)
+    return torch.stack([value, (along1[0] * d0).sum(0), (dalong1 * w0).sum(0), (along1[1] * w0).sum(0)])
+
+
+def _centred_unit(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(x - mean) / ||x - mean|| and that norm (float64)."""
+    xc = x.double() - x.double().mean()
+    norm = float(torch.linalg.vector_norm(xc))
+    return xc / max(norm, 1e-12), norm
+
+
+class _Level:
+    """The NCC of one pyramid level as a function of the 12 affine parameters, with its Gauss-Newton model.
+
+    Parameters ``theta`` (float64, 12): ``lin`` (3x3, row-major; ``T_lin = I + lin``) then the translation
+    (mm); ``T p = (I + lin)(p - c) + c + t``. ``evaluate`` samples the moving value and its exact gradient at
+    ``T p`` for every fixed point and returns the NCC ``rho``, its gradient ``g`` and the Gauss-Newton matrix
+    ``H`` of the residual ``f^ - m^`` (both centred, unit norm), so that ``rho(theta + d) ≈ rho + g.d -
+    d.H.d / 2``.
+    """
 
     def __init__(
-        self, params: list[tuple[torch.Tensor, float]], betas=(0.9, 0.999), eps: float = 1e-8
+        self, mv: torch.Tensor, mv_aff: np.ndarray, p_c: torch.Tensor, fvals: torch.Tensor, c: np.ndarray
     ) -> None:
-        self.params = params
-        self.b1, self.b2 = betas
-        self.eps = eps
-        self.m = [torch.zeros_like(p) for p, _ in params]
-        self.v = [torch.zeros_like(p) for p, _ in params]
-        self.t = 0
+        self.vol = mv[0, 0].contiguous()  # (D, H, W)
+        self.w2i = np.linalg.inv(mv_aff)  # moving world → array index
+        self.w2i_lin = torch.as_tensor(self.w2i[:3, :3], dtype=torch.float32)
+        self.p_c = p_c.T.contiguous()  # (3, N) float32, fixed points minus the centre c (mm)
+        self.c = np.asarray(c, dtype=np.float64)
+        f_hat, _ = _centred_unit(fvals)
+        self.f_hat64 = f_hat  # (N,) float64
+        self.f_hat = f_hat.float()
 
-    @torch.no_grad()
-    def step(self) -> None:
-        self.t += 1
-        c1 = 1 - self.b1**self.t
-        c2 = 1 - self.b2**self.t
-        for (p, lr), m, v in zip(self.params, self.m, self.v, strict=True):
-            if p.grad is None:
-                continue
-            m.mul_(self.b1).add_(p.grad, alpha=1 - self.b1)
-            v.mul_(self.b2).addcmul_(p.grad, p.grad, value=1 - self.b2)
-            p.sub_(lr * (m / c1) / ((v / c2).sqrt() + self.eps))
+    def evaluate(self, theta: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        lin = np.eye(3) + theta[:9].reshape(3, 3)
+        m_lin, m_off = self.w2i[:3, :3], self.w2i[:3, 3]
+        # moving array coordinates of T p, one (3, N) GEMM: M (I + lin) (p - c) + M (c + t) + m_off
+        mat = torch.as_tensor(m_lin @ lin, dtype=torch.float32)
+        off = torch.as_tensor(m_lin @ (self.c + theta[9:]) + m_off, dtype=torch.float32)
+        s = _trilinear_with_gradient(self.vol, torch.addmm(off[:, None], mat, self.p_c))  # (4, N)
+        m_hat, m_norm = _centred_unit(s[0])
+        rho = float(self.f_hat64 @ m_hat)
+        grad_q = self.w2i_lin.T @ s[1:]  # (3, N) d m / d world at T p
+        d = torch.cat([(grad_q[:, None, :] * self.p_c[None]).reshape(9, -1), grad_q])  # (12, N) d m / d theta
+        rows = torch.cat([d - d.mean(dim=1, keepdim=True), m_hat.float()[None], self.f_hat[None]])  # (14, N)
+        gram = (rows @ rows.T).double().numpy()
+        h, b_m, b_f = gram[:12, :12], gram[:12, 12], gram[:12, 13]
+        m_norm = max(m_norm, 1e-12)
+        grad = (b_f - rho * b_m) / m_norm
+        gn = (h - np.outer(b_m, b_m)) / m_norm**2
+        return rho, grad, gn
+
+
+def _fit_level(
+    level: _Level, theta: np.ndarray, iterations: int, tol: float
+) -> tuple[np.ndarray, float, float]:
+    """Levenberg-Marquardt ascent of the NCC from ``theta``; returns (theta, rho at start, rho at end)."""
+    rho, grad, gn = level.evaluate(theta)
+    rho0 = rho
+    damping = 1e-3
+    for _ in range(iterations):
+        diag = np.diag(gn).copy()
+        diag = np.maximum(diag, 1e-9 * max(float(diag.max()), 1e-30))
+        try:
+            step = np.linalg.solve(gn + damping * np.diag(diag), grad)
+        except np.linalg.LinAlgError:
+            damping *= 10.0
+            continue
+        cand = theta + step
+        rho_c, grad_c, gn_c = level.evaluate(cand)
+        if np.isfinite(rho_c) and rho_c > rho:
+            gain = rho_c - rho
+            theta, rho, grad, gn = cand, rho_c, grad_c, gn_c
+            damping = max(damping * 0.3, 1e-7)
+            if gain < tol:
+                break
+        else:
+            damping *= 10.0
+            if damping > 1e6:
+                break
+    return theta, rho0, rho
 
 
 def affine_prealign(
@@ -136,69 +209,44 @@ def affine_prealign(
 
     cfg = config or AffineConfig()
     t0 = time.perf_counter()
-    c = None
-    lin = torch.zeros(3, 3, dtype=torch.float32)  # T_lin = I + lin
-    trans = None
+    c: np.ndarray | None = None
+    theta = np.zeros(12)
     ncc_init = ncc_final = float("nan")
     levels = max(1, cfg.levels)
     iters = tuple(cfg.iterations) + (cfg.iterations[-1],) * max(0, levels - len(cfg.iterations))
-    with torch.enable_grad():
-        for level in range(levels):
-            mm = cfg.spacing_mm * 2 ** (levels - 1 - level)
-            fx, fx_aff = _pooled(fixed, fixed_affine, mm)
-            mv, mv_aff = _pooled(moving, moving_affine, mm)
-            fx = _normalise(fx)
-            mv = _normalise(mv)
-            if c is None:
-                com_f, com_m = _com(fx, fx_aff), _com(mv, mv_aff)
-                c = torch.as_tensor(com_f, dtype=torch.float32)
-                trans = torch.as_tensor(com_m - com_f, dtype=torch.float32)
-            pts = _world_points(tuple(fx.shape[2:]), fx_aff)  # (N, 3) world mm
-            fvals = fx.reshape(-1)
-            keep = fvals > 0.02  # foreground of the fixed image (plus a margin of blur)
-            if int(keep.sum()) > 64:
-                pts, fvals = pts[keep], fvals[keep]
-            if pts.shape[0] > cfg.max_points:
-                gen = torch.Generator().manual_seed(level)
-                sel = torch.randperm(pts.shape[0], generator=gen)[: cfg.max_points]
-                pts, fvals = pts[sel], fvals[sel]
-            # world → normalised moving coordinates (x = axis 2, y = axis 1, z = axis 0)
-            w2n = index_to_grid(mv.shape[2:]) @ np.linalg.inv(mv_aff)
-            w2n = torch.as_tensor(w2n[:3], dtype=torch.float32)
-            p_c = pts - c
-            lin_p = lin.clone().requires_grad_(True)
-            tr_p = trans.clone().requires_grad_(True)
-            adam = _Adam([(lin_p, cfg.lr_linear), (tr_p, cfg.lr_translation)])
-            eye = torch.eye(3)
-            best_state: tuple[float, torch.Tensor, torch.Tensor] | None = None
-            w_lin, w_off = w2n[:, :3], w2n[:, 3]
-            for it in range(iters[level] + 1):
-                # moving world T p = (I + lin)(p - c) + c + t, folded with world → normalised: one (N, 3) GEMM
-                g = torch.addmm(w_lin @ (c + tr_p) + w_off, p_c, (w_lin @ (eye + lin_p)).T)  # (N, 3)
-                mvals = grid_sample_3d(mv, g.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="zeros")
-                mvals = mvals.view(-1)
-                ncc = _ncc(fvals, mvals)
-                val = float(ncc.detach())
-                if level == levels - 1 and it == 0:
-                    ncc_init = val
-                if best_state is None or val > best_state[0]:
-                    best_state = (val, lin_p.detach().clone(), tr_p.detach().clone())
-                if it == iters[level]:
-                    break
-                lin_p.grad = tr_p.grad = None
-                (-ncc).backward()
-                adam.step()
-            assert best_state is not None
-            ncc_final, lin, trans = best_state
-    m_lin = np.eye(3) + lin.double().numpy()
+    for level in range(levels):
+        mm = cfg.spacing_mm * 2 ** (levels - 1 - level)
+        fx, fx_aff = _pooled(fixed, fixed_affine, mm)
+        mv, mv_aff = _pooled(moving, moving_affine, mm)
+        fx = _normalise(fx)
+        mv = _normalise(mv)
+        if c is None:
+            com_f, com_m = _com(fx, fx_aff), _com(mv, mv_aff)
+            c = com_f
+            theta[9:] = com_m - com_f
+        pts = _world_points(tuple(fx.shape[2:]), fx_aff)  # (N, 3) world mm
+        fvals = fx.reshape(-1)
+        keep = fvals > 0.02  # foreground of the fixed image (plus a margin of blur)
+        if int(keep.sum()) > 64:
+            pts, fvals = pts[keep], fvals[keep]
+        if pts.shape[0] > cfg.max_points:
+            gen = torch.Generator().manual_seed(level)
+            sel = torch.randperm(pts.shape[0], generator=gen)[: cfg.max_points]
+            pts, fvals = pts[sel], fvals[sel]
+        p_c = pts - torch.as_tensor(c, dtype=torch.float32)
+        level_fit = _Level(mv, mv_aff, p_c, fvals, c)
+        theta, rho0, ncc_final = _fit_level(level_fit, theta, iters[level], cfg.tolerance)
+        if level == levels - 1:
+            ncc_init = rho0
+    assert c is not None
+    m_lin = np.eye(3) + theta[:9].reshape(3, 3)
     sv = np.linalg.svd(m_lin, compute_uv=False)
     lim = 1.0 + cfg.max_scale_change
     if not (np.all(np.isfinite(sv)) and sv.min() > 1.0 / lim and sv.max() < lim and np.linalg.det(m_lin) > 0):
         m_lin = np.eye(3)  # degenerate fit: keep the centre-of-mass translation only
-    c64 = c.double().numpy()
     out = np.eye(4)
     out[:3, :3] = m_lin
-    out[:3, 3] = c64 + trans.double().numpy() - m_lin @ c64
+    out[:3, 3] = c + theta[9:] - m_lin @ c
     return AffineResult(
         matrix=out, ncc_init=ncc_init, ncc_final=float(ncc_final), seconds=time.perf_counter() - t0
     )

@@ -192,3 +192,48 @@ def test_fast_path_switch_restores_and_reference_is_what_export_sees():
         assert not fastpath.fast_path_enabled()
         assert fastpath.reference_ops_required()
     assert fastpath.fast_path_enabled() and not fastpath.reference_ops_required()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 6, 7), (2, 4, 1, 3, 2), (1, 2, 4, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_upsample_matches_interpolate(shape, channels_last):
+    """The separable ×2 trilinear upsampling equals F.interpolate (align_corners=False) to float32 rounding,
+    including size-1 axes; channels-last inputs keep PyTorch's kernel (bit-identical)."""
+    import torch.nn.functional as F
+
+    from emorph_deploy.models.layers.upsample import upsample2x_separable, upsample2x_trilinear
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    ref = F.interpolate(x, scale_factor=2.0, mode="trilinear", align_corners=False)
+    sep = upsample2x_separable(x)
+    assert sep.shape == ref.shape and sep.is_contiguous()
+    assert torch.allclose(sep, ref, atol=1e-6, rtol=0)
+    with torch.inference_mode():
+        out = upsample2x_trilinear(x)
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0)
+    if not x.is_contiguous():  # channels-last: PyTorch's kernel
+        assert torch.equal(out, ref)
+
+
+def test_fast_upsample_only_in_eager_inference(monkeypatch):
+    """The model's flow upsampling takes the separable path in eager inference, never with autograd or with
+    the fast path off (export and training see F.interpolate)."""
+    import emorph_deploy.models.layers.upsample as up
+    from emorph_deploy.models.layers.fastpath import fast_path
+
+    calls = []
+    real = up.upsample2x_separable
+    monkeypatch.setattr(up, "upsample2x_separable", lambda x: calls.append(tuple(x.shape)) or real(x))
+    model = create_model("em-23-hires-s", img_size=(16, 16, 16)).eval()
+    m, f = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    with torch.inference_mode():
+        fast = model.forward_flow(m, f)
+    assert (1, 3, 8, 8, 8) in calls  # the flow head's output (NCDHW)
+    calls.clear()
+    with torch.inference_mode(), fast_path(False):
+        ref = model.forward_flow(m, f)
+    grad_flow = model.forward_flow(m, f)
+    assert calls == []
+    assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(grad_flow.detach(), ref, atol=1e-5)

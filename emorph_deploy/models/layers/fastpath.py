@@ -90,6 +90,12 @@ def onednn_conv(conv: torch.nn.Conv3d, x: torch.Tensor, weight: torch.Tensor | N
     return torch.mkldnn_convolution(x, w, b, conv.padding, conv.stride, conv.dilation, conv.groups)
 
 
+def use_fast_upsample(x: torch.Tensor) -> bool:
+    """Eager CPU inference (no autograd; not traced/exported/analysed/compiled): ×2 trilinear upsampling may
+    run as separable passes (:func:`emorph_deploy.models.layers.upsample.upsample2x_trilinear`)."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and _plain_eager()
+
+
 def use_parallel_sampler(x: torch.Tensor) -> bool:
     """Eager CPU (not traced/exported/analysed/compiled): a batch-1 3D ``grid_sample`` may be spread over all
     threads (:func:`emorph_deploy.sampling.grid_sample_3d`, bit-identical to the plain call)."""
