@@ -1,10 +1,17 @@
 """Fast intensity-based affine pre-alignment (``--affine``) on a downsampled pair.
 
 Both images are block-averaged to ~``spacing_mm`` (anti-aliased, no resampling), normalised to [0, 1], and
-a 12-parameter affine ``T`` (fixed world → moving world, RAS mm) is fitted with Adam on the global NCC between
-the fixed foreground voxels and the moving image sampled at ``T p``, coarse-to-fine (2x ``spacing_mm``, then
-``spacing_mm``), initialised by matching the intensity centres of mass. 200 iterations on ≤ 6·10^4 points:
-~0.6 s on one CPU thread.
+a 12-parameter affine ``T`` (fixed world → moving world, RAS mm) maximises the global NCC between the fixed
+foreground voxels and the moving image sampled at ``T p``, coarse-to-fine (2x ``spacing_mm``, then
+``spacing_mm``), initialised by matching the intensity centres of mass.
+
+The optimiser is Levenberg-Marquardt on the NCC's Gauss-Newton model: each evaluation gathers the 8 trilinear
+corners of every point once and returns the value and its exact gradient (the derivative of the
+interpolant, as autograd of ``grid_sample`` would give), hence the NCC, its gradient and a 12x12
+Gauss-Newton matrix from one (14, N) Gram product. It converges in 5-15 evaluations per level where Adam
+needed 200 iterations: ~0.06-0.08 s on the demo pair (1.5 mm head to the 2 mm template), against 0.6-0.7 s,
+with the same result (NCC on the 2 mm grid 0.485 both; a known affine recovered to 0.012 in the linear part
+and 0.25 mm).
 
 ``T`` composes into the outputs: the moving image is resampled for the model with ``T`` folded into its affine
 (``T^-1 @ A_moving``, no data copy), and the displacement written is ``d(p) = T(p + u(p)) - p``.
@@ -28,7 +35,7 @@ class AffineConfig:
     spacing_mm: float = 4.0  # finest level
     levels: int = 2  # coarse-to-fine levels (spacing_mm * 2**(levels-1) ... spacing_mm)
     iterations: tuple[int, ...] = (40, 20)  # at most, per level, coarse first (Levenberg-Marquardt steps)
-    max_points: int = 60_000  # fixed foreground points per level (a fixed-seed subset beyond this)
+    max_points: int = 12_000  # fixed foreground points per level (a fixed-seed subset beyond this)
     tolerance: float = 1e-5  # stop a level when an accepted step gains less NCC than this
     max_scale_change: float = 0.5  # reject solutions whose singular values leave [1/(1+x), 1+x]
 
@@ -170,10 +177,15 @@ class _Level:
 def _fit_level(
     level: _Level, theta: np.ndarray, iterations: int, tol: float
 ) -> tuple[np.ndarray, float, float]:
-    """Levenberg-Marquardt ascent of the NCC from ``theta``; returns (theta, rho at start, rho at end)."""
+    """Levenberg-Marquardt ascent of the NCC from ``theta``; returns (theta, rho at start, rho at end).
+
+    A step is taken only if it raises the NCC; the level ends when a step gains less than ``tol``, when the
+    Gauss-Newton model predicts less than that, after three failed steps in a row (each with 10x the
+    damping), or after ``iterations`` evaluations."""
     rho, grad, gn = level.evaluate(theta)
     rho0 = rho
     damping = 1e-3
+    rejected = 0
     for _ in range(iterations):
         diag = np.diag(gn).copy()
         diag = np.maximum(diag, 1e-9 * max(float(diag.max()), 1e-30))
@@ -182,6 +194,8 @@ def _fit_level(
         except np.linalg.LinAlgError:
             damping *= 10.0
             continue
+        if float(grad @ step - 0.5 * step @ gn @ step) < tol:  # the model's predicted gain: converged
+            break
         cand = theta + step
         rho_c, grad_c, gn_c = level.evaluate(cand)
         if np.isfinite(rho_c) and rho_c > rho:
@@ -190,9 +204,11 @@ def _fit_level(
             damping = max(damping * 0.3, 1e-7)
             if gain < tol:
                 break
+            rejected = 0
         else:
             damping *= 10.0
-            if damping > 1e6:
+            rejected += 1
+            if rejected == 3:  # three shrinking steps in a row fail: at the interpolation's noise floor
                 break
     return theta, rho0, rho
 
