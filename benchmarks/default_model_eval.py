@@ -12,7 +12,8 @@ Pairs
 Rows (per pair, on ``--threads`` threads; ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS for ANTs, torch for emorph)
 * no registration; affine only (ANTs ``type_of_transform="Affine"``); ANTs SyN (antspy defaults);
 * default model: ``Registrar.load(model).register(fixed, moving, labels)`` (seconds = the whole call:
-  resampling, inference, resampling back, label warp, QC; affine pre-alignment on the real pair only);
+  resampling, inference, resampling back, label warp, QC; the median of ``--runs`` calls after ``--warmup``,
+  as in ``peers.py``; ANTs is timed once per pair; affine pre-alignment on the real pair only);
 * default model + refine N: the same with ``N`` test-time Adam steps on the displacement
   (:mod:`emorph_deploy.refine`; default: at half resolution, update upsampled). ``N`` is chosen by a sweep
   on *other* held-out template pairs (seeds ``20_000 + i``, model grid): the smallest N whose mean GM/WM Dice
@@ -153,16 +154,6 @@ def refine_sweep(registrar: Any, steps: list[int], n_pairs: int, args: Any) -> d
 
 
 # ---------------------------------------------------------------------------------------------- report
-def _summary(rows: list[dict[str, Any]], syn: str) -> dict[str, Any]:
-    out = P._summary(rows)
-    for ms in out.values():
-        for name, v in ms.items():
-            if name.startswith("default model") and syn in ms:
-                v["speedup_vs_ants_syn"] = C.ratio(ms[syn]["seconds"], v["seconds"])
-                v["dice_minus_ants_syn"] = v["dice_mean"] - ms[syn]["dice_mean"]
-    return out
-
-
 def _markdown(res: dict[str, Any]) -> str:
     s = res["summary"]
     body = [
@@ -189,24 +180,11 @@ def _markdown(res: dict[str, Any]) -> str:
         ]
     elif s.get("refine_steps") is not None:
         body += [f"Refinement steps fixed by --refine: N = {s['refine_steps']}.", ""]
-    names = {
+    titles = {
         "template": "Held-out deformations of the MNI152 template (mean over pairs)",
         "real": "Demo pair: two distinct real brains (Atropos GM/WM, same method for both)",
     }
-    syn = "ANTs SyN"
-    for kind in ("template", "real"):
-        ms = s["by_kind"].get(kind) or {}
-        if not ms:
-            continue
-        body += [
-            f"## {names[kind]}",
-            "",
-            P.method_table(ms, syn, jac_first=True, speedup_header="speed-up vs SyN"),
-            "",
-        ]
-    body += ["## Per pair", "", P.pair_table(res["rows"], jac_first=True), ""]
-    for p in s.get("pairs", []):
-        body.append(f"- `{p['name']}`: {p['description']}; labels: {p['labels_method']}.")
+    body += P.comparison_sections(s, res["rows"], titles, jac_first=True, speedup_header="speed-up vs SyN")
     for t in s.get("targets", []):
         body.append(
             f"\nAim (issue 7) on {t['kind']} pairs, {t['method']}: Dice ≥ ANTs SyN "
@@ -348,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
              if k not in ("fixed", "moving", "fixed_labels", "moving_labels")}
             for p in pairs
         ]
-    s["by_kind"] = _summary(res["rows"], "ANTs SyN")
+    s["by_kind"] = P._summary(res["rows"], "ANTs SyN", vs_syn=lambda m: m.startswith("default model"))
     s["targets"] = []
     for kind, ms in s["by_kind"].items():
         for m, v in ms.items():
@@ -361,9 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     res["notes"] += [
         f"Held-out template seeds {EVAL_SEED0}+i (evaluation) and {SWEEP_SEED0}+i (refinement sweep); "
         "training draws (0, epoch, index), validation (104729, 0, index).",
-        "Seconds: wall-clock of the registration call on this CPU (ANTs writes its transforms to a temporary "
-        "folder as part of it; emorph's register() includes resampling, label warp and QC). The machine may "
-        "be shared: see the load averages (per row in the JSON).",
+        "Seconds: wall-clock on this CPU. ANTs (affine, SyN): one ants.registration() call per pair, writing "
+        "its transforms to a temporary folder as part of it; label warping and Jacobians are not included. "
+        f"Default model rows: median of {args.runs} register() calls after {args.warmup} warm-up, model kept "
+        "warm (each decodes its inputs and includes resampling, inference, resampling back, label warp and "
+        "QC, and in the '+ refine' rows the refinement steps). No registration: 0 (its header-based label "
+        "resampling is not counted). The machine may be shared: see the load averages (per row in the JSON).",
         "Dice over GM (2) and WM (3) only. J ≤ 0: ANTs on its warp (fixed grid), emorph on the model grid.",
         "The emorph rows use affine pre-alignment (Registrar affine=True) on the real pair only, as "
         "`emorph demo` does.",

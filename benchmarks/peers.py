@@ -338,7 +338,11 @@ def open_registrar(args: Any, tmp: Path) -> tuple[Any, str | None]:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(
+    rows: list[dict[str, Any]], syn: str = "ANTs SyN", vs_syn: Any = lambda m: m == "emorph"
+) -> dict[str, Any]:
+    """Per kind of pair, per method: means of the ok rows; methods with ``vs_syn(name)`` true also get their
+    speed-up over ``syn`` and their Dice minus ``syn``'s."""
     import numpy as np
 
     out: dict[str, Any] = {}
@@ -363,11 +367,13 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             }
             for m, rs in methods.items()
         }
-    syn_name = "ANTs SyN"
     for ms in out.values():
-        if "emorph" in ms and syn_name in ms:
-            ms["emorph"]["speedup_vs_ants_syn"] = C.ratio(ms[syn_name]["seconds"], ms["emorph"]["seconds"])
-            ms["emorph"]["dice_minus_ants_syn"] = ms["emorph"]["dice_mean"] - ms[syn_name]["dice_mean"]
+        if syn not in ms:
+            continue
+        for name, v in ms.items():
+            if vs_syn(name):
+                v["speedup_vs_ants_syn"] = C.ratio(ms[syn]["seconds"], v["seconds"])
+                v["dice_minus_ants_syn"] = v["dice_mean"] - ms[syn]["dice_mean"]
     return out
 
 
@@ -412,6 +418,30 @@ def pair_table(rows: list[dict[str, Any]], jac_first: bool = False) -> str:
     )
 
 
+def comparison_sections(
+    summary: dict[str, Any],
+    rows: list[dict[str, Any]],
+    titles: dict[str, str],
+    jac_first: bool = False,
+    speedup_header: str = "speed-up vs ANTs SyN",
+) -> list[str]:
+    """Markdown lines of a methods-on-pairs report (here and in default_model_eval.py): a section per kind of
+    pair in ``summary["by_kind"]`` titled ``titles[kind]`` (its :func:`method_table`), the per-pair
+    :func:`pair_table` of ``rows``, then a bullet per pair of ``summary["pairs"]``."""
+    body: list[str] = []
+    for kind in ("template", "real"):
+        ms = summary["by_kind"].get(kind) or {}
+        if ms:
+            table = method_table(ms, jac_first=jac_first, speedup_header=speedup_header)
+            body += [f"## {titles[kind]}", "", table, ""]
+    body += ["## Per pair", "", pair_table(rows, jac_first=jac_first), ""]
+    body += [
+        f"- `{p['name']}`: {p['description']}; labels: {p['labels_method']}."
+        for p in summary.get("pairs", [])
+    ]
+    return body
+
+
 def _markdown(res: dict[str, Any]) -> str:
     body = [
         f"Threads: {res['machine']['threads']} (ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS for ANTs, "
@@ -419,23 +449,11 @@ def _markdown(res: dict[str, Any]) -> str:
         f"greedy, torch/ONNX Runtime for emorph). emorph model: {res['summary'].get('emorph_model') or '-'}.",
         "",
     ]
-    names = {
+    titles = {
         "template": "Held-out MNI152 template pairs with known deformations (mean over pairs)",
         "real": "Demo pair: two distinct real brains",
     }
-    for kind in ("template", "real"):
-        ms = res["summary"]["by_kind"].get(kind) or {}
-        if not ms:
-            continue
-        body += [
-            f"## {names[kind]}",
-            "",
-            method_table(ms),
-            "",
-        ]
-    body += ["## Per pair", "", pair_table(res["rows"]), ""]
-    for p in res["summary"].get("pairs", []):
-        body.append(f"- `{p['name']}`: {p['description']}; labels: {p['labels_method']}.")
+    body += comparison_sections(res["summary"], res["rows"], titles)
     for t in res["summary"].get("targets", []):
         body += [
             "",

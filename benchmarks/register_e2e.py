@@ -84,15 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     result = C.new_result("register_e2e", args, argv)
     tmp = Path(tempfile.mkdtemp(prefix="emorph-bench-reg-"))
     grid = C.parse_size(args.grid) if args.grid else ((32, 32, 32) if args.quick else C.DEFAULT_GRID)
+    # label: the short name of the model in run_all's summary ("case" below)
     if args.onnx:
         artifact, desc = Path(args.onnx), f"ONNX {args.onnx}"
+        label = desc
     elif args.model:
         artifact, desc = Path(args.model), f"checkpoint {args.model}"
+        label = "default model" if args.model.endswith("weights/default.json") else args.model
     else:
         spacing = 6.0 if args.quick else (2.0 if tuple(grid) == C.DEFAULT_GRID else 1.0)
         artifact, desc = C.make_checkpoint(
             tmp, grid, overrides=C.QUICK_OVERRIDES if args.quick else None, spacing_mm=spacing
         )
+        label = "random-init em-23-hires"
     C.log(f"model: {desc}")
     pair = _pair(tmp, 2 if args.quick else 1)
     reg = Registrar.load(artifact, backend=args.backend, affine=args.affine)
@@ -151,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "grid": list(reg.grid_shape),
         "native_shape": qc_last.get("fixed_shape"),
         "model": desc,
+        "case": f"{label}, grid {C.fmt_size(reg.grid_shape)}",
         "model_median_s": model_s,
         "e2e_median_s": e2e,
         "e2e_no_write_median_s": med("e2e_no_write"),

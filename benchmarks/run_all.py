@@ -5,7 +5,8 @@ register_e2e, register_e2e_full (``register_e2e.py --grid 160x192x224`` → ``re
 issue's full-resolution case), peers, default_model_eval (→ ``default_model.json``). Each writes
 ``<out>/<name>.json`` + ``.md``; a script that is missing or fails is reported in the summary (with its
 last error line) and the others still run. Options a script does not have are not passed (read from its
-``--help``); ``--quick`` maps to ``--size 32x32x32 --runs 2`` for scripts without ``--quick``.
+``--help``); ``--quick`` maps to ``--size 32x32x32 --runs 2`` for scripts without ``--quick``, and skips
+register_e2e_full (without its fixed grid it would repeat register_e2e).
 
 Timing needs a quiet machine: the load average is recorded at the start and end of every script, and a full
 run warns when the 1-minute load is ≥ 1.5 (``--require-quiet`` refuses to start instead).
@@ -43,6 +44,10 @@ OUT_NAME = {"default_model_eval": "default_model", "register_e2e_full": "registe
 #: entries that run another script with fixed arguments (not in --quick): the issue's full-resolution case
 SCRIPT_FILE = {"register_e2e_full": "register_e2e"}
 FIXED_ARGS = {"register_e2e_full": ["--grid", "160x192x224"]}
+#: entries --quick does not run (reported as skipped, with the reason)
+QUICK_SKIP = {
+    "register_e2e_full": "the full-resolution case has no --quick form; register_e2e covers the pipeline"
+}
 #: the end-to-end results, full-resolution case first
 E2E_SOURCES = ("register_e2e_full", "register_e2e")
 #: scripts that take --model (a trained checkpoint); export_parity calls it --checkpoint
@@ -109,6 +114,10 @@ _PAIR_KIND = {"template": "template pairs", "real": "real pair"}
 
 
 def _e2e_case(e2e: dict[str, Any]) -> str:
+    """The end-to-end case, e.g. "default model, grid 80×96×112": register_e2e's ``case``; results written
+    before it had one: derived from the model description and the grid."""
+    if e2e.get("case"):
+        return str(e2e["case"])
     model = str(e2e.get("model") or "model")
     model = "random-init em-23-hires" if model.startswith("random init of em-23-hires") else model
     model = model.replace("checkpoint ", "")
@@ -163,7 +172,8 @@ def targets_table(results: dict[str, dict[str, Any] | None], quick: bool = False
         e2e = (results.get(source) or {}).get("summary") or {}
         what = f"end-to-end register vs model forward ({_e2e_case(e2e) if e2e else source})"
         if e2e.get("e2e_over_model") is None:
-            rows.append([what, "not measured", "≤ 1.3×", "n/a", source])
+            measured = "skipped (--quick)" if quick and source in QUICK_SKIP else "not measured"
+            rows.append([what, measured, "≤ 1.3×", "n/a", source])
             continue
         goal = e2e.get("target_e2e_over_model", 1.3)
         rows.append(
@@ -273,7 +283,7 @@ def summary_markdown(summary: dict[str, Any], results: dict[str, dict[str, Any] 
                 f"{C.fmt((r.get('load_end') or [None])[0], '.2f')}",
                 f"[{Path(r['out']).name}.md]({Path(r['out']).name}.md)"
                 if r["status"] == "ok"
-                else (r.get("error") or ""),
+                else (r.get("error") or r.get("reason") or ""),
             ]
             for r in runs
         ],
@@ -390,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         path = C.BENCH_DIR / f"{SCRIPT_FILE.get(name, name)}.py"
         stem = out_dir / OUT_NAME.get(name, name)
         rec: dict[str, Any] = {"name": name, "out": str(stem)}
+        if args.quick and name in QUICK_SKIP:
+            rec.update(status="skipped", reason=QUICK_SKIP[name])
+            runs.append(rec)
+            continue
         if args.collate_only:
             rec["status"] = "ok" if stem.with_suffix(".json").is_file() else "no results"
             runs.append(rec)
@@ -427,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         C.log(f"== {name}: {rec['status']} in {rec['seconds']:.0f} s")
         runs.append(rec)
 
-    results = {r["name"]: _load(Path(r["out"]).with_suffix(".json")) for r in runs}
+    results = {
+        r["name"]: None if r["status"] == "skipped" else _load(Path(r["out"]).with_suffix(".json"))
+        for r in runs
+    }
     for name, r in results.items():
         if r and "quick" in r and r["quick"] != args.quick:
             warnings.append(f"{name}.json is a {'--quick' if r.get('quick') else 'full'} result")
@@ -457,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     C.log(f"wrote {paths[0]} and {paths[1]}")
     if args.update_readme and not args.quick:
         C.log("README updated" if update_readme(md) else "README markers not found: not updated")
-    failed = [r["name"] for r in runs if r["status"] not in ("ok",)]
+    failed = [r["name"] for r in runs if r["status"] not in ("ok", "skipped")]
     return 1 if failed and not args.collate_only else 0
 
 

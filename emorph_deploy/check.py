@@ -103,10 +103,12 @@ def read_pairs_csv(path: str | Path) -> list[dict[str, Path | None]]:
 def csv_pairs(
     path: str | Path, preprocessing: dict[str, Any] | None, grid_shape: Sequence[int]
 ) -> Iterator[CheckPair]:
-    """NIfTI pairs from a CSV, each brought to the model grid by the artifact's ``Preprocessing``.
+    """NIfTI pairs from a CSV, each brought to the model grid by the artifact's ``Preprocessing`` with
+    :func:`emorph_deploy.calibration.pairs.load_pair` (the calibration pairs' preprocessing).
 
     The fixed image defines the grid for both images (and labels, resampled nearest).
     """
+    from emorph_deploy.calibration.pairs import load_pair
     from emorph_deploy.data.preprocess import Preprocessing
 
     if not preprocessing:
@@ -122,16 +124,10 @@ def csv_pairs(
         )
     rows = read_pairs_csv(path)
     for i, row in enumerate(rows):
-        fixed_path = row["fixed"]
-        assert fixed_path is not None and row["moving"] is not None
-        fixed_vol = pre.apply(str(fixed_path), name="fixed image")  # the fixed image defines the grid
-        grid, fixed = fixed_vol.affine, fixed_vol.data
-        moving = pre.apply(str(row["moving"]), reference=grid, name="moving image").data
-        ml = fl = None
-        if row["moving_label"] is not None and row["fixed_label"] is not None:
-            ml = pre.apply(str(row["moving_label"]), reference=grid, is_label=True, name="moving label").data
-            fl = pre.apply(str(row["fixed_label"]), reference=grid, is_label=True, name="fixed label").data
-        yield CheckPair(f"{i}:{Path(str(row['moving'])).name}", moving, fixed, ml, fl)
+        moving, fixed = row["moving"], row["fixed"]
+        assert moving is not None and fixed is not None  # read_pairs_csv rejects empty cells
+        v = load_pair(pre, moving, fixed, row["moving_label"], row["fixed_label"])
+        yield CheckPair(f"{i}:{moving.name}", v.moving, v.fixed, v.moving_labels, v.fixed_labels)
 
 
 # ------------------------------------------------------------------------------------------------ metrics

@@ -11,6 +11,7 @@ written atomically.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import time
@@ -22,7 +23,7 @@ from emorph_deploy.calibration.pairs import CalibrationSet, make_reader
 from emorph_deploy.calibration.quantize import QuantizeOptions, quantize_qdq, trt_calibration_cache
 from emorph_deploy.errors import ConfigMismatchError, InputError
 from emorph_deploy.export.manifest import manifest_path_for
-from emorph_deploy.fileio import check_writable, sha256_file, write_bytes_atomic, write_json_atomic
+from emorph_deploy.fileio import check_writable, write_bytes_atomic, write_json_atomic
 
 
 @dataclass
@@ -71,7 +72,7 @@ def calibrate(
     say: Any = None,
 ) -> CalibrationResult:
     """Calibrate ``onnx_path`` on ``pairs`` (CSV) or ``synthetic`` generated pairs and write the QDQ graph."""
-    from emorph_deploy.engines.builder import graph_precision, load_onnx, read_onnx_manifest
+    from emorph_deploy.engines.builder import graph_precision, load_onnx_hashed, read_onnx_manifest
 
     say = say or (lambda _m: None)
     onnx_path = Path(onnx_path)
@@ -80,7 +81,7 @@ def calibrate(
             "calibrate: expected exactly one of --pairs CSV or --synthetic N, got "
             f"{'both' if pairs is not None else 'neither'}; fix: pass one of them"
         )
-    model = load_onnx(onnx_path)
+    model, source_sha = load_onnx_hashed(onnx_path)  # the only read of the source graph
     precision = graph_precision(model)
     if precision != "fp32":
         raise InputError(
@@ -122,14 +123,14 @@ def calibrate(
     prep_s = time.perf_counter() - t0
     say(f"calibrating ({options.method}) and inserting Q/DQ on {','.join(options.op_types)}")
     t1 = time.perf_counter()
-    qdq, report = quantize_qdq(onnx_path, make_reader(calib, progress=progress), options)
+    qdq, report = quantize_qdq(model, make_reader(calib, progress=progress), options, label=str(onnx_path))
     calib_s = time.perf_counter() - t1
     scales = report["activation_scales"]
     stats = {
         "format": "emorph-calibration/1",
         "name": name,
         "source_onnx": str(onnx_path.resolve()),
-        "source_sha256": sha256_file(onnx_path),
+        "source_sha256": source_sha,
         "n_pairs": len(calib),
         "pairs_source": str(Path(pairs).resolve())
         if pairs is not None
@@ -150,8 +151,6 @@ def calibrate(
     for src in calib.sources:
         w.writerow([src.moving, src.fixed])
     qdq_bytes = qdq.SerializeToString()
-    import hashlib
-
     from emorph_deploy import __version__
     from emorph_deploy.engines.builder import derived_onnx_manifest
 

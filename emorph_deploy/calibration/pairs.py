@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -65,13 +65,44 @@ def read_pair_csv(path: str | os.PathLike) -> list[PairSource]:
     return pairs
 
 
+class PairVolumes(NamedTuple):
+    """One pair on the model grid: images (D, H, W) in [0, 1], labels (D, H, W) int32 or None."""
+
+    moving: np.ndarray
+    fixed: np.ndarray
+    moving_labels: np.ndarray | None = None
+    fixed_labels: np.ndarray | None = None
+
+
+def load_pair(
+    preprocessing: Any,
+    moving: str | os.PathLike,
+    fixed: str | os.PathLike,
+    moving_label: str | os.PathLike | None = None,
+    fixed_label: str | os.PathLike | None = None,
+) -> PairVolumes:
+    """Load NIfTI files and bring them onto the model grid with ``preprocessing``
+    (:class:`~emorph_deploy.data.Preprocessing`) as registration does: the fixed image defines the grid for
+    the moving image and the labels (resampled nearest; loaded only when both are given).
+
+    Errors of :meth:`Preprocessing.apply` propagate unchanged; callers add their own context.
+    """
+    fixed_vol = preprocessing.apply(str(fixed), name="fixed image")  # the fixed image defines the grid
+    grid = fixed_vol.affine
+    moving_data = preprocessing.apply(str(moving), reference=grid, name="moving image").data
+    ml = fl = None
+    if moving_label is not None and fixed_label is not None:
+        ml = preprocessing.apply(str(moving_label), reference=grid, is_label=True, name="moving label").data
+        fl = preprocessing.apply(str(fixed_label), reference=grid, is_label=True, name="fixed label").data
+    return PairVolumes(moving_data, fixed_vol.data, ml, fl)
+
+
 def preprocess_pair(
     src: PairSource, preprocessing: Any, grid: tuple[int, int, int], where: str
 ) -> dict[str, np.ndarray]:
     """Load + preprocess one pair onto the model grid (fixed defines the grid) as registration does."""
     try:
-        fixed = preprocessing.apply(src.fixed, name="fixed image")
-        moving = preprocessing.apply(src.moving, reference=fixed.affine, name="moving image")
+        vols = load_pair(preprocessing, src.moving, src.fixed)
     except EmorphError as exc:
         raise InputError(f"{where}: {exc}") from exc
     except Exception as exc:  # nibabel/scipy errors on corrupt files
@@ -79,15 +110,15 @@ def preprocess_pair(
             f"{where}: cannot load/preprocess ({type(exc).__name__}: {exc}); fix: check the files "
             "or remove the row"
         ) from exc
-    for what, vol in (("moving", moving), ("fixed", fixed)):
-        if tuple(vol.data.shape) != tuple(grid):
+    for what, data in (("moving", vols.moving), ("fixed", vols.fixed)):
+        if tuple(data.shape) != tuple(grid):
             raise ConfigMismatchError(
                 f"{where}: expected {what} on the model grid {tuple(grid)}, got "
-                f"{tuple(vol.data.shape)}; fix: use the ONNX manifest's preprocessing"
+                f"{tuple(data.shape)}; fix: use the ONNX manifest's preprocessing"
             )
     return {
-        "moving": moving.data[None, None].astype(np.float32),
-        "fixed": fixed.data[None, None].astype(np.float32),
+        "moving": vols.moving[None, None].astype(np.float32),
+        "fixed": vols.fixed[None, None].astype(np.float32),
     }
 
 

@@ -129,17 +129,32 @@ def _ort_options(options: QuantizeOptions) -> dict[str, Any]:
 
 
 def quantize_qdq(
-    onnx_path: str | Path, reader: Any, options: QuantizeOptions = QuantizeOptions()
+    source: str | Path | Any,
+    reader: Any,
+    options: QuantizeOptions = QuantizeOptions(),
+    *,
+    label: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Calibrate with ``reader`` and return (QDQ ModelProto, report dict). Nothing is written by this
-    function."""
+    function.
+
+    ``source``: an ONNX path or an already loaded ``onnx.ModelProto`` (copied, never modified; external data
+    must already be loaded into it). ``label`` names the graph in messages (default: the path).
+    """
     import onnx
 
-    model = name_nodes(onnx.load(str(onnx_path)))
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        label = label or "the ONNX graph"
+    else:
+        model = onnx.load(str(source))
+        label = label or str(source)
+    model = name_nodes(model)
     nodes, excluded = select_nodes(model, options)
     if not nodes:
         raise InputError(
-            f"quantization of {onnx_path}: expected nodes of op types {list(options.op_types)} to "
+            f"quantization of {label}: expected nodes of op types {list(options.op_types)} to "
             "quantize, got none after exclusions; fix: widen --ops or relax --exclude"
         )
     chosen = set(nodes)

@@ -114,17 +114,30 @@ def read_onnx_manifest(onnx_path: Path) -> dict[str, Any] | None:
 
 
 def load_onnx(path: Path) -> Any:
+    """The ONNX model at ``path`` (external data beside it loaded); InputError if missing or unreadable."""
+    return load_onnx_hashed(path)[0]
+
+
+def load_onnx_hashed(path: Path) -> tuple[Any, str]:
+    """(ModelProto, SHA-256 of the ``.onnx`` file) from one read of the file; external data beside it is
+    loaded as ``onnx.load`` does (and is not part of the hash, as with ``sha256_file``)."""
+    import hashlib
+
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     if not path.is_file():
         raise InputError(f"ONNX {path} not found: expected a graph from 'emorph export'; fix: check the path")
     try:
-        return onnx.load(str(path))
+        data = path.read_bytes()
+        model = onnx.load_model_from_string(data)
+        load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
         raise InputError(
             f"ONNX {path} cannot be read: expected an ONNX model, got {type(exc).__name__}; "
             "fix: re-run 'emorph export'"
         ) from exc
+    return model, hashlib.sha256(data).hexdigest()
 
 
 def graph_precision(model: Any) -> str:

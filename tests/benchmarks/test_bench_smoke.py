@@ -200,3 +200,108 @@ def test_run_all_quick_collates(tmp_path: Path) -> None:
     assert mod.main(["--quick", "--collate-only", "--only", "compute_bound,memory", "--out", str(out)]) == 0
     runs = {r["name"]: r["status"] for r in json.loads((out / "summary.json").read_text())["runs"]}
     assert runs == {"compute_bound": "ok", "memory": "no results"}
+
+
+# ---------------------------------------------------------------------------------------------- run_all
+def _fake_runs(mod: ModuleType, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Replace the scripts run_all starts by a stub that records its command and writes ``<--out>.json``."""
+    import subprocess
+
+    calls: list[list[str]] = []
+    real_run = subprocess.run
+
+    def fake_run(cmd, **kwargs):
+        if len(cmd) < 2 or Path(str(cmd[1])).parent != BENCH:  # git, lscpu, ...: the real thing
+            return real_run(cmd, **kwargs)
+        calls.append(list(cmd))
+        stem = Path(cmd[cmd.index("--out") + 1])
+        stem.with_suffix(".json").write_text(json.dumps({"summary": {}}))
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr=None)
+
+    monkeypatch.setattr(mod, "script_options", lambda path: {"--quick", "--threads", "--out", "--force",
+                                                             "--grid", "--model"})
+    monkeypatch.setattr(mod.subprocess, "run", fake_run)
+    return calls
+
+
+def test_run_all_quick_skips_register_e2e_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--quick drops the fixed full-resolution grid, so register_e2e_full would repeat register_e2e: it is
+    reported as skipped (with the reason) instead of run; a full run still passes the grid."""
+    mod = _load("run_all")
+    calls = _fake_runs(mod, monkeypatch)
+    out = tmp_path / "quick"
+    assert mod.main(["--quick", "--threads", "1", "--only", "register_e2e,register_e2e_full",
+                     "--out", str(out)]) == 0
+    assert [Path(c[1]).name for c in calls] == ["register_e2e.py"]
+    summary = json.loads((out / "summary.json").read_text())
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert runs["register_e2e"]["status"] == "ok"
+    assert runs["register_e2e_full"]["status"] == "skipped"
+    assert "no --quick form" in runs["register_e2e_full"]["reason"]
+    assert not (out / "register_e2e_em23.json").exists()
+    (full_row,) = [t for t in summary["targets"] if t["source"] == "register_e2e_full"]
+    assert full_row["measured"] == "skipped (--quick)"
+    md = (out / "summary.md").read_text()
+    assert "| register_e2e_full | skipped |" in md and "no --quick form" in md
+
+    calls.clear()
+    out = tmp_path / "full"
+    assert mod.main(["--threads", "1", "--only", "register_e2e,register_e2e_full", "--out", str(out)]) == 0
+    assert [Path(c[1]).name for c in calls] == ["register_e2e.py", "register_e2e.py"]
+    assert "--grid" not in calls[0] and calls[1][-2:] == ["--grid", "160x192x224"]
+    assert calls[1][calls[1].index("--out") + 1] == str(out / "register_e2e_em23")
+
+
+def test_e2e_case_reads_the_case_key_and_parses_old_results() -> None:
+    mod = _load("run_all")
+    assert mod._e2e_case({"case": "default model, grid 80×96×112", "model": "ONNX x.onnx",
+                          "grid": [1, 2, 3]}) == "default model, grid 80×96×112"
+    # results written before register_e2e had "case": derived from the free-text model description
+    old = {"model": "checkpoint emorph_deploy/weights/default.json", "grid": [80, 96, 112]}
+    assert mod._e2e_case(old) == "default model, grid 80×96×112"
+    old = {"model": "random init of em-23-hires (seed 0), flow head rescaled to flow RMS ≈ 2.0 voxels",
+           "grid": [160, 192, 224]}
+    assert mod._e2e_case(old) == "random-init em-23-hires, grid 160×192×224"
+    assert mod._e2e_case({"model": "checkpoint runs/a.json", "grid": [8, 8, 8]}) == "runs/a.json, grid 8×8×8"
+
+
+@pytest.mark.slow
+def test_register_e2e_quick_writes_case(tmp_path: Path) -> None:
+    mod = _load("register_e2e")
+    out = tmp_path / "e2e"
+    assert mod.main(["--quick", "--threads", "1", "--runs", "1", "--warmup", "0", "--out", str(out)]) == 0
+    s = _result(out)["summary"]
+    assert s["case"] == "random-init em-23-hires, grid 32×32×32"
+    assert _load("run_all")._e2e_case(s) == s["case"]
+    assert s["e2e_median_s"] > 0 and s["model_median_s"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- peers report
+def test_comparison_sections_and_summary_vs_syn() -> None:
+    """The report sections shared by peers.py and default_model_eval.py; the speed-up vs SyN goes to the
+    methods ``vs_syn`` picks."""
+    p = _load("peers")
+
+    def row(pair, kind, method, sec, gm, jac):
+        return {"pair": pair, "pair_kind": kind, "method": method, "ok": True, "seconds": sec,
+                "dice_gm": gm, "dice_wm": 0.5, "dice_mean": (gm + 0.5) / 2, "frac_jac_nonpos": jac}
+
+    rows = [row("t0", "template", "ANTs SyN", 8.0, 0.7, 0.0), row("t0", "template", "default model", 0.5,
+            0.6, None), {"pair": "t0", "pair_kind": "template", "method": "greedy", "ok": False,
+                         "error": "RuntimeError: x"}]
+    by_kind = p._summary(rows, "ANTs SyN", vs_syn=lambda m: m.startswith("default model"))
+    dm = by_kind["template"]["default model"]
+    assert dm["speedup_vs_ants_syn"] == pytest.approx(16.0)
+    assert dm["dice_minus_ants_syn"] == pytest.approx(-0.05)
+    assert "speedup_vs_ants_syn" not in by_kind["template"]["ANTs SyN"] and by_kind["real"] == {}
+    assert "speedup_vs_ants_syn" not in p._summary(rows)["template"]["default model"]  # default: "emorph"
+    summary = {"by_kind": by_kind, "pairs": [{"name": "t0", "description": "d", "labels_method": "m"}]}
+    lines = p.comparison_sections(summary, rows, {"template": "Templates", "real": "Real"}, jac_first=True,
+                                  speedup_header="speed-up vs SyN")
+    assert lines[:2] == ["## Templates", ""] and "## Real" not in lines
+    assert lines[2].splitlines()[0] == ("| method | pairs | Dice GM | Dice WM | Dice mean | J ≤ 0 | "
+                                        "seconds / pair | speed-up vs SyN |")
+    assert "| default model | 1 | 0.600 | 0.500 | 0.550 | - | 0.5 | 16.0 |" in lines[2]
+    assert lines[4:6] == ["## Per pair", ""]
+    assert "| t0 | greedy | - | - | - | - | RuntimeError: x |" in lines[6]
+    assert lines[-1] == "- `t0`: d; labels: m."
