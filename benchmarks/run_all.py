@@ -226,6 +226,11 @@ def key_figures(results: dict[str, dict[str, Any] | None]) -> list[str]:
         bounds = ", ".join(f"{g}: {s:.3g} s" for g, s in (cb.get("bound_s") or {}).items())
         out.append(f"- Compute bound: matmul peak **{cb['peak_gflops']:.1f} GFLOP/s**; bound {bounds}.")
     ml = (results.get("model_latency") or {}).get("summary") or {}
+    if ml.get("peak_gflops"):  # the peak the target is judged against (the machine's peak drifts)
+        out.append(
+            f"- Model latency's own matmul peak: **{ml['peak_gflops']:.1f} GFLOP/s** (the × bound below and "
+            "the compute-bound target use it; the peak drifts on a shared VM)."
+        )
     for g, s in (ml.get("grids") or {}).items():
         out.append(
             f"- Model latency {g}: torch eager {C.fmt(s.get('torch_eager_median_s'), '.3g')} s; fastest CPU "

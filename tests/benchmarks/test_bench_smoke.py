@@ -305,3 +305,15 @@ def test_comparison_sections_and_summary_vs_syn() -> None:
     assert lines[4:6] == ["## Per pair", ""]
     assert "| t0 | greedy | - | - | - | - | RuntimeError: x |" in lines[6]
     assert lines[-1] == "- `t0`: d; labels: m."
+
+
+def test_key_figures_name_both_matmul_peaks():
+    """The summary states compute_bound's peak and the one model_latency judged the target against."""
+    run_all = _load("run_all")
+    results = {
+        "compute_bound": {"summary": {"peak_gflops": 133.1, "bound_s": {"160×192×224": 4.81}}},
+        "model_latency": {"summary": {"peak_gflops": 143.6, "grids": {}}},
+    }
+    lines = run_all.key_figures(results)
+    assert any("matmul peak **133.1 GFLOP/s**" in ln for ln in lines)
+    assert any("own matmul peak: **143.6 GFLOP/s**" in ln for ln in lines)
