@@ -64,6 +64,17 @@ def _pair(folder: Path, resolution: int) -> dict[str, Path]:
     return out
 
 
+def _is_packaged_default(path: Path) -> bool:
+    """Whether ``path`` is the packaged default model (its .json or its weights file)."""
+    from emorph_deploy.registration import default_artifact
+
+    try:
+        default = default_artifact()
+    except Exception:  # no default model packaged
+        return False
+    return path.resolve().with_suffix("") == default.resolve().with_suffix("")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = C.base_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint (.json); default: random-init em-23-hires")
@@ -90,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         label = desc
     elif args.model:
         artifact, desc = Path(args.model), f"checkpoint {args.model}"
-        label = "default model" if args.model.endswith("weights/default.json") else args.model
+        label = "default model" if _is_packaged_default(Path(args.model)) else args.model
     else:
         spacing = 6.0 if args.quick else (2.0 if tuple(grid) == C.DEFAULT_GRID else 1.0)
         artifact, desc = C.make_checkpoint(

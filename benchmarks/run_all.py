@@ -41,7 +41,7 @@ SCRIPTS = (
 )
 #: results stem per script when it differs from the script name
 OUT_NAME = {"default_model_eval": "default_model", "register_e2e_full": "register_e2e_em23"}
-#: entries that run another script with fixed arguments (not in --quick): the issue's full-resolution case
+#: entries that run another script with fixed arguments (skipped by --quick): the full-resolution case
 SCRIPT_FILE = {"register_e2e_full": "register_e2e"}
 FIXED_ARGS = {"register_e2e_full": ["--grid", "160x192x224"]}
 #: entries --quick does not run (reported as skipped, with the reason)
@@ -93,8 +93,7 @@ def build_command(name: str, path: Path, opts: set[str], args: Any, out_stem: Pa
         cmd += ["--out", str(out_stem)]
     if args.force and "--force" in opts:
         cmd.append("--force")
-    if not args.quick:
-        cmd += FIXED_ARGS.get(name, [])
+    cmd += FIXED_ARGS.get(name, [])  # (such entries are in QUICK_SKIP: never built with --quick)
     flag = MODEL_FLAG.get(name)
     if args.model and flag and flag in opts:
         cmd += [flag, args.model]

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from emorph_deploy.engines.graph import find_regions, is_linear_matmul, name_nodes
+from emorph_deploy.engines.graph import find_regions, is_linear_matmul, named_copy
 from emorph_deploy.errors import InputError, MissingDependencyError, ProcessingError
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -143,14 +143,8 @@ def quantize_qdq(
     """
     import onnx
 
-    if isinstance(source, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(source)
-        label = label or "the ONNX graph"
-    else:
-        model = onnx.load(str(source))
-        label = label or str(source)
-    model = name_nodes(model)
+    label = label or ("the ONNX graph" if isinstance(source, onnx.ModelProto) else str(source))
+    model = named_copy(source)
     nodes, excluded = select_nodes(model, options)
     if not nodes:
         raise InputError(

@@ -28,7 +28,6 @@ from emorph_deploy.export.manifest import MANIFEST_FORMAT, manifest_path_for
 from emorph_deploy.fileio import (
     check_writable,
     read_manifest_json,
-    sha256_file,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -298,7 +297,7 @@ def build_engine(
     """
     say = progress or (lambda _msg: None)
     onnx_path = Path(onnx_path)
-    model = load_onnx(onnx_path)
+    model, source_sha = load_onnx_hashed(onnx_path)  # the one read of the source graph (TensorRT parses it)
     onnx_meta = read_onnx_manifest(onnx_path)
     trt = trt or load_tensorrt(options.flavour)
     name = str((onnx_meta or {}).get("name") or onnx_path.stem)
@@ -362,7 +361,7 @@ def build_engine(
             from emorph_deploy.engines.fp16 import convert_fp16 as _convert
 
             say("converting to mixed FP16/FP32 (AutoCast; LayerNorm, Softmax, flow head, warp kept FP32)")
-            fp16_model, fp16_summary = _convert(onnx_path)
+            fp16_model, fp16_summary = _convert(model)
             graph_path = Path(tmp) / fp16_onnx.name
             fp16_bytes = fp16_model.SerializeToString()  # TensorRT parses the file; hash and copy from memory
             graph_path.write_bytes(fp16_bytes)
@@ -391,12 +390,10 @@ def build_engine(
             gpu_info["target_compute_capabilities"] = targets
         pinned = None
         if use_flag:
-            import onnx
-
             from emorph_deploy.engines.fp16 import fp32_node_names
-            from emorph_deploy.engines.graph import name_nodes
+            from emorph_deploy.engines.graph import named_copy
 
-            named = name_nodes(onnx.load(str(onnx_path)))
+            named = named_copy(model)
             keep = fp32_node_names(
                 named,
             )
@@ -422,7 +419,6 @@ def build_engine(
             )
         data = bytes(serialized)
         # --- write: graph first (manifest references it), engine, manifest last
-        source_sha = sha256_file(onnx_path)
         built_graph, built_sha = onnx_path, source_sha
         if convert_fp16:
             built_sha = hashlib.sha256(fp16_bytes).hexdigest()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emorph_deploy.engines.graph import find_regions, name_nodes
+from emorph_deploy.engines.graph import find_regions, named_copy
 from emorph_deploy.errors import MissingDependencyError, ProcessingError
 
 #: op types kept in FP32 everywhere in the network
@@ -69,13 +69,14 @@ def _require_autocast() -> Any:
 
 
 def convert_fp16(
-    src_onnx: str | os.PathLike, options: Fp16Options = Fp16Options()
+    src_onnx: str | os.PathLike | Any, options: Fp16Options = Fp16Options()
 ) -> tuple[Any, dict[str, Any]]:
-    """FP32 ONNX -> mixed FP16/FP32 ONNX ModelProto (I/O FP32) plus a summary dict for the manifest."""
+    """FP32 ONNX (a path or a loaded ModelProto, not modified) -> mixed FP16/FP32 ONNX ModelProto (I/O FP32)
+    plus a summary dict for the manifest."""
     import onnx
 
     convert = _require_autocast()
-    model = name_nodes(onnx.load(str(src_onnx)))
+    model = named_copy(src_onnx)
     keep = fp32_node_names(model, options)
     with tempfile.TemporaryDirectory(prefix="emorph-fp16-") as tmp:
         named = Path(tmp) / "named.onnx"

@@ -35,6 +35,19 @@ def name_nodes(model: Any) -> Any:
     return model
 
 
+def named_copy(source: Any) -> Any:
+    """A fresh ModelProto with every node named (:func:`name_nodes`) from an ONNX path or an already loaded
+    model (copied: the caller's model is never modified; its external data must already be loaded)."""
+    import onnx
+
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+    else:
+        model = onnx.load(str(source))
+    return name_nodes(model)
+
+
 @dataclass(frozen=True)
 class Regions:
     network: frozenset[str]
