@@ -391,3 +391,78 @@ def _trilinear_sample(mv, idx_n3):
     from emorph_deploy.registration.affine import _trilinear_with_gradient
 
     return _trilinear_with_gradient(mv[0, 0], idx_n3.T.contiguous())[0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint8, np.uint16, np.int64])
+def test_nearest_take_equals_grid_sample_nearest(dtype):
+    """The labels' one-gather nearest sampler == grid_sample(mode="nearest", zeros) exactly: ties round half
+    to even, points past half a voxel outside are 0; any label dtype, values kept."""
+    import torch
+    import torch.nn.functional as F
+
+    from emorph_deploy.registration.native import _nearest_take
+
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randint(1, 200, (5, 6, 7), generator=gen).to(torch.float32)
+    g = torch.rand(3, 4000, generator=gen) * 2.6 - 1.3  # normalised, reaching past every face
+    ties = torch.tensor([[-1.0 + 2 * 2.5 / 6, 1.0 + 1 / 6, 0.0], [-1.0 + 2 * 0.5 / 5, -1.0 - 1 / 5, 0.0],
+                         [0.0, 0.0, -1.0 + 2 * 1.5 / 4]])  # exact half-voxel positions and face ties
+    g = torch.cat([g, ties], dim=1)
+    ref = F.grid_sample(src[None, None], g.T.reshape(1, 1, 1, -1, 3), mode="nearest", padding_mode="zeros",
+                        align_corners=True).view(-1)
+    lab = torch.from_numpy(src.numpy().astype(np.int64 if dtype == np.uint16 else dtype))
+    got = _nearest_take(lab, g, torch.empty(g.shape[1], dtype=lab.dtype))
+    assert got.dtype == lab.dtype
+    assert (ref == 0).any() and (ref != 0).any()
+    np.testing.assert_array_equal(got.numpy().astype(np.float64), ref.numpy().astype(np.float64))
+
+
+def test_add_matvec_equals_matmul_and_skips_zero_entries():
+    import torch
+
+    from emorph_deploy.registration.native import _add_matvec
+
+    gen = torch.Generator().manual_seed(4)
+    f = torch.randn(3, 1000, generator=gen)
+    m = np.array([[0.5, 0.0, -2.0], [0.0, 0.0, 0.0], [1.5, 0.25, 3.0]])
+    ref = torch.as_tensor(m, dtype=torch.float32) @ f
+    out = torch.full((3, 1000), 7.0)
+    torch.testing.assert_close(_add_matvec(out, m, f, accumulate=False), ref, rtol=1e-6, atol=1e-6)
+    base = torch.randn(3, 1000, generator=gen)
+    torch.testing.assert_close(_add_matvec(base.clone(), m, f, accumulate=True), base + ref, rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_affine_pyramid_block_means_and_fortran_views():
+    """Block means over every core equal avg_pool3d (any number of block slabs, tails dropped); a
+    Fortran-ordered volume pools as its reversed view with the same world geometry (no copy)."""
+    import torch
+    import torch.nn.functional as F
+
+    from emorph_deploy.registration.affine import _block_mean, _pooled, _pyramid
+
+    gen = torch.Generator().manual_seed(5)
+    for shape, f in (((23, 10, 9), [3, 2, 2]), ((8, 7, 6), [2, 2, 1]), ((5, 9, 9), [1, 3, 3])):
+        t = torch.rand(shape, generator=gen)
+        for threads in (1, 2, 3):
+            prev = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                got = _block_mean(t, f)
+            finally:
+                torch.set_num_threads(prev)
+            ref = F.avg_pool3d(t[None, None], f, f) if max(f) > 1 else t[None, None]
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    vol = np.asfortranarray(np.random.default_rng(6).random((12, 10, 14)).astype(np.float32))
+    aff = np.array([[-1.5, 0, 0, 20], [0, 1.5, 0, -9], [0, 0, 1.5, 4], [0, 0, 0, 1.0]])
+    pf, af = _pooled(vol, aff, 3.0)
+    pc, ac = _pooled(np.ascontiguousarray(vol), aff, 3.0)
+
+    def world_of_max(p, a):  # the pooled voxel with the largest mean, in world mm
+        i = np.unravel_index(int(p.argmax()), p.shape[2:])
+        return a[:3, :3] @ np.asarray(i, float) + a[:3, 3]
+
+    assert pf.shape[2:] == pc.shape[2:][::-1]
+    np.testing.assert_allclose(world_of_max(pf, af), world_of_max(pc, ac), atol=1e-9)
+    levels = _pyramid(vol, aff, 3.0, 2)
+    assert [round(float(np.abs(a[:3, :3]).sum(0).max()), 6) for _, a in levels] == [6.0, 3.0]

@@ -102,8 +102,9 @@ def _squeeze_to_3d(data: np.ndarray, what: str) -> np.ndarray:
 
 
 def _check_values(data: np.ndarray, what: str, *, allow_constant: bool = False) -> None:
+    flat = data.ravel(order="K")  # a view for C- and Fortran-ordered data: numpy's fast contiguous loops
     if data.dtype.kind == "f" or data.dtype.kind == "c":
-        finite = np.isfinite(data)
+        finite = np.isfinite(flat)
         if not finite.all():
             n_bad = int(data.size - np.count_nonzero(finite))
             raise InputError(
@@ -116,7 +117,7 @@ def _check_values(data: np.ndarray, what: str, *, allow_constant: bool = False) 
             "to an integer or float type"
         )
     if not allow_constant:
-        lo, hi = data.min(), data.max()
+        lo, hi = flat.min(), flat.max()
         if lo == hi:
             kind = "all-zero" if lo == 0 else f"constant ({float(lo):g})"
             raise InputError(
@@ -185,6 +186,8 @@ def _load_nifti(path: str | os.PathLike, what: str) -> tuple[nib.spatialimages.S
         )
     try:
         data = np.asanyarray(img.dataobj)
+        if isinstance(data, np.memmap):  # read now, in the file's order: no file-backed arrays leave here
+            data = np.array(data, order="K")
     except Exception as exc:  # corrupt gzip stream, truncated data, ...
         raise InputError(
             f"{what}: expected a complete NIfTI file, got corrupt or truncated voxel data "
@@ -236,7 +239,7 @@ def _validated_intensity(data: np.ndarray, affine: Any, what: str, header: Any =
     affine = check_affine(affine, what)
     data = _squeeze_to_3d(np.asarray(data), what)
     _check_values(data, what)
-    data32 = np.ascontiguousarray(data, dtype=np.float32)
+    data32 = _contiguous(data, np.float32)
     if data.dtype != np.float32 and not np.all(np.isfinite(data32)):  # float32 input: checked just above
         raise InputError(
             f"{what}: expected values that fit float32, got values overflowing to Inf; fix: rescale the image"
@@ -266,7 +269,9 @@ def _validated_labels(
     if data.dtype.kind == "b":
         data = data.astype(np.uint8)
     if data.dtype.kind == "f":
-        frac = np.abs(data - np.round(data))
+        rounded = np.round(data)
+        frac = np.subtract(data, rounded)
+        np.abs(frac, out=frac)
         if frac.max() > 1e-3:
             n_bad = int(np.count_nonzero(frac > 1e-3))
             raise InputError(
@@ -274,20 +279,34 @@ def _validated_labels(
                 f"(e.g. {float(data[frac > 1e-3].flat[0]):g}); fix: pass a segmentation, not an "
                 "intensity image or a probability map (threshold/argmax it first)"
             )
-        rounded = np.round(data)
-        if rounded.min() < np.iinfo(np.int32).min or rounded.max() > np.iinfo(np.int32).max:
+        del frac
+        lo, hi = rounded.min(), rounded.max()
+        if lo < np.iinfo(np.int32).min or hi > np.iinfo(np.int32).max:
             raise InputError(
                 f"{what}: expected label values that fit int32, got range "
-                f"[{rounded.min():g}, {rounded.max():g}]; fix: relabel the segmentation"
+                f"[{lo:g}, {hi:g}]; fix: relabel the segmentation"
             )
-        data = rounded.astype(np.int32)
-    if not np.any(data):
+        data = rounded.astype(np.int32, order="K")
+    else:
+        lo, hi = data.min(), data.max()
+    nonzero = lo != 0 or hi != 0
+    if not nonzero:
         raise InputError(
             f"{what}: expected at least one nonzero label, got an all-zero label map; "
             "fix: check that the right segmentation was passed"
         )
     disk = np.dtype(disk_dtype) if disk_dtype is not None else data.dtype
-    return _make_image(np.ascontiguousarray(data), affine, header, disk_dtype=disk)
+    return _make_image(_contiguous(data, data.dtype), affine, header, disk_dtype=disk)
+
+
+def _contiguous(data: np.ndarray, dtype: Any) -> np.ndarray:
+    """``data`` as ``dtype`` in one contiguous block, keeping a Fortran order (NIfTI's on-disk order, what
+    nibabel reads) instead of transposing it: every consumer here takes either order, and the transposing
+    copy of a 1 mm head costs more than decoding it. Other layouts become C-contiguous."""
+    out = np.asarray(data, dtype=dtype)
+    if out.flags.c_contiguous or out.flags.f_contiguous:
+        return out
+    return np.ascontiguousarray(out)
 
 
 def label_dtype(img: nib.Nifti1Image) -> np.dtype:

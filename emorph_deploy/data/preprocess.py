@@ -34,9 +34,10 @@ def normalise_intensity(
     InputError.
     """
     data = np.asarray(data, dtype=np.float32)
-    sample = data[data != 0] if nonzero_only else data.ravel()
+    flat = data.ravel(order="K")  # a view for C- and Fortran-ordered volumes (order is irrelevant here)
+    sample = flat[flat != 0] if nonzero_only else flat
     if sample.size == 0:
-        sample = data.ravel()
+        sample = flat
     lo, hi = (float(v) for v in np.percentile(sample, percentiles))
     if not hi > lo:
         lo, hi = float(data.min()), float(data.max())

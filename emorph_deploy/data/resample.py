@@ -207,6 +207,12 @@ def resample_to_grid(
     trilinear (float32 out), ``order=0`` is nearest (dtype and values kept: use it for label maps).
     """
     dst_shape = tuple(int(s) for s in dst_shape[:3])
+    data = np.asarray(data)
+    if data.ndim == 3 and data.flags.f_contiguous and not data.flags.c_contiguous:
+        # a Fortran-ordered volume (nibabel's): sample its reversed C-ordered view, whose voxel (k, j, i) is
+        # voxel (i, j, k) — the same world geometry with the affine's columns reversed, no copy
+        data = data.T
+        src_affine = np.asarray(src_affine, dtype=np.float64)[:, [2, 1, 0, 3]]
     arr, squeeze = _as_channels(data)
     out_dtype = arr.dtype if order == 0 else (np.float64 if method == "scipy" else np.float32)
     m = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
@@ -261,6 +267,15 @@ def lerp_axis(x, axis: int, coords: np.ndarray, padding: Padding = "border"):
             idx = np.clip(idx, 0, n - 1)
             if idx.size == n and np.array_equal(idx, np.arange(n)):
                 return x  # the identity: x itself, no copy
+            runs = _integral_runs(idx, n)
+            if runs is not None:  # a shifted copy with clamped ends: slices, no gather
+                left, start, length, right = runs
+                parts = [x.narrow(axis, 0, 1).expand(*_sized(x.shape, axis, left))] if left else []
+                if length:
+                    parts.append(x.narrow(axis, start, length))
+                if right:
+                    parts.append(x.narrow(axis, n - 1, 1).expand(*_sized(x.shape, axis, right)))
+                return torch.cat(parts, dim=axis) if len(parts) > 1 else parts[0].contiguous()
             return x.index_select(axis, torch.from_numpy(idx))
     if padding == "zeros":  # one zero voxel each side, then the border rule on the padded axis
         pad = [0] * (2 * x.ndim)
@@ -293,6 +308,23 @@ def _sized(shape: Sequence[int], axis: int, size: int) -> list[int]:
     out = list(shape)
     out[axis] = size
     return out
+
+
+def _integral_runs(idx: np.ndarray, n: int) -> tuple[int, int, int, int] | None:
+    """For clamped integral indices of the form ``0, ..., 0, s, s + 1, ..., s + m - 1, n - 1, ..., n - 1``
+    (a shifted copy of the axis, clamped at both ends), ``(left, s, m, right)``; else None."""
+    m = len(idx)
+    if m == 0 or n < 1:
+        return None
+    left = int(np.count_nonzero(idx == 0))
+    right = int(np.count_nonzero(idx == n - 1)) if n > 1 else 0
+    lo, hi = left, m - right
+    if hi < lo or not (np.all(idx[:lo] == 0) and np.all(idx[hi:] == n - 1)):
+        return None
+    mid = idx[lo:hi]
+    if mid.size and not np.array_equal(mid, np.arange(int(mid[0]), int(mid[0]) + mid.size)):
+        return None
+    return left, int(mid[0]) if mid.size else 0, int(mid.size), right
 
 
 def _unit_step_runs(coords: np.ndarray, i0: np.ndarray, n: int) -> tuple[int, int, int, int] | None:

@@ -1,9 +1,10 @@
 """Fast intensity-based affine pre-alignment (``--affine``) on a downsampled pair.
 
-Both images are block-averaged to ~``spacing_mm`` (anti-aliased, no resampling), normalised to [0, 1], and
-a 12-parameter affine ``T`` (fixed world → moving world, RAS mm) maximises the global NCC between the fixed
-foreground voxels and the moving image sampled at ``T p``, coarse-to-fine (2x ``spacing_mm``, then
-``spacing_mm``), initialised by matching the intensity centres of mass.
+Both images are block-averaged to ~``spacing_mm`` (anti-aliased, no resampling; each coarser level from
+the next finer one), normalised to [0, 1], and a 12-parameter affine ``T`` (fixed world → moving world, RAS
+mm) maximises the global NCC between the fixed foreground voxels and the moving image sampled at ``T p``,
+coarse-to-fine (2x ``spacing_mm``, then ``spacing_mm``), initialised by matching the intensity centres of
+mass.
 
 The optimiser is Levenberg-Marquardt on the NCC's Gauss-Newton model: each evaluation gathers the 8 trilinear
 corners of every point once and returns the value and its exact gradient (the derivative of the
@@ -48,21 +49,61 @@ class AffineResult:
     seconds: float
 
 
-def _pooled(data: np.ndarray, affine: np.ndarray, target_mm: float) -> tuple[torch.Tensor, np.ndarray]:
-    """Block-average a 3D array to ~``target_mm`` voxels; return (1, 1, d, h, w) float32 and its affine."""
-    arr = np.asarray(data)
-    if not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr)
-    t = torch.from_numpy(arr)
+def _block_mean(t: torch.Tensor, f: list[int]) -> torch.Tensor:
+    """Non-overlapping ``f``-block means of the C-contiguous (D, H, W) ``t`` (trailing partial blocks
+    dropped, like ``avg_pool3d``) → (1, 1, d, h, w). torch's CPU ``avg_pool3d`` runs one thread per
+    (batch, channel) plane, so the slabs of whole blocks along axis 0 go in as a batch: every core works,
+    same sums."""
+    if max(f) == 1:
+        return t[None, None]
+    nb = t.shape[0] // f[0]
+    parts = max(1, min(torch.get_num_threads(), nb))
+    per = nb // parts
+    main = per * parts * f[0]
+    body = F.avg_pool3d(t[:main].reshape(parts, 1, per * f[0], *t.shape[1:]), kernel_size=f, stride=f)
+    body = body.reshape(1, 1, parts * per, *body.shape[3:])
+    if main < nb * f[0]:
+        tail = F.avg_pool3d(t[None, None, main : nb * f[0]], kernel_size=f, stride=f)
+        body = torch.cat([body, tail], dim=2)
+    return body
+
+
+def _pooled(
+    data: np.ndarray | torch.Tensor, affine: np.ndarray, target_mm: float
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Block-average a 3D array to ~``target_mm`` voxels; return (1, 1, d, h, w) float32 and its affine.
+
+    A Fortran-ordered array (nibabel's) is pooled as its reversed C-ordered view, not copied: the affine
+    takes the axis reversal, so the world geometry is the same."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if isinstance(data, torch.Tensor):
+        t = data.contiguous()
+    else:
+        arr = np.asarray(data)
+        if not arr.flags.c_contiguous and arr.flags.f_contiguous:
+            arr = arr.T
+            affine = affine[:, [2, 1, 0, 3]]
+        t = torch.from_numpy(np.ascontiguousarray(arr))
     if t.dtype != torch.float32:
         t = t.float()
-    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-    f = [max(1, min(round(target_mm / s), n // 2 or 1)) for s, n in zip(spacing, arr.shape, strict=True)]
-    pooled = F.avg_pool3d(t[None, None], kernel_size=f, stride=f) if max(f) > 1 else t[None, None]
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    f = [max(1, min(round(target_mm / s), n // 2 or 1)) for s, n in zip(spacing, t.shape, strict=True)]
     scale = np.eye(4)
     scale[:3, :3] = np.diag(f)
     scale[:3, 3] = (np.asarray(f, dtype=np.float64) - 1) / 2
-    return pooled.contiguous(), np.asarray(affine, dtype=np.float64) @ scale
+    return _block_mean(t, f).contiguous(), affine @ scale
+
+
+def _pyramid(
+    data: np.ndarray, affine: np.ndarray, finest_mm: float, levels: int
+) -> list[tuple[torch.Tensor, np.ndarray]]:
+    """Coarse-to-fine levels at ~``finest_mm * 2**k``: the finest block-averaged from the native voxels, each
+    coarser one from the next finer level (cheap; blocks of whole finer voxels)."""
+    out = [_pooled(data, affine, finest_mm)]
+    for k in range(1, levels):
+        t, a = out[-1]
+        out.append(_pooled(t[0, 0], a, finest_mm * 2**k))
+    return out[::-1]
 
 
 def _normalise(t: torch.Tensor) -> torch.Tensor:
@@ -71,8 +112,8 @@ def _normalise(t: torch.Tensor) -> torch.Tensor:
         nz = t.reshape(-1)
     lo, hi = 0.0, 1.0
     if nz.numel():
-        sub = nz[:: max(1, nz.numel() // 200_000)]
-        lo, hi = (float(v) for v in torch.quantile(sub, torch.tensor([0.01, 0.99], dtype=sub.dtype)))
+        sub = nz[:: max(1, nz.numel() // 200_000)].numpy()
+        lo, hi = (float(v) for v in np.quantile(sub, [0.01, 0.99]))  # numpy's selection: ~5x torch's sort
     if not hi > lo:
         lo, hi = float(t.min()), float(t.max())
     return ((t - lo) / max(hi - lo, 1e-12)).clamp_(0.0, 1.0)
@@ -89,11 +130,12 @@ def _com(t: torch.Tensor, affine: np.ndarray) -> np.ndarray:
     return np.asarray(affine)[:3, :3] @ np.asarray(idx) + np.asarray(affine)[:3, 3]
 
 
-def _world_points(shape: tuple[int, ...], affine: np.ndarray) -> torch.Tensor:
-    axes = [torch.arange(s, dtype=torch.float32) for s in shape]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+def _world_points(flat: torch.Tensor, shape: tuple[int, ...], affine: np.ndarray) -> torch.Tensor:
+    """World mm (N, 3) of the voxels with C-order flat indices ``flat`` in a volume of ``shape``."""
+    _, h, w = shape
+    ijk = torch.stack([flat // (h * w), (flat // w) % h, flat % w], dim=1).to(torch.float32)
     a = torch.as_tensor(affine, dtype=torch.float32)
-    return grid @ a[:3, :3].T + a[:3, 3]
+    return ijk @ a[:3, :3].T + a[:3, 3]
 
 
 def _axis_corners(x: torch.Tensor, n: int, stride: int) -> tuple[torch.Tensor, ...]:
@@ -230,25 +272,25 @@ def affine_prealign(
     ncc_init = ncc_final = float("nan")
     levels = max(1, cfg.levels)
     iters = tuple(cfg.iterations) + (cfg.iterations[-1],) * max(0, levels - len(cfg.iterations))
+    fixed_levels = _pyramid(fixed, fixed_affine, cfg.spacing_mm, levels)
+    moving_levels = _pyramid(moving, moving_affine, cfg.spacing_mm, levels)
     for level in range(levels):
-        mm = cfg.spacing_mm * 2 ** (levels - 1 - level)
-        fx, fx_aff = _pooled(fixed, fixed_affine, mm)
-        mv, mv_aff = _pooled(moving, moving_affine, mm)
+        (fx, fx_aff), (mv, mv_aff) = fixed_levels[level], moving_levels[level]
         fx = _normalise(fx)
         mv = _normalise(mv)
         if c is None:
             com_f, com_m = _com(fx, fx_aff), _com(mv, mv_aff)
             c = com_f
             theta[9:] = com_m - com_f
-        pts = _world_points(tuple(fx.shape[2:]), fx_aff)  # (N, 3) world mm
         fvals = fx.reshape(-1)
-        keep = fvals > 0.02  # foreground of the fixed image (plus a margin of blur)
-        if int(keep.sum()) > 64:
-            pts, fvals = pts[keep], fvals[keep]
-        if pts.shape[0] > cfg.max_points:
+        flat = (fvals > 0.02).nonzero()[:, 0]  # foreground of the fixed image (plus a margin of blur)
+        if flat.numel() <= 64:
+            flat = torch.arange(fvals.numel())
+        if flat.numel() > cfg.max_points:
             gen = torch.Generator().manual_seed(level)
-            sel = torch.randperm(pts.shape[0], generator=gen)[: cfg.max_points]
-            pts, fvals = pts[sel], fvals[sel]
+            flat = flat[torch.randperm(flat.numel(), generator=gen)[: cfg.max_points]]
+        pts = _world_points(flat, tuple(fx.shape[2:]), fx_aff)  # (N, 3) world mm
+        fvals = fvals[flat]
         p_c = pts - torch.as_tensor(c, dtype=torch.float32)
         level_fit = _Level(mv, mv_aff, p_c, fvals, c)
         theta, rho0, ncc_final = _fit_level(level_fit, theta, iters[level], cfg.tolerance)

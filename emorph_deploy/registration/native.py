@@ -13,10 +13,11 @@ For every fixed native voxel ``o`` (world position ``p = A_f o``, RAS mm):
 The displacement written for ITK/ANTs is ``d(p) = T(p + u(p)) - p`` in LPS mm.
 
 Everything is folded into per-call 4x4 matrices so the hot loop is: the flow at the slab's voxels (three 1-D
-interpolations when the grids are axis-aligned, else a ``grid_sample``), one ``addmm`` for the moving
-coordinates (channel-first, passed to ``grid_sample`` as a strided view), one ``grid_sample`` of the moving
-image — float32, in slabs along the last native axis, writing straight into Fortran-ordered outputs (NIfTI's
-on-disk order, so saving needs no transpose).
+interpolations when the grids are axis-aligned, else a ``grid_sample``), row-wise axpys for the displacement
+and the moving coordinates (channel-first, passed to ``grid_sample`` as a strided view), one ``grid_sample``
+of the moving image, and for labels one gather of the nearest voxel's value in the labels' own dtype —
+float32, in slabs along the last native axis, writing straight into Fortran-ordered outputs (NIfTI's on-disk
+order, so saving needs no transpose). Fortran-ordered inputs (nibabel's) are read through reversed views.
 """
 
 from __future__ import annotations
@@ -69,6 +70,43 @@ def _affine_coords_cf(m: np.ndarray, o0: torch.Tensor, plane_shape: tuple[int, i
     plane = mt[:, 3, None, None] + o1[:, None] * mt[:, 1, None, None] + o2 * mt[:, 2, None, None]  # (r, J, I)
     out = plane[:, None] + o0[:, None, None] * mt[:, 0, None, None, None]  # (r, n, J, I)
     return out.view(mt.shape[0], -1)
+
+
+def _add_matvec(out: torch.Tensor, m: np.ndarray, f: torch.Tensor, *, accumulate: bool) -> torch.Tensor:
+    """``out (r, N) (+)= m (r, c) @ f (c, N)`` for a small ``m``, as row-wise axpys that skip zero entries
+    (a 3-deep GEMM is memory-bound: MKL takes ~3x longer, and an axis-aligned ``m`` needs one axpy per
+    row)."""
+    for r in range(m.shape[0]):
+        first = not accumulate
+        for c in range(m.shape[1]):
+            if m[r, c] == 0.0:
+                continue
+            if first:
+                torch.mul(f[c], float(m[r, c]), out=out[r])
+                first = False
+            else:
+                out[r].add_(f[c], alpha=float(m[r, c]))
+        if first:  # an all-zero row
+            out[r].zero_()
+    return out
+
+
+def _nearest_take(src: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour sampling of the C-contiguous 3D ``src`` (D, H, W), any dtype, at the normalised
+    ``(x, y, z)`` coordinates ``g`` (3, N) into ``out`` (N,): ``grid_sample``'s rule exactly
+    (``align_corners=True``, round half to even, 0 outside ``[0, size - 1]`` after rounding), as one gather
+    of the source values in their own dtype instead of a float ``grid_sample``."""
+    d, h, w = (int(s) for s in src.shape)
+    idx = None
+    inside = None
+    for row, size, stride in ((2, d, h * w), (1, h, w), (0, w, 1)):
+        c = torch.round(((g[row] + 1) / 2) * (size - 1))
+        ok = (c >= 0) & (c <= size - 1)
+        inside = ok if inside is None else inside.logical_and_(ok)
+        ci = c.clamp_(0, size - 1).to(torch.int64)
+        idx = ci.mul_(stride) if idx is None else idx.add_(ci, alpha=stride)
+    vals = src.reshape(-1).take(idx)
+    return torch.where(inside, vals, torch.zeros((), dtype=src.dtype), out=out)
 
 
 def _channel_last(g_cf: torch.Tensor, n: int, j: int, i: int) -> torch.Tensor:
@@ -141,14 +179,11 @@ def warp_to_native(
     lim_mov = torch.tensor([1.0 + 1.0 / max(mov_shape[ax] - 1, 1) for ax in (2, 1, 0)])
     mov5 = mov_t[None, None]
 
-    lab5 = None
+    lab_src = None
     if labels is not None:
         lab_arr = np.asarray(labels)
         lab_t, p_lab = _as_c_tensor(lab_arr)
         lab_shape = tuple(int(s) for s in lab_t.shape)
-        # nearest sampling through grid_sample: exact for |label| < 2^24 in float32, else float64
-        big = lab_arr.size and max(abs(int(lab_arr.max())), abs(int(lab_arr.min()))) >= 1 << 24
-        lab5 = lab_t.to(torch.float64 if big else torch.float32)[None, None]
         a_lab = np.asarray(moving_affine if labels_affine is None else labels_affine, dtype=np.float64)
         same_grid = (
             lab_shape == mov_shape
@@ -158,20 +193,16 @@ def warp_to_native(
         if not same_grid:
             to_lab = index_to_grid(lab_shape) @ p_lab @ np.linalg.inv(a_lab) @ t_pre
             g_lab = (to_lab @ p_of_o)[:3]
-            l_lab_t = torch.as_tensor(to_lab[:3, :3] @ r_m, dtype=torch.float32)
+            l_lab = to_lab[:3, :3] @ r_m
         labels_out = np.zeros((big_k, big_j, big_i), dtype=lab_arr.dtype)
-        labels_out_t = (
-            torch.from_numpy(labels_out)
-            if labels_out.dtype.kind in "biuf"
-            and labels_out.dtype.itemsize <= 8
-            and labels_out.dtype not in (np.uint16, np.uint32, np.uint64)
-            else None
-        )
+        # the gather runs in the labels' own dtype; torch lacks `where`/`take` for wide unsigned ints, which
+        # go through int64 (uint64 wraps there and back: values kept)
+        wide_unsigned = lab_arr.dtype in (np.uint16, np.uint32, np.uint64)
+        lab_src = torch.from_numpy(lab_t.numpy().astype(np.int64)) if wide_unsigned else lab_t
+        labels_out_t = torch.from_numpy(labels_out) if not wide_unsigned else None
 
     warped_out = torch.empty((big_k, big_j, big_i), dtype=torch.float32)
     disp_out = torch.empty((3, big_k, big_j, big_i), dtype=torch.float32)
-    lin_d_t = torch.as_tensor(lin_d, dtype=torch.float32)
-    l_mov_t = torch.as_tensor(l_mov, dtype=torch.float32)
 
     step = max(1, _SLAB_VOXELS // max(big_j * big_i, 1))
     if (big_j * big_i) % 2 and step > 1:  # even voxel counts per slab: grid_sample_3d splits without a tail
@@ -190,28 +221,26 @@ def warp_to_native(
         f2 = f.view(3, nvox)
         # displacement (LPS mm), channel-first straight into the output slab
         d_slab = disp_out[:, k0:k1].view(3, nvox)
-        torch.mm(lin_d_t, f2, out=d_slab)
         if aff_d is not None:
-            d_slab += _affine_coords_cf(aff_d, o0, (big_j, big_i))
+            d_slab.copy_(_affine_coords_cf(aff_d, o0, (big_j, big_i)))
+        _add_matvec(d_slab, lin_d, f2, accumulate=aff_d is not None)
         # moving sampling grid (normalised), computed channel-first (a well-shaped GEMM, contiguous rows for
         # the inside test) and handed to grid_sample as a channel-last strided view
-        g = torch.addmm(_affine_coords_cf(g_mov, o0, (big_j, big_i)), l_mov_t, f2)  # (3, nvox)
+        g = _add_matvec(_affine_coords_cf(g_mov, o0, (big_j, big_i)), l_mov, f2, accumulate=True)  # (3, nvox)
         inside = g[0].abs() <= lim_mov[0]
         inside &= g[1].abs() <= lim_mov[1]
         inside &= g[2].abs() <= lim_mov[2]
         w = grid_sample_3d(mov5, _channel_last(g, n, big_j, big_i), mode="bilinear", padding_mode="border")
         torch.where(inside, w.view(nvox), _ZERO, out=warped_out[k0:k1].view(nvox))
-        if lab5 is not None:
+        if lab_src is not None:
             if same_grid:
                 gl = g
             else:
-                gl = torch.addmm(_affine_coords_cf(g_lab, o0, (big_j, big_i)), l_lab_t, f2)
-            vals = grid_sample_3d(
-                lab5, _channel_last(gl.to(lab5.dtype), n, big_j, big_i), mode="nearest", padding_mode="zeros"
-            ).view(nvox)
+                gl = _add_matvec(_affine_coords_cf(g_lab, o0, (big_j, big_i)), l_lab, f2, accumulate=True)
             if labels_out_t is not None:
-                labels_out_t[k0:k1].view(nvox).copy_(vals)  # exact: integral values, cast to the label dtype
+                _nearest_take(lab_src, gl, labels_out_t[k0:k1].view(nvox))
             else:
+                vals = _nearest_take(lab_src, gl, torch.empty(nvox, dtype=lab_src.dtype))
                 labels_out[k0:k1].reshape(-1)[:] = vals.numpy().astype(labels_out.dtype)
 
     warped = warped_out.numpy().T  # (I, J, K), Fortran order

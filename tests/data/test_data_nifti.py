@@ -270,3 +270,24 @@ def test_big_gz_volumes_stream_through_nibabel(tmp_path: Path, monkeypatch) -> N
     calls.clear()
     load_volume(p)
     assert calls == []
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_loaded_volumes_keep_the_on_disk_order(tmp_path: Path, suffix: str) -> None:
+    """Loading does not transpose: intensities and labels come back in NIfTI's Fortran order (one
+    contiguous block), with the same values; float label maps are rounded to int32 in that order."""
+    rng = np.random.default_rng(7)
+    data = rng.random((9, 8, 7)).astype(np.float32) + 0.1
+    labels = np.round(rng.random((9, 8, 7)) * 4).astype(np.float32)
+    labels[0, 0, 0] = 2.0004  # within the 1e-3 tolerance of an integer
+    p_img, p_lab = tmp_path / f"img{suffix}", tmp_path / f"lab{suffix}"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(p_img))
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(p_lab))
+    img = np.asanyarray(load_volume(p_img).dataobj)
+    lab = np.asanyarray(load_label_map(p_lab).dataobj)
+    assert img.flags.f_contiguous and lab.flags.f_contiguous
+    np.testing.assert_array_equal(img, data)
+    assert lab.dtype == np.int32
+    np.testing.assert_array_equal(lab, np.round(labels).astype(np.int32))
+    strided = as_image((data[:, ::2], np.eye(4)))  # a non-contiguous array becomes one block
+    assert np.asanyarray(strided.dataobj).flags.c_contiguous
