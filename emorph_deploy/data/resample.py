@@ -349,11 +349,11 @@ def _lerp_order(shape: tuple[int, ...], coords: list[np.ndarray]) -> tuple[int, 
     anywhere). Shrinking axes go first, the last axis early when it must gather."""
     from itertools import permutations
 
+    last = len(shape) - 2
+    slow_last = _unit_step_runs(coords[last], _floor_index(coords[last], shape[-1]), shape[-1]) is None
+
     def step_cost(a: int, size: int) -> float:
-        n = shape[a + 1]
-        last = a == len(shape) - 2
-        gathers = _unit_step_runs(coords[a], _floor_index(coords[a], n), n) is None
-        return size * (3.0 if last and gathers else 1.0)
+        return size * (3.0 if a == last and slow_last else 1.0)
 
     best, best_cost = (0, 1, 2), float("inf")
     for order in permutations(range(3)):
@@ -425,19 +425,38 @@ def _grid_sample_affine(src, m: np.ndarray, dst_shape: tuple[int, int, int], pad
 
     from emorph_deploy.sampling import grid_sample_3d, index_to_grid
 
-    g = (index_to_grid(src.shape[2:]) @ m)[:3]  # (3, 4): dst index → grid channels
+    # Walk the destination in the order that follows the source's memory: the destination axis that moves
+    # along the source's contiguous last axis innermost (a Fortran-ordered source is read through its
+    # reversed view; sampling it in the destination's own order would stride across its slowest axis).
+    perm = _memory_order(m)
+    mp = np.asarray(m, dtype=np.float64)[:, [*perm, 3]]  # permuted destination index → source index
+    shape_p = tuple(int(dst_shape[a]) for a in perm)
+    g = (index_to_grid(src.shape[2:]) @ mp)[:3]  # (3, 4): dst index → grid channels
     # the two small factors in float64 (one rounding each), their full-size sum in float32
-    j = np.arange(dst_shape[1], dtype=np.float64)
-    k = np.arange(dst_shape[2], dtype=np.float64)
+    j = np.arange(shape_p[1], dtype=np.float64)
+    k = np.arange(shape_p[2], dtype=np.float64)
     plane = g[:, 3] + j[:, None, None] * g[:, 1] + k[None, :, None] * g[:, 2]  # (H', W', 3)
     plane_t = torch.from_numpy(plane.astype(np.float32))
-    col = torch.from_numpy((np.arange(dst_shape[0], dtype=np.float64)[:, None] * g[:, 0]).astype(np.float32))
-    out = torch.empty((src.shape[1], *dst_shape), dtype=torch.float32)
+    col = torch.from_numpy((np.arange(shape_p[0], dtype=np.float64)[:, None] * g[:, 0]).astype(np.float32))
+    out = torch.empty((src.shape[1], *shape_p), dtype=torch.float32)
     with torch.no_grad():
-        for sl in _chunks(dst_shape):
+        for sl in _chunks(shape_p):
             grid = plane_t[None] + col[sl, None, None, :]  # (d, H', W', 3)
             out[:, sl] = grid_sample_3d(src, grid[None], mode="bilinear", padding_mode=padding)[0]
+    if perm != (0, 1, 2):
+        out = out.permute(0, *(1 + perm.index(a) for a in range(3))).contiguous()
     return out
+
+
+def _memory_order(m: np.ndarray) -> tuple[int, int, int]:
+    """Destination axes ordered so that the innermost one steps along the source's last (contiguous) axis
+    and the next along its middle axis (by the largest entries of ``m``'s linear part, dst → src index)."""
+    lin = np.abs(np.asarray(m, dtype=np.float64)[:3, :3])
+    inner = int(np.argmax(lin[2]))
+    rest = [b for b in range(3) if b != inner]
+    middle = max(rest, key=lambda b: lin[1, b])
+    outer = next(b for b in rest if b != middle)
+    return outer, middle, inner
 
 
 # ------------------------------------------------------------------------------------------------------------
