@@ -20,8 +20,9 @@ Methods (per pair; seconds are wall-clock of the registration call only, on ``--
 * emorph: ``Registrar.load(--model).register(fixed, moving, labels=moving_labels)`` (model kept warm;
   seconds = the whole ``register`` call: decoding the inputs, resampling, inference, resampling back,
   labels, QC; the median of ``--runs`` calls after ``--warmup``, since a sub-second call is noisy on a shared
-  machine — the peers, at 3-11 s, are timed once); affine pre-alignment on the demo pair only
-  (``--emorph-affine auto``). Without ``--model`` the packaged default
+  machine). The peers' registrations (ANTs, greedy) are the median of ``--peer-runs`` runs (default 3;
+  their single runs of the same pair vary by ~10 % here); Dice and J ≤ 0 come from the last run. Affine
+  pre-alignment on the demo pair only (``--emorph-affine auto``). Without ``--model`` the packaged default
   model is used when one exists; otherwise the row is skipped with the reason.
 
 Dice: GM and WM of the warped moving labels (nearest/genericLabel) vs the fixed labels on the fixed grid.
@@ -29,7 +30,7 @@ J ≤ 0: fraction of non-positive Jacobian determinants of the deformable part (
 determinant_image`` of the warp, greedy: ``-jac`` of its warp, both on the fixed grid; emorph: model grid).
 
     python benchmarks/peers.py [--quick] [--threads 2] [--pairs 3] [--model CHECKPOINT] [--ants SyN]
-        [--methods none,affine,ants,greedy,emorph] [--no-demo] [--force]
+        [--methods none,affine,ants,greedy,emorph] [--peer-runs 3] [--no-demo] [--force]
 """
 
 from __future__ import annotations
@@ -189,6 +190,12 @@ def run_none(pair: dict[str, Any], tmp: Path, args: Any) -> dict[str, Any]:
     return {"seconds": 0.0, "resample_s": secs, "warped_labels": out, "frac_jac_nonpos": 0.0}
 
 
+def _peer_runs(args: Any) -> int:
+    """Timed runs per peer registration (``--peer-runs``; 1 for callers without it, e.g.
+    default_model_eval)."""
+    return max(1, int(getattr(args, "peer_runs", None) or 1))
+
+
 def run_ants(pair: dict[str, Any], tmp: Path, args: Any, transform: str) -> dict[str, Any]:
     import ants
 
@@ -199,37 +206,45 @@ def run_ants(pair: dict[str, Any], tmp: Path, args: Any, transform: str) -> dict
     kwargs: dict[str, Any] = {}
     if args.quick:
         kwargs = {"reg_iterations": (20, 10, 0), "aff_iterations": (200, 100, 0, 0)}
-    init = None
-    if transform == "SyNOnly":  # deformable only, after an affine run (timed together)
+    runs: list[float] = []
+    for _ in range(_peer_runs(args)):  # the median is reported; the last run's outputs are scored
+        init = None
+        if transform == "SyNOnly":  # deformable only, after an affine run (timed together)
+            t0 = time.perf_counter()
+            aff = ants.registration(
+                fixed,
+                moving,
+                type_of_transform="Affine",
+                outprefix=prefix + "aff_",
+                **({"aff_iterations": kwargs["aff_iterations"]} if args.quick else {}),
+            )
+            init = aff["fwdtransforms"]
+            t_aff = time.perf_counter() - t0
+        else:
+            t_aff = 0.0
         t0 = time.perf_counter()
-        aff = ants.registration(
+        reg = ants.registration(
             fixed,
             moving,
-            type_of_transform="Affine",
-            outprefix=prefix + "aff_",
-            **({"aff_iterations": kwargs["aff_iterations"]} if args.quick else {}),
+            type_of_transform=transform,
+            outprefix=prefix,
+            initial_transform=init,
+            **({} if transform == "Affine" else kwargs),
         )
-        init = aff["fwdtransforms"]
-        t_aff = time.perf_counter() - t0
-    else:
-        t_aff = 0.0
-    t0 = time.perf_counter()
-    reg = ants.registration(
-        fixed,
-        moving,
-        type_of_transform=transform,
-        outprefix=prefix,
-        initial_transform=init,
-        **({} if transform == "Affine" else kwargs),
-    )
-    secs = time.perf_counter() - t0 + t_aff
+        runs.append(time.perf_counter() - t0 + t_aff)
+    secs = C.Timing(runs, []).median_s
     fwd = list(reg["fwdtransforms"]) + (
         list(init) if init and not set(init) & set(reg["fwdtransforms"]) else []
     )
     w = ants.apply_transforms(fixed, ml, transformlist=fwd, interpolator="genericLabel")
     out = tmp / f"ants_{transform}_labels.nii.gz"
     ants.image_write(w, str(out))
-    res: dict[str, Any] = {"seconds": secs, "warped_labels": out, "transforms": [Path(t).name for t in fwd]}
+    res: dict[str, Any] = {
+        "seconds": secs,
+        "seconds_runs": runs,
+        "warped_labels": out,
+        "transforms": [Path(t).name for t in fwd],
+    }
     warp = next((t for t in reg["fwdtransforms"] if t.endswith(("Warp.nii.gz", "Warp.nii"))), None)
     if warp:
         jac = ants.create_jacobian_determinant_image(fixed, warp, do_log=False).numpy()
@@ -256,14 +271,18 @@ def run_greedy(pair: dict[str, Any], tmp: Path, args: Any) -> dict[str, Any]:
         with contextlib.redirect_stdout(log):
             g.execute(cmd, out=log, err=log)
 
-    t0 = time.perf_counter()
-    run(f"-d 3 {GREEDY_AFFINE} {n_aff} -i {f} {m} -o {aff} {thr}")
-    t_aff = time.perf_counter() - t0
-    run(f"-d 3 {GREEDY_DEFORM} {n_def} -i {f} {m} -it {aff} -o {warp} {thr}")
-    secs = time.perf_counter() - t0
+    runs: list[float] = []
+    aff_runs: list[float] = []
+    for _ in range(_peer_runs(args)):  # the median is reported; the last run's outputs are scored
+        t0 = time.perf_counter()
+        run(f"-d 3 {GREEDY_AFFINE} {n_aff} -i {f} {m} -o {aff} {thr}")
+        aff_runs.append(time.perf_counter() - t0)
+        run(f"-d 3 {GREEDY_DEFORM} {n_def} -i {f} {m} -it {aff} -o {warp} {thr}")
+        runs.append(time.perf_counter() - t0)
+    secs, t_aff = C.Timing(runs, []).median_s, C.Timing(aff_runs, []).median_s
     out, jac = tmp / "greedy_labels.nii.gz", tmp / "greedy_jac.nii.gz"
     run(f"-d 3 -rf {f} -ri LABEL 0.2vox -rm {pair['moving_labels']} {out} -r {warp} {aff} {thr}")
-    res: dict[str, Any] = {"seconds": secs, "affine_s": t_aff, "warped_labels": out}
+    res: dict[str, Any] = {"seconds": secs, "seconds_runs": runs, "affine_s": t_aff, "warped_labels": out}
     try:
         run(f"-d 3 -jac {warp} {jac} {thr}")
         j = np.asarray(__import__("nibabel").load(str(jac)).dataobj)
@@ -443,10 +462,16 @@ def comparison_sections(
 
 
 def _markdown(res: dict[str, Any]) -> str:
+    sm = res["summary"]
     body = [
         f"Threads: {res['machine']['threads']} (ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS for ANTs, "
         "`-threads` for "
         f"greedy, torch/ONNX Runtime for emorph). emorph model: {res['summary'].get('emorph_model') or '-'}.",
+        "",
+        f"Seconds: ANTs and greedy the median of {sm.get('peer_runs', 1)} run(s) of the registration "
+        f"(Dice and J ≤ 0 from the last); emorph the median of {sm.get('emorph_runs', '-')} `register` "
+        f"calls after {sm.get('emorph_warmup', '-')} warm-up (decoding, resampling, inference, mapping "
+        "back, labels, QC).",
         "",
     ]
     titles = {
@@ -491,11 +516,21 @@ def main(argv: list[str] | None = None) -> int:
         default="none,affine,ants,greedy,emorph",
         help="comma list of none, affine, ants, greedy, emorph",
     )
+    ap.add_argument(
+        "--peer-runs",
+        type=int,
+        default=None,
+        help="timed runs of each ANTs/greedy registration, median reported (default 3; --quick 1)",
+    )
     ap.add_argument("--no-demo", action="store_true", help="skip the demo pair of distinct real brains")
     ap.add_argument("--keep", default=None, help="keep the pair files and outputs in this folder")
     args = C.finish_args(ap.parse_args(argv), NAME)
     if args.pairs is None:
         args.pairs = 1 if args.quick else 3
+    if args.peer_runs is None:
+        args.peer_runs = 1 if args.quick else 3
+    if args.peer_runs < 1:
+        raise SystemExit(f"--peer-runs must be >= 1, got {args.peer_runs}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in ("none", "affine", "ants", "greedy", "emorph")]
     if bad:
@@ -514,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     res = C.new_result(NAME, args, argv)
     res["summary"]["skipped"] = {}
+    res["summary"].update(peer_runs=args.peer_runs, emorph_runs=args.runs, emorph_warmup=args.warmup)
     with contextlib.ExitStack() as stack:
         if args.keep:
             work = Path(args.keep)

@@ -229,7 +229,8 @@ def _make_image(
 
 
 def load_volume(path: str | os.PathLike, *, name: str = "image") -> nib.Nifti1Image:
-    """Load and validate an intensity volume; return a 3D in-memory ``Nifti1Image`` with float32 data."""
+    """Load and validate an intensity volume; return a 3D in-memory ``Nifti1Image`` with float32 data (one
+    contiguous block, in the file's Fortran order as nibabel reads it: not transposed)."""
     what = _describe(name, path)
     img, data = _load_nifti(path, what)
     return _validated_intensity(data, img.affine, what, header=img.header)

@@ -168,7 +168,7 @@ def test_peers_quick(tmp_path: Path) -> None:
     pytest.importorskip("picsl_greedy", reason="picsl-greedy (the 'peers' extra) is not installed")
     mod = _load("peers")
     out = tmp_path / "peers"
-    assert mod.main(["--quick", "--threads", "1", "--out", str(out)]) == 0
+    assert mod.main(["--quick", "--threads", "1", "--peer-runs", "2", "--out", str(out)]) == 0
     data = _result(out)
     methods = {"no registration", "affine (ANTs)", "ANTs SyN", "greedy", "emorph"}
     for pair in ("template-0", "demo"):
@@ -178,6 +178,10 @@ def test_peers_quick(tmp_path: Path) -> None:
             assert r["ok"], r.get("error")
             assert 0.0 <= r["dice_gm"] <= 1.0 and 0.0 <= r["dice_wm"] <= 1.0
             assert r["seconds"] >= 0.0
+        for m in ("affine (ANTs)", "ANTs SyN", "greedy"):  # peers: the median of --peer-runs runs
+            runs = got[m]["seconds_runs"]
+            assert len(runs) == 2 and got[m]["seconds"] == pytest.approx(sum(runs) / 2)
+    assert data["summary"]["peer_runs"] == 2 and "median of 2 run(s)" in out.with_suffix(".md").read_text()
     # a classical deformable registration improves the overlap of the known template deformation
     tpl = data["summary"]["by_kind"]["template"]
     assert tpl["ANTs SyN"]["dice_mean"] > tpl["no registration"]["dice_mean"] + 0.01
