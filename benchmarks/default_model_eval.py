@@ -13,7 +13,8 @@ Rows (per pair, on ``--threads`` threads; ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS f
 * no registration; affine only (ANTs ``type_of_transform="Affine"``); ANTs SyN (antspy defaults);
 * default model: ``Registrar.load(model).register(fixed, moving, labels)`` (seconds = the whole call:
   resampling, inference, resampling back, label warp, QC; the median of ``--runs`` calls after ``--warmup``,
-  as in ``peers.py``; ANTs is timed once per pair; affine pre-alignment on the real pair only);
+  as in ``peers.py``; ANTs is timed once per pair, reading its inputs and warping the labels included, as
+  in ``peers.py``; affine pre-alignment on the real pair only);
 * default model + refine N: the same with ``N`` test-time Adam steps on the displacement
   (:mod:`emorph_deploy.refine`; default: at half resolution, update upsampled). ``N`` is chosen by a sweep
   on *other* held-out template pairs (seeds ``20_000 + i``, model grid): the smallest N whose mean GM/WM Dice
@@ -339,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     res["notes"] += [
         f"Held-out template seeds {EVAL_SEED0}+i (evaluation) and {SWEEP_SEED0}+i (refinement sweep); "
         "training draws (0, epoch, index), validation (104729, 0, index).",
-        "Seconds: wall-clock on this CPU. ANTs (affine, SyN): one ants.registration() call per pair, writing "
-        "its transforms to a temporary folder as part of it; label warping and Jacobians are not included. "
+        "Seconds: wall-clock on this CPU of the same job for every method (read the images and the moving "
+        "labels, register, warp image and labels). ANTs (affine, SyN): one run per pair (peers.run_ants), "
+        "its transforms written to a temporary folder as part of it; `registration_s` in the JSON is its "
+        "registration call alone; Jacobians are not timed. "
         f"Default model rows: median of {args.runs} register() calls after {args.warmup} warm-up, model kept "
         "warm (each decodes its inputs and includes resampling, inference, resampling back, label warp and "
         "QC, and in the '+ refine' rows the refinement steps). No registration: 0 (its header-based label "

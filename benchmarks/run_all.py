@@ -274,19 +274,28 @@ def key_figures(results: dict[str, dict[str, Any] | None]) -> list[str]:
     return out
 
 
+def _run_window(result: dict[str, Any] | None) -> str:
+    """``YYYY-MM-DD HH:MM–HH:MM`` of a script's own run (from its JSON), or "-"."""
+    start, end = (result or {}).get("started_utc"), (result or {}).get("finished_utc")
+    if not start:
+        return "-"
+    return f"{start[:10]} {start[11:16]}–{end[11:16] if end else '?'}"
+
+
 def summary_markdown(summary: dict[str, Any], results: dict[str, dict[str, Any] | None]) -> str:
     runs = summary["runs"]
     status = C.md_table(
-        ["script", "status", "seconds", "load avg start → end", "results"],
+        ["script", "status", "run (UTC)", "seconds", "load avg start → end", "results"],
         [
             [
                 r["name"],
                 r["status"],
+                _run_window(results.get(r["name"])),
                 C.fmt(r.get("seconds"), ".0f"),
                 f"{C.fmt((r.get('load_start') or [None])[0], '.2f')} → "
                 f"{C.fmt((r.get('load_end') or [None])[0], '.2f')}",
                 f"[{Path(r['out']).name}.md]({Path(r['out']).name}.md)"
-                if r["status"] == "ok"
+                if r["status"] in ("ok", "earlier run")
                 else (r.get("error") or r.get("reason") or ""),
             ]
             for r in runs
@@ -445,6 +454,22 @@ def main(argv: list[str] | None = None) -> int:
         C.log(f"== {name}: {rec['status']} in {rec['seconds']:.0f} s")
         runs.append(rec)
 
+    if args.only and not args.collate_only:  # a partial re-run: the other scripts' results stand, labelled
+        earlier = []
+        for name in SCRIPTS:
+            stem = out_dir / OUT_NAME.get(name, name)
+            if name in selected or not stem.with_suffix(".json").is_file():
+                continue
+            prev = _load(stem.with_suffix(".json"))
+            if prev is None or bool(prev.get("quick")) != bool(args.quick):
+                continue
+            runs.append({"name": name, "out": str(stem), "status": "earlier run"})
+            earlier.append(name)
+        if earlier:
+            warnings.append(
+                f"partial re-run: {', '.join(selected)} ran now; {', '.join(earlier)} are the results of "
+                "their earlier runs (each script's run window is in the Scripts table)"
+            )
     results = {
         r["name"]: None if r["status"] == "skipped" else _load(Path(r["out"]).with_suffix(".json"))
         for r in runs
@@ -478,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     C.log(f"wrote {paths[0]} and {paths[1]}")
     if args.update_readme and not args.quick:
         C.log("README updated" if update_readme(md) else "README markers not found: not updated")
-    failed = [r["name"] for r in runs if r["status"] not in ("ok", "skipped")]
+    failed = [r["name"] for r in runs if r["status"] not in ("ok", "skipped", "earlier run")]
     return 1 if failed and not args.collate_only else 0
 
 

@@ -321,3 +321,25 @@ def test_key_figures_name_both_matmul_peaks():
     lines = run_all.key_figures(results)
     assert any("matmul peak **133.1 GFLOP/s**" in ln for ln in lines)
     assert any("own matmul peak: **143.6 GFLOP/s**" in ln for ln in lines)
+
+
+def test_run_all_partial_rerun_keeps_earlier_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--only re-runs some scripts; the others' existing results stay in the summary, labelled as earlier
+    runs with their own run window, and a warning says the summary mixes runs."""
+    mod = _load("run_all")
+    calls = _fake_runs(mod, monkeypatch)
+    out = tmp_path / "full"
+    assert mod.main(["--threads", "1", "--only", "compute_bound,register_e2e", "--out", str(out)]) == 0
+    stem = out / "register_e2e"
+    old = {"summary": {}, "started_utc": "2026-01-02T03:04:05+00:00",
+           "finished_utc": "2026-01-02T03:09:00+00:00"}
+    stem.with_suffix(".json").write_text(json.dumps(old))
+    calls.clear()
+    assert mod.main(["--threads", "1", "--only", "compute_bound", "--out", str(out), "--force"]) == 0
+    assert [Path(c[1]).name for c in calls] == ["compute_bound.py"]
+    summary = json.loads((out / "summary.json").read_text())
+    runs = {r["name"]: r["status"] for r in summary["runs"]}
+    assert runs == {"compute_bound": "ok", "register_e2e": "earlier run"}
+    assert any("partial re-run" in w and "register_e2e" in w for w in summary["warnings"])
+    md = (out / "summary.md").read_text()
+    assert "| register_e2e | earlier run | 2026-01-02 03:04–03:09 |" in md
