@@ -61,15 +61,21 @@ def _as_c_tensor(arr: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(np.ascontiguousarray(arr)), np.eye(4)
 
 
-def _affine_coords_cf(m: np.ndarray, o0: torch.Tensor, plane_shape: tuple[int, int]) -> torch.Tensor:
+def _affine_coords_cf(
+    m: np.ndarray, o0: torch.Tensor, plane_shape: tuple[int, int], out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rows of ``m`` (r x 4) applied to output indices (o0 slab, all o1, all o2), channel-first:
-    (r, n·J·I) float32, rows contiguous."""
+    (r, n·J·I) float32, rows contiguous (written into ``out`` when given)."""
     mt = torch.as_tensor(m, dtype=torch.float32)
     o1 = torch.arange(plane_shape[0], dtype=torch.float32)
     o2 = torch.arange(plane_shape[1], dtype=torch.float32)
     plane = mt[:, 3, None, None] + o1[:, None] * mt[:, 1, None, None] + o2 * mt[:, 2, None, None]  # (r, J, I)
-    out = plane[:, None] + o0[:, None, None] * mt[:, 0, None, None, None]  # (r, n, J, I)
-    return out.view(mt.shape[0], -1)
+    col = o0[:, None, None] * mt[:, 0, None, None, None]  # (r, n, 1, 1)
+    r, n = mt.shape[0], o0.shape[0]
+    if out is None:
+        return (plane[:, None] + col).view(r, -1)  # (r, n·J·I)
+    torch.add(plane[:, None], col, out=out.view(r, n, *plane_shape))
+    return out
 
 
 def _add_matvec(out: torch.Tensor, m: np.ndarray, f: torch.Tensor, *, accumulate: bool) -> torch.Tensor:
@@ -222,10 +228,10 @@ def warp_to_native(
         # displacement (LPS mm), channel-first straight into the output slab
         d_slab = disp_out[:, k0:k1].view(3, nvox)
         if aff_d is not None:
-            d_slab.copy_(_affine_coords_cf(aff_d, o0, (big_j, big_i)))
+            _affine_coords_cf(aff_d, o0, (big_j, big_i), out=d_slab)
         _add_matvec(d_slab, lin_d, f2, accumulate=aff_d is not None)
-        # moving sampling grid (normalised), computed channel-first (a well-shaped GEMM, contiguous rows for
-        # the inside test) and handed to grid_sample as a channel-last strided view
+        # moving sampling grid (normalised), computed channel-first (contiguous rows for the axpys and the
+        # inside test) and handed to grid_sample as a channel-last strided view
         g = _add_matvec(_affine_coords_cf(g_mov, o0, (big_j, big_i)), l_mov, f2, accumulate=True)  # (3, nvox)
         inside = g[0].abs() <= lim_mov[0]
         inside &= g[1].abs() <= lim_mov[1]
