@@ -80,7 +80,7 @@ def build(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print TensorRT's log.")] = False,
 ) -> None:
     """Build a TensorRT engine (fp32, fp16 or int8) from an ONNX export and write its manifest."""
-    from emorph_deploy.engines.builder import BuildOptions, build_engine, graph_precision, load_onnx
+    from emorph_deploy.engines.builder import BuildOptions, build_engine, graph_precision, load_onnx_hashed
     from emorph_deploy.engines.trt import load_tensorrt
     from emorph_deploy.errors import ConfigMismatchError, InputError
 
@@ -107,14 +107,14 @@ def build(
         raise InputError(
             "int8: expected one of --calibration or --calibrate-synthetic, got both; fix: pick one"
         )
-    if precision is Precision.int8 and graph_precision(load_onnx(onnx)) != "int8":
+    src_model, src_sha = load_onnx_hashed(onnx) if precision is Precision.int8 else (None, None)
+    if precision is Precision.int8 and graph_precision(src_model) != "int8":
         if calibration is not None:
             from emorph_deploy.engines.builder import read_onnx_manifest
-            from emorph_deploy.fileio import sha256_file
 
             qmeta = read_onnx_manifest(calibration) or {}
             derived = (qmeta.get("derived_from") or {}).get("sha256")
-            if derived and derived != sha256_file(onnx):
+            if derived and derived != src_sha:
                 raise ConfigMismatchError(
                     f"--calibration {calibration}: expected a QDQ graph calibrated from "
                     f"{onnx}, got one from {qmeta['derived_from'].get('onnx')}; fix: run "

@@ -215,6 +215,11 @@ def test_cli_int8_with_synthetic_calibration(tiny_onnx, rtx, tmp_path):
     (cal / "tiny-int8.json").write_text(json.dumps(qmeta))
     r2 = CliRunner().invoke(app, [*args, "--calibration", str(cal / "tiny-int8.onnx"), "--force"])
     assert r2.exit_code == 2 and "expected a QDQ graph calibrated from" in r2.output
+    # ... and one calibrated from this export (the source's hash from the same read as its precision) is built
+    qmeta["derived_from"]["sha256"] = sha256_file(tiny_onnx)
+    (cal / "tiny-int8.json").write_text(json.dumps(qmeta))
+    r4 = CliRunner().invoke(app, [*args, "--calibration", str(cal / "tiny-int8.onnx"), "--force"])
+    assert r4.exit_code == 0, r4.output
     r3 = CliRunner().invoke(app, ["build", str(tiny_onnx), "-p", "fp32", "--calibrate-synthetic", "2"])
     assert r3.exit_code == 2 and "--precision int8" in r3.output
 
