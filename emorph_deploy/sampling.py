@@ -16,10 +16,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grid_sample_3d", "index_to_grid"]
+__all__ = ["c_order_view", "grid_sample_3d", "index_to_grid"]
 
 #: Below this many points per part the split is not worth its bookkeeping.
 _MIN_POINTS_PER_PART = 1 << 14
+
+
+#: 4x4 map between the indices (i, j, k) of a 3D array and (k, j, i) of its transpose (its own inverse).
+_REVERSE_AXES = np.eye(4)[[2, 1, 0, 3]]
+
+
+def c_order_view(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(view, P)``: a Fortran-ordered 3D array (what nibabel reads) as its reversed, C-contiguous view
+    ``arr.T`` — no copy — with ``P`` the 4x4 map from ``arr``'s indices to the view's (the axis reversal);
+    any other array as is, with ``P`` the identity. A voxel-to-world affine ``A`` of ``arr`` is ``A @ P`` for
+    the view (``P`` is its own inverse)."""
+    if arr.ndim == 3 and arr.flags.f_contiguous and not arr.flags.c_contiguous:
+        return arr.T, _REVERSE_AXES.copy()
+    return arr, np.eye(4)
 
 
 def index_to_grid(shape: Sequence[int]) -> np.ndarray:

@@ -207,12 +207,11 @@ def resample_to_grid(
     trilinear (float32 out), ``order=0`` is nearest (dtype and values kept: use it for label maps).
     """
     dst_shape = tuple(int(s) for s in dst_shape[:3])
-    data = np.asarray(data)
-    if data.ndim == 3 and data.flags.f_contiguous and not data.flags.c_contiguous:
-        # a Fortran-ordered volume (nibabel's): sample its reversed C-ordered view, whose voxel (k, j, i) is
-        # voxel (i, j, k) — the same world geometry with the affine's columns reversed, no copy
-        data = data.T
-        src_affine = np.asarray(src_affine, dtype=np.float64)[:, [2, 1, 0, 3]]
+    from emorph_deploy.sampling import c_order_view
+
+    # a Fortran-ordered volume (nibabel's) is sampled through its reversed C-ordered view: no copy
+    data, p = c_order_view(np.asarray(data))
+    src_affine = np.asarray(src_affine, dtype=np.float64) @ p
     arr, squeeze = _as_channels(data)
     out_dtype = arr.dtype if order == 0 else (np.float64 if method == "scipy" else np.float32)
     m = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
@@ -255,7 +254,8 @@ def lerp_axis(x, axis: int, coords: np.ndarray, padding: Padding = "border"):
 
     ``padding="border"`` clamps to the edge voxels; ``"zeros"`` treats the outside as 0 (a sample within one
     voxel of the edge blends towards 0), exactly like ``grid_sample``'s paddings along one axis. Integral
-    indices are a plain gather; the identity returns ``x`` itself (not a copy).
+    indices are a plain gather, slices when they step by one (the result may then be a view of ``x``); the
+    identity returns ``x`` itself (not a copy).
     """
     import torch
 
@@ -267,15 +267,11 @@ def lerp_axis(x, axis: int, coords: np.ndarray, padding: Padding = "border"):
             idx = np.clip(idx, 0, n - 1)
             if idx.size == n and np.array_equal(idx, np.arange(n)):
                 return x  # the identity: x itself, no copy
-            runs = _integral_runs(idx, n)
-            if runs is not None:  # a shifted copy with clamped ends: slices, no gather
-                left, start, length, right = runs
-                parts = [x.narrow(axis, 0, 1).expand(*_sized(x.shape, axis, left))] if left else []
-                if length:
-                    parts.append(x.narrow(axis, start, length))
-                if right:
-                    parts.append(x.narrow(axis, n - 1, 1).expand(*_sized(x.shape, axis, right)))
-                return torch.cat(parts, dim=axis) if len(parts) > 1 else parts[0].contiguous()
+            runs = _unit_step_runs(coords, _floor_index(coords, n), n)
+            if runs is not None:  # a shifted copy with clamped ends (same spacing): slices, no gather
+                left, lo, hi, right = runs
+                middle = x.narrow(axis, int(coords[lo]), hi - lo) if hi > lo else None
+                return _with_edges(x, axis, left, middle, right)
             return x.index_select(axis, torch.from_numpy(idx))
     if padding == "zeros":  # one zero voxel each side, then the border rule on the padded axis
         pad = [0] * (2 * x.ndim)
@@ -291,14 +287,12 @@ def lerp_axis(x, axis: int, coords: np.ndarray, padding: Padding = "border"):
     runs = _unit_step_runs(coords, i0, n)
     if runs is not None:  # same spacing: slices instead of gathers (bit-identical)
         left, lo, hi, right = runs
-        parts = [x.narrow(axis, 0, 1).expand(*_sized(x.shape, axis, left))] if left else []
+        middle = None
         if hi > lo:
             a = x.narrow(axis, int(i0[lo]), hi - lo)
             b = x.narrow(axis, int(i0[lo]) + 1, hi - lo)
-            parts.append(torch.lerp(a, b, w[lo:hi].view(shape)))
-        if right:
-            parts.append(x.narrow(axis, n - 1, 1).expand(*_sized(x.shape, axis, right)))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
+            middle = torch.lerp(a, b, w[lo:hi].view(shape))
+        return _with_edges(x, axis, left, middle, right)
     a = x.index_select(axis, torch.from_numpy(i0))
     b = x.index_select(axis, torch.from_numpy(np.minimum(i0 + 1, n - 1)))
     return torch.lerp(a, b, w.view(shape))
@@ -310,21 +304,18 @@ def _sized(shape: Sequence[int], axis: int, size: int) -> list[int]:
     return out
 
 
-def _integral_runs(idx: np.ndarray, n: int) -> tuple[int, int, int, int] | None:
-    """For clamped integral indices of the form ``0, ..., 0, s, s + 1, ..., s + m - 1, n - 1, ..., n - 1``
-    (a shifted copy of the axis, clamped at both ends), ``(left, s, m, right)``; else None."""
-    m = len(idx)
-    if m == 0 or n < 1:
-        return None
-    left = int(np.count_nonzero(idx == 0))
-    right = int(np.count_nonzero(idx == n - 1)) if n > 1 else 0
-    lo, hi = left, m - right
-    if hi < lo or not (np.all(idx[:lo] == 0) and np.all(idx[hi:] == n - 1)):
-        return None
-    mid = idx[lo:hi]
-    if mid.size and not np.array_equal(mid, np.arange(int(mid[0]), int(mid[0]) + mid.size)):
-        return None
-    return left, int(mid[0]) if mid.size else 0, int(mid.size), right
+def _with_edges(x, axis: int, left: int, middle, right: int):
+    """``left`` copies of ``x``'s first slice along ``axis``, then ``middle`` (or nothing), then ``right``
+    copies of its last slice: the clamped samples of a run of equal spacing, concatenated (a single part is
+    returned as is, possibly a view of ``x``)."""
+    import torch
+
+    parts = [x.narrow(axis, 0, 1).expand(*_sized(x.shape, axis, left))] if left else []
+    if middle is not None:
+        parts.append(middle)
+    if right:
+        parts.append(x.narrow(axis, x.shape[axis] - 1, 1).expand(*_sized(x.shape, axis, right)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
 
 
 def _unit_step_runs(coords: np.ndarray, i0: np.ndarray, n: int) -> tuple[int, int, int, int] | None:
@@ -403,7 +394,9 @@ def _resample_linear_torch_affine(
     if amap is not None:  # axis-aligned (the common case): three 1-D passes instead of a 3D grid_sample
         with torch.no_grad():
             out = separable_lerp(src[0], amap, [np.arange(n) for n in dst_shape], padding).contiguous()
-        if out.data_ptr() == src.data_ptr():  # the identical grid: never hand back the caller's array
+        if out.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+            # a view of the source (identical or cropped grid on the same lattice): never hand back the
+            # caller's array
             out = out.clone()
     else:
         out = _grid_sample_affine(src, m, dst_shape, padding)

@@ -79,10 +79,10 @@ def _pooled(
     if isinstance(data, torch.Tensor):
         t = data.contiguous()
     else:
-        arr = np.asarray(data)
-        if not arr.flags.c_contiguous and arr.flags.f_contiguous:
-            arr = arr.T
-            affine = affine[:, [2, 1, 0, 3]]
+        from emorph_deploy.sampling import c_order_view
+
+        arr, p = c_order_view(np.asarray(data))
+        affine = affine @ p
         t = torch.from_numpy(np.ascontiguousarray(arr))
     if t.dtype != torch.float32:
         t = t.float()

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from emorph_deploy.data.resample import axis_map, separable_lerp
-from emorph_deploy.sampling import grid_sample_3d, index_to_grid
+from emorph_deploy.sampling import c_order_view, grid_sample_3d, index_to_grid
 
 __all__ = ["NativeWarp", "itk_displacement_image", "voxel_flow", "voxel_flow_image", "warp_to_native"]
 
@@ -48,17 +48,11 @@ class NativeWarp:
 
 
 def _as_c_tensor(arr: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    """Zero-copy C-contiguous tensor view of a 3D array, plus the 4x4 map native index → tensor index.
-
-    Fortran-ordered arrays (nibabel's proxies) are viewed reversed, (K, J, I), instead of copied.
-    """
-    if arr.flags.c_contiguous:
-        return torch.from_numpy(arr), np.eye(4)
-    if arr.flags.f_contiguous:
-        rev = np.zeros((4, 4))
-        rev[0, 2] = rev[1, 1] = rev[2, 0] = rev[3, 3] = 1.0
-        return torch.from_numpy(arr.T), rev
-    return torch.from_numpy(np.ascontiguousarray(arr)), np.eye(4)
+    """C-contiguous tensor of a 3D array, plus the 4x4 map native index → tensor index: a zero-copy reversed
+    view of a Fortran-ordered array (:func:`~emorph_deploy.sampling.c_order_view`), a copy of other
+    non-contiguous layouts."""
+    view, p = c_order_view(arr)
+    return torch.from_numpy(np.ascontiguousarray(view)), p
 
 
 def _affine_coords_cf(

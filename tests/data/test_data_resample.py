@@ -309,3 +309,14 @@ def test_fortran_ordered_volume_resamples_like_its_c_copy() -> None:
             got0 = resample_to_grid(np.asfortranarray(lab), src, (7, 8, 6), dst, order=0)
             ref0 = resample_to_grid(np.ascontiguousarray(lab), src, (7, 8, 6), dst, order=0)
             assert (got0 != ref0).mean() < 0.02  # rounding ties only
+
+
+def test_resample_onto_a_crop_of_the_same_lattice_is_a_copy() -> None:
+    """A grid on the source's own lattice (a crop: shifted integral indices, taken as slices) still returns a
+    new array, never a view of the caller's."""
+    data = RNG_LERP.random((10, 8, 6)).astype(np.float32)
+    dst = np.eye(4)
+    dst[:3, 3] = [2.0, 1.0, 0.0]
+    out = resample_to_grid(data, np.eye(4), (5, 6, 6), dst, order=1)
+    np.testing.assert_array_equal(out, data[2:7, 1:7])
+    assert not np.shares_memory(out, data)
