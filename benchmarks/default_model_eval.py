@@ -13,8 +13,8 @@ Rows (per pair, on ``--threads`` threads; ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS f
 * no registration; affine only (ANTs ``type_of_transform="Affine"``); ANTs SyN (antspy defaults);
 * default model: ``Registrar.load(model).register(fixed, moving, labels)`` (seconds = the whole call:
   resampling, inference, resampling back, label warp, QC; the median of ``--runs`` calls after ``--warmup``,
-  as in ``peers.py``; ANTs is timed once per pair, reading its inputs and warping the labels included, as
-  in ``peers.py``; affine pre-alignment on the real pair only);
+  as in ``peers.py``; ANTs is timed once per pair on the same job as in ``peers.py``, reading its inputs and
+  warping the labels included; affine pre-alignment on the real pair only);
 * default model + refine N: the same with ``N`` test-time Adam steps on the displacement
   (:mod:`emorph_deploy.refine`; default: at half resolution, update upsampled). ``N`` is chosen by a sweep
   on *other* held-out template pairs (seeds ``20_000 + i``, model grid): the smallest N whose mean GM/WM Dice
@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-demo", action="store_true", help="skip the demo pair of distinct real brains")
     ap.add_argument("--keep", default=None, help="keep pair files and outputs in this folder")
     args = C.finish_args(ap.parse_args(argv), NAME)
+    args.peer_runs = 1  # peers.run_ants: ANTs timed once per pair here (peers.py takes a median)
     if args.pairs is None:
         args.pairs = 1 if args.quick else 3
     if args.sweep_pairs is None:

@@ -192,10 +192,14 @@ def run_none(pair: dict[str, Any], tmp: Path, args: Any) -> dict[str, Any]:
     return {"seconds": 0.0, "resample_s": secs, "warped_labels": out, "frac_jac_nonpos": 0.0}
 
 
-def _peer_runs(args: Any) -> int:
-    """Timed runs per peer registration (``--peer-runs``; 1 for callers without it, e.g.
-    default_model_eval)."""
-    return max(1, int(getattr(args, "peer_runs", None) or 1))
+def _timed(runs: list[float], registration_runs: list[float]) -> dict[str, Any]:
+    """A peer's timing fields: the medians (and every run) of the whole job and of its registration call."""
+    return {
+        "seconds": C.Timing(runs, []).median_s,
+        "seconds_runs": runs,
+        "registration_s": C.Timing(registration_runs, []).median_s,
+        "registration_s_runs": registration_runs,
+    }
 
 
 def run_ants(pair: dict[str, Any], tmp: Path, args: Any, transform: str) -> dict[str, Any]:
@@ -211,7 +215,7 @@ def run_ants(pair: dict[str, Any], tmp: Path, args: Any, transform: str) -> dict
         kwargs = {"reg_iterations": (20, 10, 0), "aff_iterations": (200, 100, 0, 0)}
     runs: list[float] = []
     reg_runs: list[float] = []
-    for _ in range(_peer_runs(args)):  # the medians are reported; the last run's outputs are scored
+    for _ in range(args.peer_runs):  # the medians are reported; the last run's outputs are scored
         t_start = time.perf_counter()
         fixed = ants.image_read(str(pair["fixed"]))
         moving = ants.image_read(str(pair["moving"]))
@@ -244,10 +248,7 @@ def run_ants(pair: dict[str, Any], tmp: Path, args: Any, transform: str) -> dict
     out = tmp / f"ants_{transform}_labels.nii.gz"
     ants.image_write(w, str(out))
     res: dict[str, Any] = {
-        "seconds": C.Timing(runs, []).median_s,
-        "seconds_runs": runs,
-        "registration_s": C.Timing(reg_runs, []).median_s,
-        "registration_s_runs": reg_runs,
+        **_timed(runs, reg_runs),
         "warped_labels": out,
         "transforms": [Path(t).name for t in fwd],
     }
@@ -284,7 +285,7 @@ def run_greedy(pair: dict[str, Any], tmp: Path, args: Any) -> dict[str, Any]:
     aff_runs: list[float] = []
     # each timed run does what `emorph register` does for the row (greedy reads its inputs itself): affine,
     # deformable, then the moving image (linear) and labels (LABEL) resliced onto the fixed grid
-    for _ in range(_peer_runs(args)):  # the medians are reported; the last run's outputs are scored
+    for _ in range(args.peer_runs):  # the medians are reported; the last run's outputs are scored
         t0 = time.perf_counter()
         run(f"-d 3 {GREEDY_AFFINE} {n_aff} -i {f} {m} -o {aff} {thr}")
         aff_runs.append(time.perf_counter() - t0)
@@ -296,10 +297,7 @@ def run_greedy(pair: dict[str, Any], tmp: Path, args: Any) -> dict[str, Any]:
         )
         runs.append(time.perf_counter() - t0)
     res: dict[str, Any] = {
-        "seconds": C.Timing(runs, []).median_s,
-        "seconds_runs": runs,
-        "registration_s": C.Timing(reg_runs, []).median_s,
-        "registration_s_runs": reg_runs,
+        **_timed(runs, reg_runs),
         "affine_s": C.Timing(aff_runs, []).median_s,
         "warped_labels": out,
     }
@@ -492,18 +490,10 @@ def comparison_sections(
 
 
 def _markdown(res: dict[str, Any]) -> str:
-    sm = res["summary"]
     body = [
         f"Threads: {res['machine']['threads']} (ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS for ANTs, "
         "`-threads` for "
         f"greedy, torch/ONNX Runtime for emorph). emorph model: {res['summary'].get('emorph_model') or '-'}.",
-        "",
-        "Seconds: the same job for every method — read the fixed and moving images and the moving labels, "
-        "register, warp the image and the labels onto the fixed grid. ANTs and greedy: the median of "
-        f"{sm.get('peer_runs', 1)} run(s) (Dice and J ≤ 0 from the last; \"of which registration\" = their "
-        f"registration call alone); emorph: the median of {sm.get('emorph_runs', '-')} `register` calls "
-        f"after {sm.get('emorph_warmup', '-')} warm-up (decoding, resampling, inference, mapping back, "
-        "labels, QC).",
         "",
     ]
     titles = {
@@ -583,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     res = C.new_result(NAME, args, argv)
     res["summary"]["skipped"] = {}
-    res["summary"].update(peer_runs=args.peer_runs, emorph_runs=args.runs, emorph_warmup=args.warmup)
+    res["summary"]["peer_runs"] = args.peer_runs
     with contextlib.ExitStack() as stack:
         if args.keep:
             work = Path(args.keep)
