@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-from enum import Enum
 from typing import Annotated, Any
 
 import typer
 
 from emorph_deploy.cli._common import handle_errors
 from emorph_deploy.errors import InputError
-
-
-class SyntheticKind(str, Enum):
-    mix = "mix"
-    synth = "synth"
-    template = "template"
+from emorph_deploy.train.config import SyntheticKind
 
 
 def _jsonable(v: Any) -> Any:
@@ -38,7 +32,9 @@ def evaluate_command(
                                                "fixed,moving CSV).")] = None,
     synthetic: Annotated[int | None, typer.Option(help="Evaluate on N synthetic pairs with known "
                                                   "deformations (no data needed).")] = None,
-    synthetic_kind: Annotated[SyntheticKind, typer.Option(help="Synthetic pair kind.")] = SyntheticKind.mix,
+    synthetic_kind: Annotated[SyntheticKind, typer.Option(
+        help="Synthetic pair kind; 'brains' = held-out SynthMorph-style brain pairs, half of them in "
+             "different contrasts (Dice over tissue parcels).")] = SyntheticKind.mix,
     oasis: Annotated[bool, typer.Option("--oasis", help="Learn2Reg OASIS protocol: labels 1-35, Dice, HD95, "
                                         "SDlogJ (both), J<=0.")] = False,
     atlas: Annotated[str | None, typer.Option(help="Atlas (moving) for atlas-to-subject pairs.")] = None,

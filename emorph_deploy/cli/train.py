@@ -20,23 +20,12 @@ import typer
 
 from emorph_deploy.cli._common import handle_errors
 from emorph_deploy.errors import InputError
+from emorph_deploy.train.config import Amp, SyntheticKind
 
 
 class Grid(str, Enum):
     mm1 = "1mm"
     mm2 = "2mm"
-
-
-class Amp(str, Enum):
-    none = "none"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class SyntheticKind(str, Enum):
-    mix = "mix"
-    synth = "synth"
-    template = "template"
 
 
 def _ints(text: str | None, n: int | None, opt: str) -> tuple[int, ...] | None:
@@ -77,9 +66,12 @@ def train_command(
     = None,
     synthetic: Annotated[bool, typer.Option("--synthetic", help="Train on synthetic brains (default without "
                                             "--data).")] = False,
-    synthetic_kind: Annotated[SyntheticKind | None, typer.Option(help="Synthetic pairs: SynthMorph label "
-                                                                "maps, "
-                                                                "MNI152 templates, or a mix.")] = None,
+    synthetic_kind: Annotated[SyntheticKind | None, typer.Option(
+        help="Synthetic pairs: 'brains' (SynthMorph-style MNI152 label maps, independent contrasts, "
+             "soft-Dice supervision), 'synth' (random label maps), 'template' (MNI152 T1), or 'mix'.")]
+    = None,
+    synth_ramp_epochs: Annotated[int | None, typer.Option(
+        help="brains: grow deformation/affine ranges from 40 % to 100 % over N epochs (default 0).")] = None,
     atlas: Annotated[str | None, typer.Option(help="Atlas (moving) for atlas-to-subject pairs.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model variant (see 'emorph models').")]
     = None,
@@ -113,12 +105,20 @@ def train_command(
     reg_weight: Annotated[float | None, typer.Option(help="Diffusion weight λ (default 1).")] = None,
     dice_weight: Annotated[float | None, typer.Option(help="Soft-Dice weight when labels exist (default 1).")]
     = None,
+    ncc_weight: Annotated[float | None, typer.Option(
+        help="Local-NCC weight (default 1); pairs of different contrasts (brains data) get none.")] = None,
+    bidirectional: Annotated[bool | None, typer.Option(
+        "--bidirectional/--one-direction",
+        help="Train both directions per iteration (default) or one (cheaper; enough for symmetric data).")]
+    = None,
     val_pairs: Annotated[int | None, typer.Option(help="Validation pairs per epoch (default 4).")] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Share of subjects held out (default 0.1).")]
     = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N].")] = None,
-    amp: Annotated[Amp | None, typer.Option(help="Mixed precision on CUDA (ignored on CPU).")] = None,
+    amp: Annotated[Amp | None, typer.Option(
+        help="Mixed precision: auto = bf16 where native (CUDA, or CPUs with AVX512-BF16/AMX), fp32 "
+             "elsewhere; fp16 on CUDA only (default none).")] = None,
     log_every: Annotated[int | None, typer.Option(help="Log every N iterations (default 10).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Also save 'last' every N iterations "
                                                          "(default 20; 0 = epoch ends only).")] = None,
@@ -152,6 +152,7 @@ def train_command(
         "grid_shape": list(_ints(grid_shape, 3, "--grid-shape")) if grid_shape else None,
         "spacing_mm": spacing, "data": data, "atlas": atlas,
         "synthetic_kind": synthetic_kind.value if synthetic_kind else None,
+        "synth_ramp_epochs": synth_ramp_epochs, "ncc_weight": ncc_weight, "bidirectional": bidirectional,
         "epochs": epochs, "steps_per_epoch": steps_per_epoch, "max_steps": max_steps,
         "max_minutes": max_minutes, "batch_size": batch_size, "workers": workers, "lr": lr, "lr_min": lr_min,
         "t_max": t_max,

@@ -10,19 +10,69 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Any
 
 from emorph_deploy.errors import InputError
 
-__all__ = ["AMP_CHOICES", "RESUMABLE_OVERRIDES", "SYNTHETIC_KINDS", "TrainConfig"]
+__all__ = ["AMP_CHOICES", "RESUMABLE_OVERRIDES", "SYNTHETIC_KINDS", "Amp", "SyntheticKind", "TrainConfig",
+           "resolve_amp"]
 
-AMP_CHOICES: tuple[str, ...] = ("none", "bf16", "fp16")
-SYNTHETIC_KINDS: tuple[str, ...] = ("mix", "synth", "template")
+
+class Amp(str, Enum):
+    """Mixed precision of the forward pass: ``auto`` = bf16 where the device computes it natively (CUDA
+    with bf16, or a CPU with AVX512-BF16 or AMX), fp32 elsewhere, decided at run time on every machine."""
+
+    none = "none"
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class SyntheticKind(str, Enum):
+    """Synthetic training data: ``brains`` (SynthMorph-style pairs from the MNI152 tissue maps with
+    independent contrasts, :mod:`emorph_deploy.data.brainsynth`), ``synth`` (random label maps),
+    ``template`` (MNI152 T1 under known deformations) or ``mix`` (synth/template alternating)."""
+
+    brains = "brains"
+    mix = "mix"
+    synth = "synth"
+    template = "template"
+
+
+AMP_CHOICES: tuple[str, ...] = tuple(a.value for a in Amp)
+SYNTHETIC_KINDS: tuple[str, ...] = tuple(k.value for k in SyntheticKind)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 dot products natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_amp(amp: str, device_type: str) -> str:
+    """The precision actually used for ``amp`` on ``device_type``: "none", "bf16" or "fp16"."""
+    if amp == "auto":
+        if device_type == "cuda":
+            import torch
+
+            return "bf16" if torch.cuda.is_bf16_supported() else "none"
+        return "bf16" if device_type == "cpu" and cpu_has_native_bf16() else "none"
+    if amp == "fp16" and device_type != "cuda":
+        return "none"  # fp16 autocast needs a gradient scaler and fast fp16 kernels: CUDA only
+    return amp
 
 #: Options that may differ between the original run and a ``--resume`` (everything else must match).
 RESUMABLE_OVERRIDES: frozenset[str] = frozenset({
     "epochs", "workers", "log_every", "checkpoint_every", "tensorboard", "progress", "device", "out",
-    "max_steps", "max_minutes", "val_every",
+    "max_steps", "max_minutes", "val_every", "amp",
 })
 
 
@@ -41,8 +91,9 @@ class TrainConfig:
     atlas: str | None = None  # atlas-to-subject pairs with this fixed image (folder/CSV data only)
     val_fraction: float = 0.1  # share of subjects held out for validation (folder/CSV data)
     val_pairs: int = 4  # validation pairs evaluated each epoch
-    synthetic_kind: str = "mix"  # "mix" (alternate), "synth" (SynthMorph label maps), "template" (MNI152)
-    synthetic_max_disp: float = 4.0  # largest true displacement of synthetic pairs, in voxels
+    synthetic_kind: str = "mix"  # a SyntheticKind value
+    synthetic_max_disp: float = 4.0  # largest true displacement of synth/template pairs, in voxels
+    synth_ramp_epochs: int = 0  # brains: deformation/affine ranges grow from 40 % to 100 % over N epochs
     # schedule
     epochs: int = 200
     # iterations per epoch (each = both directions, 2 optimizer steps); None = 100 for synthetic data, one
@@ -65,10 +116,13 @@ class TrainConfig:
     ncc_sigma: float = 1.5
     reg_weight: float = 1.0
     dice_weight: float = 1.0  # applied only when label maps exist; 0 = off
+    # NCC weight; pairs flagged ``same_contrast`` = 0 (brains data) get no NCC term: their intensities do
+    # not correspond, only their labels do
+    ncc_weight: float = 1.0
     # runtime
     seed: int = 0
     device: str = "auto"
-    amp: str = "none"  # "bf16" | "fp16" on CUDA only
+    amp: str = "none"  # an Amp value; "auto" = bf16 where native (see resolve_amp), fp16 on CUDA only
     out: str = "runs/train"
     log_every: int = 10
     val_every: int = 1  # epochs
@@ -97,7 +151,7 @@ class TrainConfig:
                   "val_every"):
             pos(n)
         for n in ("workers", "lr_min", "weight_decay", "reg_weight", "dice_weight", "checkpoint_every",
-                  "val_pairs"):
+                  "val_pairs", "ncc_weight", "synth_ramp_epochs"):
             pos(n, allow_zero=True)
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise InputError(f"--max-minutes must be > 0; got {self.max_minutes}")

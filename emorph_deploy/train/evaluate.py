@@ -161,6 +161,15 @@ def build_eval_pairs(pre: Any, data: str | None = None, synthetic: int | None = 
 
         if synthetic < 1:
             raise InputError(f"--synthetic expects a number of pairs ≥ 1; got {synthetic}")
+        if kind == "brains":  # held-out brain pairs: first half same contrast, second half different
+            from emorph_deploy.data.brainsynth import heldout_pairs
+
+            spacing = float(pre.spacing_mm[0]) if preset_spacing else None
+            n_same = (synthetic + 1) // 2
+            items = heldout_pairs(n_same, tuple(pre.grid_shape), spacing, "same", seed=seed)
+            items += heldout_pairs(synthetic - n_same, tuple(pre.grid_shape), spacing, "different", seed=seed)
+            names = [f"brains-{i}-{p['contrast'].replace('/', '-')}" for i, p in enumerate(items)]
+            return names, items
         tkw: dict[str, Any] = {"spacing": tuple(pre.spacing_mm)} if preset_spacing else {}
         pairs = SyntheticPairs(synthetic, tuple(pre.grid_shape), seed=seed, kind=kind)
         ds = _SyntheticAdapter(pairs, {}, tkw)

@@ -40,7 +40,7 @@ from emorph_deploy.train.checkpoint import (
     save_training_state,
     unwrap_model,
 )
-from emorph_deploy.train.config import RESUMABLE_OVERRIDES, TrainConfig
+from emorph_deploy.train.config import RESUMABLE_OVERRIDES, TrainConfig, resolve_amp
 from emorph_deploy.train.distributed import (
     DistContext,
     all_reduce_mean,
@@ -53,7 +53,7 @@ __all__ = ["TrainResult", "Trainer", "resolve_resume_config", "train", "weights_
 
 TRAIN_LOG_FIELDS = ("step", "epoch", "lr", "loss", "ncc", "reg", "dice_loss", "grad_norm", "steps_per_s",
                     "elapsed_s")
-VAL_FIELDS = ("dice", "dice_init", "frac_jac_nonpos", "ncc", "ncc_init", "epe_vox")
+VAL_FIELDS = ("dice", "dice_init", "dice_same", "dice_diff", "frac_jac_nonpos", "ncc", "ncc_init", "epe_vox")
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before giving up
 
 
@@ -172,6 +172,8 @@ def build_datasets(cfg: TrainConfig, pre: Any, world_size: int = 1) -> tuple[Any
     """(train dataset, validation dataset); items are dicts of tensors (``moving``, ``fixed`` (1, D, H, W)
     float32, optional ``moving_labels``/``fixed_labels`` (1, D, H, W) int64 and ``flow`` (3, D, H, W))."""
     shape = tuple(pre.grid_shape)
+    if cfg.synthetic and cfg.synthetic_kind == "brains":
+        return _brain_datasets(cfg, pre, world_size)
     if cfg.synthetic:
         from emorph_deploy.data.synthetic import SyntheticPairs
 
@@ -189,6 +191,21 @@ def build_datasets(cfg: TrainConfig, pre: Any, world_size: int = 1) -> tuple[Any
     from emorph_deploy.train.data import build_file_datasets
 
     return build_file_datasets(cfg, pre, world_size)
+
+
+def _brain_datasets(cfg: TrainConfig, pre: Any, world_size: int) -> tuple[Any, Any]:
+    """SynthMorph-style brain pairs; validation = held-out pairs, half same contrast, half different."""
+    from emorph_deploy.data.brainsynth import BrainSynthPairs, heldout_pairs
+
+    shape = tuple(pre.grid_shape)
+    spacing = float(pre.spacing_mm[0]) if cfg.grid_shape is None else None  # test grids fit the brain
+    n_train = cfg.steps_per_epoch * cfg.batch_size * world_size
+    train_ds = BrainSynthPairs(n_train, shape, seed=cfg.seed, spacing_mm=spacing,
+                               ramp_epochs=cfg.synth_ramp_epochs)
+    n_val = max(cfg.val_pairs, 1)
+    val = heldout_pairs((n_val + 1) // 2, shape, spacing, "same") + \
+        heldout_pairs(n_val // 2, shape, spacing, "different")
+    return train_ds, val
 
 
 class _SyntheticAdapter(torch.utils.data.Dataset):
@@ -287,11 +304,12 @@ class Trainer:
                                     amsgrad=cfg.amsgrad)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.t_max, eta_min=cfg.lr_min)
         self.amp_dtype: torch.dtype | None = None
-        if cfg.amp != "none":
-            if self.device.type != "cuda":
-                self.echo(f"note: --amp {cfg.amp} is CUDA-only; training in fp32 on {self.device.type}")
-            else:
-                self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+        amp = resolve_amp(cfg.amp, self.device.type)
+        if cfg.amp == "fp16" and amp == "none":
+            self.echo(f"note: --amp fp16 is CUDA-only; training in fp32 on {self.device.type}")
+        if amp != "none":
+            self.amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        self.amp_used = amp
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
         self.step = 0  # iterations done (each = 2 optimizer steps when bidirectional)
@@ -401,7 +419,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ one direction
     def _direction_loss(self, moving: torch.Tensor, fixed: torch.Tensor, m_lab: torch.Tensor | None,
-                        f_lab: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+                        f_lab: torch.Tensor | None, same_contrast: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one direction. ``same_contrast`` (B,) in {0, 1} gates the NCC term per pair (None = all
+        pairs share a contrast)."""
         from emorph_deploy.losses import one_hot
         from emorph_deploy.models.warp import warp
 
@@ -410,18 +431,27 @@ class Trainer:
             warped, flow = self.model(moving, fixed)  # (B, 1, D, H, W), (B, 3, D, H, W)
         warped = warped.float()
         flow = flow.float()
-        l_ncc = self.ncc(warped, fixed)
         l_reg = self.reg(flow)
-        loss = l_ncc + self.cfg.reg_weight * l_reg
+        l_ncc = torch.zeros((), device=flow.device)
+        if self.cfg.ncc_weight > 0 and (same_contrast is None or bool(same_contrast.any())):
+            l_ncc = self.ncc(warped, fixed) if same_contrast is None else \
+                self._ncc_per_item(warped, fixed, same_contrast)
+        loss = self.cfg.ncc_weight * l_ncc + self.cfg.reg_weight * l_reg
         parts = {"ncc": float(l_ncc.detach()), "reg": float(l_reg.detach())}
         if m_lab is not None and f_lab is not None and self.cfg.dice_weight > 0:
-            values = torch.unique(torch.cat([m_lab.flatten(), f_lab.flatten()]))
+            # label values 0..max (a sort-free stand-in for unique: absent labels have Dice 1, no effect)
+            values = torch.arange(int(torch.maximum(m_lab.max(), f_lab.max())) + 1, device=m_lab.device)
             oh_m = one_hot(m_lab, values)  # (B, L, D, H, W)
             oh_f = one_hot(f_lab, values)
             l_dice = self.dice(warp(oh_m, flow), oh_f)
             loss = loss + self.cfg.dice_weight * l_dice
             parts["dice_loss"] = float(l_dice.detach())
         return loss, parts
+
+    def _ncc_per_item(self, warped: torch.Tensor, fixed: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Batch mean of the NCC loss with each pair weighted by its ``gate`` (0 or 1)."""
+        per = torch.stack([self.ncc(warped[i : i + 1], fixed[i : i + 1]) for i in range(warped.shape[0])])
+        return (per * gate.to(per)).mean()
 
     def _optimizer_step(self, loss: torch.Tensor) -> float:
         self.opt.zero_grad(set_to_none=True)
@@ -465,12 +495,14 @@ class Trainer:
         f_lab = batch.get("fixed_labels")
         m_lab = m_lab.to(self.device) if m_lab is not None else None
         f_lab = f_lab.to(self.device) if f_lab is not None else None
+        same = batch.get("same_contrast")
+        same = same.to(self.device).reshape(-1) if same is not None else None
         directions = [(moving, fixed, m_lab, f_lab)]
         if self.cfg.bidirectional:
             directions.append((fixed, moving, f_lab, m_lab))
         sums: dict[str, float] = {}
         for mv, fx, ml, fl in directions:
-            loss, parts = self._direction_loss(mv, fx, ml, fl)
+            loss, parts = self._direction_loss(mv, fx, ml, fl, same)
             if not self._all_finite(loss):
                 # the same decision on every rank: skip this step everywhere (no backward, no update)
                 self.opt.zero_grad(set_to_none=True)
@@ -524,6 +556,8 @@ class Trainer:
                 fl = item["fixed_labels"][0].numpy()
                 row["dice"] = M.mean_dice(wl, fl)
                 row["dice_init"] = M.mean_dice(item["moving_labels"][0].numpy(), fl)
+                if "same_contrast" in item:  # brains data: accuracy per contrast relation
+                    row["dice_same" if float(item["same_contrast"]) > 0 else "dice_diff"] = row["dice"]
             if item.get("flow") is not None:
                 err = (flow[0].cpu() - item["flow"]).pow(2).sum(0).sqrt()  # (D, H, W) voxels
                 row["epe_vox"] = float(err.mean())
@@ -551,8 +585,10 @@ class Trainer:
                 ml, fl = item.get("moving_labels"), item.get("fixed_labels")
                 ml = ml[None].to(self.device) if ml is not None else None
                 fl = fl[None].to(self.device) if fl is not None else None
+                same = item.get("same_contrast")
+                same = torch.as_tensor(same).reshape(1).to(self.device) if same is not None else None
                 for a, b, la, lb in ((mov, fix, ml, fl), (fix, mov, fl, ml)):
-                    vals.append(float(self._direction_loss(a, b, la, lb)[0]))
+                    vals.append(float(self._direction_loss(a, b, la, lb, same)[0]))
         finally:
             self.model = model
             self.core.train(was_training)

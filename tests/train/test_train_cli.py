@@ -107,6 +107,20 @@ def test_cli_evaluate_table_and_json(trained, tmp_path):
     assert res.exit_code == 2 and "--force" in _error_line(err)
 
 
+def test_cli_evaluate_heldout_brain_pairs(trained, tmp_path):
+    out, _ = trained
+    res, _, err = _invoke(["evaluate", out / "best.json", "--synthetic", "3", "--synthetic-kind",
+                                 "brains", "--json", tmp_path / "b.json"])
+    assert res.exit_code == 0, err
+    report = json.loads((tmp_path / "b.json").read_text())
+    names = [p["pair"] for p in report["pairs"]]
+    # two same-contrast pairs first, then one pair of different contrasts; labels give a Dice per pair
+    assert len(names) == 3 and all(n.startswith("brains-") for n in names)
+    a, b = names[0].split("-")[2:], names[2].split("-")[2:]
+    assert a[0] == a[1] and b != ["t1", "t1"]
+    assert all(0.0 < p["dice"] <= 1.0 for p in report["pairs"])
+
+
 @pytest.mark.slow
 def test_cli_train_and_evaluate_on_nifti_folder(tmp_path, tiny_cli):
     data = _write_subjects(tmp_path / "data", n=3)

@@ -99,3 +99,60 @@ def test_max_minutes_stops_and_saves_for_resume(tmp_path, tiny_overrides):
     meta = json.loads((tmp_path / "mm" / "last.json").read_text())
     assert meta["training"]["step"] == 1 and meta["training"]["step_in_epoch"] == 1
     assert resolve_resume_config(tmp_path / "mm", {}).max_minutes is None  # not inherited by --resume
+
+
+def test_brains_one_direction_run_logs_contrast_groups(tmp_path, tiny_overrides):
+    cfg = _cfg(tmp_path, tiny_overrides, "brains", epochs=1, steps_per_epoch=2, val_pairs=2,
+               synthetic_kind="brains", bidirectional=False, amp="none")
+    trainer = Trainer(cfg, force=True)
+    res = trainer.fit()
+    assert res["step"] == 2
+    val = res["history"][-1]
+    # one held-out pair per contrast relation, each reported on its own
+    assert 0.0 < val["dice_same"] <= 1.0 and 0.0 < val["dice_diff"] <= 1.0
+    assert val["dice"] == pytest.approx((val["dice_same"] + val["dice_diff"]) / 2)
+    assert all(math.isfinite(r["dice_loss"]) for r in trainer.train_rows)
+
+
+def test_ncc_is_gated_by_same_contrast(tmp_path, tiny_overrides):
+    cfg = _cfg(tmp_path, tiny_overrides, "gate", epochs=1, steps_per_epoch=1, val_pairs=0,
+               synthetic_kind="brains", ncc_weight=1.0, dice_weight=0.0, reg_weight=0.0)
+    trainer = Trainer(cfg, force=True)
+    x, y = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    loss_diff, parts_diff = trainer._direction_loss(x, y, None, None, torch.tensor([0.0]))
+    loss_same, _ = trainer._direction_loss(x, y, None, None, torch.tensor([1.0]))
+    loss_none, _ = trainer._direction_loss(x, y, None, None, None)
+    assert float(loss_diff.detach()) == 0.0 and parts_diff["ncc"] == 0.0
+    assert float(loss_same.detach()) > 0.5
+    assert float(loss_same.detach()) == pytest.approx(float(loss_none.detach()), rel=1e-6)
+    # a batch of two: only the same-contrast pair contributes (mean over the batch)
+    xx, yy = torch.cat([x, x]), torch.cat([y, y])
+    both, _ = trainer._direction_loss(xx, yy, None, None, torch.tensor([1.0, 0.0]))
+    assert float(both.detach()) == pytest.approx(float(loss_same.detach()) / 2, rel=1e-4)
+
+
+@pytest.mark.parametrize(("flags", "device", "amp", "want"), [
+    ({"avx2"}, "cpu", "auto", "none"),
+    ({"avx512f", "avx512_bf16"}, "cpu", "auto", "bf16"),
+    ({"amx_bf16", "amx_tile"}, "cpu", "auto", "bf16"),
+    ({"avx2"}, "cpu", "bf16", "bf16"),
+    ({"avx2"}, "cpu", "fp16", "none"),
+    ({"avx2"}, "cpu", "none", "none"),
+])
+def test_resolve_amp_from_cpu_flags(monkeypatch, flags, device, amp, want):
+    from emorph_deploy.train import config as C
+
+    monkeypatch.setattr(C, "cpu_has_native_bf16", lambda: bool(set(flags) & {"avx512_bf16", "amx_bf16"}))
+    assert C.resolve_amp(amp, device) == want
+
+
+def test_cpu_flag_reader_matches_proc_cpuinfo():
+    from emorph_deploy.train.config import cpu_has_native_bf16
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo on this system")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))

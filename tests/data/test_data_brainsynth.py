@@ -1,0 +1,110 @@
+"""SynthMorph-style brain pairs: determinism, label/image consistency, contrast relations, deformations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from emorph_deploy.data import brainsynth as bs
+from emorph_deploy.data.brainsynth import BrainSynthConfig, BrainSynthPairs, brain_pair, heldout_pairs
+
+SHAPE = (32, 32, 32)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _pair(seed=0, **kw):
+    return brain_pair(SHAPE, seed, spacing_mm=None, **kw)
+
+
+def test_pair_shapes_ranges_and_determinism():
+    a, b, c = _pair((1, 2, 3)), _pair((1, 2, 3)), _pair((1, 2, 4))
+    for key in ("moving", "fixed"):
+        assert a[key].shape == (1, *SHAPE) and a[key].dtype == torch.float32
+        assert float(a[key].min()) >= 0.0 and float(a[key].max()) <= 1.0
+        assert torch.equal(a[key], b[key])  # a pure function of the seed
+    assert a["moving_labels"].dtype == torch.int64
+    assert not torch.equal(a["moving"], c["moving"])
+
+
+def test_labels_parcellate_tissues_and_images_vanish_outside_labels():
+    cfg = BrainSynthConfig(parcels=3, p_head=1.0)
+    p = _pair(5, config=cfg)
+    for role in ("moving", "fixed"):
+        lab = p[f"{role}_labels"]
+        # 6 tissue classes (brain + head shells) x 3 parcels, 0 background
+        assert int(lab.max()) <= 18 and len(torch.unique(lab)) > 10
+        assert float(p[role][lab == 0].abs().max()) == 0.0  # background stays zero (as the preprocessing)
+        assert float((p[role] > 0).float().mean()) > 0.1
+
+
+def test_subjects_differ_by_a_deformation_the_labels_carry():
+    cfg = BrainSynthConfig(p_head=0.0, parcels=1)
+    p = _pair(11, config=cfg)
+    m, f = p["moving_labels"].numpy(), p["fixed_labels"].numpy()
+    from emorph_deploy.metrics import mean_dice
+
+    d = mean_dice(m, f)
+    assert 0.2 < d < 0.95  # overlapping anatomy, not identical
+    flat = brain_pair(SHAPE, 11, spacing_mm=None, config=BrainSynthConfig(
+        p_head=0.0, parcels=1, amplitude=0.0, max_disp_mm=0.0))
+    assert mean_dice(flat["moving_labels"].numpy(), flat["fixed_labels"].numpy()) == pytest.approx(1.0)
+
+
+def test_forced_contrast_relations():
+    same = heldout_pairs(3, SHAPE, None, "same")
+    diff = heldout_pairs(3, SHAPE, None, "different")
+    assert all(float(p["same_contrast"]) == 1.0 for p in same)
+    assert all(float(p["same_contrast"]) == 0.0 for p in diff)
+    for p in same:
+        a, b = p["contrast"].split("/")
+        assert a == b
+    for p in diff:
+        assert p["contrast"] != "t1/t1"
+    with pytest.raises(ValueError):
+        heldout_pairs(1, SHAPE, None, "both")
+
+
+def test_same_t1_contrast_keeps_intensity_order():
+    # both images in the template's T1 contrast: the mean intensity of WM (tissue 3) exceeds GM (2) in both
+    cfg = BrainSynthConfig(parcels=1, p_head=0.0, p_same_contrast=1.0, p_t1_given_same=1.0, bias_std=0.0,
+                           noise_std=(0.0, 0.0), gamma_std=0.0)
+    p = _pair(3, config=cfg)
+    assert p["contrast"] == "t1/t1"
+    for role in ("moving", "fixed"):
+        img, lab = p[role], p[f"{role}_labels"]
+        assert float(img[lab == 3].mean()) > float(img[lab == 2].mean()) + 0.1
+
+
+def test_integrate_zero_velocity_and_identity_sampling():
+    v = torch.zeros(1, 3, 8, 9, 10)
+    assert torch.equal(bs._integrate(v), v)
+    src = torch.rand(1, 2, 8, 9, 10)
+    out = bs._sample(src, bs._identity((8, 9, 10)), "bilinear", "zeros")
+    torch.testing.assert_close(out, src, atol=1e-5, rtol=0)
+
+
+def test_normalise_maps_percentiles_to_unit_range():
+    img = torch.zeros(1, 1, 20, 20, 20)
+    img[0, 0, 5:15, 5:15, 5:15] = torch.linspace(1, 11, 1000).reshape(10, 10, 10)
+    out = bs._normalise(img)
+    assert float(out.max()) == pytest.approx(1.0) and float(out[img == 0].abs().max()) == 0.0
+    inside = out[img > 0]
+    assert float(np.percentile(inside.numpy(), 50)) == pytest.approx(0.5, abs=0.02)
+
+
+def test_dataset_keys_and_ramp():
+    ds = BrainSynthPairs(4, SHAPE, seed=3, spacing_mm=None, ramp_epochs=10)
+    assert len(ds) == 4 and ds.amplitude(0) == pytest.approx(0.4) and ds.amplitude(10) == pytest.approx(1.0)
+    a = ds[(2, 1)]
+    ds.set_epoch(2)
+    assert torch.equal(a["moving"], ds[1]["moving"]) and a["index"] == 1
+    with pytest.raises(IndexError):
+        ds[(0, 4)]
