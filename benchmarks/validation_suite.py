@@ -231,7 +231,7 @@ def pair_table(rows: list[dict[str, Any]]) -> str:
 
 
 GROUP_TITLES = {
-    "same": "Distinct real brains, same contrast (mean over ordered pairs)",
+    "same": "Distinct real brains, same contrast (mean over pairs)",
     "inverted": "Distinct real brains, moving contrast inverted inside its mask",
     "single-subject": "Single-subject pairs only (robex ↔ itk), same contrast",
 }
