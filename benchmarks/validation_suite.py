@@ -7,8 +7,9 @@ Pairs
   and with the moving brain's contrast **inverted** inside its mask. Labels: the same method for every
   subject (ROBEX mask, N4, ANTs Atropos 3-class k-means → 1 CSF, 2 GM, 3 WM). Each subject on its own grid
   (~2 mm), centroid at world 0.
-* synthetic: held-out pairs from ``emorph_deploy.data.brainsynth.heldout_pairs`` when that function exists
-  (same and different contrasts); otherwise skipped with the reason.
+* synthetic: ``--synthetic N`` (default 4) held-out pairs per contrast relation (same, different) from
+  ``emorph_deploy.data.brainsynth.heldout_pairs`` when that function exists (80×96×112 at 2 mm; Dice = the
+  mean over their labels); otherwise skipped with the reason.
 
 Methods (``--methods``; each row's seconds = the whole job: read the images and the moving labels,
 register, warp the image and the labels onto the fixed grid)
@@ -31,7 +32,7 @@ the fixed grid).
 
     python benchmarks/validation_suite.py [--model CKPT] [--methods none,affine,network,refine0,refine,syn,
         greedy] [--refine 20] [--refine-zero-steps M] [--unordered] [--contrasts same,inverted]
-        [--subjects mni152,robex,...] [--no-synthetic] [--quick] [--threads 2] [--runs 3] [--force]
+        [--subjects mni152,robex,...] [--synthetic 4] [--quick] [--threads 2] [--runs 3] [--force]
 
 Writes ``benchmarks/results/validation_suite.{json,md}`` (``--quick``: ``results/quick/``).
 """
@@ -70,26 +71,25 @@ QUICK_SUBJECTS = ("mni152", "robex")
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def score(warped: Any, fixed: Any) -> dict[str, float]:
-    """Dice per label (``dice_csf``/``dice_gm``/``dice_wm``; NaN when a label is in neither map) and
-    ``dice`` = mean over GM and WM (over the labels of ``fixed`` > 0 when it has none of 1–3: synthetic
-    label maps)."""
+def score(warped: Any, fixed: Any, tissue: bool = True) -> dict[str, float]:
+    """``tissue`` (the real brains): Dice per class (``dice_csf``/``dice_gm``/``dice_wm``; NaN when a class is
+    in neither map) and ``dice`` = mean over GM and WM. ``tissue=False`` (synthetic label maps): ``dice`` =
+    the mean over the labels present in both maps, no per-class columns."""
     import numpy as np
+
+    from emorph_deploy.metrics import mean_dice
 
     a, b = np.asarray(warped), np.asarray(fixed)
     if a.shape != b.shape:
         raise ValueError(f"score: expected warped labels on the fixed grid {b.shape}, got {a.shape}")
+    if not tissue:
+        return {"dice": mean_dice(a, b)}
     out: dict[str, float] = {}
     for lab, name in LABELS.items():
         x, y = a == lab, b == lab
         s = int(x.sum()) + int(y.sum())
         out[f"dice_{name}"] = float(2.0 * np.logical_and(x, y).sum() / s) if s else float("nan")
-    if any(int((b == k).sum()) for k in SCORED):
-        out["dice"] = float(np.nanmean([out[f"dice_{LABELS[k]}"] for k in SCORED]))
-    else:
-        from emorph_deploy.metrics import mean_dice
-
-        out["dice"] = mean_dice(a, b)
+    out["dice"] = float(np.nanmean([out[f"dice_{LABELS[k]}"] for k in SCORED]))
     return out
 
 
@@ -152,6 +152,20 @@ def targets(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any
                 "peer_dice": b,
                 "delta": delta,
                 "met": None if delta is None else delta >= 0,
+            }
+        )
+    syn_same, syn_diff = summary.get("synthetic-same", {}), summary.get("synthetic-different", {})
+    for m in EMORPH[1:] if syn_same and syn_diff else ():
+        a, b = d(syn_diff, m), d(syn_same, m)
+        delta = None if a is None or b is None else a - b
+        out.append(
+            {
+                "target": f"{METHODS[m]}: synthetic different − same contrast within ±{CROSS_CONTRAST_TOL}",
+                "method": m,
+                "dice": a,
+                "peer_dice": b,
+                "delta": delta,
+                "met": None if delta is None else abs(delta) <= CROSS_CONTRAST_TOL,
             }
         )
     for m in EMORPH[1:]:
@@ -367,18 +381,12 @@ def real_pairs(args: Any, work: Path, res: dict[str, Any]) -> list[dict[str, Any
     ]
 
 
-def _field(item: Any, *names: str) -> Any:
-    for n in names:
-        v = item.get(n) if isinstance(item, dict) else getattr(item, n, None)
-        if v is not None:
-            return v
-    return None
-
-
-def synthetic_pairs(work: Path, res: dict[str, Any]) -> list[dict[str, Any]]:
-    """Held-out synthetic pairs from ``emorph_deploy.data.brainsynth.heldout_pairs`` if it exists (its items:
-    fixed/moving images and label maps as nibabel images or arrays, optional ``affine``/``meta["affine"]``
-    and ``contrast``); else [] with the reason in ``summary.skipped``."""
+def synthetic_pairs(work: Path, res: dict[str, Any], n: int, spacing_mm: float = 2.0) -> list[dict[str, Any]]:
+    """``n`` held-out synthetic pairs per contrast relation ("same", "different") from
+    ``emorph_deploy.data.brainsynth.heldout_pairs(n=, shape=, spacing_mm=, contrast=)`` if it exists (items:
+    dicts with ``fixed``/``moving`` and ``fixed_labels``/``moving_labels`` arrays or tensors, (1, D, H, W) or
+    (D, H, W), on a ``spacing_mm`` grid), written to ``work``; else [] with the reason in
+    ``summary.skipped``."""
     import nibabel as nib
     import numpy as np
 
@@ -389,44 +397,47 @@ def synthetic_pairs(work: Path, res: dict[str, Any]) -> list[dict[str, Any]]:
             f"emorph_deploy.data.brainsynth.heldout_pairs is not available here ({exc})"
         )
         return []
+    aff = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
     out = []
     try:
-        for i, item in enumerate(heldout_pairs()):
-            meta = _field(item, "meta") or {}
-            aff = _field(item, "affine")
-            aff = np.asarray(aff if aff is not None else meta.get("affine", np.eye(4)), dtype=np.float64)
-            contrast = str(_field(item, "contrast") or meta.get("contrast") or "same")
-            d = work / f"synthetic{i}"
-            d.mkdir(parents=True, exist_ok=True)
-            files = {}
-            for key, dtype in (
-                ("fixed", np.float32),
-                ("moving", np.float32),
-                ("fixed_labels", np.int16),
-                ("moving_labels", np.int16),
-            ):
-                v = _field(item, key)
-                if v is None:
-                    raise ValueError(f"item {i} has no {key}")
-                img = (
-                    v
-                    if isinstance(v, nib.spatialimages.SpatialImage)
-                    else nib.Nifti1Image(np.asarray(v, dtype=dtype), aff)
+        for contrast in ("same", "different"):
+            items = heldout_pairs(n=n, shape=C.DEFAULT_GRID, spacing_mm=spacing_mm, contrast=contrast)
+            for i, item in enumerate(items):
+                d = work / f"synthetic-{contrast}-{i}"
+                d.mkdir(parents=True, exist_ok=True)
+                files = {}
+                for key, dtype in (
+                    ("fixed", np.float32),
+                    ("moving", np.float32),
+                    ("fixed_labels", np.int16),
+                    ("moving_labels", np.int16),
+                ):
+                    v = np.asarray(item[key], dtype=dtype)
+                    v = v.reshape(v.shape[-3:]) if v.ndim == 4 and v.shape[0] == 1 else v
+                    if v.ndim != 3:
+                        raise ValueError(f"{key} of item {i}: expected a 3D volume, got shape {v.shape}")
+                    files[key] = d / f"{key}.nii.gz"
+                    nib.save(nib.Nifti1Image(v, aff), str(files[key]))
+                kinds = item.get("contrast")
+                out.append(
+                    {
+                        "name": f"synthetic-{contrast}-{i}" + (f" ({kinds})" if kinds else ""),
+                        "group": f"synthetic-{contrast}",
+                        "tissue": False,
+                        **files,
+                    }
                 )
-                files[key] = d / f"{key}.nii.gz"
-                nib.save(img, str(files[key]))
-            out.append(
-                {
-                    "name": str(_field(item, "name") or f"synthetic-{i}"),
-                    "group": f"synthetic-{contrast}",
-                    **files,
-                }
-            )
     except Exception as exc:
-        res["summary"]["skipped"]["synthetic pairs"] = (
-            f"heldout_pairs() items not understood: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-        )
+        msg = " ".join(str(exc).split())[:200]
+        res["summary"]["skipped"]["synthetic pairs"] = f"heldout_pairs() failed: {type(exc).__name__}: {msg}"
         return []
+    res["summary"]["synthetic"] = {
+        "source": "emorph_deploy.data.brainsynth.heldout_pairs",
+        "pairs_per_contrast": n,
+        "grid": list(C.DEFAULT_GRID),
+        "spacing_mm": spacing_mm,
+        "dice": "mean over the labels present in both maps",
+    }
     return out
 
 
@@ -451,10 +462,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subjects", default=None, help="comma list of realbrains subjects (default all)")
     ap.add_argument("--unordered", action="store_true", help="unordered pairs (i < j) instead of all ordered")
     ap.add_argument("--contrasts", default="same,inverted", help="comma list of same, inverted")
-    ap.add_argument("--no-synthetic", action="store_true", help="skip the held-out synthetic pairs")
+    ap.add_argument(
+        "--synthetic",
+        type=int,
+        default=None,
+        help="held-out synthetic pairs per contrast relation (same, different) when brainsynth.heldout_pairs "
+        "exists (default 4; --quick 1; 0 = none)",
+    )
     ap.add_argument("--peer-runs", type=int, default=1, help="timed runs of ANTs/greedy per pair (median)")
     ap.add_argument("--keep", default=None, help="keep the outputs in this folder")
     args = ap.parse_args(argv)
+    if args.synthetic is None:
+        args.synthetic = 1 if args.quick else 4
     if args.runs is None:
         args.runs = 3  # emorph rows: median of 3 calls after the warm-up (24 pairs × 4 emorph methods)
     args = C.finish_args(args, NAME)
@@ -487,10 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="emorph-suite-")))
         pairs = real_pairs(args, work, res)
-        if args.no_synthetic:
-            s["skipped"]["synthetic pairs"] = "--no-synthetic"
+        if args.synthetic <= 0:
+            s["skipped"]["synthetic pairs"] = "--synthetic 0"
         else:
-            pairs += synthetic_pairs(work, res)
+            pairs += synthetic_pairs(work, res, args.synthetic)
         C.log(f"{len(pairs)} pair(s)")
         registrar = None
         if any(m in EMORPH for m in methods):
@@ -545,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = jobs[m](pair, d, args)
                     warped = P._labels_array(r.pop("warped_labels"))
                     row.update(r)
-                    row.update(score(warped, fixed_labels))
+                    row.update(score(warped, fixed_labels, tissue=pair.get("tissue", True)))
                     row["ok"] = True
                     C.log(
                         f"[{pair['name']}] {METHODS[m]}: Dice {row['dice']:.3f}, "

@@ -48,10 +48,56 @@ def test_score_per_label_and_gm_wm_mean() -> None:
         VS.score(warped[:3], fixed)
 
 
-def test_score_synthetic_labels_fall_back_to_all_labels() -> None:
-    fixed = np.repeat(np.array([0, 7, 9, 9]), 4).reshape(2, 2, 4)
-    d = VS.score(fixed, fixed)
-    assert d["dice"] == pytest.approx(1.0) and math.isnan(d["dice_gm"])
+def test_score_synthetic_labels_use_all_labels() -> None:
+    fixed = np.repeat(np.array([0, 2, 9, 9]), 4).reshape(2, 2, 4)
+    warped = fixed.copy()
+    warped[1, 1] = 2  # 4 voxels of label 9 → 2
+    d = VS.score(warped, fixed, tissue=False)
+    assert set(d) == {"dice"}  # no per-class columns
+    assert d["dice"] == pytest.approx((2 * 4 / 12 + 2 * 4 / 12) / 2)  # labels 2 and 9, not only 2
+    assert math.isnan(VS.score(fixed, fixed)["dice_wm"])  # tissue mode: a class in neither map is NaN
+
+
+def test_synthetic_pairs_from_a_heldout_pairs_module(tmp_path: Path, monkeypatch) -> None:
+    """The adapter to ``brainsynth.heldout_pairs(n=, shape=, spacing_mm=, contrast=)`` (dicts of (1, D, H, W)
+    tensors), and the skip reason when the module is missing."""
+    import types
+
+    import nibabel as nib
+    import torch
+
+    calls = []
+
+    def heldout_pairs(n, shape, spacing_mm, contrast):
+        calls.append((n, tuple(shape), spacing_mm, contrast))
+        g = torch.Generator().manual_seed(len(calls))
+        return [
+            {
+                "fixed": torch.rand(1, 4, 5, 6, generator=g),
+                "moving": torch.rand(1, 4, 5, 6, generator=g),
+                "fixed_labels": torch.randint(0, 5, (1, 4, 5, 6), generator=g),
+                "moving_labels": torch.randint(0, 5, (1, 4, 5, 6), generator=g),
+                "contrast": "t1/remap",
+            }
+            for _ in range(n)
+        ]
+
+    fake = types.ModuleType("emorph_deploy.data.brainsynth")
+    fake.heldout_pairs = heldout_pairs
+    monkeypatch.setitem(sys.modules, "emorph_deploy.data.brainsynth", fake)
+    res = {"summary": {"skipped": {}}}
+    pairs = VS.synthetic_pairs(tmp_path, res, 2)
+    assert [c[3] for c in calls] == ["same", "different"] and calls[0][0] == 2 and calls[0][2] == 2.0
+    assert [p["group"] for p in pairs] == ["synthetic-same"] * 2 + ["synthetic-different"] * 2
+    assert all(p["tissue"] is False for p in pairs) and res["summary"]["skipped"] == {}
+    img = nib.load(str(pairs[0]["moving_labels"]))
+    assert img.shape == (4, 5, 6) and np.allclose(np.diag(img.affine), [2, 2, 2, 1])
+    assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1, 2, 3, 4}
+
+    monkeypatch.setitem(sys.modules, "emorph_deploy.data.brainsynth", None)  # import fails
+    res = {"summary": {"skipped": {}}}
+    assert VS.synthetic_pairs(tmp_path, res, 2) == []
+    assert "not available" in res["summary"]["skipped"]["synthetic pairs"]
 
 
 def _row(pair, group, method, dice, seconds=1.0, jac=0.0, ok=True, single=False, steps=None):
@@ -115,6 +161,12 @@ def test_targets_deltas_and_verdicts() -> None:
     assert inv_zero["delta"] is None and inv_zero["met"] is None  # no such rows: not measured
     jac = t["network + refinement: fraction J ≤ 0 (worst of same/inverted means)"]
     assert jac["frac_jac_nonpos"] == pytest.approx(5e-4)
+    assert not any("synthetic" in k for k in t)  # no synthetic rows: no synthetic targets
+    syn = [dict(r, group="synthetic-same") for r in ROWS[:6]]
+    syn += [dict(r, group="synthetic-different", dice=r["dice"] - 0.05) for r in ROWS[:6]]
+    ts = {x["target"]: x for x in VS.targets(VS.summarise(syn))}
+    d_net = ts["network (after affine): synthetic different − same contrast within ±0.02"]
+    assert d_net["delta"] == pytest.approx(-0.05) and d_net["met"] is False
     worse = [dict(r, dice=0.60) if r["group"] == "inverted" else r for r in ROWS]
     t2 = {x["target"]: x for x in VS.targets(VS.summarise(worse))}
     assert t2["network + refinement: inverted − same contrast within ±0.02"]["met"] is False
