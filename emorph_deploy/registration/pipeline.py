@@ -405,6 +405,7 @@ class Registrar:
         affine: bool | None = None,
         validate: bool = True,
         refine: int | RefineConfig = 0,
+        network: bool = True,
     ) -> Result:
         """Register ``moving`` to ``fixed``; ``labels`` (moving label map) are warped with nearest neighbour.
 
@@ -417,6 +418,9 @@ class Registrar:
         displacement (default: at half resolution, see :func:`emorph_deploy.refine.refine_flow`; the training
         loss), starting from the network's flow. Runs outside the runner lock (per-call data only); the
         network is untouched.
+        ``network=False`` skips the network: the flow starts at zero (the identity after the affine
+        pre-alignment), so ``refine=N`` is refinement alone and ``refine=0`` the affine (or no) registration
+        — the ablation rows of ``benchmarks/validation_suite.py``.
         """
         import torch
 
@@ -484,9 +488,12 @@ class Registrar:
         t0 = time.perf_counter()
         feed = {"moving": moving_m[None, None], "fixed": fixed_m[None, None]}
         try:
-            with self._lock:
-                out = self.runner.infer(feed)
-                model_s = getattr(self.runner, "last_latency_s", None)
+            if not network:  # ablation: no network, zero initial flow
+                out, model_s = {"flow": np.zeros((1, 3, *shape), dtype=np.float32)}, None
+            else:
+                with self._lock:
+                    out = self.runner.infer(feed)
+                    model_s = getattr(self.runner, "last_latency_s", None)
         except EmorphError:
             raise
         except Exception as exc:
@@ -579,6 +586,7 @@ class Registrar:
             **stats,
             "jacobian_grid": "model",
             "model_latency_s": model_s,
+            "network": bool(network),
             "refine": refine_cfg.to_dict() if refine_cfg.steps else None,
             "times_s": times,
         }
