@@ -34,6 +34,7 @@ __all__ = [
     "AffineMetric",
     "AffineResult",
     "affine_prealign",
+    "rejection_warning",
     "start_rotation",
 ]
 
@@ -122,6 +123,13 @@ class AffineResult:
             "affine_mi_final": self.mi_final,
             "affine_mi_chance": self.mi_chance,
         }
+
+
+def rejection_warning(qc: dict[str, Any]) -> str | None:
+    """The CLI's one-line warning for a ``qc`` whose affine pre-alignment was rejected, else None."""
+    if qc.get("affine_accepted") is False:
+        return f"warning: affine pre-alignment rejected, identity kept: {qc.get('affine_reason')}"
+    return None
 
 
 def _block_mean(t: torch.Tensor, f: list[int]) -> torch.Tensor:

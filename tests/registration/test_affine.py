@@ -128,3 +128,42 @@ def test_config_choices():
         np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-12)
         assert np.linalg.det(r) == pytest.approx(1.0)
     np.testing.assert_allclose(start_rotation("z90") @ [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], atol=1e-12)
+
+
+class _ZeroFlowRunner:
+    """Runner protocol stand-in: a zero flow on a 16³ grid at 12 mm."""
+
+    name = "stub"
+    grid_shape = (16, 16, 16)
+    last_latency_s = 0.0
+
+    def __init__(self) -> None:
+        from emorph_deploy.data.preprocess import Preprocessing
+
+        pre = Preprocessing(grid_shape=self.grid_shape, spacing_mm=(12.0,) * 3)
+        self.meta = {"preprocessing": pre.to_dict(), "precision": "fp32"}
+
+    def infer(self, feed):
+        return {"flow": np.zeros((1, 3, *self.grid_shape), np.float32)}
+
+
+def test_registrar_records_the_check_in_qc(brain):
+    from emorph_deploy.registration import Registrar
+
+    fixed, a_f = brain
+    reg = Registrar(_ZeroFlowRunner(), warmup=False)
+    t_true = _known_affine()
+    moving, a_m = _moved(fixed, a_f, t_true)
+    good = reg.register((fixed, a_f), (moving, a_m), affine=True).qc
+    assert good["affine_accepted"] is True and good["affine_reason"] == ""
+    assert good["affine_start"] == "identity"
+    assert good["affine_metric"] in ("ncc", "mi") and good["affine_value_final"] > good["affine_value_init"]
+    assert good["affine_ncc_final"] > good["affine_ncc_init"]  # the keys qc.json had before stay
+    noise = np.random.default_rng(1).random((20, 20, 20)).astype(np.float32)
+    bad = reg.register((fixed, a_f), (noise, np.diag([9.0, 9.0, 9.0, 1.0])), affine=True)
+    assert bad.qc["affine_accepted"] is False and bad.qc["affine_reason"]
+    np.testing.assert_array_equal(bad.pre_affine, np.eye(4))
+    from emorph_deploy.registration.affine import rejection_warning
+
+    assert rejection_warning(bad.qc).startswith("warning: affine pre-alignment rejected, identity kept: ")
+    assert rejection_warning(good) is None
