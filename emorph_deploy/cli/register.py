@@ -138,6 +138,10 @@ def register_command(
     res = reg.register(*inputs, validate=False, refine=refine)
     written = res.save(out, force=force, voxel_flow=voxel_flow, qc_png=qc_png)
     q = res.qc
+    from emorph_deploy.registration.affine import rejection_warning
+
+    if (warning := rejection_warning(q)) is not None:
+        typer.echo(warning, err=True)
     t = q["times_s"]
     typer.echo(
         f"NCC {q['ncc_before']:.4f} -> {q['ncc_after']:.4f} | J<=0 {100 * q['frac_jac_nonpos']:.4f}% | "

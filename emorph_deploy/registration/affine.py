@@ -20,13 +20,46 @@ and 0.25 mm).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AffineConfig", "AffineResult", "affine_prealign"]
+__all__ = [
+    "GROSS_STARTS",
+    "AffineConfig",
+    "AffineMetric",
+    "AffineResult",
+    "affine_prealign",
+    "rejection_warning",
+    "start_rotation",
+]
+
+
+class AffineMetric(str, Enum):
+    """Similarity maximised by the affine fit."""
+
+    ncc = "ncc"  # global NCC over the fixed foreground: same contrast only
+    mi = "mi"  # Mattes mutual information: any monotonic or non-monotonic intensity relation
+    auto = "auto"  # the default choice: currently mutual information
+
+
+#: The gross orientations tried at the coarsest level: the headers' own, then 180° and ±90° about each axis.
+GROSS_STARTS: tuple[str, ...] = (
+    "identity",
+    "x180",
+    "y180",
+    "z180",
+    "x90",
+    "x270",
+    "y90",
+    "y270",
+    "z90",
+    "z270",
+)
 
 
 @dataclass(frozen=True)
@@ -37,16 +70,66 @@ class AffineConfig:
     levels: int = 2  # coarse-to-fine levels (spacing_mm * 2**(levels-1) ... spacing_mm)
     iterations: tuple[int, ...] = (40, 20)  # at most, per level, coarse first (Levenberg-Marquardt steps)
     max_points: int = 12_000  # fixed foreground points per level (a fixed-seed subset beyond this)
-    tolerance: float = 1e-5  # stop a level when an accepted step gains less NCC than this
+    tolerance: float = 1e-5  # stop a level when an accepted step gains less than this
     max_scale_change: float = 0.5  # reject solutions whose singular values leave [1/(1+x), 1+x]
+    metric: AffineMetric = AffineMetric.auto
+    bins: int = 32  # joint-histogram bins per image (mutual information)
+    starts: tuple[str, ...] = GROSS_STARTS  # see start_rotation(); () or ("identity",): no multi-start
+    start_iterations: int = 5  # steps from each start at the coarsest level before they are compared
+    start_margin: float = 0.05  # another start must beat the identity's value by this fraction of it
+    check: bool = True  # keep the identity when the fit ends worse than it, or matches nothing
+    chance_factor: float = 2.0  # the final MI must exceed this x its value with the moving samples shuffled
+    auto_mi_tolerance: float = 0.02  # auto: the NCC refinement may lower the MI pose's MI by this fraction
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metric", AffineMetric(self.metric))
+        object.__setattr__(self, "starts", tuple(self.starts))
+        for name in self.starts:
+            start_rotation(name)  # a bad name fails here, not in the middle of a fit
+        if self.bins < 8:
+            raise ValueError(f"AffineConfig.bins: expected >= 8, got {self.bins}")
 
 
 @dataclass
 class AffineResult:
-    matrix: np.ndarray  # (4, 4) float64: fixed world (RAS mm) → moving world (RAS mm)
-    ncc_init: float  # global NCC at the start of the finest level (after the coarse levels)
-    ncc_final: float
+    matrix: np.ndarray  # (4, 4) float64: fixed world (RAS mm) → moving world (RAS mm); identity if rejected
+    ncc_init: float  # NCC over the fixed foreground at the finest level, identity transform
+    ncc_final: float  # the same at the fitted transform (also when it was rejected)
     seconds: float
+    metric: str = "ncc"  # the similarity that was maximised ("ncc" or "mi")
+    value_init: float = float("nan")  # that similarity at the identity (finest level)
+    value_final: float = float("nan")  # ... and at the fitted transform
+    accepted: bool = True  # False: the fit failed the check and ``matrix`` is the identity
+    start: str = "identity"  # the gross orientation the fit started from
+    reason: str = ""  # why the fit was rejected ("" if accepted)
+    mi_init: float = float("nan")  # mutual information (nats) at the identity / the fit, finest level
+    mi_final: float = float("nan")
+    mi_chance: float = float("nan")  # MI at the fit with the moving samples shuffled (the estimator's floor)
+    start_values: dict[str, float] = field(default_factory=dict)  # coarsest-level value after each start
+    auto_trace: dict[str, float] = field(default_factory=dict)  # auto: MI before/after the NCC polish
+
+    def qc(self) -> dict[str, Any]:
+        """The fields ``qc.json`` records (``affine_*`` keys)."""
+        return {
+            "affine_ncc_init": self.ncc_init,
+            "affine_ncc_final": self.ncc_final,
+            "affine_metric": self.metric,
+            "affine_value_init": self.value_init,
+            "affine_value_final": self.value_final,
+            "affine_accepted": self.accepted,
+            "affine_start": self.start,
+            "affine_reason": self.reason,
+            "affine_mi_init": self.mi_init,
+            "affine_mi_final": self.mi_final,
+            "affine_mi_chance": self.mi_chance,
+        }
+
+
+def rejection_warning(qc: dict[str, Any]) -> str | None:
+    """The CLI's one-line warning for a ``qc`` whose affine pre-alignment was rejected, else None."""
+    if qc.get("affine_accepted") is False:
+        return f"warning: affine pre-alignment rejected, identity kept: {qc.get('affine_reason')}"
+    return None
 
 
 def _block_mean(t: torch.Tensor, f: list[int]) -> torch.Tensor:
@@ -174,18 +257,45 @@ def _centred_unit(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     return xc / max(norm, 1e-12), norm
 
 
+def _bspline_taps(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cubic B-spline Parzen window at bin coordinates ``u`` (N,): the first of the 4 bins each point
+    touches (``floor(u) - 1``), their weights (4, N; sum 1) and the weights' derivatives along ``u``."""
+    fl = torch.floor(u)
+    t = u - fl
+    t2 = t * t
+    t3 = t2 * t
+    omt = 1.0 - t
+    w = torch.stack(
+        [omt * omt * omt / 6, (3 * t3 - 6 * t2 + 4) / 6, (-3 * t3 + 3 * t2 + 3 * t + 1) / 6, t3 / 6]
+    )
+    dw = torch.stack([-0.5 * omt * omt, 1.5 * t2 - 2 * t, -1.5 * t2 + t + 0.5, 0.5 * t2])
+    return fl.long() - 1, w, dw
+
+
 class _Level:
-    """The NCC of one pyramid level as a function of the 12 affine parameters, with its Gauss-Newton model.
+    """One pyramid level: the similarity of the fixed points and the moving image at ``T p`` as a function
+    of the 12 affine parameters, with a quadratic model for Levenberg-Marquardt.
 
     Parameters ``theta`` (float64, 12): ``lin`` (3x3, row-major; ``T_lin = I + lin``) then the translation
-    (mm); ``T p = (I + lin)(p - c) + c + t``. ``evaluate`` samples the moving value and its exact gradient at
-    ``T p`` for every fixed point and returns the NCC ``rho``, its gradient ``g`` and the Gauss-Newton matrix
-    ``H`` of the residual ``f^ - m^`` (both centred, unit norm), so that ``rho(theta + d) ≈ rho + g.d -
-    d.H.d / 2``.
+    (mm); ``T p = (I + lin)(p - c) + c + t``. Every evaluation samples the moving value and its exact
+    gradient at ``T p`` for every fixed point (one gather of the 8 trilinear corners), then
+
+    * ``ncc``: the NCC ``rho``, its gradient and the Gauss-Newton matrix of the residual ``f^ - m^`` (both
+      centred, unit norm), so that ``rho(theta + d) ≈ rho + g.d - d.H.d / 2``;
+    * ``mi``: Mattes mutual information (nats) of a ``bins``² joint histogram — fixed values binned to the
+      nearest bin, moving values through a cubic B-spline Parzen window, so the value is differentiable in
+      the moving samples — its exact gradient and the outer product of the per-point gradients (BHHH) as the
+      curvature model.
     """
 
     def __init__(
-        self, mv: torch.Tensor, mv_aff: np.ndarray, p_c: torch.Tensor, fvals: torch.Tensor, c: np.ndarray
+        self,
+        mv: torch.Tensor,
+        mv_aff: np.ndarray,
+        p_c: torch.Tensor,
+        fvals: torch.Tensor,
+        c: np.ndarray,
+        bins: int,
     ) -> None:
         self.vol = mv[0, 0].contiguous()  # (D, H, W)
         self.w2i = np.linalg.inv(mv_aff)  # moving world → array index
@@ -195,18 +305,32 @@ class _Level:
         f_hat, _ = _centred_unit(fvals)
         self.f_hat64 = f_hat  # (N,) float64
         self.f_hat = f_hat.float()
+        self.fvals = fvals
+        self.bins = bins
+        kf = (fvals.clamp(0.0, 1.0) * (bins - 3) + 1.0).round().long()  # fixed bin of each point, 1..bins-2
+        self.kf_base = kf * bins
+        self.p_f = torch.bincount(kf, minlength=bins).double() / max(kf.numel(), 1)
+        self.n = kf.numel()
 
-    def evaluate(self, theta: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    def _sample(self, theta: np.ndarray) -> torch.Tensor:
         lin = np.eye(3) + theta[:9].reshape(3, 3)
         m_lin, m_off = self.w2i[:3, :3], self.w2i[:3, 3]
         # moving array coordinates of T p, one (3, N) GEMM: M (I + lin) (p - c) + M (c + t) + m_off
         mat = torch.as_tensor(m_lin @ lin, dtype=torch.float32)
         off = torch.as_tensor(m_lin @ (self.c + theta[9:]) + m_off, dtype=torch.float32)
-        s = _trilinear_with_gradient(self.vol, torch.addmm(off[:, None], mat, self.p_c))  # (4, N)
+        return _trilinear_with_gradient(self.vol, torch.addmm(off[:, None], mat, self.p_c))  # (4, N)
+
+    def _dm_dtheta(self, s: torch.Tensor) -> torch.Tensor:
+        grad_q = self.w2i_lin.T @ s[1:]  # (3, N) d m / d world at T p
+        return torch.cat([(grad_q[:, None, :] * self.p_c[None]).reshape(9, -1), grad_q])  # (12, N)
+
+    def ncc(self, theta: np.ndarray, derivatives: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
+        s = self._sample(theta)
         m_hat, m_norm = _centred_unit(s[0])
         rho = float(self.f_hat64 @ m_hat)
-        grad_q = self.w2i_lin.T @ s[1:]  # (3, N) d m / d world at T p
-        d = torch.cat([(grad_q[:, None, :] * self.p_c[None]).reshape(9, -1), grad_q])  # (12, N) d m / d theta
+        if not derivatives:
+            return rho, np.zeros(12), np.zeros((12, 12))
+        d = self._dm_dtheta(s)
         rows = torch.cat([d - d.mean(dim=1, keepdim=True), m_hat.float()[None], self.f_hat[None]])  # (14, N)
         gram = (rows @ rows.T).double().numpy()
         h, b_m, b_f = gram[:12, :12], gram[:12, 12], gram[:12, 13]
@@ -215,44 +339,132 @@ class _Level:
         gn = (h - np.outer(b_m, b_m)) / m_norm**2
         return rho, grad, gn
 
+    def _joint(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Joint histogram (bins, bins) float64 of the fixed bins and the moving samples ``m`` in [0, 1],
+        with the Parzen taps: (p, flat bin indices (4, N), weights' derivatives in m (4, N))."""
+        b = self.bins
+        u = (m.clamp(0.0, 1.0) * (b - 3) + 1.0).clamp_(max=b - 2 - 1e-4)
+        i0, w, dw = _bspline_taps(u)
+        idx = self.kf_base[None] + i0[None] + torch.arange(4)[:, None]  # (4, N)
+        joint = torch.zeros(b * b, dtype=torch.float64).index_add_(0, idx.reshape(-1), w.reshape(-1).double())
+        return joint.view(b, b) / max(self.n, 1), idx, dw * (b - 3)
+
+    def _mi_of(self, p: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        p_m = p.sum(0)
+        logp = torch.log(p.clamp_min(1e-300))
+        logm = torch.log(p_m.clamp_min(1e-300))
+        logf = torch.log(self.p_f.clamp_min(1e-300))
+        mi = float((p * (logp - logf[:, None] - logm[None])).sum())
+        return mi, logp, logm
+
+    def mi_value(self, m: torch.Tensor) -> float:
+        return self._mi_of(self._joint(m)[0])[0]
+
+    def mi(self, theta: np.ndarray, derivatives: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
+        s = self._sample(theta)
+        p, idx, dw = self._joint(s[0])
+        mi, logp, logm = self._mi_of(p)
+        if not derivatives:
+            return mi, np.zeros(12), np.zeros((12, 12))
+        # d MI / d m_i = 1/N sum_l dW(i, l) [log p(k_i, l) - log p_m(l)] (the marginal terms cancel)
+        lr = (logp - logm[None]).clamp_(min=-50.0).float().reshape(-1)
+        r = (dw * lr[idx]).sum(0) * (1.0 / max(self.n, 1))  # (N,)
+        r = torch.where((s[0] > 0.0) & (s[0] < 1.0), r, torch.zeros(()))  # the clamp's zero derivative
+        d = self._dm_dtheta(s) * r  # (12, N): per-point gradients
+        grad = d.sum(1).double().numpy()
+        bhhh = (d @ d.T).double().numpy() * self.n
+        return mi, grad, bhhh
+
+    def evaluate(self, metric: str, theta: np.ndarray, derivatives: bool = True):
+        return (self.mi if metric == "mi" else self.ncc)(theta, derivatives)
+
 
 def _fit_level(
-    level: _Level, theta: np.ndarray, iterations: int, tol: float
+    evaluate, theta: np.ndarray, iterations: int, tol: float, adapt_scale: bool = False
 ) -> tuple[np.ndarray, float, float]:
-    """Levenberg-Marquardt ascent of the NCC from ``theta``; returns (theta, rho at start, rho at end).
+    """Levenberg-Marquardt ascent of ``evaluate(theta) -> (value, gradient, curvature)`` from ``theta``;
+    returns (theta, value at start, value at end).
 
-    A step is taken only if it raises the NCC; the level ends when a step gains less than ``tol``, when the
-    Gauss-Newton model predicts less than that, after three failed steps in a row (each with 10x the
-    damping), or after ``iterations`` evaluations."""
-    rho, grad, gn = level.evaluate(theta)
+    A step is taken only if it raises the value; the level ends when a step gains less than ``tol``, when
+    the quadratic model predicts less than that, after three failed steps in a row (each with 10x the
+    damping), or after ``iterations`` evaluations. ``adapt_scale``: the curvature is only known up to a
+    factor (MI's BHHH matrix), so that factor follows the ratio of the actual to the predicted gain, as a
+    trust region's radius would (halved when the model is pessimistic, doubled when it is optimistic)."""
+    rho, grad, gn = evaluate(theta)
     rho0 = rho
     damping = 1e-3
+    scale = 1.0
     rejected = 0
     for _ in range(iterations):
         diag = np.diag(gn).copy()
         diag = np.maximum(diag, 1e-9 * max(float(diag.max()), 1e-30))
+        h = scale * gn
         try:
-            step = np.linalg.solve(gn + damping * np.diag(diag), grad)
+            step = np.linalg.solve(h + damping * scale * np.diag(diag), grad)
         except np.linalg.LinAlgError:
             damping *= 10.0
             continue
-        if float(grad @ step - 0.5 * step @ gn @ step) < tol:  # the model's predicted gain: converged
+        predicted = float(grad @ step - 0.5 * step @ h @ step)
+        if predicted < tol:  # the model's predicted gain: converged
             break
         cand = theta + step
-        rho_c, grad_c, gn_c = level.evaluate(cand)
+        rho_c, grad_c, gn_c = evaluate(cand)
         if np.isfinite(rho_c) and rho_c > rho:
             gain = rho_c - rho
             theta, rho, grad, gn = cand, rho_c, grad_c, gn_c
             damping = max(damping * 0.3, 1e-7)
+            if adapt_scale:
+                ratio = gain / predicted
+                scale = scale * 0.5 if ratio > 0.75 else scale * 2.0 if ratio < 0.25 else scale
+                scale = min(max(scale, 1e-4), 1e4)
             if gain < tol:
                 break
             rejected = 0
         else:
-            damping *= 10.0
+            if adapt_scale:
+                scale = min(scale * 4.0, 1e4)
+            else:
+                damping *= 10.0
             rejected += 1
             if rejected == 3:  # three shrinking steps in a row fail: at the interpolation's noise floor
                 break
     return theta, rho0, rho
+
+
+def start_rotation(name: str) -> np.ndarray:
+    """The 3x3 rotation of a gross-orientation start: ``"identity"`` or ``"<axis><degrees>"`` with axis
+    x/y/z (world RAS) and degrees 90/180/270, e.g. ``"z180"``."""
+    if name == "identity":
+        return np.eye(3)
+    axis = "xyz".find(name[:1])
+    if axis < 0 or name[1:] not in ("90", "180", "270"):
+        raise ValueError(f"affine start: expected 'identity' or x|y|z followed by 90|180|270, got {name!r}")
+    k = int(name[1:]) // 90
+    c, s = [1, 0, -1, 0][k], [0, 1, 0, -1][k]
+    r = np.eye(3)
+    i, j = [a for a in range(3) if a != axis]
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+def _linear_ok(m_lin: np.ndarray, max_scale_change: float) -> bool:
+    sv = np.linalg.svd(m_lin, compute_uv=False)
+    lim = 1.0 + max_scale_change
+    return bool(
+        np.all(np.isfinite(sv)) and sv.min() > 1.0 / lim and sv.max() < lim and np.linalg.det(m_lin) > 0
+    )
+
+
+def _level_points(fx: torch.Tensor, fx_aff: np.ndarray, max_points: int, seed: int):
+    """Fixed foreground points (world mm, (N, 3)) and their values at one level."""
+    fvals = fx.reshape(-1)
+    flat = (fvals > 0.02).nonzero()[:, 0]  # foreground of the fixed image (plus a margin of blur)
+    if flat.numel() <= 64:
+        flat = torch.arange(fvals.numel())
+    if flat.numel() > max_points:
+        gen = torch.Generator().manual_seed(seed)
+        flat = flat[torch.randperm(flat.numel(), generator=gen)[:max_points]]
+    return _world_points(flat, tuple(fx.shape[2:]), fx_aff), fvals[flat]
 
 
 def affine_prealign(
@@ -262,18 +474,26 @@ def affine_prealign(
     moving_affine: np.ndarray,
     config: AffineConfig | None = None,
 ) -> AffineResult:
-    """Fit ``T`` (fixed world → moving world) so that ``moving(T p) ≈ fixed(p)``; see the module docstring."""
+    """Fit ``T`` (fixed world → moving world) so that ``moving(T p) ≈ fixed(p)``; see the module docstring.
+
+    Never silently harmful: when the fit fails the check (see the module docstring) the identity is
+    returned with ``accepted=False`` and the reason."""
     import time
 
     cfg = config or AffineConfig()
+    metric = AffineMetric(cfg.metric).value
+    fit_metric = "mi" if metric == "auto" else metric  # auto: MI for the pose, then see below
+    auto_trace: dict[str, float] = {}
     t0 = time.perf_counter()
     c: np.ndarray | None = None
     theta = np.zeros(12)
-    ncc_init = ncc_final = float("nan")
     levels = max(1, cfg.levels)
     iters = tuple(cfg.iterations) + (cfg.iterations[-1],) * max(0, levels - len(cfg.iterations))
     fixed_levels = _pyramid(fixed, fixed_affine, cfg.spacing_mm, levels)
     moving_levels = _pyramid(moving, moving_affine, cfg.spacing_mm, levels)
+    start = "identity"
+    start_values: dict[str, float] = {}
+    level_fit: _Level | None = None
     for level in range(levels):
         (fx, fx_aff), (mv, mv_aff) = fixed_levels[level], moving_levels[level]
         fx = _normalise(fx)
@@ -282,29 +502,91 @@ def affine_prealign(
             com_f, com_m = _com(fx, fx_aff), _com(mv, mv_aff)
             c = com_f
             theta[9:] = com_m - com_f
-        fvals = fx.reshape(-1)
-        flat = (fvals > 0.02).nonzero()[:, 0]  # foreground of the fixed image (plus a margin of blur)
-        if flat.numel() <= 64:
-            flat = torch.arange(fvals.numel())
-        if flat.numel() > cfg.max_points:
-            gen = torch.Generator().manual_seed(level)
-            flat = flat[torch.randperm(flat.numel(), generator=gen)[: cfg.max_points]]
-        pts = _world_points(flat, tuple(fx.shape[2:]), fx_aff)  # (N, 3) world mm
-        fvals = fvals[flat]
+        pts, fvals = _level_points(fx, fx_aff, cfg.max_points, level)
         p_c = pts - torch.as_tensor(c, dtype=torch.float32)
-        level_fit = _Level(mv, mv_aff, p_c, fvals, c)
-        theta, rho0, ncc_final = _fit_level(level_fit, theta, iters[level], cfg.tolerance)
-        if level == levels - 1:
-            ncc_init = rho0
-    assert c is not None
+        level_fit = _Level(mv, mv_aff, p_c, fvals, c, cfg.bins)
+
+        def evaluate(th, _lv=level_fit, _m=fit_metric):
+            return _lv.evaluate(_m, th)
+
+        adapt = fit_metric == "mi"
+
+        if level == 0 and len(cfg.starts) > 1:  # multi-start: a few steps from each gross orientation
+            fits = {}
+            for name in cfg.starts:
+                th = theta.copy()
+                th[:9] = (start_rotation(name) - np.eye(3)).reshape(-1)
+                th, _, v = _fit_level(evaluate, th, cfg.start_iterations, cfg.tolerance, adapt)
+                fits[name], start_values[name] = th, v
+            start = max(fits, key=lambda k: start_values[k])
+            if "identity" in fits and start != "identity":
+                v_id = start_values["identity"]
+                if start_values[start] <= v_id + cfg.start_margin * abs(v_id):
+                    start = "identity"  # the header orientation wins unless another is clearly better
+            theta = fits[start]
+        elif level == 0 and cfg.starts:
+            start = cfg.starts[0]
+            theta[:9] = (start_rotation(start) - np.eye(3)).reshape(-1)
+        if metric == "auto" and level == levels - 1:
+            # the finest level: NCC (the more accurate where it applies) from the pose MI found, kept only
+            # if it keeps the MI of that pose (within auto_mi_tolerance: same contrast); else MI carries on
+            mi_pose = level_fit.mi(theta, derivatives=False)[0]
+            th_ncc, _, _ = _fit_level(
+                lambda th, _lv=level_fit: _lv.ncc(th), theta, iters[level], cfg.tolerance
+            )
+            mi_ncc = level_fit.mi(th_ncc, derivatives=False)[0]
+            auto_trace = {"mi_at_mi_pose": mi_pose, "mi_after_ncc": mi_ncc}
+            if mi_ncc >= mi_pose - cfg.auto_mi_tolerance * abs(mi_pose):
+                fit_metric, theta = "ncc", th_ncc
+                continue
+        theta, _, _ = _fit_level(evaluate, theta, iters[level], cfg.tolerance, adapt)
+    assert c is not None and level_fit is not None
+
+    # the check, on the finest level: the fit against the identity (the headers as given)
+    theta_id = np.zeros(12)  # T p = p
+    value_init = level_fit.evaluate(fit_metric, theta_id, derivatives=False)[0]
+    value_final = level_fit.evaluate(fit_metric, theta, derivatives=False)[0]
+    ncc_init = level_fit.ncc(theta_id, derivatives=False)[0] if fit_metric != "ncc" else value_init
+    ncc_final = level_fit.ncc(theta, derivatives=False)[0] if fit_metric != "ncc" else value_final
+    mi_init = level_fit.mi(theta_id, derivatives=False)[0] if fit_metric != "mi" else value_init
+    mi_final = level_fit.mi(theta, derivatives=False)[0] if fit_metric != "mi" else value_final
+    m_final = level_fit._sample(theta)[0]
+    perm = torch.randperm(m_final.numel(), generator=torch.Generator().manual_seed(7))
+    mi_chance = level_fit.mi_value(m_final[perm])
+
     m_lin = np.eye(3) + theta[:9].reshape(3, 3)
-    sv = np.linalg.svd(m_lin, compute_uv=False)
-    lim = 1.0 + cfg.max_scale_change
-    if not (np.all(np.isfinite(sv)) and sv.min() > 1.0 / lim and sv.max() < lim and np.linalg.det(m_lin) > 0):
-        m_lin = np.eye(3)  # degenerate fit: keep the centre-of-mass translation only
+    reason = ""
+    if not _linear_ok(m_lin, cfg.max_scale_change):
+        sv = np.linalg.svd(m_lin, compute_uv=False)
+        reason = f"degenerate linear part (singular values {sv.min():.2f}-{sv.max():.2f})"
+    elif cfg.check and not value_final >= value_init:
+        reason = f"the fit ended worse than identity ({fit_metric} {value_init:.4f} -> {value_final:.4f})"
+    elif cfg.check and fit_metric != "mi" and not mi_final >= mi_init:
+        reason = f"mutual information fell ({mi_init:.4f} -> {mi_final:.4f})"
+    elif cfg.check and not mi_final > cfg.chance_factor * mi_chance:
+        reason = (
+            f"no evidence of a match (MI {mi_final:.4f} <= {cfg.chance_factor:g} x its chance level "
+            f"{mi_chance:.4f})"
+        )
+    accepted = not reason
     out = np.eye(4)
-    out[:3, :3] = m_lin
-    out[:3, 3] = c + theta[9:] - m_lin @ c
+    if accepted:
+        out[:3, :3] = m_lin
+        out[:3, 3] = c + theta[9:] - m_lin @ c
     return AffineResult(
-        matrix=out, ncc_init=ncc_init, ncc_final=float(ncc_final), seconds=time.perf_counter() - t0
+        matrix=out,
+        ncc_init=float(ncc_init),
+        ncc_final=float(ncc_final),
+        seconds=time.perf_counter() - t0,
+        metric=fit_metric,
+        value_init=float(value_init),
+        value_final=float(value_final),
+        accepted=accepted,
+        start=start,
+        reason=reason,
+        mi_init=float(mi_init),
+        mi_final=float(mi_final),
+        mi_chance=float(mi_chance),
+        start_values=start_values,
+        auto_trace=auto_trace,
     )

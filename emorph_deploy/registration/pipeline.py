@@ -4,7 +4,8 @@ Pipeline per pair (times of each stage go to ``qc["times_s"]``):
 
 1. ``load``: validate both images (paths, nibabel images or ``(array, affine)`` pairs;
    :mod:`emorph_deploy.data`).
-2. ``affine`` (optional): :func:`~emorph_deploy.registration.affine.affine_prealign` on a ~4 mm pair.
+2. ``affine`` (optional): :func:`~emorph_deploy.registration.affine.affine_prealign` on a ~4 mm pair
+   (identity kept, ``qc["affine_accepted"]`` False and ``qc["affine_reason"]`` when the fit fails its check).
 3. ``resample``: intensity normalisation on the native voxels and trilinear resampling in world coordinates
    onto the model grid (RAS, the artifact's :class:`~emorph_deploy.data.Preprocessing`, centred on the
    fixed FOV).
@@ -458,11 +459,8 @@ class Registrar:
             fit = affine_prealign(f_data, f_aff, m_data, m_aff, self.affine_config)
             pre = fit.matrix
             times["affine"] = time.perf_counter() - t0
-            qc_affine = {
-                "affine_matrix": pre.tolist(),
-                "affine_ncc_init": fit.ncc_init,
-                "affine_ncc_final": fit.ncc_final,
-            }
+            # fit.qc(): affine_ncc_init/final, _metric, _value_init/final, _accepted, _start, _reason, _mi_*
+            qc_affine = {"affine_matrix": pre.tolist(), **fit.qc()}  # rejected: pre is the identity
 
         t0 = time.perf_counter()
         prep = self.preprocessing

@@ -148,7 +148,12 @@ def test_register_writes_outputs(files, tmp_path):
         ]
     )
     assert res.exit_code == 0, err
-    assert json.loads((out / "qc.json").read_text())["affine_prealignment"] is True
+    q = json.loads((out / "qc.json").read_text())
+    assert q["affine_prealignment"] is True and {"affine_accepted", "affine_metric", "affine_start"} <= set(q)
+    # a rejected fit (two unrelated blobs may well be) exits 0, keeps the identity and says so on one line
+    assert ("warning: affine pre-alignment rejected" in err) == (q["affine_accepted"] is False)
+    if q["affine_accepted"] is False:
+        assert np.allclose(q["affine_matrix"], np.eye(4))
 
 
 def _bad_inputs(d):
