@@ -44,6 +44,27 @@ RefineOption = Annotated[
 ]
 
 
+class RefineSimilarity(str, Enum):
+    """Mirror of :class:`emorph_deploy.refine.Similarity` (kept here so the CLI starts without torch)."""
+
+    auto = "auto"
+    ncc = "ncc"
+    mind = "mind"
+    ngf = "ngf"
+
+
+#: ``--refine-similarity`` of ``emorph register``.
+RefineSimilarityOption = Annotated[
+    RefineSimilarity,
+    typer.Option(
+        "--refine-similarity",
+        help="Similarity of --refine: ncc (the training loss; same contrast), mind (MIND-SSC; across "
+        "contrasts, e.g. T1 to T2), ngf (normalised gradient fields) or auto (ncc if the two images share a "
+        "contrast on the model grid, else mind; the choice is recorded in qc.json).",
+    ),
+]
+
+
 class Backend(str, Enum):
     auto = "auto"
     tensorrt = "tensorrt"
