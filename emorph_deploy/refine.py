@@ -90,7 +90,7 @@ class RefineConfig:
     ncc_sigma: float = 1.5
     levels: int = 2
     full_steps: int | None = 0  # levels=2: steps at full resolution (None = steps, 0 = coarse level only)
-    similarity: Similarity | str = "ncc"
+    similarity: Similarity | str = "auto"  # NCC for same contrast (as before), MIND across contrasts
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "similarity", Similarity.coerce(self.similarity))

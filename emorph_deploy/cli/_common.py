@@ -38,8 +38,8 @@ RefineOption = Annotated[
     typer.Option(
         "--refine",
         min=0,
-        help="Test-time refinement: N Adam steps on the displacement (at half resolution; same loss as "
-        "training; the network is untouched). 0 = off.",
+        help="Test-time refinement: N Adam steps on the displacement (at half resolution; the training loss, "
+        "NCC, when the two images share a contrast, else MIND-SSC; the network is untouched). 0 = off.",
     ),
 ]
 
