@@ -1,4 +1,5 @@
-"""Training losses for EfficientMorph: local NCC, diffusion regulariser and soft Dice.
+"""Training losses for EfficientMorph: local NCC, diffusion regulariser and soft Dice; and two
+modality-independent similarities for test-time refinement across contrasts: MIND-SSC and NGF.
 
 All losses are ``nn.Module``s returning a scalar tensor, work for any batch size, are differentiable and are
 written in an export-safe style (fixed kernels as non-persistent buffers, no in-place indexed writes, no
@@ -18,7 +19,7 @@ from torch import nn
 
 from emorph_deploy.errors import InputError
 
-__all__ = ["DiffusionLoss", "NCCLoss", "SoftDiceLoss", "one_hot"]
+__all__ = ["DiffusionLoss", "MINDSSCLoss", "NCCLoss", "NGFLoss", "SoftDiceLoss", "one_hot"]
 
 _NCC_KINDS = ("gaussian", "box")
 _NCC_BORDERS = ("normalized", "zeros")
@@ -140,6 +141,168 @@ class NCCLoss(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return 1.0 - self.local_cc(a, b).mean()
+
+
+def _six_neighbourhood_pairs() -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """The 12 pairs (p, q) of six-neighbourhood offsets at distance √2 (different axes), in a fixed order."""
+    six = [(-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1)]
+    return [
+        (six[i], six[j])
+        for i in range(6)
+        for j in range(i + 1, 6)
+        if sum((a - b) ** 2 for a, b in zip(six[i], six[j], strict=True)) == 2
+    ]
+
+
+class MINDSSCLoss(nn.Module):
+    """MIND-SSC similarity (Heinrich et al., MICCAI 2013): ``mean((MIND(a) − MIND(b))²)``.
+
+    The modality-independent neighbourhood descriptor with self-similarity context describes each voxel by
+    12 channels: for the 12 pairs (p, q) of six-neighbourhood offsets ``±dilation·e_k`` that lie √2·dilation
+    apart, the patch distance ``D_pq(x) = box_r ∗ (I(x + p) − I(x + q))²`` (a (2·radius+1)³ box filter), then
+    ``MIND_pq(x) = exp(−(D_pq(x) − min_pq D(x)) / V(x))`` with ``V(x)`` the mean over the 12 channels, clamped
+    to [1e-3, 1e3] × its volume mean. It compares an image with itself only, so the descriptor (and the
+    loss) is unchanged by any affine intensity change of either image, *including a negation* (up to float
+    rounding), and nearly unchanged by a monotone or non-monotone remap of tissue intensities that keeps
+    the edges: what is compared is where the edges are, not which side is brighter.
+
+    ``descriptor(x)`` maps (B, 1, D, H, W) → (B, 12, D, H, W) in [0, 1] (replicate padding at the borders);
+    ``forward(a, b)`` is the mean squared descriptor difference (0 for identical images), or
+    ``distance(da, db)`` on descriptors computed once (what test-time refinement does: the fixed and moving
+    descriptors are computed once and the moving one is warped).
+
+    Args:
+        radius: box half-width of the patch distance, in voxels (2 = 5³, the reference setting).
+        dilation: offset of the six neighbours, in voxels (2 in the reference code).
+        eps: floor of the variance estimate (relative clamping is applied first).
+    """
+
+    def __init__(self, radius: int = 2, dilation: int = 2, eps: float = 1e-6) -> None:
+        super().__init__()
+        if not isinstance(radius, int) or radius < 0:
+            raise InputError(f"MIND radius: expected an integer >= 0, got {radius!r}; fix: use e.g. 2")
+        if not isinstance(dilation, int) or dilation < 1:
+            raise InputError(f"MIND dilation: expected an integer >= 1, got {dilation!r}; fix: use e.g. 2")
+        if not eps > 0:
+            raise InputError(f"MIND eps: expected a positive number, got {eps!r}; fix: use e.g. 1e-6")
+        self.radius = radius
+        self.dilation = dilation
+        self.eps = float(eps)
+        self.pairs = _six_neighbourhood_pairs()
+        # canonical directions v (first nonzero component positive) and, per pair, (direction index, shift)
+        dirs: list[tuple[int, int, int]] = []
+        reads: list[tuple[int, tuple[int, int, int]]] = []
+        for p, q in self.pairs:
+            v = tuple(a - b for a, b in zip(p, q, strict=True))
+            flip = next(c for c in v if c != 0) < 0
+            canon = tuple(-c for c in v) if flip else v
+            if canon not in dirs:
+                dirs.append(canon)  # type: ignore[arg-type]
+            reads.append((dirs.index(canon), p if flip else q))  # type: ignore[arg-type]
+        self._directions = dirs
+        self._reads = reads
+
+    def extra_repr(self) -> str:
+        return f"radius={self.radius}, dilation={self.dilation}, eps={self.eps}"
+
+    def _box(self, x: torch.Tensor) -> torch.Tensor:
+        """Separable (2r+1)³ mean filter with replicate padding, channels independent."""
+        r = self.radius
+        if r == 0:
+            return x
+        k = 2 * r + 1
+        x = F.avg_pool3d(F.pad(x, (0, 0, 0, 0, r, r), mode="replicate"), (k, 1, 1), stride=1)
+        x = F.avg_pool3d(F.pad(x, (0, 0, r, r, 0, 0), mode="replicate"), (1, k, 1), stride=1)
+        return F.avg_pool3d(F.pad(x, (r, r, 0, 0, 0, 0), mode="replicate"), (1, 1, k), stride=1)
+
+    def descriptor(self, x: torch.Tensor) -> torch.Tensor:
+        """MIND-SSC of (B, 1, D, H, W) images → (B, 12, D, H, W), values in (0, 1]."""
+        if x.dim() != 5 or x.shape[1] != 1:
+            raise InputError(
+                f"MINDSSCLoss: expected (B, 1, D, H, W) images, got shape {tuple(x.shape)}; fix: pass one "
+                "channel per image"
+            )
+        d = self.dilation
+        size = x.shape[2:]
+
+        def window(t: torch.Tensor, o: tuple[int, ...]) -> torch.Tensor:  # t padded by d: t(x + d·o)
+            return t[
+                :,
+                :,
+                d + d * o[0] : d + d * o[0] + size[0],
+                d + d * o[1] : d + d * o[1] + size[1],
+                d + d * o[2] : d + d * o[2] + size[2],
+            ]
+
+        # (I(x+p) − I(x+q))² = G_v(x+q) with G_v(y) = (I(y+v) − I(y))², v = p − q; G_{−v}(y) = G_v(y − v).
+        # The 12 pairs use 6 directions ±v: filter the 6 G_v once, then read each pair at its shift.
+        xp = F.pad(x, (d, d, d, d, d, d), mode="replicate")
+        g = torch.cat([(window(xp, v) - window(xp, (0, 0, 0))) ** 2 for v in self._directions], dim=1)
+        gp = F.pad(self._box(g), (d, d, d, d, d, d), mode="replicate")
+        ssd = torch.cat([window(gp[:, k : k + 1], s) for k, s in self._reads], dim=1)
+        ssd = ssd - ssd.amin(dim=1, keepdim=True)
+        var = ssd.mean(dim=1, keepdim=True)
+        ref = var.mean() + self.eps
+        var = torch.minimum(torch.maximum(var, ref * 1e-3), ref * 1e3)
+        return torch.exp(-ssd / var)
+
+    @staticmethod
+    def distance(da: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
+        """Mean squared difference of two descriptors (B, 12, D, H, W) → scalar."""
+        diff = da - db
+        return (diff * diff).mean()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.shape != b.shape:
+            raise InputError(
+                f"MINDSSCLoss: expected two images of equal shape, got {tuple(a.shape)} and "
+                f"{tuple(b.shape)}; fix: pass images on the same grid"
+            )
+        return self.distance(self.descriptor(a), self.descriptor(b))
+
+
+class NGFLoss(nn.Module):
+    """Normalised gradient fields (Haber & Modersitzki 2006): ``1 − mean(cos²)`` of the two image gradients.
+
+    ``cos² = (∇a·∇b)² / ((|∇a|² + ε²)(|∇b|² + ε²))`` per voxel, gradients by central differences (one-sided at
+    the borders), ``ε = eta × mean |∇|`` of each image (edges weaker than that count as noise). In [0, 1];
+    small but not 0 for identical images (the ε terms); the squared cosine is unchanged by a negation or any
+    affine intensity change (ε scales with the image). ``forward(a, b)`` takes (B, 1, D, H, W) images.
+
+    Args:
+        eta: edge threshold relative to the mean gradient magnitude.
+    """
+
+    def __init__(self, eta: float = 0.1) -> None:
+        super().__init__()
+        if not eta > 0:
+            raise InputError(f"NGF eta: expected a positive number, got {eta!r}; fix: use e.g. 0.1")
+        self.eta = float(eta)
+
+    def extra_repr(self) -> str:
+        return f"eta={self.eta}"
+
+    @staticmethod
+    def gradient(x: torch.Tensor) -> torch.Tensor:
+        """Central-difference gradient of (B, 1, D, H, W) → (B, 3, D, H, W) (replicate padding)."""
+        xp = F.pad(x, (1, 1, 1, 1, 1, 1), mode="replicate")
+        gd = (xp[:, :, 2:, 1:-1, 1:-1] - xp[:, :, :-2, 1:-1, 1:-1]) * 0.5
+        gh = (xp[:, :, 1:-1, 2:, 1:-1] - xp[:, :, 1:-1, :-2, 1:-1]) * 0.5
+        gw = (xp[:, :, 1:-1, 1:-1, 2:] - xp[:, :, 1:-1, 1:-1, :-2]) * 0.5
+        return torch.cat([gd, gh, gw], dim=1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.shape != b.shape or a.dim() != 5 or a.shape[1] != 1:
+            raise InputError(
+                f"NGFLoss: expected two (B, 1, D, H, W) images of equal shape, got {tuple(a.shape)} and "
+                f"{tuple(b.shape)}; fix: pass images on the same grid"
+            )
+        ga, gb = self.gradient(a), self.gradient(b)
+        na, nb = (ga * ga).sum(dim=1), (gb * gb).sum(dim=1)
+        ea = (self.eta * na.sqrt().mean()) ** 2 + 1e-12
+        eb = (self.eta * nb.sqrt().mean()) ** 2 + 1e-12
+        dot = (ga * gb).sum(dim=1)
+        return 1.0 - (dot * dot / ((na + ea) * (nb + eb))).mean()
 
 
 class DiffusionLoss(nn.Module):

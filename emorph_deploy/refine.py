@@ -15,6 +15,16 @@ half- + 20 full-resolution steps (lr 0.2 was the best of 0.1 / 0.2 / 0.4); see `
 ``full_steps=N`` adds N full-resolution steps after the coarse level; ``levels=1`` runs at full resolution
 only.
 
+Across contrasts (``similarity``): local NCC's *squared* correlation is unchanged by a linear intensity map,
+a negation included, but not by a remap that reorders tissues within its window (T1 vs T2/FLAIR/PD).
+``similarity="mind"`` replaces it by MIND-SSC (:class:`~emorph_deploy.losses.MINDSSCLoss`: each image is
+described by its own local self-similarity: the fixed descriptor once per level, the warped moving one per
+step),
+``"ngf"`` by normalised gradient fields, and ``"auto"`` measures on the model grid whether the two images
+share a contrast (:func:`contrast_agreement`: inside the common foreground, is the fixed intensity a positive,
+mostly *linear* function of the moving one?) and picks NCC if so, MIND otherwise. The choice and its figures
+are reported through ``info`` (and so in ``qc.json``'s ``refine``). See ``benchmarks/refine_sweep.py``.
+
 :meth:`emorph_deploy.registration.Registrar.register` calls it with ``refine=N`` (``emorph register`` /
 ``emorph demo --refine N`` and the default-model benchmark).
 """
@@ -23,20 +33,50 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from enum import Enum
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from emorph_deploy.errors import InputError
-from emorph_deploy.losses import NCCLoss
+from emorph_deploy.losses import MINDSSCLoss, NCCLoss, NGFLoss
 
 __all__ = [
+    "MatmulMINDSSCLoss",
     "MatmulNCCLoss",
     "RefineConfig",
+    "Similarity",
+    "contrast_agreement",
     "refine_flow",
     "refine_loss",
 ]
+
+
+class Similarity(str, Enum):
+    """Image similarity of the refinement: ``ncc`` (the training loss, same contrast), ``mind`` (MIND-SSC,
+    across contrasts), ``ngf`` (normalised gradient fields) or ``auto`` (NCC or MIND by
+    :func:`contrast_agreement`)."""
+
+    ncc = "ncc"
+    mind = "mind"
+    ngf = "ngf"
+    auto = "auto"
+
+    @classmethod
+    def coerce(cls, value: str | Similarity) -> Similarity:
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise InputError(
+                f"refine similarity: expected one of {choices}, got {value!r}; fix: pass e.g. "
+                "similarity='auto'"
+            ) from None
+
+
+#: contrast_agreement's rule: same contrast iff r > 0 and r² ≥ LINEAR_SHARE · η² (see its docstring)
+LINEAR_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -50,9 +90,15 @@ class RefineConfig:
     ncc_sigma: float = 1.5
     levels: int = 2
     full_steps: int | None = 0  # levels=2: steps at full resolution (None = steps, 0 = coarse level only)
+    similarity: Similarity | str = "auto"  # NCC for same contrast (as before), MIND across contrasts
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "similarity", Similarity.coerce(self.similarity))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["similarity"] = Similarity.coerce(self.similarity).value
+        return d
 
     @classmethod
     def coerce(cls, refine: int | RefineConfig | None) -> RefineConfig:
@@ -98,6 +144,111 @@ class MatmulNCCLoss(NCCLoss):
         return x
 
 
+def _banded_replicate_box(n: int, radius: int) -> torch.Tensor:
+    """(n, n) matrix M with ``(x @ M)[i] = mean_{|t| ≤ radius} x[clamp(i + t, 0, n − 1)]`` (replicate)."""
+    src = (torch.arange(n).view(1, -1) + torch.arange(-radius, radius + 1).view(-1, 1)).clamp(0, n - 1)
+    mat = torch.zeros(n, n, dtype=torch.float64)
+    cols = torch.arange(n).expand_as(src)
+    mat.index_put_((src.reshape(-1), cols.reshape(-1)), torch.ones(src.numel(), dtype=torch.float64), True)
+    return mat / (2 * radius + 1)
+
+
+class MatmulMINDSSCLoss(MINDSSCLoss):
+    """:class:`~emorph_deploy.losses.MINDSSCLoss` with its box filter done as three banded matmuls.
+
+    The same descriptor (replicate borders included; equal to float rounding, see ``tests/test_refine.py``),
+    faster on the CPU than three ``avg_pool3d`` over padded copies.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._mats: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def _box(self, x: torch.Tensor) -> torch.Tensor:
+        if self.radius == 0:
+            return x
+        for axis in (2, 3, 4):
+            n = x.shape[axis]
+            key = (n, x.dtype, x.device)
+            mat = self._mats.get(key)
+            if mat is None:
+                mat = self._mats[key] = _banded_replicate_box(n, self.radius).to(x.dtype).to(x.device)
+            x = torch.movedim(torch.movedim(x, axis, -1) @ mat, -1, axis)
+        return x
+
+
+def contrast_agreement(
+    moving: torch.Tensor, fixed: torch.Tensor, bins: int = 32, threshold: float = 0.02
+) -> dict[str, Any]:
+    """Do two roughly aligned images share a contrast? Figures and verdict, measured on the common foreground.
+
+    Inside the voxels where both images exceed ``threshold`` (the background of skull-stripped, [0, 1]
+    normalised images is 0), with ``r`` the Pearson correlation of the two intensities and ``η²`` the
+    correlation ratio of the fixed intensity given the moving one (``bins`` equal-count bins of the moving
+    intensity; η² = the share of the fixed image's variance explained by *any* function of the moving
+    intensity, r² = the share explained by a *linear* one, so r² ≤ η² up to binning): the contrast is the
+    same iff ``r > 0`` and ``r² ≥ LINEAR_SHARE · η²`` (0.5). Misalignment lowers r² and η² together; an
+    inverted contrast makes r negative; a non-monotone remap (tissue order changed) leaves η² well above
+    r². Fewer than 1000 foreground voxels: no verdict (``same_contrast`` True, NCC — the training loss).
+
+    Returns ``{"r", "eta2", "linear_share", "foreground_voxels", "same_contrast"}``.
+    """
+    m = moving.detach().reshape(-1).float()
+    f = fixed.detach().reshape(-1).float()
+    fg = (m > threshold) & (f > threshold)
+    n = int(fg.sum())
+    if n < 1000:
+        return {"r": None, "eta2": None, "linear_share": None, "foreground_voxels": n, "same_contrast": True}
+    m, f = m[fg].double(), f[fg].double()
+    mc, fc = m - m.mean(), f - f.mean()
+    var_f = float((fc * fc).mean())
+    r = float((mc * fc).mean() / ((mc * mc).mean().sqrt() * var_f**0.5 + 1e-12))
+    order = torch.argsort(m)
+    ids = torch.empty_like(order)
+    ids[order] = torch.arange(n) * bins // n  # equal-count bins of the moving intensity
+    counts = torch.bincount(ids, minlength=bins).double()
+    sums = torch.bincount(ids, weights=fc, minlength=bins)
+    eta2 = float((sums * sums / counts.clamp(min=1)).sum() / n / (var_f + 1e-12))
+    share = r * r / max(eta2, 1e-12)
+    return {
+        "r": r,
+        "eta2": eta2,
+        "linear_share": share,
+        "foreground_voxels": n,
+        "same_contrast": bool(r > 0 and share >= LINEAR_SHARE),
+    }
+
+
+class _Objective:
+    """One similarity as refinement uses it: ``target`` once per level (for MIND: the fixed descriptor),
+    ``loss`` per step on the warped moving image."""
+
+    def __init__(self, similarity: Similarity, ncc_window: int, ncc_sigma: float, device: torch.device):
+        self.similarity = similarity
+        if similarity is Similarity.ncc:
+            self._loss: torch.nn.Module = MatmulNCCLoss(window=ncc_window, sigma=ncc_sigma, kind="gaussian")
+        elif similarity is Similarity.mind:
+            self._loss = MatmulMINDSSCLoss()
+        elif similarity is Similarity.ngf:
+            self._loss = NGFLoss()
+        else:  # pragma: no cover - resolved by refine_flow
+            raise InputError(f"refine similarity: expected a resolved similarity, got {similarity!r}")
+        self._loss = self._loss.to(device)
+
+    def target(self, fixed: torch.Tensor) -> torch.Tensor:
+        if self.similarity is Similarity.mind:
+            with torch.no_grad():
+                return self._loss.descriptor(fixed)  # type: ignore[operator]
+        return fixed
+
+    def loss(self, warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.similarity is Similarity.mind:
+            # the descriptor of the *warped* image: warping the moving descriptor instead (cheaper) raised
+            # the loss at the true deformation on the noisy template pairs (interpolation changes MIND)
+            return MINDSSCLoss.distance(self._loss.descriptor(warped), target)  # type: ignore[operator]
+        return self._loss(warped, target)
+
+
 def _check_inputs(moving: torch.Tensor, fixed: torch.Tensor, flow: torch.Tensor) -> None:
     if moving.dim() != 5 or moving.shape[:2] != (1, 1) or moving.shape != fixed.shape:
         raise InputError(
@@ -134,7 +285,7 @@ def _optimise(
     steps: int,
     lr: float,
     reg_weight: float,
-    ncc: torch.nn.Module,
+    objective: _Objective,
     losses: list[float] | None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
@@ -143,10 +294,13 @@ def _optimise(
 
     diffusion = DiffusionLoss()
     flow = flow0.detach().clone().requires_grad_(True)
+    if steps == 0:
+        return flow.detach()
+    target = objective.target(fixed)  # once per level
     opt = torch.optim.Adam([flow], lr=lr)
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
-        loss = ncc(warp(moving, flow), fixed) + reg_weight * diffusion(flow)
+        loss = objective.loss(warp(moving, flow), target) + reg_weight * diffusion(flow)
         loss.backward()
         opt.step()
         if losses is not None:
@@ -168,10 +322,12 @@ def refine_flow(
     ncc_sigma: float = RefineConfig.ncc_sigma,
     levels: int = RefineConfig.levels,
     full_steps: int | None = RefineConfig.full_steps,
+    similarity: Similarity | str = "ncc",
     losses: list[float] | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    info: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Refine a voxel displacement by ``steps`` Adam steps on NCC + ``reg_weight`` · diffusion.
+    """Refine a voxel displacement by ``steps`` Adam steps on a similarity (NCC) + ``reg_weight`` · diffusion.
 
     Args:
         moving, fixed: (1, 1, D, H, W) float images in [0, 1] on the model grid.
@@ -184,10 +340,15 @@ def refine_flow(
             smaller than twice the NCC window in any axis skip the coarse level).
         full_steps: steps at full resolution when ``levels=2`` (default 0: the coarse level only, its
             displacement update trilinearly upsampled; ``None`` = ``steps``).
+        similarity: ``"ncc"`` (the training loss), ``"mind"`` (MIND-SSC, across contrasts), ``"ngf"`` or
+            ``"auto"`` (NCC if :func:`contrast_agreement` of the moving image warped by ``flow_init`` and
+            the fixed image says same contrast, else MIND).
         losses: if a list is given, the loss before each step is appended (all levels, in order).
         callback: called as ``callback(k, flow)`` after full-resolution step k (1-based) with a detached
             copy; with ``levels=1`` the flow after step k equals ``refine_flow(..., steps=k)`` (one run
             gives a whole step sweep).
+        info: if a dict is given, ``similarity`` (the one used), ``similarity_requested`` and, for
+            ``"auto"``, ``contrast`` (:func:`contrast_agreement`'s figures) are written into it.
 
     Returns a detached (1, 3, D, H, W) float32 tensor on ``flow_init``'s device. Deterministic; the inputs are
     not modified; works inside ``torch.inference_mode()`` / ``no_grad()`` callers.
@@ -198,27 +359,40 @@ def refine_flow(
         raise InputError(f"refine: expected levels 1 or 2, got {levels!r}; fix: pass levels=1 or 2")
     if not lr > 0:
         raise InputError(f"refine: expected a positive lr, got {lr!r}; fix: use e.g. 0.1")
+    requested = Similarity.coerce(similarity)
     _check_inputs(moving, fixed, flow_init)
     if steps == 0:
         return flow_init.detach().clone()
+    chosen = requested
+    if requested is Similarity.auto:
+        from emorph_deploy.models.warp import warp
+
+        with torch.no_grad():
+            agreement = contrast_agreement(warp(moving.float(), flow_init.float()), fixed.float())
+        chosen = Similarity.ncc if agreement["same_contrast"] else Similarity.mind
+        if info is not None:
+            info["contrast"] = agreement
+    if info is not None:
+        info["similarity"] = chosen.value
+        info["similarity_requested"] = requested.value
     with torch.inference_mode(False), torch.enable_grad():
         # clones: inference tensors from an inference_mode caller cannot be saved for backward
         mov = moving.detach().clone().float()
         fix = fixed.detach().clone().float()
         flow = flow_init.detach().clone().float()
-        ncc = MatmulNCCLoss(window=ncc_window, sigma=ncc_sigma, kind="gaussian").to(flow.device)
+        objective = _Objective(chosen, ncc_window, ncc_sigma, flow.device)
         if levels == 2 and min(flow.shape[2:]) >= 2 * ncc_window:
             d, h, w = flow.shape[2:]
             # coarse voxel i = mean of fine voxels 2i, 2i+1 (centre at fine 2i + 0.5); displacements halve
             mov_c = F.avg_pool3d(mov, 2, ceil_mode=True)  # (1, 1, ⌈D/2⌉, ⌈H/2⌉, ⌈W/2⌉)
             fix_c = F.avg_pool3d(fix, 2, ceil_mode=True)
             flow_c0 = F.avg_pool3d(flow, 2, ceil_mode=True) / 2.0  # (1, 3, ...) coarse voxels
-            flow_c = _optimise(mov_c, fix_c, flow_c0, steps, lr, reg_weight, ncc, losses)
+            flow_c = _optimise(mov_c, fix_c, flow_c0, steps, lr, reg_weight, objective, losses)
             # the same geometry back: fine x ↔ coarse (x − 0.5) / 2 (align_corners=False, scale 2)
             delta = F.interpolate(flow_c - flow_c0, scale_factor=2, mode="trilinear", align_corners=False)
             flow = flow + 2.0 * delta[..., :d, :h, :w]
             n_full = steps if full_steps is None else int(full_steps)
         else:
             n_full = steps
-        out = _optimise(mov, fix, flow, n_full, lr, reg_weight, ncc, losses, callback)
+        out = _optimise(mov, fix, flow, n_full, lr, reg_weight, objective, losses, callback)
     return out.to(flow_init.dtype)

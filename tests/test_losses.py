@@ -241,3 +241,101 @@ def test_soft_dice_gradients_flow():
     assert 0.0 < out.item() < 1.0
     out.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum().item() > 0
+
+
+# ----------------------------------------------------------------------------------------------- MIND-SSC
+def test_mind_pairs_are_the_twelve_sqrt2_pairs():
+    from emorph_deploy.losses import MINDSSCLoss
+
+    pairs = MINDSSCLoss().pairs
+    assert len(pairs) == 12 and len(set(pairs)) == 12
+    for p, q in pairs:
+        assert sum(abs(c) for c in p) == 1 and sum(abs(c) for c in q) == 1
+        assert sum((a - b) ** 2 for a, b in zip(p, q, strict=True)) == 2
+
+
+def test_mind_descriptor_range_and_identical_is_zero():
+    from emorph_deploy.losses import MINDSSCLoss
+
+    loss, x = MINDSSCLoss(), textured()
+    d = loss.descriptor(x)
+    assert d.shape == (1, 12, 24, 24, 24)
+    assert float(d.amin()) > 0.0 and float(d.amax()) <= 1.0 + 1e-6
+    assert float(d.amax(dim=1).amin()) == pytest.approx(1.0, abs=1e-6)  # the closest pair has distance min
+    assert float(loss(x, x)) == 0.0
+
+
+def _shift_loss(loss, x: torch.Tensor, k: int) -> float:
+    """loss between a 20³ crop and the same crop moved by k voxels along every axis."""
+    a = x[..., 2:22, 2:22, 2:22]
+    b = x[..., 2 + k : 22 + k, 2 + k : 22 + k, 2 + k : 22 + k]
+    return float(loss(a, b))
+
+
+@pytest.mark.parametrize(
+    ("name", "remap", "tol"),
+    [
+        ("negation", lambda x: 1.0 - x, 1e-6),
+        ("affine", lambda x: 3.0 * x + 2.0, 1e-6),
+        ("gamma 0.5 (monotone)", lambda x: x.sqrt(), 0.2),
+        ("exp (monotone)", lambda x: torch.exp(2.0 * x), 0.2),
+    ],
+)
+def test_mind_invariant_to_intensity_remaps(name, remap, tol):
+    """Affine maps (negation included): equal to float rounding. Monotone non-linear maps: the loss stays
+    below ``tol`` × the loss of a 1-voxel shift of the unchanged image."""
+    from emorph_deploy.losses import MINDSSCLoss
+
+    loss, x = MINDSSCLoss(), textured(seed=3)
+    remapped = float(loss(x, remap(x)))
+    if tol < 1e-3:
+        assert remapped < tol, (name, remapped)
+    else:
+        one_voxel = _shift_loss(loss, x, 1)
+        assert remapped < tol * one_voxel, (name, remapped, one_voxel)
+
+
+def test_mind_decreases_as_a_shift_is_undone():
+    from emorph_deploy.losses import MINDSSCLoss, NGFLoss
+
+    x = textured(seed=5)
+    for loss in (MINDSSCLoss(), MINDSSCLoss(radius=1, dilation=1), NGFLoss()):
+        values = [_shift_loss(loss, x, k) for k in (2, 1, 0)]
+        assert values[0] > values[1] > values[2], (loss, values)
+    # and across an inversion: the loss against the inverted image orders the shifts the same way
+    mind = MINDSSCLoss()
+    a = x[..., 2:22, 2:22, 2:22]
+    inv = [float(mind(a, 1.0 - x[..., 2 + k : 22 + k, 2 + k : 22 + k, 2 + k : 22 + k])) for k in (2, 1, 0)]
+    assert inv[0] > inv[1] > inv[2] and inv[2] < 1e-6, inv
+
+
+def test_mind_gradients_flow_and_rejects_bad_arguments():
+    from emorph_deploy.losses import MINDSSCLoss
+
+    x, y = textured(seed=1), textured(seed=2).requires_grad_(True)
+    MINDSSCLoss()(x, y).backward()
+    assert torch.isfinite(y.grad).all() and y.grad.abs().sum().item() > 0.0
+    for kwargs in ({"radius": -1}, {"dilation": 0}, {"eps": 0.0}):
+        with pytest.raises(InputError):
+            MINDSSCLoss(**kwargs)
+    with pytest.raises(InputError):
+        MINDSSCLoss().descriptor(torch.zeros(1, 2, 8, 8, 8))
+    with pytest.raises(InputError):
+        MINDSSCLoss()(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 9))
+    assert MINDSSCLoss().state_dict() == {}
+
+
+# ----------------------------------------------------------------------------------------------- NGF
+def test_ngf_range_and_affine_invariance():
+    from emorph_deploy.losses import NGFLoss
+
+    loss, x, y = NGFLoss(), textured(seed=1), textured(seed=2)
+    same = float(loss(x, x))
+    assert 0.0 <= same < 0.05  # the ε terms keep identical images just above 0
+    assert abs(float(loss(x, 1.0 - x)) - same) < 1e-6
+    assert abs(float(loss(x, 4.0 * x + 1.0)) - same) < 1e-5
+    assert same < float(loss(x, y)) <= 1.0
+    with pytest.raises(InputError):
+        NGFLoss(eta=0.0)
+    with pytest.raises(InputError):
+        loss(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 9))

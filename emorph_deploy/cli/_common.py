@@ -38,8 +38,29 @@ RefineOption = Annotated[
     typer.Option(
         "--refine",
         min=0,
-        help="Test-time refinement: N Adam steps on the displacement (at half resolution; same loss as "
-        "training; the network is untouched). 0 = off.",
+        help="Test-time refinement: N Adam steps on the displacement (at half resolution; the training loss, "
+        "NCC, when the two images share a contrast, else MIND-SSC; the network is untouched). 0 = off.",
+    ),
+]
+
+
+class RefineSimilarity(str, Enum):
+    """Mirror of :class:`emorph_deploy.refine.Similarity` (kept here so the CLI starts without torch)."""
+
+    auto = "auto"
+    ncc = "ncc"
+    mind = "mind"
+    ngf = "ngf"
+
+
+#: ``--refine-similarity`` of ``emorph register``.
+RefineSimilarityOption = Annotated[
+    RefineSimilarity,
+    typer.Option(
+        "--refine-similarity",
+        help="Similarity of --refine: ncc (the training loss; same contrast), mind (MIND-SSC; across "
+        "contrasts, e.g. T1 to T2), ngf (normalised gradient fields) or auto (ncc if the two images share a "
+        "contrast on the model grid, else mind; the choice is recorded in qc.json).",
     ),
 ]
 

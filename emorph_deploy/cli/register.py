@@ -14,7 +14,14 @@ from typing import Annotated
 
 import typer
 
-from emorph_deploy.cli._common import Backend, BackendOption, RefineOption, handle_errors
+from emorph_deploy.cli._common import (
+    Backend,
+    BackendOption,
+    RefineOption,
+    RefineSimilarity,
+    RefineSimilarityOption,
+    handle_errors,
+)
 from emorph_deploy.errors import InputError
 
 
@@ -87,10 +94,14 @@ def register_command(
         int | None, typer.Option("--threads", help="CPU threads for torch (default: all).")
     ] = None,
     refine: RefineOption = 0,
+    refine_similarity: RefineSimilarityOption = RefineSimilarity.auto,
 ) -> None:
     """Register MOVING to FIXED in native space (or every pair of --pairs) and write the standard outputs."""
+    from emorph_deploy.refine import RefineConfig
     from emorph_deploy.registration.batch import format_summary, read_pairs, run_batch
     from emorph_deploy.registration.pipeline import Registrar, load_inputs, output_targets, refuse_existing
+
+    refine_cfg = RefineConfig(steps=refine, similarity=refine_similarity.value)
 
     if pairs is not None and (fixed is not None or moving is not None or moving_labels is not None):
         raise InputError(
@@ -126,7 +137,14 @@ def register_command(
 
     if batch is not None:
         rows = run_batch(
-            reg, batch, out, force=force, voxel_flow=voxel_flow, qc_png=qc_png, progress=True, refine=refine
+            reg,
+            batch,
+            out,
+            force=force,
+            voxel_flow=voxel_flow,
+            qc_png=qc_png,
+            progress=True,
+            refine=refine_cfg,
         )
         typer.echo(format_summary(rows))
         typer.echo(f"summary: {out / 'summary.csv'}")
@@ -135,7 +153,7 @@ def register_command(
         return
 
     assert inputs is not None
-    res = reg.register(*inputs, validate=False, refine=refine)
+    res = reg.register(*inputs, validate=False, refine=refine_cfg)
     written = res.save(out, force=force, voxel_flow=voxel_flow, qc_png=qc_png)
     q = res.qc
     from emorph_deploy.registration.affine import rejection_warning

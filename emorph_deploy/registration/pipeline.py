@@ -512,6 +512,7 @@ class Registrar:
                 "inference: expected a finite flow, got NaN/Inf; fix: check the artifact "
                 "(e.g. fp16 overflow) with `emorph check`"
             )
+        refine_info: dict[str, Any] = {}  # the similarity used ("auto" resolved) and why, for qc.json
         if refine_cfg.steps:
             t0 = time.perf_counter()
             flow = refine_flow(
@@ -519,6 +520,7 @@ class Registrar:
                 torch.from_numpy(fixed_m)[None, None],
                 torch.from_numpy(flow)[None],
                 **refine_cfg.to_dict(),
+                info=refine_info,
             )[0].numpy()
             times["refine"] = time.perf_counter() - t0
             out = {"flow": flow}  # the network's "warped" is stale after refinement: QC re-warps
@@ -585,7 +587,7 @@ class Registrar:
             "jacobian_grid": "model",
             "model_latency_s": model_s,
             "network": bool(network),
-            "refine": refine_cfg.to_dict() if refine_cfg.steps else None,
+            "refine": {**refine_cfg.to_dict(), **refine_info} if refine_cfg.steps else None,
             "times_s": times,
         }
         return Result(
