@@ -299,8 +299,8 @@ class NGFLoss(nn.Module):
             )
         ga, gb = self.gradient(a), self.gradient(b)
         na, nb = (ga * ga).sum(dim=1), (gb * gb).sum(dim=1)
-        ea = (self.eta * na.sqrt().mean()) ** 2 + 1e-12
-        eb = (self.eta * nb.sqrt().mean()) ** 2 + 1e-12
+        ea = (self.eta * (na + 1e-12).sqrt().mean()) ** 2 + 1e-12  # sqrt(0)' = inf: NaN in flat areas
+        eb = (self.eta * (nb + 1e-12).sqrt().mean()) ** 2 + 1e-12
         dot = (ga * gb).sum(dim=1)
         return 1.0 - (dot * dot / ((na + ea) * (nb + eb))).mean()
 

@@ -273,3 +273,15 @@ def test_batch_continues_after_a_failing_pair(files, bad_files, tmp_path):
         assert (out / name / "warped.nii.gz").exists() and (out / name / "qc.json").exists()
     summary = (out / "summary.csv").read_text().splitlines()
     assert summary[0].startswith("id,status") and sum(",failed," in r for r in summary) == 1
+
+
+def test_refine_similarity_option_reaches_qc(files, tmp_path):
+    out = tmp_path / "out"
+    args = ["register", files["fixed"], files["moving"], "--model", files["ckpt"], "--out", out,
+            "--no-qc-png", "--refine", "2", "--refine-similarity", "mind"]
+    res, err = _invoke(args)
+    assert res.exit_code == 0, err + res.stdout
+    refine = json.loads((out / "qc.json").read_text())["refine"]
+    assert refine["steps"] == 2 and refine["similarity"] == refine["similarity_requested"] == "mind"
+    bad, _ = _invoke([*args[:-1], "nmi", "--force"])
+    assert bad.exit_code == 2  # Typer rejects a value outside the enum
