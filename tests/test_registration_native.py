@@ -377,11 +377,14 @@ def test_affine_fit_only_accepts_steps_that_raise_ncc():
     truth = np.zeros(12)
     truth[9:] = [1.3, -0.8, 0.6]  # mm
     fvals = _trilinear_sample(mv, (pts + torch.tensor(truth[9:], dtype=torch.float32)) / 2.0)
-    level = _Level(mv, aff, pts - torch.as_tensor(c, dtype=torch.float32), fvals, c)
+    level = _Level(mv, aff, pts - torch.as_tensor(c, dtype=torch.float32), fvals, c, 32)
     seen = []
-    orig = level.evaluate
-    level.evaluate = lambda th: seen.append(orig(th)) or seen[-1]
-    theta, rho0, rho = _fit_level(level, np.zeros(12), 30, 1e-9)
+
+    def evaluate(th):
+        seen.append(level.ncc(th))
+        return seen[-1]
+
+    theta, rho0, rho = _fit_level(evaluate, np.zeros(12), 30, 1e-9)
     assert rho > rho0 + 0.05 and rho > 0.999
     assert np.abs(theta[9:] - truth[9:]).max() < 0.05
     assert rho == max(r[0] for r in seen) and seen[0][0] == rho0  # the best NCC seen is the one returned
