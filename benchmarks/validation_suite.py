@@ -139,47 +139,49 @@ def targets(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any
     def d(g: dict[str, Any], m: str) -> float | None:
         return (g.get(m) or {}).get("dice")
 
+    def compare(
+        target: str, m: str, a: float | None, b: float | None, within: bool, peer: str | None = None
+    ) -> dict[str, Any]:
+        """``a`` against ``b``: met when ``a >= b`` or, with ``within``, when ``|a − b|`` ≤ the tolerance."""
+        delta = None if a is None or b is None else a - b
+        met = None if delta is None else (abs(delta) <= CROSS_CONTRAST_TOL if within else delta >= 0)
+        return {
+            "target": target,
+            "method": m,
+            **({"peer": peer} if peer else {}),
+            "dice": a,
+            "peer_dice": b,
+            "delta": delta,
+            "met": met,
+        }
+
     out: list[dict[str, Any]] = []
     for m, peer in (("network", "syn"), ("refine", "greedy"), ("refine", "syn")):
-        a, b = d(same, m), d(same, peer)
-        delta = None if a is None or b is None else a - b
         out.append(
-            {
-                "target": f"{METHODS[m]} vs {METHODS[peer]} (same contrast)",
-                "method": m,
-                "peer": peer,
-                "dice": a,
-                "peer_dice": b,
-                "delta": delta,
-                "met": None if delta is None else delta >= 0,
-            }
+            compare(
+                f"{METHODS[m]} vs {METHODS[peer]} (same contrast)", m, d(same, m), d(same, peer), False, peer
+            )
         )
     syn_same, syn_diff = summary.get("synthetic-same", {}), summary.get("synthetic-different", {})
     for m in EMORPH[1:] if syn_same and syn_diff else ():
-        a, b = d(syn_diff, m), d(syn_same, m)
-        delta = None if a is None or b is None else a - b
         out.append(
-            {
-                "target": f"{METHODS[m]}: synthetic different − same contrast within ±{CROSS_CONTRAST_TOL}",
-                "method": m,
-                "dice": a,
-                "peer_dice": b,
-                "delta": delta,
-                "met": None if delta is None else abs(delta) <= CROSS_CONTRAST_TOL,
-            }
+            compare(
+                f"{METHODS[m]}: synthetic different − same contrast within ±{CROSS_CONTRAST_TOL}",
+                m,
+                d(syn_diff, m),
+                d(syn_same, m),
+                True,
+            )
         )
     for m in EMORPH[1:]:
-        a, b = d(inv, m), d(same, m)
-        delta = None if a is None or b is None else a - b
         out.append(
-            {
-                "target": f"{METHODS[m]}: inverted − same contrast within ±{CROSS_CONTRAST_TOL}",
-                "method": m,
-                "dice": a,
-                "peer_dice": b,
-                "delta": delta,
-                "met": None if delta is None else abs(delta) <= CROSS_CONTRAST_TOL,
-            }
+            compare(
+                f"{METHODS[m]}: inverted − same contrast within ±{CROSS_CONTRAST_TOL}",
+                m,
+                d(inv, m),
+                d(same, m),
+                True,
+            )
         )
     for m in EMORPH[1:]:
         vals = [
