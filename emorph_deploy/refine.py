@@ -33,12 +33,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from enum import Enum
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from emorph_deploy.choices import Similarity
 from emorph_deploy.errors import InputError
 from emorph_deploy.losses import MINDSSCLoss, NCCLoss, NGFLoss
 
@@ -51,28 +51,6 @@ __all__ = [
     "refine_flow",
     "refine_loss",
 ]
-
-
-class Similarity(str, Enum):
-    """Image similarity of the refinement: ``ncc`` (the training loss, same contrast), ``mind`` (MIND-SSC,
-    across contrasts), ``ngf`` (normalised gradient fields) or ``auto`` (NCC or MIND by
-    :func:`contrast_agreement`)."""
-
-    ncc = "ncc"
-    mind = "mind"
-    ngf = "ngf"
-    auto = "auto"
-
-    @classmethod
-    def coerce(cls, value: str | Similarity) -> Similarity:
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(m.value for m in cls)
-            raise InputError(
-                f"refine similarity: expected one of {choices}, got {value!r}; fix: pass e.g. "
-                "similarity='auto'"
-            ) from None
 
 
 #: contrast_agreement's rule: same contrast iff r > 0 and r² ≥ LINEAR_SHARE · η² (see its docstring)

@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from emorph_deploy.choices import Similarity
 from emorph_deploy.errors import EmorphError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -44,18 +45,9 @@ RefineOption = Annotated[
 ]
 
 
-class RefineSimilarity(str, Enum):
-    """Mirror of :class:`emorph_deploy.refine.Similarity` (kept here so the CLI starts without torch)."""
-
-    auto = "auto"
-    ncc = "ncc"
-    mind = "mind"
-    ngf = "ngf"
-
-
 #: ``--refine-similarity`` of ``emorph register``.
 RefineSimilarityOption = Annotated[
-    RefineSimilarity,
+    Similarity,
     typer.Option(
         "--refine-similarity",
         help="Similarity of --refine: ncc (the training loss; same contrast), mind (MIND-SSC; across "

@@ -14,11 +14,11 @@ from typing import Annotated
 
 import typer
 
+from emorph_deploy.choices import Similarity
 from emorph_deploy.cli._common import (
     Backend,
     BackendOption,
     RefineOption,
-    RefineSimilarity,
     RefineSimilarityOption,
     handle_errors,
 )
@@ -94,7 +94,7 @@ def register_command(
         int | None, typer.Option("--threads", help="CPU threads for torch (default: all).")
     ] = None,
     refine: RefineOption = 0,
-    refine_similarity: RefineSimilarityOption = RefineSimilarity.auto,
+    refine_similarity: RefineSimilarityOption = Similarity.auto,
 ) -> None:
     """Register MOVING to FIXED in native space (or every pair of --pairs) and write the standard outputs."""
     from emorph_deploy.refine import RefineConfig
