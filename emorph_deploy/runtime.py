@@ -1,4 +1,8 @@
-"""Process-level runtime settings for fast CPU inference: the glibc allocator.
+"""Process-level runtime facts and settings for fast CPU work: the CPU's features and the glibc allocator.
+
+:func:`cpu_flags` reads the CPU's feature flags at run time (the machine may change between runs: never
+assume the last one); :func:`cpu_has_native_bf16` says whether bf16 arithmetic is native (AVX512-BF16 or AMX),
+which decides reduced precision (``emorph train --amp auto``).
 
 Inference on 3D volumes allocates and frees tensors of 50–500 MB per layer. glibc serves every allocation
 above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and returns it to the kernel on ``free``, so
@@ -19,10 +23,30 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
-__all__ = ["allocator_state", "keep_freed_memory"]
+__all__ = ["allocator_state", "cpu_flags", "cpu_has_native_bf16", "keep_freed_memory"]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The feature flags of this CPU (``flags`` in /proc/cpuinfo); empty where that file does not exist."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 dot products natively (AVX512-BF16 or AMX-BF16)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -120,8 +120,10 @@ def _integrate(velocity: torch.Tensor, steps: int = 6) -> torch.Tensor:
     return disp
 
 
+@functools.lru_cache(maxsize=8)
 def _identity(shape: tuple[int, ...]) -> torch.Tensor:
-    """(1, 3, D, H, W) voxel coordinates (channel k = index along axis k)."""
+    """(1, 3, D, H, W) voxel coordinates (channel k = index along axis k); cached per shape, never written
+    to (callers build new tensors from it)."""
     axes = [torch.arange(s, dtype=torch.float32) for s in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
 
@@ -350,12 +352,12 @@ def brain_pair(
         same = False
     c_m = _draw_contrast(g, kind_m, n_labels)
     c_f = c_m if same else _draw_contrast(g, kind_f, n_labels)
-    src_img = torch.cat([anat.t1, labels_t.float()], 1)
+    labels_f = labels_t.float()
     out: dict[str, Any] = {}
     for role, con in (("moving", c_m), ("fixed", c_f)):
         coords = _subject_map(g, shape, anat.spacing_mm, cfg)
         t1 = _sample(anat.t1, coords, "bilinear", "zeros")
-        lab = _sample(src_img[:, 1:], coords, "nearest", "zeros").round().long()
+        lab = _sample(labels_f, coords, "nearest", "zeros").round().long()
         img = _render(g, con, t1, lab, (lab > 0).float(), cfg)
         out[role] = img[0].float()
         out[f"{role}_labels"] = lab[0]
@@ -425,8 +427,6 @@ class BrainSynthPairs(torch.utils.data.Dataset):
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         if not 0 <= index < self.length:
             raise IndexError(index)
-        from dataclasses import replace
-
         cfg = replace(self.config, amplitude=self.amplitude(int(epoch)))
         item = brain_pair(
             self.shape, (self.seed, int(epoch), int(index)), self.spacing_mm, cfg, self.contrast

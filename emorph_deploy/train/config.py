@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any
 
 from emorph_deploy.errors import InputError
+from emorph_deploy.runtime import cpu_has_native_bf16
 
 __all__ = ["AMP_CHOICES", "RESUMABLE_OVERRIDES", "SYNTHETIC_KINDS", "Amp", "SyntheticKind", "TrainConfig",
            "resolve_amp"]
@@ -42,19 +43,6 @@ class SyntheticKind(str, Enum):
 
 AMP_CHOICES: tuple[str, ...] = tuple(a.value for a in Amp)
 SYNTHETIC_KINDS: tuple[str, ...] = tuple(k.value for k in SyntheticKind)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 dot products natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
 
 
 def resolve_amp(amp: str, device_type: str) -> str:
