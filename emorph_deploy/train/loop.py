@@ -309,7 +309,6 @@ class Trainer:
             self.echo(f"note: --amp fp16 is CUDA-only; training in fp32 on {self.device.type}")
         if amp != "none":
             self.amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-        self.amp_used = amp
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
         self.step = 0  # iterations done (each = 2 optimizer steps when bidirectional)
@@ -439,7 +438,8 @@ class Trainer:
         loss = self.cfg.ncc_weight * l_ncc + self.cfg.reg_weight * l_reg
         parts = {"ncc": float(l_ncc.detach()), "reg": float(l_reg.detach())}
         if m_lab is not None and f_lab is not None and self.cfg.dice_weight > 0:
-            # label values 0..max (a sort-free stand-in for unique: absent labels have Dice 1, no effect)
+            # label values 0..max, a sort-free stand-in for unique; a label absent from both maps scores
+            # Dice 1: it adds no gradient but weights the present labels' gradients by (present / listed)
             values = torch.arange(int(torch.maximum(m_lab.max(), f_lab.max())) + 1, device=m_lab.device)
             oh_m = one_hot(m_lab, values)  # (B, L, D, H, W)
             oh_f = one_hot(f_lab, values)
