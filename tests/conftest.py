@@ -12,3 +12,20 @@ def tiny_onnx(tmp_path_factory):
     from emorph_deploy.engines.testing import tiny_registration_onnx
 
     return tiny_registration_onnx(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_em():
+    """Factory ``tiny_em(grid)``: a seeded, narrow em-11-hires (non-trivial initial flow) on ``grid`` for the
+    registration tests."""
+
+    def make(grid: tuple[int, int, int]):
+        import torch
+
+        from emorph_deploy.models import create_model
+
+        torch.manual_seed(0)
+        return create_model("em-11-hires", img_size=grid, patch_dim=6, embed_dims=(8, 16), heads=(1, 2),
+                            decoder_widths=(8, 8), skip_width=4, drop_path=0.0, flow_init_std=1e-2)
+
+    return make

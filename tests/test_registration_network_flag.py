@@ -12,24 +12,12 @@ GRID = (16, 16, 16)
 
 
 @pytest.fixture(scope="module")
-def reg(tmp_path_factory):
+def reg(tmp_path_factory, tiny_em):
     from emorph_deploy.data.preprocess import Preprocessing
-    from emorph_deploy.models import create_model
     from emorph_deploy.registration import Registrar
     from emorph_deploy.train.checkpoint import save_checkpoint
 
-    torch.manual_seed(0)
-    model = create_model(
-        "em-11-hires",
-        img_size=GRID,
-        patch_dim=6,
-        embed_dims=(8, 16),
-        heads=(1, 2),
-        decoder_widths=(8, 8),
-        skip_width=4,
-        drop_path=0.0,
-        flow_init_std=1e-2,
-    ).eval()
+    model = tiny_em(GRID).eval()
     folder = tmp_path_factory.mktemp("tiny")
     pre = Preprocessing(grid_shape=GRID, spacing_mm=(4.0, 4.0, 4.0))
     save_checkpoint(model, folder / "tiny", preprocessing=pre)

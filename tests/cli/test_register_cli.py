@@ -38,35 +38,18 @@ def _blob(shape, seed):
     return (v - v.min()) / (v.max() - v.min())
 
 
-def _tiny_model(grid):
-    from emorph_deploy.models import create_model
-
-    torch.manual_seed(0)
-    return create_model(
-        "em-11-hires",
-        img_size=grid,
-        patch_dim=6,
-        embed_dims=(8, 16),
-        heads=(1, 2),
-        decoder_widths=(8, 8),
-        skip_width=4,
-        drop_path=0.0,
-        flow_init_std=1e-2,
-    )
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_em):
     from emorph_deploy.train.checkpoint import save_checkpoint
 
     d = tmp_path_factory.mktemp("reg_cli")
     save_checkpoint(
-        _tiny_model(GRID),
+        tiny_em(GRID),
         d / "tiny",
         preprocessing=Preprocessing(grid_shape=GRID, spacing_mm=(4.0, 4.0, 4.0)),
     )
     # artifact whose preprocessing grid does not match the model's input grid
-    save_checkpoint(_tiny_model(GRID), d / "mismatch", preprocessing=Preprocessing(grid_shape=(24, 24, 24)))
+    save_checkpoint(tiny_em(GRID), d / "mismatch", preprocessing=Preprocessing(grid_shape=(24, 24, 24)))
     fixed = _save(d / "fixed.nii.gz", _blob((20, 22, 18), 0))
     moving = _save(d / "moving.nii.gz", _blob((18, 20, 22), 1), np.diag([-3.2, 3.0, 2.8, 1.0]))
     labels = _save(
