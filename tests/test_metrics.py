@@ -16,6 +16,7 @@ from emorph_deploy.metrics import (
     jacobian_determinant,
     mean_dice,
     ncc_global,
+    ncc_global_float32,
     psnr,
     registration_metrics,
     sd_log_jacobian,
@@ -252,6 +253,15 @@ def test_ncc_global_sanity():
     assert abs(ncc_global(x, -x) + 1.0) <= 1e-12
     assert abs(ncc_global(x, y) - np.corrcoef(x.ravel(), y.ravel())[0, 1]) <= 1e-12
     assert math.isnan(ncc_global(x, np.ones_like(x)))
+
+
+def test_ncc_global_float32_follows_the_float64_reference():
+    rng = np.random.default_rng(1)
+    x = rng.random((20, 18, 16)).astype(np.float32)
+    y = (0.7 * x + 0.3 * rng.random(x.shape)).astype(np.float32)
+    assert abs(ncc_global_float32(x, y) - ncc_global(x, y)) <= 1e-6
+    assert abs(ncc_global_float32(x, x) - 1.0) <= 1e-6
+    assert math.isnan(ncc_global_float32(x, np.ones_like(x)))
 
 
 def test_psnr_sanity():

@@ -24,8 +24,13 @@ from emorph_deploy.cli._common import (
 )
 from emorph_deploy.errors import InputError
 
+#: the option naming each backend's artifact
+_ARTIFACT_OPTIONS = {"--model": "torch", "--onnx": "onnxruntime", "--engine": "tensorrt"}
+
 
 def _artifact(model: Path | None, onnx: Path | None, engine: Path | None) -> Path | None:
+    from emorph_deploy.runners import ARTIFACT_SUFFIXES, is_artifact_of
+
     given = [(n, p) for n, p in (("--model", model), ("--onnx", onnx), ("--engine", engine)) if p is not None]
     if len(given) > 1:
         raise InputError(
@@ -35,17 +40,13 @@ def _artifact(model: Path | None, onnx: Path | None, engine: Path | None) -> Pat
     if not given:
         return None
     name, path = given[0]
-    suffixes = {"--model": (".json", ".safetensors"), "--onnx": (".onnx",), "--engine": (".plan", ".engine")}[
-        name
-    ]
-    if path.suffix.lower() not in suffixes and not (
-        name == "--model" and path.with_suffix(".safetensors").exists()
-    ):
+    backend = _ARTIFACT_OPTIONS[name]
+    if not is_artifact_of(path, backend):
         raise InputError(
-            f"{name}: expected a {'/'.join(suffixes)} file, got {path.name}; fix: pass the right "
-            "file to --model (checkpoint), --onnx (.onnx) or --engine (.plan/.engine)"
+            f"{name}: expected a {'/'.join(ARTIFACT_SUFFIXES[backend])} file, got {path.name}; fix: pass the "
+            "right file to --model (checkpoint), --onnx (.onnx) or --engine (.plan/.engine)"
         )
-    if not path.exists() and not (name == "--model" and path.with_suffix(".safetensors").exists()):
+    if not path.exists() and not (backend == "torch" and path.with_suffix(".safetensors").exists()):
         raise InputError(f"{name}: expected an existing file, got a missing path {path}; fix: check the path")
     return path
 

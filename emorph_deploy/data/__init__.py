@@ -27,13 +27,11 @@ from emorph_deploy.data.orientation import (
 )
 from emorph_deploy.data.preprocess import PRESETS, PreparedVolume, Preprocessing, Volume, normalise_intensity
 from emorph_deploy.data.resample import (
-    model_flow_to_native,
     model_grid_affine,
     native_displacement_to_voxel_flow,
     resample_displacement,
     resample_to_grid,
     voxel_flow_to_world,
-    warp_world,
     world_flow_to_voxel,
 )
 
@@ -50,7 +48,6 @@ __all__ = [
     "label_dtype",
     "load_label_map",
     "load_volume",
-    "model_flow_to_native",
     "model_grid_affine",
     "native_displacement_to_voxel_flow",
     "normalise_intensity",
@@ -62,7 +59,6 @@ __all__ = [
     "voxel_flow_to_world",
     "voxel_sizes",
     "voxel_to_world",
-    "warp_world",
     "world_flow_to_voxel",
     "world_to_voxel",
 ]

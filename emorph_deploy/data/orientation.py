@@ -1,10 +1,14 @@
-"""Pure affine maths: voxel sizes, RAS reorientation, voxel<->world maps, RAS<->LPS conversion.
+"""Pure affine maths, the one home of the index <-> world <-> grid maps: voxel sizes, RAS reorientation,
+voxel <-> world points, index maps between two grids, model grids, voxel <-> world displacements, RAS <-> LPS.
 
-NIfTI affines map voxel indices (i, j, k) to RAS+ world millimetres. ITK/ANTs/SimpleITK use LPS+: ``p_lps =
-diag(-1, -1, 1) @ p_ras`` (the same flip applies to displacement vectors).
+NIfTI affines map voxel indices (i, j, k) to RAS+ world millimetres (4x4, float64). An *index map* between
+two grids is ``inv(A_src) @ A_dst``: destination voxel index -> (continuous) source voxel index. ITK/ANTs/
+SimpleITK use LPS+: ``p_lps = diag(-1, -1, 1) @ p_ras`` (the same flip applies to displacement vectors).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -14,15 +18,21 @@ __all__ = [
     "RAS_TO_LPS",
     "affine_ras_to_lps",
     "axcodes",
+    "axis_map",
     "fov_centre",
+    "grid_coordinates",
+    "index_map",
     "is_ras_aligned",
     "lps_to_ras_points",
+    "model_grid_affine",
     "ras_to_lps_points",
     "ras_to_lps_vectors",
     "reorient_array_to_ras",
     "reorient_to_ras",
+    "voxel_flow_to_world",
     "voxel_sizes",
     "voxel_to_world",
+    "world_flow_to_voxel",
     "world_to_voxel",
 ]
 
@@ -115,3 +125,93 @@ def ras_to_lps_vectors(vectors: np.ndarray, axis: int = 0) -> np.ndarray:
     v[0] *= -1
     v[1] *= -1
     return np.moveaxis(v, 0, axis)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# index maps between grids
+# ------------------------------------------------------------------------------------------------------------
+def index_map(src_affine: np.ndarray, dst_affine: np.ndarray) -> np.ndarray:
+    """4x4 float64 map from destination voxel indices to continuous source voxel indices:
+    ``inv(src_affine) @ dst_affine`` (both voxel -> world RAS mm)."""
+    return np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
+
+
+def grid_coordinates(
+    src_affine: np.ndarray, dst_shape: tuple[int, ...], dst_affine: np.ndarray, d_slice: slice | None = None
+) -> np.ndarray:
+    """Continuous source voxel coordinates (3, d, H, W) float64 of the destination grid's voxels
+    (``dst_shape`` (D, H, W); ``d_slice`` selects rows ``d`` of axis 0, default all)."""
+    m = index_map(src_affine, dst_affine)
+    d_slice = d_slice or slice(0, dst_shape[0])
+    i = np.arange(d_slice.start, d_slice.stop, dtype=np.float64)
+    j = np.arange(dst_shape[1], dtype=np.float64)
+    k = np.arange(dst_shape[2], dtype=np.float64)
+    ii, jj, kk = np.meshgrid(i, j, k, indexing="ij")
+    coords = np.einsum("ab,b...->a...", m[:3, :3], np.stack([ii, jj, kk]))
+    coords += m[:3, 3].reshape(3, 1, 1, 1)
+    return coords
+
+
+def axis_map(m: np.ndarray, tol: float = 1e-7) -> list[tuple[int, float, float]] | None:
+    """For a 4x4 index map ``m`` (output index → source index) that takes each source axis from exactly one
+    output axis (axis-aligned: scaling, flips, translation, axis permutation), return per source axis
+    ``(output axis, scale, offset)``; None when oblique (a source axis mixes output axes)."""
+    out = []
+    lin = np.asarray(m, dtype=np.float64)[:3, :3]
+    scale = np.abs(lin).max()
+    used = set()
+    for a in range(3):
+        nz = [b for b in range(3) if abs(lin[a, b]) > tol * scale]
+        if len(nz) != 1 or nz[0] in used:
+            return None
+        used.add(nz[0])
+        out.append((nz[0], float(lin[a, nz[0]]), float(m[a, 3])))
+    return out
+
+
+def _reference_shape_affine(reference: Any) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(shape, affine) of a nibabel image, a PreparedVolume or an (array-or-shape, affine) pair."""
+    if hasattr(reference, "affine") and hasattr(reference, "shape"):
+        return tuple(int(s) for s in reference.shape[:3]), np.asarray(reference.affine, dtype=np.float64)
+    if isinstance(reference, tuple | list) and len(reference) == 2:
+        first, affine = reference
+        shape = np.shape(first) if hasattr(first, "shape") or np.ndim(first) > 1 else tuple(first)
+        return tuple(int(s) for s in shape[:3]), np.asarray(affine, dtype=np.float64)
+    raise TypeError(
+        f"expected a nibabel image or a (shape-or-array, affine) pair, got {type(reference).__name__}"
+    )
+
+
+def model_grid_affine(
+    reference: Any, shape: tuple[int, int, int], spacing: tuple[float, float, float]
+) -> np.ndarray:
+    """RAS-aligned grid affine of ``shape`` voxels at ``spacing`` mm, centred on the reference's FOV centre.
+
+    ``reference`` is the image whose field of view defines the grid (the fixed image): a nibabel image or a
+    ``(array-or-shape, affine)`` pair. The grid centre (voxel ``(n - 1) / 2``) lands exactly on the world
+    position of the reference's centre voxel ``(m - 1) / 2``.
+    """
+    ref_shape, ref_affine = _reference_shape_affine(reference)
+    centre_world = (
+        ref_affine[:3, :3] @ ((np.asarray(ref_shape, dtype=np.float64) - 1) / 2) + ref_affine[:3, 3]
+    )
+    spacing_arr = np.asarray(spacing, dtype=np.float64)
+    out = np.eye(4)
+    out[:3, :3] = np.diag(spacing_arr)
+    out[:3, 3] = centre_world - spacing_arr * (np.asarray(shape, dtype=np.float64) - 1) / 2
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# displacements
+# ------------------------------------------------------------------------------------------------------------
+def voxel_flow_to_world(flow: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Voxel displacement (3, ...) of the grid with ``affine`` -> world displacement (3, ...) in RAS mm."""
+    lin = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return np.einsum("ab,b...->a...", lin, np.asarray(flow, dtype=np.float64))
+
+
+def world_flow_to_voxel(disp: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """World displacement (3, ...) in RAS mm -> voxel displacement (3, ...) of the grid with ``affine``."""
+    inv = np.linalg.inv(np.asarray(affine, dtype=np.float64)[:3, :3])
+    return np.einsum("ab,b...->a...", inv, np.asarray(disp, dtype=np.float64))

@@ -7,92 +7,54 @@ interpolation blends towards ``cval`` within one voxel of the edge, like ``grid_
 and scipy's ``mode="grid-constant"``) or the nearest edge value (``padding="border"``, scipy
 ``mode="nearest"``).
 
-Backends: ``method="torch"`` (default, ``grid_sample`` on float32 over all threads, chunked to bound memory)
-and ``method="scipy"`` (``scipy.ndimage.map_coordinates`` in float64, the slow reference used in tests).
-Nearest-neighbour (``order=0``) is an exact index gather for both (any dtype, label values preserved,
-round-half-to-even like grid_sample).
+One trilinear sampler (float32 torch, multi-threaded), given its source coordinates in one of two ways:
+an index map between two grids (:func:`resample_to_grid`: axis-aligned maps as three 1-D interpolations,
+oblique ones as a chunked ``grid_sample`` on a float32 grid built from the map) or a dense array of voxel
+coordinates (:func:`sample_at_voxel_coords`). ``method="scipy"`` (``scipy.ndimage.map_coordinates`` in
+float64) is the slow public reference of both. Nearest-neighbour (``order=0``) is an exact index gather
+(any dtype, label values preserved, round-half-to-even like grid_sample). The grid maps themselves
+(index maps, model grids, voxel <-> world displacements) live in :mod:`emorph_deploy.data.orientation`.
 
 Displacement conventions (see docs/conventions.md):
 - model ``flow`` (3, D, H, W): voxels of the model grid, channel k along array axis k; warped(x) = moving(x +
   flow(x)).
 - world displacement ``disp`` (3, ...): RAS millimetres, ``disp = A[:3, :3] @ flow`` for the grid's affine A;
-  warped(p) = moving_world(p + disp(p)) for every world point p. ITK/ANTs files want LPS: see
+  warped(p) = moving_world(p + disp(p)) for every world point p (the registration's fused form is
+  :func:`emorph_deploy.registration.native.warp_to_native`). ITK/ANTs files want LPS: see
   :func:`emorph_deploy.data.orientation.ras_to_lps_vectors`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
+# the grid maps live in orientation (pure affine maths); they are re-exported here for existing imports
+from emorph_deploy.data.orientation import (
+    axis_map,
+    grid_coordinates,
+    index_map,
+    model_grid_affine,
+    voxel_flow_to_world,
+    world_flow_to_voxel,
+)
+
 __all__ = [
+    "axis_map",
     "grid_coordinates",
-    "model_flow_to_native",
     "model_grid_affine",
     "native_displacement_to_voxel_flow",
     "resample_displacement",
     "resample_to_grid",
     "sample_at_voxel_coords",
     "voxel_flow_to_world",
-    "warp_world",
     "world_flow_to_voxel",
 ]
 
 Padding = Literal["zeros", "border"]
 _CHUNK_VOXELS = 1 << 21  # ~2M output voxels per grid_sample call (grid: 24 MB float32)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# grids
-# ------------------------------------------------------------------------------------------------------------
-def _reference_shape_affine(reference: Any) -> tuple[tuple[int, int, int], np.ndarray]:
-    """(shape, affine) of a nibabel image, a PreparedVolume or an (array-or-shape, affine) pair."""
-    if hasattr(reference, "affine") and hasattr(reference, "shape"):
-        return tuple(int(s) for s in reference.shape[:3]), np.asarray(reference.affine, dtype=np.float64)
-    if isinstance(reference, tuple | list) and len(reference) == 2:
-        first, affine = reference
-        shape = np.shape(first) if hasattr(first, "shape") or np.ndim(first) > 1 else tuple(first)
-        return tuple(int(s) for s in shape[:3]), np.asarray(affine, dtype=np.float64)
-    raise TypeError(
-        f"expected a nibabel image or a (shape-or-array, affine) pair, got {type(reference).__name__}"
-    )
-
-
-def model_grid_affine(
-    reference: Any, shape: tuple[int, int, int], spacing: tuple[float, float, float]
-) -> np.ndarray:
-    """RAS-aligned grid affine of ``shape`` voxels at ``spacing`` mm, centred on the reference's FOV centre.
-
-    ``reference`` is the image whose field of view defines the grid (the fixed image): a nibabel image or a
-    ``(array-or-shape, affine)`` pair. The grid centre (voxel ``(n - 1) / 2``) lands exactly on the world
-    position of the reference's centre voxel ``(m - 1) / 2``.
-    """
-    ref_shape, ref_affine = _reference_shape_affine(reference)
-    centre_world = (
-        ref_affine[:3, :3] @ ((np.asarray(ref_shape, dtype=np.float64) - 1) / 2) + ref_affine[:3, 3]
-    )
-    spacing_arr = np.asarray(spacing, dtype=np.float64)
-    out = np.eye(4)
-    out[:3, :3] = np.diag(spacing_arr)
-    out[:3, 3] = centre_world - spacing_arr * (np.asarray(shape, dtype=np.float64) - 1) / 2
-    return out
-
-
-def grid_coordinates(
-    src_affine: np.ndarray, dst_shape: tuple[int, ...], dst_affine: np.ndarray, d_slice: slice | None = None
-) -> np.ndarray:
-    """Continuous source voxel coordinates (3, d, H, W) of the destination grid voxels (float64)."""
-    m = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
-    d_slice = d_slice or slice(0, dst_shape[0])
-    i = np.arange(d_slice.start, d_slice.stop, dtype=np.float64)
-    j = np.arange(dst_shape[1], dtype=np.float64)
-    k = np.arange(dst_shape[2], dtype=np.float64)
-    ii, jj, kk = np.meshgrid(i, j, k, indexing="ij")
-    coords = np.einsum("ab,b...->a...", m[:3, :3], np.stack([ii, jj, kk]))
-    coords += m[:3, 3].reshape(3, 1, 1, 1)
-    return coords
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -123,25 +85,40 @@ def _nearest_gather(data: np.ndarray, coords: np.ndarray, cval: float, padding: 
     return out
 
 
-def _linear_torch(data: np.ndarray, coords: np.ndarray, cval: float, padding: Padding) -> np.ndarray:
+def _torch_source(data: np.ndarray, cval: float, padding: Padding):
+    """``data`` (C, D, H, W) as a (1, C, D, H, W) float32 tensor, minus ``cval`` under zero padding (so the
+    sampler's zeros outside are ``cval`` once :func:`_add_cval` adds it back)."""
+    import torch
+
+    src = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None]
+    if cval != 0 and padding == "zeros":
+        src = src - float(cval)
+    return src
+
+
+def _add_cval(out, cval: float, padding: Padding):
+    """Undo :func:`_torch_source`'s shift on the sampled tensor ``out`` (in place)."""
+    if cval != 0 and padding == "zeros":
+        out += float(cval)
+    return out
+
+
+def _lerp_at_coords(data: np.ndarray, coords: np.ndarray, cval: float, padding: Padding) -> np.ndarray:
+    """Trilinear samples (C, d, h, w) float32 of ``data`` (C, D, H, W) at dense voxel coordinates ``coords``
+    (3, d, h, w): one ``grid_sample`` on coordinates normalised in float64."""
     import torch
 
     from emorph_deploy.sampling import grid_sample_3d
 
-    # data (C, D, H, W) -> (1, C, D, H, W); coords (3, d, h, w) -> grid (1, d, h, w, 3) in (x=W, y=H, z=D)
-    # order.
-    src = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None]
-    if cval != 0 and padding == "zeros":
-        src = src - float(cval)
+    # coords (3, d, h, w) -> grid (1, d, h, w, 3) in (x=W, y=H, z=D) order
+    src = _torch_source(data, cval, padding)
     sizes = np.asarray(data.shape[1:], dtype=np.float64)
     denom = np.maximum(sizes - 1, 1).reshape(3, *([1] * (coords.ndim - 1)))
     norm = 2.0 * coords / denom - 1.0  # float64
     grid = torch.from_numpy(np.ascontiguousarray(np.moveaxis(norm[::-1], 0, -1), dtype=np.float32))[None]
     with torch.no_grad():
         out = grid_sample_3d(src, grid, mode="bilinear", padding_mode=padding)[0]
-    if cval != 0 and padding == "zeros":
-        out = out + float(cval)
-    return out.numpy()
+    return _add_cval(out, cval, padding).numpy()
 
 
 def _linear_scipy(data: np.ndarray, coords: np.ndarray, cval: float, padding: Padding) -> np.ndarray:
@@ -178,7 +155,7 @@ def sample_at_voxel_coords(
     if order == 0:
         out = _nearest_gather(arr, coords, cval, padding)
     elif order == 1:
-        out = (_linear_scipy if method == "scipy" else _linear_torch)(arr, coords, cval, padding)
+        out = (_linear_scipy if method == "scipy" else _lerp_at_coords)(arr, coords, cval, padding)
     else:
         raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
     return out[0] if squeeze else out
@@ -214,14 +191,14 @@ def resample_to_grid(
     src_affine = np.asarray(src_affine, dtype=np.float64) @ p
     arr, squeeze = _as_channels(data)
     out_dtype = arr.dtype if order == 0 else (np.float64 if method == "scipy" else np.float32)
-    m = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
+    m = index_map(src_affine, dst_affine)
     if tuple(arr.shape[1:]) == dst_shape and np.allclose(m, np.eye(4), rtol=0.0, atol=1e-9):
         out = arr.astype(out_dtype, copy=True)  # identity: exact copy
         return out[0] if squeeze else out
     if order == 1 and method == "torch":
         if padding not in ("zeros", "border"):
             raise ValueError(f"padding must be 'zeros' or 'border', got {padding!r}")
-        out = _resample_linear_torch_affine(arr, m, dst_shape, cval, padding)
+        out = _lerp_on_grid(arr, m, dst_shape, cval, padding)
         return out[0] if squeeze else out
     out = np.empty((arr.shape[0], *dst_shape), dtype=out_dtype)
     for sl in _chunks(dst_shape):
@@ -230,23 +207,6 @@ def resample_to_grid(
             arr, coords, order=order, cval=cval, padding=padding, method=method
         )
     return out[0] if squeeze else out
-
-
-def axis_map(m: np.ndarray, tol: float = 1e-7) -> list[tuple[int, float, float]] | None:
-    """For a 4x4 index map ``m`` (output index → source index) that takes each source axis from exactly one
-    output axis (axis-aligned: scaling, flips, translation, axis permutation), return per source axis
-    ``(output axis, scale, offset)``; None when oblique (a source axis mixes output axes)."""
-    out = []
-    lin = np.asarray(m, dtype=np.float64)[:3, :3]
-    scale = np.abs(lin).max()
-    used = set()
-    for a in range(3):
-        nz = [b for b in range(3) if abs(lin[a, b]) > tol * scale]
-        if len(nz) != 1 or nz[0] in used:
-            return None
-        used.add(nz[0])
-        out.append((nz[0], float(lin[a, nz[0]]), float(m[a, 3])))
-    return out
 
 
 def lerp_axis(x, axis: int, coords: np.ndarray, padding: Padding = "border"):
@@ -379,17 +339,15 @@ def separable_lerp(
     return x.permute(*perm)
 
 
-def _resample_linear_torch_affine(
+def _lerp_on_grid(
     arr: np.ndarray, m: np.ndarray, dst_shape: tuple[int, int, int], cval: float, padding: Padding
 ) -> np.ndarray:
-    """Trilinear resampling of ``arr`` (C, D, H, W) on the affine grid ``m`` (dst index → src index): hot path
-    of :func:`resample_to_grid` (``order=1``, torch). Axis-aligned maps run as three 1-D interpolations
-    (:func:`separable_lerp`), oblique ones as a chunked 3D ``grid_sample``."""
+    """Trilinear resampling (C, *dst_shape) float32 of ``arr`` (C, D, H, W) on the grid of index map ``m``
+    (dst index → src index): :func:`resample_to_grid`'s sampler (``order=1``, torch). Axis-aligned maps run
+    as three 1-D interpolations (:func:`separable_lerp`), oblique ones as a chunked 3D ``grid_sample``."""
     import torch
 
-    src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]  # (1, C, D, H, W)
-    if cval != 0 and padding == "zeros":
-        src = src - float(cval)
+    src = _torch_source(arr, cval, padding)  # (1, C, D, H, W)
     amap = axis_map(m)
     if amap is not None:  # axis-aligned (the common case): three 1-D passes instead of a 3D grid_sample
         with torch.no_grad():
@@ -400,13 +358,11 @@ def _resample_linear_torch_affine(
             out = out.clone()
     else:
         out = _grid_sample_affine(src, m, dst_shape, padding)
-    if cval != 0 and padding == "zeros":
-        out += float(cval)
-    return out.numpy()
+    return _add_cval(out, cval, padding).numpy()
 
 
 def _grid_sample_affine(src, m: np.ndarray, dst_shape: tuple[int, int, int], padding: Padding):
-    """Oblique case of :func:`_resample_linear_torch_affine`: chunked 3D ``grid_sample`` of ``src``
+    """Oblique case of :func:`_lerp_on_grid`: chunked 3D ``grid_sample`` of ``src``
     (1, C, D, H, W) → (C, *dst_shape) tensor.
 
     The voxel → normalised-coordinate map is folded into one 4x4 matrix in float64, then the grid is built
@@ -455,18 +411,6 @@ def _memory_order(m: np.ndarray) -> tuple[int, int, int]:
 # ------------------------------------------------------------------------------------------------------------
 # displacement fields
 # ------------------------------------------------------------------------------------------------------------
-def voxel_flow_to_world(flow: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Voxel displacement (3, ...) of the grid with ``affine`` -> world displacement (3, ...) in RAS mm."""
-    lin = np.asarray(affine, dtype=np.float64)[:3, :3]
-    return np.einsum("ab,b...->a...", lin, np.asarray(flow, dtype=np.float64))
-
-
-def world_flow_to_voxel(disp: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """World displacement (3, ...) in RAS mm -> voxel displacement (3, ...) of the grid with ``affine``."""
-    inv = np.linalg.inv(np.asarray(affine, dtype=np.float64)[:3, :3])
-    return np.einsum("ab,b...->a...", inv, np.asarray(disp, dtype=np.float64))
-
-
 def resample_displacement(
     disp: np.ndarray,
     src_affine: np.ndarray,
@@ -483,62 +427,6 @@ def resample_displacement(
     return resample_to_grid(disp, src_affine, dst_shape, dst_affine, order=1, padding=padding, method=method)
 
 
-def model_flow_to_native(
-    flow: np.ndarray,
-    model_affine: np.ndarray,
-    native_shape: tuple[int, int, int],
-    native_affine: np.ndarray,
-    padding: Padding = "border",
-    method: Literal["torch", "scipy"] = "torch",
-) -> np.ndarray:
-    """Model-grid voxel flow (3, d, h, w) -> world displacement (3, *native_shape) in RAS mm on the native
-    grid.
-
-    With ``disp`` the result, the registered moving image on the native (fixed) grid is ``moving_world(p +
-    disp(p))`` for each native voxel centre p (see :func:`warp_world`).
-    """
-    disp_model = voxel_flow_to_world(flow, model_affine).astype(np.float32)
-    return resample_displacement(
-        disp_model, model_affine, native_shape, native_affine, padding=padding, method=method
-    )
-
-
 def native_displacement_to_voxel_flow(disp: np.ndarray, native_affine: np.ndarray) -> np.ndarray:
     """World displacement on a grid (3, D, H, W) -> voxel displacement of that grid (Learn2Reg convention)."""
     return world_flow_to_voxel(disp, native_affine).astype(np.float32)
-
-
-def warp_world(
-    moving: np.ndarray,
-    moving_affine: np.ndarray,
-    dst_shape: tuple[int, int, int],
-    dst_affine: np.ndarray,
-    disp: np.ndarray | None = None,
-    order: int = 1,
-    cval: float = 0.0,
-    padding: Padding = "zeros",
-    method: Literal["torch", "scipy"] = "torch",
-) -> np.ndarray:
-    """Sample ``moving`` at ``p + disp(p)`` for each destination voxel centre p (world RAS mm).
-
-    ``disp`` (3, *dst_shape) is a world displacement on the destination grid (e.g. from
-    :func:`model_flow_to_native`); ``None`` means plain resampling. ``order=0`` keeps label values and dtype.
-    """
-    dst_shape = tuple(int(s) for s in dst_shape[:3])
-    if disp is None:
-        return resample_to_grid(moving, moving_affine, dst_shape, dst_affine, order, cval, padding, method)
-    disp = np.asarray(disp)
-    if disp.shape != (3, *dst_shape):
-        raise ValueError(f"expected disp (3, {dst_shape}), got {disp.shape}")
-    arr, squeeze = _as_channels(moving)
-    inv_mov = np.linalg.inv(np.asarray(moving_affine, dtype=np.float64))
-    out_dtype = arr.dtype if order == 0 else (np.float64 if method == "scipy" else np.float32)
-    out = np.empty((arr.shape[0], *dst_shape), dtype=out_dtype)
-    for sl in _chunks(dst_shape):
-        # voxel coords in moving grid: inv(A_mov) @ (A_dst j + d) = grid_coordinates + inv(A_mov)[:3,:3] @ d
-        coords = grid_coordinates(moving_affine, dst_shape, dst_affine, sl)
-        coords += np.einsum("ab,b...->a...", inv_mov[:3, :3], disp[:, sl].astype(np.float64))
-        out[:, sl] = sample_at_voxel_coords(
-            arr, coords, order=order, cval=cval, padding=padding, method=method
-        )
-    return out[0] if squeeze else out

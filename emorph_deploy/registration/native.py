@@ -27,14 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from emorph_deploy.data.resample import axis_map, separable_lerp
+from emorph_deploy.data.orientation import RAS_TO_LPS, axis_map, index_map
+from emorph_deploy.data.resample import separable_lerp
 from emorph_deploy.sampling import c_order_view, grid_sample_3d, index_to_grid
 
 __all__ = ["NativeWarp", "itk_displacement_image", "voxel_flow", "voxel_flow_image", "warp_to_native"]
 
 #: Voxels per slab: bounds the temporaries (~24 MB per (N, 3) float32 tensor).
 _SLAB_VOXELS = 1 << 21
-_LPS = np.diag([-1.0, -1.0, 1.0])
+_LPS = np.ascontiguousarray(RAS_TO_LPS[:3, :3])  # RAS <-> LPS for vectors (its own inverse)
 _ZERO = torch.zeros((), dtype=torch.float32)
 
 
@@ -153,7 +154,7 @@ def warp_to_native(
     r_m = a_m[:3, :3]
 
     # Flow sampling: o → model-grid index; separable 1D interpolations when axis-aligned, else grid_sample.
-    o_to_q = np.linalg.inv(a_m) @ p_of_o
+    o_to_q = index_map(a_m, p_of_o)
     amap = axis_map(o_to_q)
     g_flow = (index_to_grid(grid_shape) @ o_to_q)[:3]
     flow3 = flow_t[0]

@@ -23,18 +23,14 @@ import contextlib
 import json
 import os
 import threading
-import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import nibabel as nib
 import numpy as np
-
-if TYPE_CHECKING:
-    from emorph_deploy.refine import RefineConfig
 
 from emorph_deploy.errors import (
     ConfigMismatchError,
@@ -43,26 +39,25 @@ from emorph_deploy.errors import (
     OutputExistsError,
     ProcessingError,
 )
+from emorph_deploy.timing import stopwatch
+
+if TYPE_CHECKING:
+    from emorph_deploy.data.preprocess import Preprocessing
+    from emorph_deploy.refine import RefineConfig
+    from emorph_deploy.registration.affine import AffineConfig
+    from emorph_deploy.registration.native import NativeWarp
+    from emorph_deploy.runners.base import Runner
 
 __all__ = [
-    "AUTO_ORDER",
     "OUTPUT_FILES",
     "Registrar",
+    "RegistrationQC",
     "Result",
     "default_artifact",
     "load_inputs",
-    "open_runner",
     "output_targets",
     "refuse_existing",
 ]
-
-#: Order in which ``backend="auto"`` tries backends (each needs its artifact: the one given or a sibling).
-AUTO_ORDER = ("tensorrt", "onnxruntime", "torch")
-_BACKEND_SUFFIXES = {
-    "tensorrt": (".plan", ".engine"),
-    "onnxruntime": (".onnx",),
-    "torch": (".json", ".safetensors"),
-}
 
 #: File names written by :meth:`Result.save` (``voxel_flow`` only on request).
 OUTPUT_FILES = {
@@ -98,90 +93,6 @@ def default_artifact() -> Path:
     from emorph_deploy.weights import default_checkpoint_path
 
     return default_checkpoint_path()
-
-
-def _artifact_for(path: Path, backend: str) -> Path | None:
-    """``path`` if it is ``backend``'s kind of artifact, else a sibling with the same stem, else None."""
-    if path.suffix.lower() in _BACKEND_SUFFIXES[backend]:
-        return path
-    if path.suffix.lower() not in {s for v in _BACKEND_SUFFIXES.values() for s in v}:
-        return None
-    for suffix in _BACKEND_SUFFIXES[backend]:
-        cand = path.with_suffix(suffix)
-        if cand.is_file() and (backend != "torch" or cand.with_suffix(".safetensors").is_file()):
-            if backend == "torch" and cand.suffix == ".json":
-                try:  # an ONNX manifest is also <stem>.json: only a checkpoint counts here
-                    if (
-                        json.loads(cand.read_text()).get("format", "").startswith("emorph-checkpoint")
-                        is False
-                    ):
-                        continue
-                except (OSError, ValueError):
-                    continue
-            return cand
-    return None
-
-
-def open_runner(artifact: str | os.PathLike, backend: str = "auto") -> tuple[Any, list[str]]:
-    """Create the runner for ``artifact``; return ``(runner, notes)``.
-
-    ``backend="auto"`` tries TensorRT, then ONNX Runtime (GPU providers first, then CPU), then torch, each
-    with the given artifact or a sibling of the same stem (``model.plan`` / ``model.onnx`` /
-    ``model.json``), and falls through when a backend is not installed or cannot run here (e.g. no GPU for
-    an engine). ``notes`` says what was skipped and why.
-    """
-    from emorph_deploy.runners import load_runner
-
-    path = Path(artifact)
-    if backend != "auto":
-        if backend not in AUTO_ORDER:
-            raise InputError(
-                f"backend: expected one of auto, {', '.join(AUTO_ORDER)}, got {backend!r}; "
-                "fix: pass --backend auto"
-            )
-        if _artifact_for(path, backend) != path:
-            kind = {
-                "tensorrt": "--engine FILE (.plan/.engine)",
-                "onnxruntime": "--onnx FILE (.onnx)",
-                "torch": "--model CHECKPOINT (.json/.safetensors)",
-            }[backend]
-            raise InputError(
-                f"backend: expected a {backend} artifact for --backend {backend}, got {path.name}; "
-                f"fix: pass {kind} or --backend auto"
-            )
-        return load_runner(path, backend=backend), []
-    notes: list[str] = []
-    last: Exception | None = None
-    for name in AUTO_ORDER:
-        cand = _artifact_for(path, name)
-        if cand is None:
-            continue
-        try:
-            if name == "onnxruntime":
-                runner = load_runner(cand, backend=name, providers="auto")
-            else:
-                runner = load_runner(cand, backend=name)
-        except (EmorphError, ImportError, RuntimeError, OSError) as exc:
-            if cand == path and not isinstance(exc, ImportError | RuntimeError) and name != "tensorrt":
-                raise  # the artifact the user named is broken: say so, do not hide it behind a fallback
-            notes.append(f"{name} skipped: {_one_line(exc)}")
-            last = exc
-            continue
-        providers = getattr(runner, "providers", None)
-        if providers:
-            notes.append(f"onnxruntime providers: {', '.join(providers)}")
-        return runner, notes
-    if last is not None:
-        raise last
-    raise InputError(
-        f"model: expected a checkpoint (.json/.safetensors), .onnx or .plan/.engine, got {path.name}; "
-        "fix: pass --model, --onnx or --engine"
-    )
-
-
-def _one_line(exc: BaseException, n: int = 160) -> str:
-    s = " ".join(str(exc).split()) or type(exc).__name__
-    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def _ras_label_dtype(img: nib.Nifti1Image) -> np.dtype:
@@ -256,19 +167,17 @@ class Result:
         try:
             with contextlib.ExitStack() as stack:
                 tmp = {n: stack.enter_context(atomic_path(p, force=force)) for n, p in targets.items()}
-                t0 = time.perf_counter()
-                images = [(self.warped, tmp["warped"])]
-                if "warped_labels" in tmp:
-                    images.append((self.warped_labels, tmp["warped_labels"]))
-                images.append((self.displacement, tmp["displacement"]))
-                if "voxel_flow" in tmp:
-                    images.append((self.voxel_flow(), tmp["voxel_flow"]))
-                _save_niis(images)
-                times["write_nifti"] = time.perf_counter() - t0
+                with stopwatch(times, "write_nifti"):
+                    images = [(self.warped, tmp["warped"])]
+                    if "warped_labels" in tmp:
+                        images.append((self.warped_labels, tmp["warped_labels"]))
+                    images.append((self.displacement, tmp["displacement"]))
+                    if "voxel_flow" in tmp:
+                        images.append((self.voxel_flow(), tmp["voxel_flow"]))
+                    _save_niis(images)
                 if "qc_png" in tmp:
-                    t1 = time.perf_counter()
-                    tmp["qc_png"].write_bytes(self.qc_png())
-                    times["write_png"] = time.perf_counter() - t1
+                    with stopwatch(times, "write_png"):
+                        tmp["qc_png"].write_bytes(self.qc_png())
                 qc = dict(self.qc)
                 qc["times_s"] = {**self.qc.get("times_s", {}), **times}
                 qc["times_s"]["write"] = sum(times.values())
@@ -324,6 +233,72 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+@dataclass(frozen=True)
+class RegistrationQC:
+    """The registration's quality record, written as ``qc.json`` (:meth:`to_dict`, keys in file order).
+
+    Shapes are (D, H, W) / (I, J, K) voxel counts; ``model_spacing_mm`` in mm. ``affine`` holds the affine
+    pre-alignment's keys (``affine_matrix``, ``affine_accepted``, ...; empty without it); ``deformation`` the
+    Jacobian statistics on the model grid (:func:`emorph_deploy.qc.deformation_stats`); ``refine`` the
+    refinement settings and the similarity used, or None; ``times_s`` the stage seconds (the dict is
+    shared with the caller, which adds the writing times).
+    """
+
+    backend: str
+    precision: str
+    model_grid: tuple[int, ...]
+    model_spacing_mm: tuple[float, ...]
+    fixed_shape: tuple[int, ...]
+    moving_shape: tuple[int, ...]
+    affine_prealignment: bool
+    affine: dict[str, Any]
+    ncc_before: float
+    ncc_after: float
+    deformation: dict[str, Any]
+    model_latency_s: float | None
+    network: bool
+    refine: dict[str, Any] | None
+    times_s: dict[str, float]
+
+    FORMAT: ClassVar[str] = "emorph-register-qc/1"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``qc.json`` document (a new dict; ``times_s`` is the same dict object)."""
+        return {
+            "format": self.FORMAT,
+            "backend": self.backend,
+            "precision": self.precision,
+            "model_grid": list(self.model_grid),
+            "model_spacing_mm": list(self.model_spacing_mm),
+            "fixed_shape": list(self.fixed_shape),
+            "moving_shape": list(self.moving_shape),
+            "affine_prealignment": self.affine_prealignment,
+            **self.affine,
+            "ncc_before": self.ncc_before,
+            "ncc_after": self.ncc_after,
+            **self.deformation,
+            "jacobian_grid": "model",
+            "model_latency_s": self.model_latency_s,
+            "network": self.network,
+            "refine": self.refine,
+            "times_s": self.times_s,
+        }
+
+
+@dataclass(frozen=True)
+class _ModelGridPair:
+    """Both images normalised to [0, 1] and resampled onto the model grid: (D, H, W) float32 each.
+
+    ``moving`` is after the affine pre-alignment; ``moving_unaligned`` without any registration (the same
+    array when there is no pre-alignment); ``affine`` the grid's voxel → world (RAS mm) map.
+    """
+
+    fixed: np.ndarray
+    moving: np.ndarray
+    moving_unaligned: np.ndarray
+    affine: np.ndarray
+
+
 class Registrar:
     """Load a model once, register many pairs: ``Registrar.load(artifact).register(fixed, moving)``.
 
@@ -334,19 +309,18 @@ class Registrar:
 
     def __init__(
         self,
-        runner: Any,
-        preprocessing: Any = None,
+        runner: Runner,
+        preprocessing: Preprocessing | dict[str, Any] | None = None,
         *,
         affine: bool = False,
-        affine_config: Any = None,
+        affine_config: AffineConfig | None = None,
         warmup: bool = True,
     ) -> None:
         from emorph_deploy.data.preprocess import Preprocessing
 
         self.runner = runner
-        meta = dict(getattr(runner, "meta", None) or {})
         if preprocessing is None:
-            pre_d = meta.get("preprocessing")
+            pre_d = runner.meta.get("preprocessing")
             if pre_d:
                 preprocessing = Preprocessing.from_dict(pre_d)
             else:
@@ -363,8 +337,8 @@ class Registrar:
                 "preprocessing grid_shape equals the model img_size"
             )
         self.grid_shape = grid
-        self.backend = str(getattr(runner, "name", type(runner).__name__))
-        self.precision = str(meta.get("precision", "fp32"))
+        self.backend = str(runner.name)
+        self.precision = runner.precision
         self.affine = affine
         self.affine_config = affine_config
         self._lock = threading.Lock()
@@ -372,10 +346,10 @@ class Registrar:
         self.backend_notes: list[str] = []
         if warmup:
             z = np.zeros((1, 1, *grid), dtype=np.float32)
-            t0 = time.perf_counter()
-            with self._lock:
+            times: dict[str, float] = {}
+            with stopwatch(times, "warmup"), self._lock:
                 runner.infer({"moving": z, "fixed": z})
-            self.warmup_s = time.perf_counter() - t0
+            self.warmup_s = times["warmup"]
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -385,14 +359,16 @@ class Registrar:
         """Open ``artifact`` (checkpoint ``.json``/``.safetensors``, ``.onnx`` + manifest, ``.plan`` /
         ``.engine``) with ``backend`` ("auto" | "tensorrt" | "onnxruntime" | "torch"); ``None`` = the packaged
         default model. ``kwargs`` go to :class:`Registrar` (``affine``, ``affine_config``, ``warmup``)."""
+        from emorph_deploy.runners import resolve
+
         path = Path(artifact) if artifact is not None else default_artifact()
         if not path.exists():
             raise InputError(
                 f"model: expected an existing model artifact, got a missing path {path}; "
                 "fix: check the path of --model/--onnx/--engine"
             )
-        runner, notes = open_runner(path, backend)
-        reg = cls(runner, **kwargs)
+        notes: list[str] = []
+        reg = cls(resolve(path, backend, notes), **kwargs)
         reg.backend_notes = notes
         return reg
 
@@ -423,46 +399,111 @@ class Registrar:
         pre-alignment), so ``refine=N`` is refinement alone and ``refine=0`` the affine (or no) registration
         — the ablation rows of ``benchmarks/validation_suite.py``.
         """
-        import torch
-
-        from emorph_deploy.data.nifti import as_label_image
-        from emorph_deploy.data.resample import resample_to_grid
-        from emorph_deploy.qc import deformation_stats, jacobian_determinant_fast, orthogonal_slices
-        from emorph_deploy.refine import RefineConfig, refine_flow
-        from emorph_deploy.registration.native import itk_displacement_image, warp_to_native
+        from emorph_deploy.refine import RefineConfig
+        from emorph_deploy.registration.native import warp_to_native
 
         refine_cfg = RefineConfig.coerce(refine)  # a bad value fails before any work on the pair
         use_affine = self.affine if affine is None else affine
         times: dict[str, float] = {}
-        t_all = t0 = time.perf_counter()
+        with stopwatch(times, "total"):
+            with stopwatch(times, "load"):
+                fixed_img, moving_img, labels_img = self._load(fixed, moving, labels, validate)
+            f_data, f_aff = np.asanyarray(fixed_img.dataobj), np.asarray(fixed_img.affine, dtype=np.float64)
+            m_data, m_aff = np.asanyarray(moving_img.dataobj), np.asarray(moving_img.affine, dtype=np.float64)
+            pre, qc_affine = None, {}
+            if use_affine:
+                with stopwatch(times, "affine"):
+                    pre, qc_affine = self._prealign(f_data, f_aff, m_data, m_aff)
+            with stopwatch(times, "resample"):
+                pair = self._to_model_grid(fixed_img, f_data, f_aff, m_data, m_aff, pre)
+            with stopwatch(times, "infer"):
+                out, model_s = self._infer(pair, network)
+            flow = self._checked_flow(out)
+            refine_info: dict[str, Any] = {}  # the similarity used ("auto" resolved) and why, for qc.json
+            if refine_cfg.steps:
+                with stopwatch(times, "refine"):
+                    flow = self._refine(pair, flow, refine_cfg, refine_info)
+                out = {"flow": flow}  # the network's "warped" is stale after refinement: QC re-warps
+            with stopwatch(times, "resample_back"):
+                nw = warp_to_native(
+                    flow,
+                    pair.affine,
+                    f_data.shape,
+                    f_aff,
+                    m_data,
+                    m_aff,
+                    pre_affine=pre,
+                    labels=np.asanyarray(labels_img.dataobj) if labels_img is not None else None,
+                    labels_affine=labels_img.affine if labels_img is not None else None,
+                )
+            with stopwatch(times, "qc"):
+                ncc_before, ncc_after, stats, slices = self._quality(pair, flow, out.get("warped"))
+            with stopwatch(times, "package"):
+                warped_img, disp_img, labels_out = _package(nw, fixed_img, labels_img)
+        qc = RegistrationQC(
+            backend=self.backend,
+            precision=self.precision,
+            model_grid=self.grid_shape,
+            model_spacing_mm=self.preprocessing.spacing_mm,
+            fixed_shape=f_data.shape,
+            moving_shape=m_data.shape,
+            affine_prealignment=pre is not None,
+            affine=qc_affine,
+            ncc_before=ncc_before,
+            ncc_after=ncc_after,
+            deformation=stats,
+            model_latency_s=model_s,
+            network=bool(network),
+            refine={**refine_cfg.to_dict(), **refine_info} if refine_cfg.steps else None,
+            times_s=times,
+        )
+        return Result(
+            warped=warped_img,
+            displacement=disp_img,
+            warped_labels=labels_out,
+            qc=qc.to_dict(),
+            pre_affine=pre,
+            qc_slices=slices,
+        )
+
+    # ------------------------------------------------------------------ stages
+    @staticmethod
+    def _load(
+        fixed: Any, moving: Any, labels: Any, validate: bool
+    ) -> tuple[nib.Nifti1Image, nib.Nifti1Image, nib.Nifti1Image | None]:
+        """The three images, validated unless ``validate`` is False and both images are already nibabel."""
         if validate or not all(isinstance(x, nib.Nifti1Image) for x in (fixed, moving)):
-            fixed_img, moving_img, labels_img = load_inputs(fixed, moving, labels)
-        else:
-            fixed_img, moving_img = fixed, moving
-            labels_img = (
-                labels
-                if labels is None or isinstance(labels, nib.Nifti1Image)
-                else as_label_image(labels, name="moving labels")
-            )
-        times["load"] = time.perf_counter() - t0
+            return load_inputs(fixed, moving, labels)
+        if labels is None or isinstance(labels, nib.Nifti1Image):
+            return fixed, moving, labels
+        from emorph_deploy.data.nifti import as_label_image
 
-        f_data = np.asanyarray(fixed_img.dataobj)  # float32 (validated)
-        m_data = np.asanyarray(moving_img.dataobj)
-        f_aff = np.asarray(fixed_img.affine, dtype=np.float64)
-        m_aff = np.asarray(moving_img.affine, dtype=np.float64)
-        pre = None
-        qc_affine: dict[str, Any] = {}
-        if use_affine:
-            from emorph_deploy.registration.affine import affine_prealign
+        return fixed, moving, as_label_image(labels, name="moving labels")
 
-            t0 = time.perf_counter()
-            fit = affine_prealign(f_data, f_aff, m_data, m_aff, self.affine_config)
-            pre = fit.matrix
-            times["affine"] = time.perf_counter() - t0
-            # fit.qc(): affine_ncc_init/final, _metric, _value_init/final, _accepted, _start, _reason, _mi_*
-            qc_affine = {"affine_matrix": pre.tolist(), **fit.qc()}  # rejected: pre is the identity
+    def _prealign(
+        self, f_data: np.ndarray, f_aff: np.ndarray, m_data: np.ndarray, m_aff: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The affine pre-alignment (4, 4) fixed world → moving world (RAS mm; the identity when the fit is
+        rejected) and its qc.json keys."""
+        from emorph_deploy.registration.affine import affine_prealign
 
-        t0 = time.perf_counter()
+        fit = affine_prealign(f_data, f_aff, m_data, m_aff, self.affine_config)
+        # fit.qc(): affine_ncc_init/final, _metric, _value_init/final, _accepted, _start, _reason, _mi_*
+        return fit.matrix, {"affine_matrix": fit.matrix.tolist(), **fit.qc()}
+
+    def _to_model_grid(
+        self,
+        fixed_img: nib.Nifti1Image,
+        f_data: np.ndarray,
+        f_aff: np.ndarray,
+        m_data: np.ndarray,
+        m_aff: np.ndarray,
+        pre: np.ndarray | None,
+    ) -> _ModelGridPair:
+        """Intensity normalisation on the native voxels, then trilinear resampling onto the model grid
+        (centred on the fixed FOV; the moving image through the pre-alignment ``pre``), clipped to [0, 1]."""
+        from emorph_deploy.data.resample import resample_to_grid
+
         prep = self.preprocessing
         grid = prep.grid_affine(fixed_img)
         shape = self.grid_shape
@@ -476,22 +517,21 @@ class Registrar:
         del f_norm
         np.clip(fixed_m, 0.0, 1.0, out=fixed_m)
         np.clip(moving_m, 0.0, 1.0, out=moving_m)
-        moving_id = None
+        moving_id = moving_m
         if pre is not None:  # for "NCC before": the moving image without any registration
             moving_id = resample_to_grid(m_norm, m_aff, shape, grid, order=1, cval=0.0)
             np.clip(moving_id, 0.0, 1.0, out=moving_id)
-        del m_norm
-        times["resample"] = time.perf_counter() - t0
+        return _ModelGridPair(fixed=fixed_m, moving=moving_m, moving_unaligned=moving_id, affine=grid)
 
-        t0 = time.perf_counter()
-        feed = {"moving": moving_m[None, None], "fixed": fixed_m[None, None]}
+    def _infer(self, pair: _ModelGridPair, network: bool) -> tuple[dict[str, np.ndarray], float | None]:
+        """The runner's outputs (``flow`` (1, 3, D, H, W), maybe ``warped``) and its latency in seconds;
+        ``network=False``: a zero flow and no latency."""
+        if not network:  # ablation: no network, zero initial flow
+            return {"flow": np.zeros((1, 3, *self.grid_shape), dtype=np.float32)}, None
+        feed = {"moving": pair.moving[None, None], "fixed": pair.fixed[None, None]}
         try:
-            if not network:  # ablation: no network, zero initial flow
-                out, model_s = {"flow": np.zeros((1, 3, *shape), dtype=np.float32)}, None
-            else:
-                with self._lock:
-                    out = self.runner.infer(feed)
-                    model_s = getattr(self.runner, "last_latency_s", None)
+            with self._lock:
+                return self.runner.infer(feed), self.runner.last_latency_s
         except EmorphError:
             raise
         except Exception as exc:
@@ -499,7 +539,11 @@ class Registrar:
                 f"inference: expected the {self.backend} runner to produce a flow, got "
                 f"{type(exc).__name__}: {exc}; fix: check the artifact with `emorph check`"
             ) from exc
-        times["infer"] = time.perf_counter() - t0
+
+    def _checked_flow(self, out: dict[str, np.ndarray]) -> np.ndarray:
+        """The runner's flow as (3, D, H, W) float32 model-grid voxels; ProcessingError unless finite and of
+        the model grid's shape."""
+        shape = self.grid_shape
         flow = np.asarray(out["flow"], dtype=np.float32)
         if flow.shape != (1, 3, *shape):
             raise ProcessingError(
@@ -512,95 +556,73 @@ class Registrar:
                 "inference: expected a finite flow, got NaN/Inf; fix: check the artifact "
                 "(e.g. fp16 overflow) with `emorph check`"
             )
-        refine_info: dict[str, Any] = {}  # the similarity used ("auto" resolved) and why, for qc.json
-        if refine_cfg.steps:
-            t0 = time.perf_counter()
-            flow = refine_flow(
-                torch.from_numpy(moving_m)[None, None],
-                torch.from_numpy(fixed_m)[None, None],
-                torch.from_numpy(flow)[None],
-                **refine_cfg.to_dict(),
-                info=refine_info,
-            )[0].numpy()
-            times["refine"] = time.perf_counter() - t0
-            out = {"flow": flow}  # the network's "warped" is stale after refinement: QC re-warps
+        return flow
 
-        t0 = time.perf_counter()
-        lab_data = np.asanyarray(labels_img.dataobj) if labels_img is not None else None
-        nw = warp_to_native(
-            flow,
-            grid,
-            f_data.shape,
-            f_aff,
-            m_data,
-            m_aff,
-            pre_affine=pre,
-            labels=lab_data,
-            labels_affine=labels_img.affine if labels_img is not None else None,
-        )
-        times["resample_back"] = time.perf_counter() - t0
+    @staticmethod
+    def _refine(
+        pair: _ModelGridPair, flow: np.ndarray, cfg: RefineConfig, info: dict[str, Any]
+    ) -> np.ndarray:
+        """Test-time refinement of ``flow`` (3, D, H, W) on the model grid; ``info`` receives the similarity
+        used and why."""
+        import torch
 
-        t0 = time.perf_counter()
-        warped_m = out.get("warped")
-        if warped_m is not None and np.shape(warped_m) == (1, 1, *shape):
-            warped_m = np.asarray(warped_m, dtype=np.float32)[0, 0]
+        from emorph_deploy.refine import refine_flow
+
+        return refine_flow(
+            torch.from_numpy(pair.moving)[None, None],
+            torch.from_numpy(pair.fixed)[None, None],
+            torch.from_numpy(flow)[None],
+            **cfg.to_dict(),
+            info=info,
+        )[0].numpy()
+
+    def _quality(
+        self, pair: _ModelGridPair, flow: np.ndarray, warped: np.ndarray | None
+    ) -> tuple[float, float, dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+        """NCC before/after, Jacobian statistics and the centre slices for ``qc.png``, all on the model grid.
+        ``warped`` is the network's warped moving image (1, 1, D, H, W) when it returned one for this
+        ``flow``; otherwise the moving image is warped here."""
+        import torch
+
+        from emorph_deploy.metrics import ncc_global_float32
+        from emorph_deploy.qc import deformation_stats, jacobian_determinant_fast, orthogonal_slices
+
+        shape = self.grid_shape
+        if warped is not None and np.shape(warped) == (1, 1, *shape):
+            warped_m = np.asarray(warped, dtype=np.float32)[0, 0]
         else:
             from emorph_deploy.models.warp import warp
 
             with torch.inference_mode():
-                warped_m = warp(torch.from_numpy(moving_m)[None, None], torch.from_numpy(flow)[None]).numpy()[
-                    0, 0
-                ]
+                moving_t = torch.from_numpy(pair.moving)[None, None]
+                warped_m = warp(moving_t, torch.from_numpy(flow)[None]).numpy()[0, 0]
         jac = jacobian_determinant_fast(flow)
         stats = deformation_stats(jac)
-        ncc_before = _ncc32(fixed_m, moving_id if moving_id is not None else moving_m)
-        ncc_after = _ncc32(fixed_m, warped_m)
-        slices = orthogonal_slices(
-            fixed_m, moving_id if moving_id is not None else moving_m, warped_m, flow, jac
-        )
-        times["qc"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        warped_img = _like_fixed(nw.warped, fixed_img, np.float32, "emorph warped moving")
-        disp_img = itk_displacement_image(nw.displacement_lps, f_aff)
-        labels_out = None
-        if labels_img is not None and nw.warped_labels is not None:
-            labels_out = _like_fixed(
-                nw.warped_labels, fixed_img, _ras_label_dtype(labels_img), "emorph warped labels"
-            )
-        times["package"] = time.perf_counter() - t0
-        times["total"] = time.perf_counter() - t_all
-
-        qc: dict[str, Any] = {
-            "format": "emorph-register-qc/1",
-            "backend": self.backend,
-            "precision": self.precision,
-            "model_grid": list(shape),
-            "model_spacing_mm": list(prep.spacing_mm),
-            "fixed_shape": list(f_data.shape),
-            "moving_shape": list(m_data.shape),
-            "affine_prealignment": pre is not None,
-            **qc_affine,
-            "ncc_before": ncc_before,
-            "ncc_after": ncc_after,
-            **stats,
-            "jacobian_grid": "model",
-            "model_latency_s": model_s,
-            "network": bool(network),
-            "refine": {**refine_cfg.to_dict(), **refine_info} if refine_cfg.steps else None,
-            "times_s": times,
-        }
-        return Result(
-            warped=warped_img,
-            displacement=disp_img,
-            warped_labels=labels_out,
-            qc=qc,
-            pre_affine=pre,
-            qc_slices=slices,
-        )
+        ncc_before = ncc_global_float32(pair.fixed, pair.moving_unaligned)
+        ncc_after = ncc_global_float32(pair.fixed, warped_m)
+        slices = orthogonal_slices(pair.fixed, pair.moving_unaligned, warped_m, flow, jac)
+        return ncc_before, ncc_after, stats, slices
 
     def __repr__(self) -> str:
         return f"Registrar(backend={self.backend!r}, precision={self.precision!r}, grid={self.grid_shape})"
+
+
+def _package(
+    nw: NativeWarp, fixed_img: nib.Nifti1Image, labels_img: nib.Nifti1Image | None
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image, nib.Nifti1Image | None]:
+    """The native-grid outputs as NIfTI images with the fixed image's header: warped, ITK displacement,
+    warped labels (or None)."""
+    from emorph_deploy.registration.native import itk_displacement_image
+
+    f_aff = np.asarray(fixed_img.affine, dtype=np.float64)
+    warped_img = _like_fixed(nw.warped, fixed_img, np.float32, "emorph warped moving")
+    disp_img = itk_displacement_image(nw.displacement_lps, f_aff)
+    labels_out = None
+    if labels_img is not None and nw.warped_labels is not None:
+        labels_out = _like_fixed(
+            nw.warped_labels, fixed_img, _ras_label_dtype(labels_img), "emorph warped labels"
+        )
+    return warped_img, disp_img, labels_out
 
 
 def load_inputs(fixed: Any, moving: Any, labels: Any = None) -> tuple[nib.Nifti1Image, nib.Nifti1Image, Any]:
@@ -618,17 +640,6 @@ def load_inputs(fixed: Any, moving: Any, labels: Any = None) -> tuple[nib.Nifti1
         futures = [pool.submit(fn, x, name=name) for fn, x, name in jobs]
     fixed_img, moving_img, *rest = (f.result() for f in futures)
     return fixed_img, moving_img, (rest[0] if rest else None)
-
-
-def _ncc32(a: np.ndarray, b: np.ndarray) -> float:
-    import torch
-
-    ta = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(-1)
-    tb = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)).reshape(-1)
-    ta = ta - ta.mean()
-    tb = tb - tb.mean()
-    den = float(torch.sqrt((ta * ta).sum().double() * (tb * tb).sum().double()))
-    return float((ta * tb).sum().double() / den) if den > 0 else float("nan")
 
 
 def _like_fixed(data: np.ndarray, fixed_img: nib.Nifti1Image, dtype: Any, descrip: str) -> nib.Nifti1Image:

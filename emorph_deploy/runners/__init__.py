@@ -1,20 +1,23 @@
 """Backend runners with one protocol: construct from an artifact, ``input_spec``, ``infer(feed) -> dict``.
 
-``load_runner(artifact, backend="auto")`` picks the backend by file suffix: ``.safetensors``/``.json``
-checkpoint → torch, ``.onnx`` → onnxruntime, ``.plan``/``.engine`` → tensorrt. Backend modules (and
+The artifact rules live here, once: which file suffixes each backend reads (:data:`ARTIFACT_SUFFIXES`),
+which backend a file belongs to (:func:`backend_for`), where a backend's artifact sits beside another one
+(:func:`artifact_for`), and how ``backend="auto"`` falls back (:func:`resolve`). Backend modules (and
 torch, onnxruntime, tensorrt) are imported only when a runner is created.
 
-TensorRT: ``emorph_deploy/runners/tensorrt.py`` (engines task) defines ``TensorRTRunner(artifact,
-**kwargs)``, a :class:`Runner` built from an engine plus its manifest; it is registered in ``BACKENDS``.
+``load_runner(artifact, backend)`` opens exactly that file with that backend (``"auto"``: by suffix);
+``resolve(artifact, backend)`` is what registration uses: an explicit backend must be given its own kind of
+artifact, ``"auto"`` tries TensorRT, ONNX Runtime, then torch on the artifact or its same-stem siblings.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emorph_deploy.errors import InputError, MissingDependencyError
+from emorph_deploy.errors import EmorphError, InputError, MissingDependencyError
 from emorph_deploy.runners.base import Runner
 
 if TYPE_CHECKING:
@@ -28,20 +31,26 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
     "onnxruntime": ("emorph_deploy.runners.onnxruntime", "OnnxRuntimeRunner", "onnx"),
     "tensorrt": ("emorph_deploy.runners.tensorrt", "TensorRTRunner", "tensorrt"),
 }
-SUFFIX_BACKEND: dict[str, str] = {
-    ".safetensors": "torch",
-    ".json": "torch",
-    ".onnx": "onnxruntime",
-    ".plan": "tensorrt",
-    ".engine": "tensorrt",
+#: backend name → the file suffixes of its artifacts
+ARTIFACT_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "tensorrt": (".plan", ".engine"),
+    "onnxruntime": (".onnx",),
+    "torch": (".json", ".safetensors"),
+}
+SUFFIX_BACKEND: dict[str, str] = {s: b for b, suffixes in ARTIFACT_SUFFIXES.items() for s in suffixes}
+#: Order in which ``backend="auto"`` tries backends (each needs its artifact: the one given or a sibling).
+AUTO_ORDER: tuple[str, ...] = ("tensorrt", "onnxruntime", "torch")
+_ARTIFACT_KINDS = {
+    "tensorrt": "--engine FILE (.plan/.engine)",
+    "onnxruntime": "--onnx FILE (.onnx)",
+    "torch": "--model CHECKPOINT (.json/.safetensors)",
 }
 _CLASS_TO_BACKEND = {cls: name for name, (_, cls, _) in BACKENDS.items()}
 
 
 def runner_class(backend: str) -> type[Runner]:
     """Import and return the runner class of ``backend`` (MissingDependencyError if it cannot be imported)."""
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; expected one of {['auto', *BACKENDS]}")
+    check_backend(backend)
     module_name, cls_name, extra = BACKENDS[backend]
     try:
         module = importlib.import_module(module_name)
@@ -52,12 +61,26 @@ def runner_class(backend: str) -> type[Runner]:
     return getattr(module, cls_name)
 
 
+def check_backend(backend: str, *, auto: bool = False) -> str:
+    """``backend`` if it names a runner (or is ``"auto"`` when ``auto``), else InputError."""
+    if backend in BACKENDS or (auto and backend == "auto"):
+        return backend
+    raise InputError(f"unknown backend {backend!r}; expected one of {['auto', *BACKENDS]}")
+
+
+def is_artifact_of(path: str | Path, backend: str) -> bool:
+    """True if ``path`` is ``backend``'s kind of artifact by its suffix; a torch checkpoint may also be named
+    by its stem (``run/model`` for ``run/model.safetensors``)."""
+    path = Path(path)
+    if path.suffix.lower() in ARTIFACT_SUFFIXES[backend]:
+        return True
+    return backend == "torch" and path.with_suffix(".safetensors").exists()
+
+
 def backend_for(artifact: str | Path, backend: str = "auto") -> str:
     """Backend name for ``artifact``: ``backend`` if given, else from the file suffix."""
     if backend != "auto":
-        if backend not in BACKENDS:
-            raise InputError(f"unknown backend {backend!r}; expected one of {['auto', *BACKENDS]}")
-        return backend
+        return check_backend(backend)
     suffix = Path(artifact).suffix.lower()
     if suffix in SUFFIX_BACKEND:
         return SUFFIX_BACKEND[suffix]
@@ -67,6 +90,29 @@ def backend_for(artifact: str | Path, backend: str = "auto") -> str:
         f"cannot tell the backend of {artifact}: expected .safetensors/.json (checkpoint), .onnx or "
         ".plan/.engine; fix: pass --backend or the right file"
     )
+
+
+def artifact_for(path: str | Path, backend: str) -> Path | None:
+    """``path`` if it is ``backend``'s kind of artifact, else a sibling with the same stem, else None."""
+    path = Path(path)
+    if path.suffix.lower() in ARTIFACT_SUFFIXES[backend]:
+        return path
+    if path.suffix.lower() not in SUFFIX_BACKEND:
+        return None
+    for suffix in ARTIFACT_SUFFIXES[backend]:
+        cand = path.with_suffix(suffix)
+        if cand.is_file() and (backend != "torch" or cand.with_suffix(".safetensors").is_file()):
+            if backend == "torch" and cand.suffix == ".json" and not _is_checkpoint_json(cand):
+                continue  # an ONNX manifest is also <stem>.json: only a checkpoint counts here
+            return cand
+    return None
+
+
+def _is_checkpoint_json(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format", "").startswith("emorph-checkpoint") is not False
+    except (OSError, ValueError):
+        return False
 
 
 def load_runner(artifact: str | Path, backend: str = "auto", **kwargs: Any) -> Runner:
@@ -82,6 +128,60 @@ def load_runner(artifact: str | Path, backend: str = "auto", **kwargs: Any) -> R
     return runner_class(name)(artifact, **kwargs)
 
 
+def resolve(artifact: str | Path, backend: str = "auto", notes: list[str] | None = None) -> Runner:
+    """The runner that registers with ``artifact`` on ``backend`` ("auto" | "tensorrt" | "onnxruntime" |
+    "torch").
+
+    An explicit backend needs its own kind of artifact (InputError naming the option to pass otherwise).
+    ``"auto"`` tries TensorRT, then ONNX Runtime (GPU providers first, then CPU), then torch, each with the
+    given artifact or a sibling of the same stem (``model.plan`` / ``model.onnx`` / ``model.json``), and falls
+    through when a backend is not installed or cannot run here (e.g. no GPU for an engine); what was skipped
+    and why is appended to ``notes``. A broken artifact the caller named is reported, not skipped.
+    """
+    path = Path(artifact)
+    notes = [] if notes is None else notes
+    if backend != "auto":
+        if backend not in AUTO_ORDER:
+            raise InputError(
+                f"backend: expected one of auto, {', '.join(AUTO_ORDER)}, got {backend!r}; "
+                "fix: pass --backend auto"
+            )
+        if artifact_for(path, backend) != path:
+            raise InputError(
+                f"backend: expected a {backend} artifact for --backend {backend}, got {path.name}; "
+                f"fix: pass {_ARTIFACT_KINDS[backend]} or --backend auto"
+            )
+        return load_runner(path, backend=backend)
+    last: Exception | None = None
+    for name in AUTO_ORDER:
+        cand = artifact_for(path, name)
+        if cand is None:
+            continue
+        try:
+            kwargs = {"providers": "auto"} if name == "onnxruntime" else {}
+            runner = load_runner(cand, backend=name, **kwargs)
+        except (EmorphError, ImportError, RuntimeError, OSError) as exc:
+            if cand == path and not isinstance(exc, ImportError | RuntimeError) and name != "tensorrt":
+                raise  # the artifact the user named is broken: say so, do not hide it behind a fallback
+            notes.append(f"{name} skipped: {_one_line(exc)}")
+            last = exc
+            continue
+        if runner.providers:
+            notes.append(f"onnxruntime providers: {', '.join(runner.providers)}")
+        return runner
+    if last is not None:
+        raise last
+    raise InputError(
+        f"model: expected a checkpoint (.json/.safetensors), .onnx or .plan/.engine, got {path.name}; "
+        "fix: pass --model, --onnx or --engine"
+    )
+
+
+def _one_line(exc: BaseException, n: int = 160) -> str:
+    s = " ".join(str(exc).split()) or type(exc).__name__
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
 def __getattr__(name: str) -> Any:  # lazy: ``from emorph_deploy.runners import TorchRunner``
     if name in _CLASS_TO_BACKEND:
         return runner_class(_CLASS_TO_BACKEND[name])
@@ -89,12 +189,18 @@ def __getattr__(name: str) -> Any:  # lazy: ``from emorph_deploy.runners import 
 
 
 __all__ = [
+    "ARTIFACT_SUFFIXES",
+    "AUTO_ORDER",
     "BACKENDS",
     "OnnxRuntimeRunner",
     "Runner",
     "TensorRTRunner",
     "TorchRunner",
+    "artifact_for",
     "backend_for",
+    "check_backend",
+    "is_artifact_of",
     "load_runner",
+    "resolve",
     "runner_class",
 ]

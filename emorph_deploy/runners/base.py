@@ -60,7 +60,13 @@ class Runner(ABC):
 
     @property
     def precision(self) -> str:
+        """``"fp32"``, ``"fp16"``, ``"int8"`` (from the metadata; fp32 when it says nothing)."""
         return str(self._meta.get("precision", "fp32"))
+
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers in use, fastest first (ONNX Runtime); empty for backends without any."""
+        return []
 
     def __repr__(self) -> str:
         name = type(self).__name__

@@ -5,19 +5,18 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+from oracles import model_flow_to_native, warp_world
 from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 
 from emorph_deploy.data import (
     affine_ras_to_lps,
-    model_flow_to_native,
     model_grid_affine,
     native_displacement_to_voxel_flow,
     reorient_to_ras,
     resample_to_grid,
     voxel_flow_to_world,
     voxel_sizes,
-    warp_world,
     world_flow_to_voxel,
 )
 from emorph_deploy.data.orientation import axcodes, fov_centre, ras_to_lps_points, ras_to_lps_vectors

@@ -130,28 +130,12 @@ def test_config_choices():
     np.testing.assert_allclose(start_rotation("z90") @ [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], atol=1e-12)
 
 
-class _ZeroFlowRunner:
-    """Runner protocol stand-in: a zero flow on a 16³ grid at 12 mm."""
-
-    name = "stub"
-    grid_shape = (16, 16, 16)
-    last_latency_s = 0.0
-
-    def __init__(self) -> None:
-        from emorph_deploy.data.preprocess import Preprocessing
-
-        pre = Preprocessing(grid_shape=self.grid_shape, spacing_mm=(12.0,) * 3)
-        self.meta = {"preprocessing": pre.to_dict(), "precision": "fp32"}
-
-    def infer(self, feed):
-        return {"flow": np.zeros((1, 3, *self.grid_shape), np.float32)}
-
-
-def test_registrar_records_the_check_in_qc(brain):
+def test_registrar_records_the_check_in_qc(brain, stub_runner):
     from emorph_deploy.registration import Registrar
 
     fixed, a_f = brain
-    reg = Registrar(_ZeroFlowRunner(), warmup=False)
+    zero_flow = np.zeros((3, 16, 16, 16), np.float32)  # a 16³ grid at 12 mm
+    reg = Registrar(stub_runner(zero_flow, spacing=12.0), warmup=False)
     t_true = _known_affine()
     moving, a_m = _moved(fixed, a_f, t_true)
     good = reg.register((fixed, a_f), (moving, a_m), affine=True).qc

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from emorph_deploy.errors import InputError, MissingDependencyError, ProcessingError
-from emorph_deploy.runners import Runner, backend_for, load_runner
+from emorph_deploy.runners import Runner, artifact_for, backend_for, is_artifact_of, load_runner, resolve
 
 GRID = (16, 24, 32)
 
@@ -55,6 +55,39 @@ def test_backend_by_suffix(tmp_path):
         backend_for(tmp_path / "a.bin")
     with pytest.raises(InputError, match="unknown backend"):
         backend_for("a.onnx", "tflite")
+
+
+def test_artifact_kinds_and_siblings(tmp_path):
+    import json
+
+    m = tmp_path / "m"
+    assert is_artifact_of("a.onnx", "onnxruntime") and not is_artifact_of("a.onnx", "torch")
+    assert not is_artifact_of(m, "torch")
+    m.with_suffix(".safetensors").write_bytes(b"")
+    assert is_artifact_of(m, "torch")  # a checkpoint named by its stem
+    m.with_suffix(".onnx").write_bytes(b"")
+    assert artifact_for(m.with_suffix(".plan"), "onnxruntime") == m.with_suffix(".onnx")
+    assert artifact_for(m.with_suffix(".plan"), "tensorrt") == m.with_suffix(".plan")
+    assert artifact_for(m.with_suffix(".bin"), "onnxruntime") is None  # not an artifact at all
+    m.with_suffix(".json").write_text(json.dumps({"format": "emorph-onnx/1"}))  # the ONNX manifest
+    assert artifact_for(m.with_suffix(".onnx"), "torch") == m.with_suffix(".safetensors")
+    m.with_suffix(".json").write_text(json.dumps({"format": "emorph-checkpoint/1"}))
+    assert artifact_for(m.with_suffix(".onnx"), "torch") == m.with_suffix(".json")
+
+
+def test_resolve_explicit_backend_needs_its_artifact(ckpt):
+    with pytest.raises(InputError, match=r"--onnx FILE \(.onnx\) or --backend auto"):
+        resolve(ckpt, "onnxruntime")
+    with pytest.raises(InputError, match="expected one of auto, tensorrt, onnxruntime, torch"):
+        resolve(ckpt, "tflite")
+    assert resolve(ckpt, "torch").name == "torch"
+
+
+def test_resolve_auto_falls_back_with_notes(ckpt):
+    notes: list[str] = []
+    runner = resolve(ckpt.with_suffix(".plan"), "auto", notes)  # no such engine: on to the checkpoint
+    assert runner.name == "torch" and runner.providers == []
+    assert len(notes) == 1 and notes[0].startswith("tensorrt skipped: ")
 
 
 def test_torch_runner(ckpt):

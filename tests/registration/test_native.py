@@ -7,10 +7,10 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from oracles import model_flow_to_native, warp_world
 from scipy.ndimage import gaussian_filter
 
 from emorph_deploy.data.preprocess import Preprocessing
-from emorph_deploy.data.resample import model_flow_to_native, warp_world
 from emorph_deploy.errors import ConfigMismatchError, InputError, OutputExistsError
 from emorph_deploy.metrics import jacobian_determinant
 from emorph_deploy.qc import deformation_stats, jacobian_determinant_fast
@@ -26,23 +26,16 @@ def smooth_flow(shape: tuple[int, int, int], amp: float = 1.5) -> np.ndarray:
     )
 
 
-class StubRunner:
-    """Runner protocol stand-in: returns a fixed smooth flow (or zeros)."""
+@pytest.fixture
+def stub(stub_runner):
+    """``stub(grid=GRID, spacing=3.0, zero=False, pre_grid=None)``: a runner returning :func:`smooth_flow`
+    (or zeros) on ``grid`` at ``spacing`` mm."""
 
-    name = "stub"
+    def make(grid=GRID, spacing=3.0, zero=False, pre_grid=None):
+        flow = np.zeros((3, *grid), np.float32) if zero else smooth_flow(grid)
+        return stub_runner(flow, spacing=spacing, pre_grid=pre_grid)
 
-    def __init__(self, grid=GRID, spacing=3.0, zero=False, pre_grid=None):
-        self.grid_shape = grid
-        self.meta = {
-            "preprocessing": Preprocessing(grid_shape=pre_grid or grid, spacing_mm=(spacing,) * 3).to_dict(),
-            "precision": "fp32",
-        }
-        self.flow = np.zeros((3, *grid), np.float32) if zero else smooth_flow(grid)
-        self.last_latency_s = 0.0
-
-    def infer(self, feed):
-        assert feed["moving"].shape == (1, 1, *self.grid_shape) and feed["fixed"].dtype == np.float32
-        return {"flow": self.flow[None].copy()}
+    return make
 
 
 def rotation(angle: float, axis: int) -> np.ndarray:
@@ -90,12 +83,12 @@ def pair():
     return fixed, moving, labels
 
 
-def test_warp_matches_reference_resampler(pair):
+def test_warp_matches_reference_resampler(pair, stub):
     """Fused float32 native warp == data.resample's float64 reference (interior) for a non-RAS pair."""
     fixed, moving, labels = pair
     a_f = AFFINES["lps_aniso"](fixed.shape)
     a_m = AFFINES["permuted_rotated"](moving.shape)
-    runner = StubRunner()
+    runner = stub()
     reg = Registrar(runner, warmup=False)
     res = reg.register((fixed, a_f), (moving, a_m), labels=(labels, a_m))
     grid = reg.preprocessing.grid_affine((fixed, a_f))
@@ -115,10 +108,10 @@ def test_warp_matches_reference_resampler(pair):
     assert (wl != ref_lab)[interior].mean() < 1e-3  # rounding ties only
 
 
-def test_zero_flow_same_grid_is_identity(pair):
+def test_zero_flow_same_grid_is_identity(pair, stub):
     _, moving, labels = pair
     a = AFFINES["flipped_permuted_rot"](moving.shape)
-    res = Registrar(StubRunner(zero=True), warmup=False).register(
+    res = Registrar(stub(zero=True), warmup=False).register(
         (moving, a), (moving, a), labels=(labels, a)
     )
     # float32 coordinate arithmetic: identity up to ~1e-6 of the intensity range; labels exactly
@@ -128,8 +121,28 @@ def test_zero_flow_same_grid_is_identity(pair):
     assert res.qc["frac_jac_nonpos"] == 0.0 and abs(res.qc["ncc_before"] - 1.0) < 1e-6
 
 
+def test_qc_keys_and_stage_times(pair, stub):
+    """qc.json keeps its keys, in file order; every stage is timed."""
+    from emorph_deploy.registration.pipeline import RegistrationQC
+
+    fixed, moving, _ = pair
+    a = AFFINES["ras_iso"](fixed.shape)
+    qc = Registrar(stub(), warmup=False).register((fixed, a), (moving, a), refine=1).qc
+    stats = list(deformation_stats(np.ones((4, 4, 4), np.float32)))
+    assert list(qc) == [
+        "format", "backend", "precision", "model_grid", "model_spacing_mm", "fixed_shape", "moving_shape",
+        "affine_prealignment", "ncc_before", "ncc_after", *stats, "jacobian_grid", "model_latency_s",
+        "network", "refine", "times_s",
+    ]  # fmt: skip
+    assert qc["format"] == RegistrationQC.FORMAT and qc["backend"] == "stub"
+    assert qc["model_grid"] == list(GRID)
+    stages = ["load", "resample", "infer", "refine", "resample_back", "qc", "package", "total"]
+    assert list(qc["times_s"]) == stages
+    assert RegistrationQC.__dataclass_params__.frozen
+
+
 @pytest.mark.parametrize("kind", sorted(AFFINES))
-def test_simpleitk_reproduces_warped(tmp_path, pair, kind):
+def test_simpleitk_reproduces_warped(tmp_path, pair, kind, stub):
     """SimpleITK's DisplacementFieldTransform + displacement.nii.gz reproduces warped.nii.gz (NCC ≥ 0.999)."""
     sitk = pytest.importorskip("SimpleITK", reason="SimpleITK is needed for the ITK interoperability check")
     fixed, moving, _ = pair
@@ -140,7 +153,7 @@ def test_simpleitk_reproduces_warped(tmp_path, pair, kind):
         img.set_qform(aff, code=1)
         img.set_sform(aff, code=1)
         nib.save(img, tmp_path / f"{name}.nii.gz")
-    res = Registrar(StubRunner(), warmup=False).register(
+    res = Registrar(stub(), warmup=False).register(
         tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"
     )
     res.save(tmp_path / "out", qc_png=False)
@@ -162,10 +175,10 @@ def test_simpleitk_reproduces_warped(tmp_path, pair, kind):
     assert np.abs(ours - theirs).max() < 1e-3
 
 
-def test_itk_header_and_voxel_flow(tmp_path, pair):
+def test_itk_header_and_voxel_flow(tmp_path, pair, stub):
     fixed, moving, _ = pair
     a_f = AFFINES["permuted_rotated"](fixed.shape)
-    res = Registrar(StubRunner(), warmup=False).register((fixed, a_f), (moving, a_f))
+    res = Registrar(stub(), warmup=False).register((fixed, a_f), (moving, a_f))
     paths = res.save(tmp_path / "o", voxel_flow=True, qc_png=False)
     d = nib.load(paths["displacement"])
     assert d.shape == (*fixed.shape, 1, 3)
@@ -208,10 +221,10 @@ def test_deformation_stats_match_float64_numpy(folds):
     assert s["jac_min"] == float(j64.min()) and s["jac_max"] == float(j64.max())
 
 
-def test_save_is_all_or_nothing(tmp_path, pair, monkeypatch):
+def test_save_is_all_or_nothing(tmp_path, pair, monkeypatch, stub):
     fixed, moving, labels = pair
     a = AFFINES["ras_iso"](fixed.shape)
-    res = Registrar(StubRunner(), warmup=False).register((fixed, a), (moving, a), labels=(labels, a))
+    res = Registrar(stub(), warmup=False).register((fixed, a), (moving, a), labels=(labels, a))
     out = tmp_path / "o"
     import emorph_deploy.registration.niftiio as niftiio
 
@@ -244,11 +257,11 @@ def test_save_is_all_or_nothing(tmp_path, pair, monkeypatch):
     res.save(out, force=True, qc_png=False)
 
 
-def test_grid_mismatch_and_bad_arrays(pair):
+def test_grid_mismatch_and_bad_arrays(pair, stub):
     fixed, moving, _ = pair
     with pytest.raises(ConfigMismatchError, match="grid"):
-        Registrar(StubRunner(pre_grid=(16, 16, 16)), warmup=False)
-    reg = Registrar(StubRunner(), warmup=False)
+        Registrar(stub(pre_grid=(16, 16, 16)), warmup=False)
+    reg = Registrar(stub(), warmup=False)
     a = np.eye(4)
     bad = fixed.copy()
     bad[1, 2, 3] = np.nan
@@ -263,7 +276,7 @@ def test_grid_mismatch_and_bad_arrays(pair):
 
 
 @pytest.mark.slow
-def test_affine_prealignment_recovers_known_affine():
+def test_affine_prealignment_recovers_known_affine(stub):
     """MNI152 moved by a known affine onto a rotated, anisotropic grid: ``affine=True`` recovers it."""
     datasets = pytest.importorskip("nilearn.datasets", reason="nilearn ships the MNI152 template")
     from emorph_deploy.data.resample import resample_to_grid
@@ -279,7 +292,7 @@ def test_affine_prealignment_recovers_known_affine():
     moving = resample_to_grid(
         fixed, np.linalg.inv(t_true) @ a_f, ms, a_m, order=1
     )  # moving(y) = fixed(t_true y)
-    reg = Registrar(StubRunner(spacing=8.0, zero=True), warmup=False)
+    reg = Registrar(stub(spacing=8.0, zero=True), warmup=False)
     res = reg.register((fixed, a_f), (moving, a_m), affine=True)
     expected = np.linalg.inv(t_true)  # T (fixed world -> moving world) with moving(T p) = fixed(p)
     err_lin = np.abs(res.pre_affine[:3, :3] - expected[:3, :3]).max()
@@ -297,14 +310,14 @@ def test_affine_prealignment_recovers_known_affine():
     assert np.abs(lps[tuple(centre)] - d_expected * np.array([-1, -1, 1])).max() < 1e-3
 
 
-def test_separable_flow_path_matches_grid_sample(pair, monkeypatch):
+def test_separable_flow_path_matches_grid_sample(pair, monkeypatch, stub):
     """Axis-aligned grids use three 1D interpolations of the flow; they must equal the 3D grid_sample path."""
     import emorph_deploy.registration.native as native
 
     fixed, moving, labels = pair
     a_f = AFFINES["lps_aniso"](fixed.shape)  # axis-aligned with the RAS model grid (flipped, anisotropic)
     a_m = AFFINES["permuted_rotated"](moving.shape)
-    runner = StubRunner()
+    runner = stub()
     grid = Preprocessing(grid_shape=GRID, spacing_mm=(3.0,) * 3).grid_affine((fixed, a_f))
     assert native.axis_map(np.linalg.inv(grid) @ a_f) is not None
     args = (runner.flow, grid, fixed.shape, a_f, moving, a_m)
