@@ -16,7 +16,6 @@ metric is within its limit on every pair.
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,17 +24,19 @@ from typing import Any
 
 import numpy as np
 
+from emorph_deploy.choices import CheckPrecision, Precision
+from emorph_deploy.data.pairs import PairRow, read_pairs
 from emorph_deploy.errors import ConfigMismatchError, InputError
 
-#: Gated limits per precision: metric name → maximum allowed value (worst pair).
-#: max_flow_voxel / mean_flow_voxel: max / mean per-voxel |Δflow| in voxels; dice_delta: |ΔDice| vs fixed
-#: labels.
+#: Gated limits per precision (a :class:`~emorph_deploy.choices.Precision` value): metric name → maximum
+#: allowed value (worst pair). max_flow_voxel / mean_flow_voxel: max / mean per-voxel |Δflow| in voxels;
+#: dice_delta: |ΔDice| vs fixed labels.
 TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"max_flow_voxel": 1e-3},
-    "fp16": {"mean_flow_voxel": 0.05, "dice_delta": 0.002},
-    "int8": {"mean_flow_voxel": 0.2, "dice_delta": 0.01},
+    Precision.fp32.value: {"max_flow_voxel": 1e-3},
+    Precision.fp16.value: {"mean_flow_voxel": 0.05, "dice_delta": 0.002},
+    Precision.int8.value: {"mean_flow_voxel": 0.2, "dice_delta": 0.01},
 }
-PRECISIONS = ("auto", *TOLERANCES)
+PRECISIONS: tuple[str, ...] = tuple(p.value for p in CheckPrecision)
 
 
 @dataclass
@@ -63,41 +64,18 @@ def synthetic_pairs(n: int, grid_shape: Sequence[int], seed: int = 0) -> Iterato
         yield CheckPair(f"synthetic-{seed + i}", p.moving, p.fixed, p.moving_labels, p.fixed_labels)
 
 
-CSV_COLUMNS = ("moving", "fixed", "moving_label", "fixed_label")
-
-
-def read_pairs_csv(path: str | Path) -> list[dict[str, Path | None]]:
-    """Rows of a pairs CSV: header ``moving,fixed[,moving_label,fixed_label]``; paths relative to the CSV."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"pairs CSV {path} not found; fix: pass --pairs with a CSV of moving,fixed paths")
-    try:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"cannot read pairs CSV {path}: {exc}") from exc
-    if not rows or not {"moving", "fixed"} <= set(rows[0]):
-        got = list(rows[0]) if rows else "no rows"
-        raise InputError(
-            f"pairs CSV {path}: expected a header with columns moving,fixed[,moving_label,fixed_label]"
-            f" and at least one row, got {got}; fix: add the header line"
-        )
-    out = []
-    for i, row in enumerate(rows, start=2):
-        entry: dict[str, Path | None] = {}
-        for col in CSV_COLUMNS:
-            value = (row.get(col) or "").strip()
-            if not value:
-                if col in ("moving", "fixed"):
-                    raise InputError(f"pairs CSV {path} line {i}: empty '{col}'; fix: give a NIfTI path")
-                entry[col] = None
-                continue
-            p = Path(value)
-            entry[col] = p if p.is_absolute() else path.parent / p
-        if (entry["moving_label"] is None) != (entry["fixed_label"] is None):
-            raise InputError(f"pairs CSV {path} line {i}: give both moving_label and fixed_label or neither")
-        out.append(entry)
-    return out
+def read_check_pairs(path: str | Path) -> list[PairRow]:
+    """The pairs of a pairs CSV (:func:`emorph_deploy.data.pairs.read_pairs`: ``fixed,moving`` and
+    optionally ``fixed_labels,moving_labels``, both or neither, per line)."""
+    rows = read_pairs(path)
+    for row in rows:
+        if (row.moving_labels is None) != (row.fixed_labels is None):
+            raise InputError(
+                f"pairs CSV {path} line {row.line}: expected both moving_labels and fixed_labels or "
+                f"neither, got only {'moving' if row.fixed_labels is None else 'fixed'}_labels; "
+                "fix: fill in the other or empty both"
+            )
+    return rows
 
 
 def csv_pairs(
@@ -122,12 +100,9 @@ def csv_pairs(
             f"artifact preprocessing grid {tuple(pre.grid_shape)} differs from its model grid "
             f"{tuple(grid_shape)}; fix: re-export the checkpoint"
         )
-    rows = read_pairs_csv(path)
-    for i, row in enumerate(rows):
-        moving, fixed = row["moving"], row["fixed"]
-        assert moving is not None and fixed is not None  # read_pairs_csv rejects empty cells
-        v = load_pair(pre, moving, fixed, row["moving_label"], row["fixed_label"])
-        yield CheckPair(f"{i}:{moving.name}", v.moving, v.fixed, v.moving_labels, v.fixed_labels)
+    for i, row in enumerate(read_check_pairs(path)):
+        v = load_pair(pre, row.moving, row.fixed, row.moving_labels, row.fixed_labels)
+        yield CheckPair(f"{i}:{row.moving.name}", v.moving, v.fixed, v.moving_labels, v.fixed_labels)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -200,8 +175,9 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def evaluate(pairs: list[dict[str, Any]], precision: str) -> tuple[list[dict[str, Any]], bool]:
+def evaluate(pairs: list[dict[str, Any]], precision: Precision | str) -> tuple[list[dict[str, Any]], bool]:
     """Gate the worst pair of each metric in ``TOLERANCES[precision]``; returns (checks, passed)."""
+    precision = str(precision)
     if precision not in TOLERANCES:
         raise InputError(f"precision must be one of {list(TOLERANCES)}, got {precision!r}")
     checks = []
@@ -266,8 +242,10 @@ def resolve_reference(artifact_meta: dict[str, Any], reference: str | Path | Non
     return Path(src)
 
 
-def resolve_precision(precision: str, artifact_meta: dict[str, Any]) -> str:
-    if precision == "auto":
+def resolve_precision(precision: CheckPrecision | str, artifact_meta: dict[str, Any]) -> str:
+    """The tolerance set's name: ``precision``, or the artifact's recorded precision for ``auto``."""
+    precision = str(precision)
+    if precision == CheckPrecision.auto:
         precision = str(artifact_meta.get("precision", "fp32"))
     if precision not in TOLERANCES:
         raise InputError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -286,7 +264,7 @@ def run_check(
     artifact_runner,
     reference_runner,
     pairs: Iterable[CheckPair],
-    precision: str = "auto",
+    precision: CheckPrecision | str = CheckPrecision.auto,
     spacing: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Compare two runners on ``pairs``; returns the JSON-able report (``passed``: within tolerance)."""

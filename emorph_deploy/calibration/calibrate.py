@@ -21,6 +21,7 @@ from typing import Any
 
 from emorph_deploy.calibration.pairs import CalibrationSet, make_reader
 from emorph_deploy.calibration.quantize import QuantizeOptions, quantize_qdq, trt_calibration_cache
+from emorph_deploy.choices import CalibrationKind
 from emorph_deploy.errors import ConfigMismatchError, InputError
 from emorph_deploy.export.manifest import manifest_path_for
 from emorph_deploy.fileio import check_writable, write_bytes_atomic, write_json_atomic
@@ -65,7 +66,7 @@ def calibrate(
     options: QuantizeOptions = QuantizeOptions(),
     out_dir: str | os.PathLike = "calibration",
     seed: int = 0,
-    synthetic_kind: str = "template",
+    synthetic_kind: CalibrationKind | str = CalibrationKind.template,
     limit: int | None = None,
     force: bool = False,
     progress: bool = True,

@@ -1,68 +1,47 @@
 """Calibration pairs: a CSV of NIfTI (moving, fixed) pairs or synthetic pairs, preprocessed exactly as at
 inference.
 
-CSV: one pair per row, columns ``moving,fixed`` (a header row with those names is optional; ``#`` starts a
-comment); relative paths are resolved against the CSV's folder. Every row is loaded and preprocessed with the
-graph's :class:`~emorph_deploy.data.Preprocessing` (the ONNX manifest's) *before* calibration starts, so an
-unreadable or mismatched volume fails fast with its row number and nothing is written.
+CSV: a pairs CSV (:mod:`emorph_deploy.data.pairs`: columns ``fixed,moving``, other columns ignored) or,
+without a header line, one ``moving,fixed`` pair per line; relative paths are resolved against the CSV's
+folder. Every pair is loaded and preprocessed with the graph's :class:`~emorph_deploy.data.Preprocessing`
+(the ONNX manifest's) *before* calibration starts, so an unreadable or mismatched volume fails fast with its
+line number and nothing is written.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from emorph_deploy.choices import CalibrationKind
+from emorph_deploy.data.pairs import read_pairs
 from emorph_deploy.errors import ConfigMismatchError, EmorphError, InputError
+
+#: The columns of a calibration list without a header line.
+HEADERLESS_COLUMNS = ("moving", "fixed")
 
 
 @dataclass(frozen=True)
 class PairSource:
-    """Where a calibration pair came from (written to the saved pair list)."""
+    """Where a calibration pair came from (written to the saved pair list); ``line`` in the CSV (0 for
+    synthetic pairs)."""
 
     moving: str
     fixed: str
+    line: int = 0
 
 
 def read_pair_csv(path: str | os.PathLike) -> list[PairSource]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(
-            f"calibration list {path} not found: expected a CSV of 'moving,fixed' NIfTI paths; "
-            "fix: check the path or use --synthetic N"
-        )
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"calibration list {path} cannot be read ({exc}); fix: pass a UTF-8 CSV") from exc
-    rows = [
-        r
-        for r in csv.reader(
-            line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
-        )
+    """The (moving, fixed) images of a pairs CSV (:func:`emorph_deploy.data.pairs.read_pairs`); a file
+    without a header is read as ``moving,fixed`` lines."""
+    return [
+        PairSource(str(row.moving), str(row.fixed), row.line)
+        for row in read_pairs(path, headerless=HEADERLESS_COLUMNS)
     ]
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["moving", "fixed"]:
-        rows = rows[1:]
-    pairs: list[PairSource] = []
-    for i, row in enumerate(rows, start=1):
-        cells = [c.strip() for c in row if c.strip()]
-        if len(cells) != 2:
-            raise InputError(
-                f"calibration list {path} row {i}: expected 2 columns 'moving,fixed', got "
-                f"{len(cells)}; fix: one pair per row"
-            )
-        mv, fx = ((Path(c) if Path(c).is_absolute() else (path.parent / c)) for c in cells)
-        pairs.append(PairSource(str(mv), str(fx)))
-    if not pairs:
-        raise InputError(
-            f"calibration list {path}: expected at least one pair, got none; fix: add 'moving,fixed' rows"
-        )
-    return pairs
 
 
 class PairVolumes(NamedTuple):
@@ -123,9 +102,10 @@ def preprocess_pair(
 
 
 def synthetic_pair(
-    grid: tuple[int, int, int], seed: int, index: int, kind: str = "template"
+    grid: tuple[int, int, int], seed: int, index: int, kind: CalibrationKind | str = CalibrationKind.template
 ) -> dict[str, np.ndarray]:
-    """A synthetic brain pair (MNI152-template based or SynthMorph-style) on the model grid."""
+    """A synthetic brain pair (MNI152-template based or SynthMorph-style) on the model grid: images
+    (1, 1, D, H, W) float32 in [0, 1]."""
     from emorph_deploy.data.synthetic import synth_pair, template_pair
 
     make = template_pair if kind == "template" or (kind == "mix" and index % 2 == 1) else synth_pair
@@ -157,16 +137,23 @@ class CalibrationSet:
     ) -> CalibrationSet:
         pairs = read_pair_csv(path)[: limit or None]
         feeds = []
-        for i, src in enumerate(_bar(pairs, "preprocessing pairs", progress), start=1):
-            feeds.append(preprocess_pair(src, preprocessing, grid, f"calibration list {path} row {i}"))
+        for src in _bar(pairs, "preprocessing pairs", progress):
+            where = f"calibration list {path} line {src.line}"
+            feeds.append(preprocess_pair(src, preprocessing, grid, where))
         return cls(feeds, pairs)
 
     @classmethod
     def synthetic(
-        cls, n: int, grid: tuple[int, int, int], seed: int = 0, kind: str = "template", progress: bool = True
+        cls,
+        n: int,
+        grid: tuple[int, int, int],
+        seed: int = 0,
+        kind: CalibrationKind | str = CalibrationKind.template,
+        progress: bool = True,
     ) -> CalibrationSet:
         if n < 1:
             raise InputError(f"--synthetic: expected at least 1 pair, got {n}; fix: e.g. --synthetic 16")
+        kind = CalibrationKind.coerce(kind, "--synthetic-kind").value
         feeds = [synthetic_pair(grid, seed, i, kind) for i in _bar(range(n), "synthesising pairs", progress)]
         return cls(
             feeds,

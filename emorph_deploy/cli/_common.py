@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from enum import Enum
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from emorph_deploy.choices import Similarity
+from emorph_deploy.choices import Backend, Similarity
 from emorph_deploy.errors import EmorphError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -55,13 +54,6 @@ RefineSimilarityOption = Annotated[
         "contrast on the model grid, else mind; the choice is recorded in qc.json).",
     ),
 ]
-
-
-class Backend(str, Enum):
-    auto = "auto"
-    tensorrt = "tensorrt"
-    onnxruntime = "onnxruntime"
-    torch = "torch"
 
 
 #: ``--backend`` shared by ``emorph register`` and ``emorph demo``.

@@ -8,30 +8,13 @@ INT8 needs a calibrated QDQ graph. Either pass it as ONNX (``emorph calibrate`` 
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from emorph_deploy.choices import Flavour, Fp16Mode, Precision
 from emorph_deploy.cli._common import handle_errors
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-
-
-class FlavourChoice(str, Enum):
-    auto = "auto"
-    tensorrt = "tensorrt"
-    tensorrt_rtx = "tensorrt-rtx"
-
-
-class Fp16Mode(str, Enum):
-    graph = "graph"
-    flag = "flag"
 
 
 @handle_errors
@@ -44,9 +27,9 @@ def build(
     ] = Precision.fp32,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("engines"),
     flavour: Annotated[
-        FlavourChoice,
+        Flavour,
         typer.Option("--flavour", help="TensorRT flavour: auto = tensorrt if importable, else tensorrt-rtx."),
-    ] = FlavourChoice.auto,
+    ] = Flavour.auto,
     workspace_mb: Annotated[
         int | None, typer.Option("--workspace-mb", help="Builder workspace limit (MiB).")
     ] = None,

@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from emorph_deploy.choices import CalibrationKind, CalibrationMethod, Quantizer
 from emorph_deploy.cli._common import handle_errors
-
-
-class Method(str, Enum):
-    minmax = "minmax"
-    entropy = "entropy"
-    percentile = "percentile"
-
-
-class Quantizer(str, Enum):
-    onnxruntime = "onnxruntime"
-    modelopt = "modelopt"
-    auto = "auto"
-
-
-class SyntheticKind(str, Enum):
-    template = "template"
-    synth = "synth"
-    mix = "mix"
 
 
 @handle_errors
@@ -34,16 +16,24 @@ def calibrate_cmd(
     onnx: Annotated[
         Path, typer.Argument(help="FP32 ONNX from 'emorph export' (its manifest gives preprocessing).")
     ],
-    pairs: Annotated[Path | None, typer.Option("--pairs", help="CSV of 'moving,fixed' NIfTI paths.")] = None,
+    pairs: Annotated[
+        Path | None,
+        typer.Option(
+            "--pairs",
+            help="CSV with columns fixed,moving (NIfTI paths); without a header: moving,fixed lines.",
+        ),
+    ] = None,
     synthetic: Annotated[
         int | None, typer.Option("--synthetic", help="Use N synthetic brain pairs instead.")
     ] = None,
-    synthetic_kind: Annotated[SyntheticKind, typer.Option("--synthetic-kind")] = SyntheticKind.template,
+    synthetic_kind: Annotated[CalibrationKind, typer.Option("--synthetic-kind")] = CalibrationKind.template,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic pairs.")] = 0,
     limit: Annotated[
         int | None, typer.Option("--limit", help="Use only the first N rows of --pairs.")
     ] = None,
-    method: Annotated[Method, typer.Option("--method", help="Activation range calibration.")] = Method.minmax,
+    method: Annotated[
+        CalibrationMethod, typer.Option("--method", help="Activation range calibration.")
+    ] = CalibrationMethod.minmax,
     ops: Annotated[
         str,
         typer.Option(

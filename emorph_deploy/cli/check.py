@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from emorph_deploy.choices import Backend, CheckPrecision
 from emorph_deploy.cli._common import handle_errors
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-
-
-class Backend(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
 
 
 @handle_errors
@@ -37,7 +23,7 @@ def check_command(
     pairs: Annotated[
         Path | None,
         typer.Option(
-            "--pairs", help="CSV with columns moving,fixed[,moving_label,fixed_label] (NIfTI paths)."
+            "--pairs", help="CSV with columns fixed,moving[,fixed_labels,moving_labels] (NIfTI paths)."
         ),
     ] = None,
     synthetic: Annotated[
@@ -47,9 +33,9 @@ def check_command(
         ),
     ] = None,
     precision: Annotated[
-        Precision,
+        CheckPrecision,
         typer.Option("--precision", help="Tolerance set; auto = the artifact's recorded precision."),
-    ] = Precision.auto,
+    ] = CheckPrecision.auto,
     backend: Annotated[
         Backend, typer.Option("--backend", help="Artifact backend (auto: by suffix).")
     ] = Backend.auto,

@@ -14,9 +14,9 @@ from typing import Annotated, Any
 
 import typer
 
+from emorph_deploy.choices import SyntheticKind
 from emorph_deploy.cli._common import handle_errors
 from emorph_deploy.errors import InputError
-from emorph_deploy.train.config import SyntheticKind
 
 
 def _jsonable(v: Any) -> Any:

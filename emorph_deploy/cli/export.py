@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from emorph_deploy.choices import ExportOutputs, ExportTarget, GridSampleMode
 from emorph_deploy.cli._common import handle_errors
-
-
-class GridSampleMode(str, Enum):
-    gather = "gather"
-    native = "native"
-
-
-class Target(str, Enum):
-    tensorrt = "tensorrt"
-    onnxruntime = "onnxruntime"
-
-
-class Outputs(str, Enum):
-    flow = "flow"
-    flow_warped = "flow,warped"
 
 
 @handle_errors
@@ -41,9 +26,11 @@ def export_command(
             "native: ONNX GridSample at opset 20 (ONNX Runtime, TensorRT >= 11.2).",
         ),
     ] = GridSampleMode.gather,
-    outputs: Annotated[Outputs, typer.Option("--outputs", help="Graph outputs.")] = Outputs.flow_warped,
+    outputs: Annotated[
+        ExportOutputs, typer.Option("--outputs", help="Graph outputs.")
+    ] = ExportOutputs.flow_warped,
     target: Annotated[
-        Target | None,
+        ExportTarget | None,
         typer.Option(
             "--target",
             help="tensorrt checks the op set against the TensorRT ONNX parser list "

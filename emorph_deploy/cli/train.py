@@ -13,19 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from enum import Enum
 from typing import Annotated, Any
 
 import typer
 
+from emorph_deploy.choices import Amp, GridPreset, SyntheticKind
 from emorph_deploy.cli._common import handle_errors
 from emorph_deploy.errors import InputError
-from emorph_deploy.train.config import Amp, SyntheticKind
-
-
-class Grid(str, Enum):
-    mm1 = "1mm"
-    mm2 = "2mm"
 
 
 def _ints(text: str | None, n: int | None, opt: str) -> tuple[int, ...] | None:
@@ -83,8 +77,8 @@ def train_command(
     skip_width: Annotated[int | None, typer.Option(help="Skip-branch width.")] = None,
     model_set: Annotated[list[str] | None, typer.Option(help="Any ModelConfig field: KEY=JSON (repeatable).")]
     = None,
-    grid: Annotated[Grid | None, typer.Option(help="Model grid preset: 1mm 160×192×224 or 2mm 80×96×112.")]
-    = None,
+    grid: Annotated[GridPreset | None, typer.Option(
+        help="Model grid preset: 1mm 160×192×224 or 2mm 80×96×112.")] = None,
     grid_shape: Annotated[str | None, typer.Option(help="Override the grid shape DxHxW (multiples of 8).")]
     = None,
     spacing: Annotated[float | None, typer.Option(help="Override the grid spacing (mm).")] = None,

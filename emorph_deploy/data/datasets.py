@@ -3,8 +3,9 @@
 Sources (:func:`discover`):
 - a folder: every ``*.nii``/``*.nii.gz``; label maps are matched by name — ``images/`` + ``labels/``
   sub-folders with the same file names, or ``<stem>_seg``/``_label``/``_labels``/``_aseg`` next to ``<stem>``;
-- a CSV with columns ``image[,label]`` (subjects), or ``fixed,moving[,fixed_label,moving_label]`` (explicit
-  pairs). Relative paths are relative to the CSV's folder.
+- a CSV with columns ``image[,label]`` (subjects), or a pairs CSV
+  ``fixed,moving[,fixed_labels,moving_labels]`` (explicit pairs; :mod:`emorph_deploy.data.pairs`). Relative
+  paths are relative to the CSV's folder.
 
 Pairs: ``"inter"`` (inter-subject: each subject is the fixed image once per epoch, its moving partner drawn
 deterministically from ``(seed, epoch)``), ``"atlas"`` (atlas-to-subject: the atlas is the moving image, each
@@ -19,23 +20,58 @@ loaded once.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from emorph_deploy.choices import Choice
 from emorph_deploy.data.nifti import as_image
+from emorph_deploy.data.pairs import (
+    PAIR_COLUMNS,
+    PairRow,
+    TableRow,
+    nifti_stem,
+    pairs_from_table,
+    read_table,
+    require_cells,
+    resolve_path,
+)
 from emorph_deploy.data.preprocess import PreparedVolume, Preprocessing
 from emorph_deploy.errors import InputError
 
-__all__ = ["PairDataset", "PairSpec", "Subject", "discover", "make_pairs", "split_pairs", "split_subjects"]
+__all__ = [
+    "PairDataset",
+    "PairMode",
+    "PairSpec",
+    "Split",
+    "Subject",
+    "discover",
+    "make_pairs",
+    "split_pairs",
+    "split_subjects",
+]
 
 _LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_aseg", "_dseg", "_mask")
+
+
+class PairMode(Choice):
+    """How subjects are paired: ``inter`` (inter-subject) or ``atlas`` (atlas-to-subject)."""
+
+    inter = "inter"
+    atlas = "atlas"
+
+
+class Split(Choice):
+    """Part of a seeded train/validation split: ``train``, ``val`` or ``all`` (no split)."""
+
+    train = "train"
+    val = "val"
+    all = "all"
 
 
 @dataclass(frozen=True)
@@ -54,11 +90,6 @@ def _is_nifti(p: Path) -> bool:
     return p.is_file() and (p.name.endswith(".nii") or p.name.endswith(".nii.gz"))
 
 
-def _stem(p: Path) -> str:
-    name = p.name
-    return name[:-7] if name.endswith(".nii.gz") else name[:-4] if name.endswith(".nii") else p.stem
-
-
 def _check_file(p: Path, what: str) -> Path:
     if not p.is_file():
         raise InputError(
@@ -74,62 +105,61 @@ def _from_folder(folder: Path) -> list[Subject]:
         for p in sorted(q for q in img_dir.iterdir() if _is_nifti(q)):
             lab = None
             if lab_dir.is_dir():
-                cands = [c for c in lab_dir.iterdir() if _is_nifti(c) and _stem(c) == _stem(p)]
+                cands = [c for c in lab_dir.iterdir() if _is_nifti(c) and nifti_stem(c) == nifti_stem(p)]
                 lab = cands[0] if cands else None
             subjects.append(Subject(p, lab))
         return subjects
     files = sorted(q for q in folder.iterdir() if _is_nifti(q))
-    by_stem = {_stem(q): q for q in files}
-    label_files = {q for q in files if any(_stem(q).endswith(s) for s in _LABEL_SUFFIXES)}
+    by_stem = {nifti_stem(q): q for q in files}
+    label_files = {q for q in files if any(nifti_stem(q).endswith(s) for s in _LABEL_SUFFIXES)}
     subjects = []
     for p in files:
         if p in label_files:
             continue
-        lab = next((by_stem[_stem(p) + s] for s in _LABEL_SUFFIXES if _stem(p) + s in by_stem), None)
+        stem = nifti_stem(p)
+        lab = next((by_stem[stem + s] for s in _LABEL_SUFFIXES if stem + s in by_stem), None)
         subjects.append(Subject(p, lab))
     return subjects
 
 
+#: Subject-list columns (canonical -> other accepted spellings); pairs CSVs use
+#: :data:`emorph_deploy.data.pairs.PAIR_COLUMNS`.
+SUBJECT_COLUMNS: dict[str, tuple[str, ...]] = {"image": (), "label": ("labels",)}
+
+
 def _read_csv(path: Path) -> tuple[list[Subject], list[PairSpec]]:
-    base = path.parent
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(
-            f"dataset {path}: expected a readable CSV, got {type(exc).__name__}: {exc}; fix: check the file"
-        ) from exc
-    if not rows:
+    """Subjects (``image[,label]``) or explicit pairs (a pairs CSV, :mod:`emorph_deploy.data.pairs`)."""
+    table = read_table(path, {**PAIR_COLUMNS, **SUBJECT_COLUMNS})
+    if not table.rows:
         raise InputError(
             f"dataset {path}: expected at least one row, got an empty CSV; fix: list your volumes"
         )
-    cols = {c.strip().lower() for c in rows[0] if c}
-
-    def path_of(row: dict[str, str], key: str, required: bool) -> Path | None:
-        val = next((v for k, v in row.items() if k and k.strip().lower() == key), None)
-        val = (val or "").strip()
-        if not val:
-            if required:
-                raise InputError(
-                    f"dataset {path}: expected a value in column '{key}', got an empty cell; fix: fill it in"
-                )
-            return None
-        p = Path(val)
-        return _check_file(p if p.is_absolute() else base / p, f"dataset {path}: {key}")
-
-    if {"fixed", "moving"} <= cols:
-        pairs = []
-        for row in rows:
-            fixed = Subject(path_of(row, "fixed", True), path_of(row, "fixed_label", False))  # type: ignore[arg-type]
-            moving = Subject(path_of(row, "moving", True), path_of(row, "moving_label", False))  # type: ignore[arg-type]
-            pairs.append(PairSpec(fixed, moving))
-        return [], pairs
-    if "image" in cols:
-        return [Subject(path_of(row, "image", True), path_of(row, "label", False)) for row in rows], []  # type: ignore[arg-type]
+    if {"fixed", "moving"} <= table.columns:
+        return [], [_pair_spec(path, row) for row in pairs_from_table(table)]
+    if "image" in table.columns:
+        return [_subject(path, row) for row in table.rows], []
     raise InputError(
-        f"dataset {path}: expected columns 'image[,label]' or 'fixed,moving[,fixed_label,moving_label]', "
-        f"got {sorted(cols)}; fix: rename the CSV header"
+        f"dataset {path}: expected columns 'image[,label]' or 'fixed,moving[,fixed_labels,moving_labels]', "
+        f"got {sorted(table.columns)}; fix: rename the CSV header"
     )
+
+
+def _pair_spec(path: Path, row: PairRow) -> PairSpec:
+    where = f"dataset {path} line {row.line}"
+    fixed_labels = _check_file(row.fixed_labels, f"{where}: fixed_labels") if row.fixed_labels else None
+    moving_labels = _check_file(row.moving_labels, f"{where}: moving_labels") if row.moving_labels else None
+    return PairSpec(
+        Subject(_check_file(row.fixed, f"{where}: fixed"), fixed_labels),
+        Subject(_check_file(row.moving, f"{where}: moving"), moving_labels),
+    )
+
+
+def _subject(path: Path, row: TableRow) -> Subject:
+    require_cells(path, row, ("image",))
+    where = f"dataset {path} line {row.line}"
+    image = _check_file(resolve_path(row.cells["image"], path), f"{where}: image")
+    label = row.cells.get("label")
+    return Subject(image, _check_file(resolve_path(label, path), f"{where}: label") if label else None)
 
 
 def discover(source: str | os.PathLike) -> tuple[list[Subject], list[PairSpec]]:
@@ -183,7 +213,7 @@ split_pairs = split_subjects
 
 def make_pairs(
     subjects: Sequence[Subject],
-    mode: Literal["inter", "atlas"] = "inter",
+    mode: PairMode | str = PairMode.inter,
     atlas: Subject | None = None,
     seed: int = 0,
     epoch: int = 0,
@@ -191,11 +221,11 @@ def make_pairs(
     """Pairs for one epoch. ``inter``: subject i fixed, a seeded random other subject moving (n pairs);
     ``atlas``: atlas moving, each subject fixed."""
     subjects = list(subjects)
-    if mode == "atlas":
+    if mode == PairMode.atlas:
         if atlas is None:
             raise InputError("atlas pairs: expected an atlas image, got none; fix: pass --atlas PATH")
         return [PairSpec(fixed=s, moving=atlas) for s in subjects]
-    if mode != "inter":
+    if mode != PairMode.inter:
         raise InputError(f"pairing: expected 'inter' or 'atlas', got {mode!r}; fix: use one of those")
     n = len(subjects)
     if n < 2:
@@ -225,7 +255,7 @@ class PairDataset(_Dataset):  # type: ignore[misc,valid-type]
         subjects: Sequence[Subject] = (),
         preprocessing: Preprocessing | None = None,
         pairs: Sequence[PairSpec] | None = None,
-        mode: Literal["inter", "atlas"] = "inter",
+        mode: PairMode | str = PairMode.inter,
         atlas: str | os.PathLike | Subject | None = None,
         seed: int = 0,
         cache_size: int = 64,
@@ -236,7 +266,7 @@ class PairDataset(_Dataset):  # type: ignore[misc,valid-type]
         if isinstance(atlas, str | os.PathLike):
             atlas = Subject(_check_file(Path(atlas), "atlas"))
         self.atlas = atlas
-        self.mode = "atlas" if atlas is not None else mode
+        self.mode = PairMode.atlas if atlas is not None else mode
         self.seed = int(seed)
         self.epoch = 0
         self.cache_size = int(cache_size)
@@ -255,16 +285,16 @@ class PairDataset(_Dataset):  # type: ignore[misc,valid-type]
         source: str | os.PathLike,
         preprocessing: Preprocessing | None = None,
         val_fraction: float = 0.0,
-        split: Literal["train", "val", "all"] = "all",
+        split: Split | str = Split.all,
         seed: int = 0,
         **kwargs: Any,
     ) -> PairDataset:
         """Dataset from a folder/CSV; ``split`` selects the train or val part of a seeded split."""
         subjects, pairs = discover(source)
         items = subjects or pairs
-        if split != "all":
+        if split != Split.all:
             train, val = split_subjects(items, val_fraction, seed)
-            items = train if split == "train" else val
+            items = train if split == Split.train else val
         if not items:
             raise InputError(
                 f"dataset {source}: expected volumes in the {split} split, got none; "

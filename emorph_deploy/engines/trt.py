@@ -14,18 +14,11 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
+from emorph_deploy.choices import Flavour
 from emorph_deploy.errors import InputError, MissingDependencyError
 from emorph_deploy.export.trt_ops import gridsample_5d_supported, parse_version
-
-
-class Flavour(str, Enum):
-    auto = "auto"
-    tensorrt = "tensorrt"
-    tensorrt_rtx = "tensorrt-rtx"
-
 
 #: flavour -> Python module
 MODULES: dict[str, str] = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}

@@ -1,8 +1,9 @@
 """Batch registration from a CSV of pairs: ``fixed,moving[,moving_labels][,id]``.
 
-Relative paths are resolved against the CSV's folder. Each pair goes to ``<out>/<id>/`` (``id`` column, or
-``<row number>_<moving stem>``). A failing pair is recorded with its one-line error and the rest continue;
-``<out>/summary.csv`` lists every pair's status, NCC before/after, J ≤ 0, SDlogJ and time.
+The CSV is read by :func:`emorph_deploy.data.pairs.read_pairs` (relative paths are resolved against the CSV's
+folder). Each pair goes to ``<out>/<id>/`` (``id`` column, or ``<row number>_<moving stem>``). A failing
+pair is recorded with its one-line error and the rest continue; ``<out>/summary.csv`` lists every pair's
+status, NCC before/after, J ≤ 0, SDlogJ and time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emorph_deploy.data.pairs import nifti_stem
+from emorph_deploy.data.pairs import read_pairs as read_pairs_csv
 from emorph_deploy.errors import EmorphError, InputError
 
 __all__ = ["Pair", "format_summary", "read_pairs", "run_batch"]
@@ -41,63 +44,21 @@ class Pair:
     moving_labels: Path | None = None
 
 
-def _stem(p: Path) -> str:
-    name = p.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return p.stem
-
-
 def read_pairs(csv_path: str | Path) -> list[Pair]:
-    """Parse the pairs CSV (header ``fixed,moving[,moving_labels][,id]``); InputError on a malformed file."""
+    """The pairs of a pairs CSV (:mod:`emorph_deploy.data.pairs`: ``fixed,moving[,moving_labels][,id]``), each
+    with a unique folder name; InputError on a malformed file."""
     path = Path(csv_path)
-    if not path.is_file():
-        raise InputError(
-            f"pairs: expected an existing CSV file, got a missing path {path}; fix: check --pairs"
-        )
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(
-            f"pairs {path}: expected a UTF-8 CSV, got {type(exc).__name__}; fix: save it as CSV"
-        ) from exc
-    reader = csv.DictReader(io.StringIO(text))
-    cols = [c.strip() for c in (reader.fieldnames or [])]
-    if "fixed" not in cols or "moving" not in cols:
-        raise InputError(
-            f"pairs {path}: expected a header with columns fixed,moving[,moving_labels], got "
-            f"{cols or 'no header'}; fix: add the header line 'fixed,moving,moving_labels'"
-        )
     pairs: list[Pair] = []
     seen: set[str] = set()
-    for n, row in enumerate(reader, start=1):
-        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-        if not any(row.values()):
-            continue
-        if not row.get("fixed") or not row.get("moving"):
-            raise InputError(
-                f"pairs {path}: row {n} expected both fixed and moving paths, got {row}; "
-                "fix: fill in both columns"
-            )
-
-        def res(p: str) -> Path:
-            q = Path(p).expanduser()
-            return q if q.is_absolute() else path.parent / q
-
-        moving = res(row["moving"])
-        pid = row.get("id") or f"{n:04d}_{_stem(moving)}"
-        pid = re.sub(r"[^A-Za-z0-9._-]+", "_", pid)
+    for row in read_pairs_csv(path):
+        pid = re.sub(r"[^A-Za-z0-9._-]+", "_", row.id or f"{row.index:04d}_{nifti_stem(row.moving)}")
         if pid in seen:
             raise InputError(
-                f"pairs {path}: row {n} expected a unique id, got duplicate {pid!r}; "
+                f"pairs CSV {path} line {row.line}: expected a unique id, got duplicate {pid!r}; "
                 "fix: make the id column unique"
             )
         seen.add(pid)
-        labels = row.get("moving_labels") or None
-        pairs.append(Pair(pid, res(row["fixed"]), moving, res(labels) if labels else None))
-    if not pairs:
-        raise InputError(f"pairs {path}: expected at least one pair, got none; fix: add rows fixed,moving")
+        pairs.append(Pair(pid, row.fixed, row.moving, row.moving_labels))
     return pairs
 
 

@@ -10,35 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields
-from enum import Enum
 from typing import Any
 
+from emorph_deploy.choices import Amp, SyntheticKind
 from emorph_deploy.errors import InputError
 from emorph_deploy.runtime import cpu_has_native_bf16
 
-__all__ = ["AMP_CHOICES", "RESUMABLE_OVERRIDES", "SYNTHETIC_KINDS", "Amp", "SyntheticKind", "TrainConfig",
-           "resolve_amp"]
-
-
-class Amp(str, Enum):
-    """Mixed precision of the forward pass: ``auto`` = bf16 where the device computes it natively (CUDA
-    with bf16, or a CPU with AVX512-BF16 or AMX), fp32 elsewhere, decided at run time on every machine."""
-
-    none = "none"
-    auto = "auto"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class SyntheticKind(str, Enum):
-    """Synthetic training data: ``brains`` (SynthMorph-style pairs from the MNI152 tissue maps with
-    independent contrasts, :mod:`emorph_deploy.data.brainsynth`), ``synth`` (random label maps),
-    ``template`` (MNI152 T1 under known deformations) or ``mix`` (synth/template alternating)."""
-
-    brains = "brains"
-    mix = "mix"
-    synth = "synth"
-    template = "template"
+__all__ = ["AMP_CHOICES", "RESUMABLE_OVERRIDES", "SYNTHETIC_KINDS", "TrainConfig", "resolve_amp"]
 
 
 AMP_CHOICES: tuple[str, ...] = tuple(a.value for a in Amp)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from emorph_deploy.check import TOLERANCES, evaluate, read_pairs_csv
+from emorph_deploy.check import TOLERANCES, evaluate, read_check_pairs
 from emorph_deploy.errors import InputError
 
 
@@ -33,13 +33,13 @@ def test_evaluate_gates_the_worst_pair():
 def test_pairs_csv_errors(tmp_path):
     p = tmp_path / "p.csv"
     p.write_text("a,b\nx,y\n")
-    with pytest.raises(InputError, match="moving,fixed"):
-        read_pairs_csv(p)
+    with pytest.raises(InputError, match="fixed,moving"):
+        read_check_pairs(p)
     p.write_text("moving,fixed,moving_label\nm.nii.gz,f.nii.gz,ml.nii.gz\n")
-    with pytest.raises(InputError, match="both"):
-        read_pairs_csv(p)
-    with pytest.raises(InputError, match="not found"):
-        read_pairs_csv(tmp_path / "none.csv")
+    with pytest.raises(InputError, match="line 2: expected both"):
+        read_check_pairs(p)
+    with pytest.raises(InputError, match="missing path"):
+        read_check_pairs(tmp_path / "none.csv")
 
 
 def _save(arr, path, spacing):
