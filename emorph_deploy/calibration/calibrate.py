@@ -73,7 +73,7 @@ def calibrate(
     say: Any = None,
 ) -> CalibrationResult:
     """Calibrate ``onnx_path`` on ``pairs`` (CSV) or ``synthetic`` generated pairs and write the QDQ graph."""
-    from emorph_deploy.engines.builder import graph_precision, load_onnx_hashed, read_onnx_manifest
+    from emorph_deploy.export.onnx_io import graph_precision, load_onnx_hashed, read_onnx_manifest
 
     say = say or (lambda _m: None)
     onnx_path = Path(onnx_path)
@@ -153,7 +153,7 @@ def calibrate(
         w.writerow([src.moving, src.fixed])
     qdq_bytes = qdq.SerializeToString()
     from emorph_deploy import __version__
-    from emorph_deploy.engines.builder import derived_onnx_manifest
+    from emorph_deploy.export.onnx_io import derived_onnx_manifest
 
     manifest = derived_onnx_manifest(
         meta,

@@ -63,9 +63,10 @@ def build(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print TensorRT's log.")] = False,
 ) -> None:
     """Build a TensorRT engine (fp32, fp16 or int8) from an ONNX export and write its manifest."""
-    from emorph_deploy.engines.builder import BuildOptions, build_engine, graph_precision, load_onnx_hashed
+    from emorph_deploy.engines.builder import BuildOptions, build_engine
     from emorph_deploy.engines.trt import load_tensorrt
     from emorph_deploy.errors import ConfigMismatchError, InputError
+    from emorph_deploy.export.onnx_io import graph_precision, load_onnx_hashed
 
     def say(msg: str) -> None:
         typer.echo(f"build: {msg}", err=True)
@@ -93,7 +94,7 @@ def build(
     src_model, src_sha = load_onnx_hashed(onnx) if precision is Precision.int8 else (None, None)
     if precision is Precision.int8 and graph_precision(src_model) != "int8":
         if calibration is not None:
-            from emorph_deploy.engines.builder import read_onnx_manifest
+            from emorph_deploy.export.onnx_io import read_onnx_manifest
 
             qmeta = read_onnx_manifest(calibration) or {}
             derived = (qmeta.get("derived_from") or {}).get("sha256")

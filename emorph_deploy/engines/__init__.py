@@ -7,7 +7,7 @@ Public API: :class:`BuildOptions`, :func:`build_engine`, :func:`load_tensorrt`, 
 
 from __future__ import annotations
 
-from emorph_deploy.engines.builder import PRECISIONS, BuildOptions, BuildResult, build_engine, graph_precision
+from emorph_deploy.engines.builder import PRECISIONS, BuildOptions, BuildResult, build_engine
 from emorph_deploy.engines.manifest import (
     AOT_GPU,
     ENGINE_FORMAT,
@@ -37,7 +37,6 @@ __all__ = [
     "check_compatible",
     "convert_fp16",
     "detect_gpu",
-    "graph_precision",
     "load_tensorrt",
     "read_engine_manifest",
     "rebuild_command",

@@ -10,27 +10,36 @@ flags):
   built; on TensorRT 10.x (Jetson 10.3) ``fp16_mode="flag"`` instead builds the FP32 graph with
   ``BuilderFlag.FP16`` and per-layer FP32 constraints on the same nodes;
 * ``int8``: an explicit-quantization (QDQ) graph from ``emorph calibrate`` (:mod:`emorph_deploy.calibration`).
+
+:func:`build_engine` runs the stages in order: :func:`select_graph` (which graph, at which precision; every
+refusal before any work), :func:`output_paths`, :func:`graph_to_build` (the FP16 conversion),
+:func:`configure_builder` (network flags, parse, workspace, optimization level, TensorRT-RTX targets, FP16
+flag, timing cache), :func:`serialize_engine`, :func:`write_outputs` and :func:`engine_manifest`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from emorph_deploy.engines.manifest import AOT_GPU, ENGINE_FORMAT, engine_stem, rebuild_command
-from emorph_deploy.engines.trt import GpuInfo, TensorRT, detect_gpu, load_tensorrt
+from emorph_deploy.engines.trt import TensorRT, detect_gpu, load_tensorrt, make_logger
 from emorph_deploy.errors import InputError, ProcessingError
-from emorph_deploy.export.manifest import MANIFEST_FORMAT, manifest_path_for
-from emorph_deploy.fileio import (
-    check_writable,
-    read_manifest_json,
-    write_bytes_atomic,
-    write_json_atomic,
+from emorph_deploy.export.manifest import manifest_path_for
+from emorph_deploy.export.onnx_io import (
+    derived_onnx_manifest,
+    graph_precision,
+    io_spec,
+    load_onnx_hashed,
+    read_onnx_manifest,
 )
+from emorph_deploy.fileio import check_writable, write_bytes_atomic, write_json_atomic
 
 PRECISIONS = ("fp32", "fp16", "int8")
 FP16_MODES = ("graph", "flag")
@@ -81,101 +90,250 @@ class BuildResult:
     extra_files: list[Path] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------------------------- logging
-def make_logger(trt: Any, verbose: bool = False) -> Any:
-    """A TensorRT ILogger that keeps every message (errors are reported in the one-line failure)."""
+def build_engine(
+    onnx_path: str | os.PathLike,
+    options: BuildOptions = BuildOptions(),
+    *,
+    trt: TensorRT | None = None,
+    verbose: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """Build ``<out>/<name>-<precision>-<gpu|aot>-<flavour><version>.plan`` + manifest from an ONNX graph.
 
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.messages: list[tuple[Any, str]] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            self.messages.append((severity, msg))
-            if verbose or severity in (trt.ILogger.INTERNAL_ERROR,):
-                print(f"[{str(severity).rsplit('.', 1)[-1]}] {msg}")
-
-        def errors(self) -> list[str]:
-            bad = (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR)
-            return [m for s, m in self.messages if s in bad]
-
-    return _Logger()
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-def read_onnx_manifest(onnx_path: Path) -> dict[str, Any] | None:
-    """The ONNX manifest beside the graph (``x.onnx`` -> ``x.json``), or None when there is none."""
-    path = manifest_path_for(onnx_path)
-    if not path.is_file():
-        return None
-    return read_manifest_json(path, kind="ONNX manifest", fmt=MANIFEST_FORMAT, required=(),
-                              fix="re-run 'emorph export'")
-
-
-def load_onnx(path: Path) -> Any:
-    """The ONNX model at ``path`` (external data beside it loaded); InputError if missing or unreadable."""
-    return load_onnx_hashed(path)[0]
+    Nothing is written unless the build succeeds; existing outputs are kept unless ``options.force``.
+    """
+    say = progress or (lambda _msg: None)
+    source = SourceGraph.read(Path(onnx_path))  # the one read of the source graph (TensorRT parses it)
+    trt = trt or load_tensorrt(options.flavour)
+    plan = select_graph(source, options, trt)
+    gpu_tag, gpu_info = _gpu_tag(trt)
+    paths = output_paths(source.name, plan, gpu_tag, trt, options)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="emorph-build-") as tmp:
+        graph = graph_to_build(source, plan, Path(tmp) / paths.fp16_onnx.name, say)
+        convert_s = time.perf_counter() - t0
+        setup = configure_builder(trt, source, plan, graph.path, options, gpu_tag, verbose, say)
+        engine, build_s = serialize_engine(trt, setup, plan, source.path, say)
+        built = write_outputs(source, graph, paths, engine, setup, options)
+    seconds = {"build": build_s, "total": time.perf_counter() - t0, "conversion": convert_s}
+    manifest = engine_manifest(source, plan, trt, gpu_info, graph, built, setup, options, seconds)
+    write_json_atomic(paths.manifest, manifest, force=options.force)
+    return BuildResult(paths.engine, paths.manifest, manifest, built.graph, built.extra)
 
 
-def load_onnx_hashed(path: Path) -> tuple[Any, str]:
-    """(ModelProto, SHA-256 of the ``.onnx`` file) from one read of the file; external data beside it is
-    loaded as ``onnx.load`` does (and is not part of the hash, as with ``sha256_file``)."""
-    import hashlib
+# ---------------------------------------------------------------------------------------------- graph
+@dataclass(frozen=True)
+class SourceGraph:
+    """The ONNX graph given to ``emorph build``, read once: the model, the file's hash, its manifest."""
 
-    import onnx
-    from onnx.external_data_helper import load_external_data_for_model
+    path: Path
+    model: Any  # onnx.ModelProto
+    sha256: str  # of the .onnx file
+    meta: dict[str, Any] | None  # the ONNX manifest beside it, if any
+    name: str  # the manifest's model name, else the file stem
+    precision: str  # of the graph: fp32 | fp16 | int8 (see graph_precision)
 
-    if not path.is_file():
-        raise InputError(f"ONNX {path} not found: expected a graph from 'emorph export'; fix: check the path")
-    try:
-        data = path.read_bytes()
-        model = onnx.load_model_from_string(data)
-        load_external_data_for_model(model, str(path.parent))
-    except Exception as exc:
+    @classmethod
+    def read(cls, path: Path) -> SourceGraph:
+        model, sha = load_onnx_hashed(path)
+        meta = read_onnx_manifest(path)
+        name = str((meta or {}).get("name") or path.stem)
+        return cls(path, model, sha, meta, name, graph_precision(model))
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """How the engine reaches its precision from the source graph."""
+
+    precision: str  # of the engine: fp32 | fp16 | int8
+    fp16_flag: bool  # the FP32 graph with BuilderFlag.FP16 and FP32-pinned layers (TensorRT 10.x)
+    convert_fp16: bool  # a mixed FP16/FP32 graph converted here and written beside the engine
+
+
+def select_graph(source: SourceGraph, options: BuildOptions, trt: TensorRT) -> GraphPlan:
+    """Which graph builds at ``options.precision``; refuses (InputError) a graph of the wrong precision, the
+    FP16 flag on a strongly-typed-only TensorRT and a rank-5 GridSample this TensorRT cannot build."""
+    have, want, path = source.precision, options.precision, source.path
+    if want == "int8" and have != "int8":
         raise InputError(
-            f"ONNX {path} cannot be read: expected an ONNX model, got {type(exc).__name__}; "
-            "fix: re-run 'emorph export'"
-        ) from exc
-    return model, hashlib.sha256(data).hexdigest()
+            f"--precision int8: expected a QDQ (explicitly quantized) graph, got a {have} graph "
+            f"{path}; fix: run 'emorph calibrate {path}' and build its QDQ ONNX, or pass "
+            "--calibration QDQ.onnx or --calibrate-synthetic N"
+        )
+    if want != "int8" and have == "int8":
+        raise InputError(
+            f"--precision {want}: expected an unquantized graph, got a QDQ graph {path}; fix: "
+            "pass --precision int8 or the FP32 export"
+        )
+    if want == "fp32" and have == "fp16":
+        raise InputError(
+            f"--precision fp32: expected an FP32 graph, got an FP16 graph {path}; fix: pass the FP32 export"
+        )
+    use_flag = want == "fp16" and options.fp16_mode == "flag"
+    if use_flag and trt.strongly_typed_only:
+        raise InputError(
+            f"--fp16-mode flag: expected TensorRT with BuilderFlag.FP16 (10.x), got {trt.flavour} "
+            f"{trt.version} (strongly typed only); fix: use --fp16-mode graph"
+        )
+    _refuse_grid_sample_5d(source, trt)
+    return GraphPlan(want, use_flag, convert_fp16=want == "fp16" and have == "fp32" and not use_flag)
 
 
-def graph_precision(model: Any) -> str:
-    """'int8' if the graph has Q/DQ nodes, 'fp16' if it has FP16 initializers or casts, else 'fp32'."""
-    import onnx
+def _refuse_grid_sample_5d(source: SourceGraph, trt: TensorRT) -> None:
+    from emorph_deploy.engines.graph import grid_sample_5d_nodes
 
-    ops = {n.op_type for n in model.graph.node}
-    if {"QuantizeLinear", "DequantizeLinear"} & ops:
-        return "int8"
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
-        return "fp16"
-    for n in model.graph.node:
-        if n.op_type == "Cast" and any(
-            a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute
-        ):
-            return "fp16"
-    return "fp32"
+    gs5 = grid_sample_5d_nodes(source.model)
+    if gs5 and not trt.supports_grid_sample_5d:
+        raise InputError(
+            f"ONNX {source.path}: expected no rank-5 GridSample for {trt.flavour} {trt.version} (3D "
+            f"GridSample needs TensorRT >= 11.2), got {len(gs5)} node(s) e.g. {gs5[0]}; fix: re-export "
+            "with 'emorph export --grid-sample gather'"
+        )
 
 
-def io_spec(model: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    import onnx
+@dataclass(frozen=True)
+class GraphToBuild:
+    """The file TensorRT parses: the source graph, or its FP16 conversion in a temporary folder."""
 
-    def entry(vi: Any) -> dict[str, Any]:
-        t = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in t.shape.dim]
+    path: Path
+    fp16_bytes: bytes | None = None  # the converted graph (written beside the engine), None if not converted
+    fp16_summary: dict[str, Any] | None = None  # the conversion's record for the manifests
+
+
+def graph_to_build(
+    source: SourceGraph, plan: GraphPlan, fp16_tmp: Path, say: Callable[[str], None]
+) -> GraphToBuild:
+    """The source graph, or (``plan.convert_fp16``) its mixed FP16/FP32 conversion written to ``fp16_tmp``."""
+    if not plan.convert_fp16:
+        return GraphToBuild(source.path)
+    from emorph_deploy.engines.fp16 import convert_fp16
+
+    say("converting to mixed FP16/FP32 (AutoCast; LayerNorm, Softmax, flow head, warp kept FP32)")
+    fp16_model, summary = convert_fp16(source.model)
+    fp16_bytes = fp16_model.SerializeToString()  # TensorRT parses the file; hash and copy from memory
+    fp16_tmp.write_bytes(fp16_bytes)
+    return GraphToBuild(fp16_tmp, fp16_bytes, summary)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+@dataclass(frozen=True)
+class BuildPaths:
+    engine: Path
+    manifest: Path
+    fp16_onnx: Path  # written only when the plan converts the graph to FP16
+    fp16_manifest: Path
+
+
+def output_paths(
+    name: str, plan: GraphPlan, gpu_tag: str, trt: TensorRT, options: BuildOptions
+) -> BuildPaths:
+    """The files this build writes, each checked writable (no overwrite without ``options.force``)."""
+    out_dir = Path(options.out_dir)
+    stem = engine_stem(name, plan.precision + ("-flag" if plan.fp16_flag else ""), gpu_tag, trt.tag)
+    fp16_onnx = out_dir / f"{name}-fp16.onnx"
+    paths = BuildPaths(
+        out_dir / f"{stem}.plan", out_dir / f"{stem}.json", fp16_onnx, manifest_path_for(fp16_onnx)
+    )
+    written = [paths.engine, paths.manifest]
+    if plan.convert_fp16:
+        written += [paths.fp16_onnx, paths.fp16_manifest]
+    for p in written:
+        check_writable(p, force=options.force)
+    return paths
+
+
+def _gpu_tag(trt: TensorRT) -> tuple[str, dict[str, Any]]:
+    """(file-name tag, manifest ``gpu`` section): ``aot`` for TensorRT-RTX, else the GPU built on."""
+    gpu = detect_gpu()
+    if trt.is_rtx:
+        info: dict[str, Any] = {
+            "name": AOT_GPU,
+            "compute_capability": None,
+            "build_machine_gpu": (asdict(gpu) if gpu else None),
+        }
+        return "aot", info
+    if gpu is None:
+        raise InputError(
+            f"{trt.flavour} {trt.version}: expected a CUDA GPU to build on, got none; fix: build on the "
+            "target device, or build ahead of time with --flavour tensorrt-rtx"
+        )
+    return gpu.slug, {"name": gpu.name, "compute_capability": gpu.compute_capability}
+
+
+# ---------------------------------------------------------------------------------------------- builder
+@dataclass
+class BuilderSetup:
+    """A parsed network and its configured builder, with what the engine manifest records about them."""
+
+    builder: Any
+    network: Any
+    config: Any
+    logger: Any
+    strongly_typed: bool
+    rtx_targets: list[str] = field(default_factory=list)
+    fp32_layers_pinned: int | None = None  # FP16-flag builds only
+    timing_cache: Any = None
+    timing_cache_path: Path | None = None
+
+    def record(self, options: BuildOptions, plan: GraphPlan) -> dict[str, Any]:
+        """The manifest's ``builder_options`` section."""
         return {
-            "name": vi.name,
-            "shape": dims,
-            "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+            "strongly_typed": self.strongly_typed,
+            "fp16_mode": options.fp16_mode if plan.precision == "fp16" else None,
+            "fp32_layers_pinned": self.fp32_layers_pinned,
+            "workspace_mb": options.workspace_mb,
+            "optimization_level": options.optimization_level,
+            "timing_cache": str(self.timing_cache_path) if self.timing_cache_path else None,
+            "rtx_targets": self.rtx_targets or None,
         }
 
-    init = {t.name for t in model.graph.initializer}
-    return (
-        [entry(v) for v in model.graph.input if v.name not in init],
-        [entry(v) for v in model.graph.output],
-    )
+
+def configure_builder(
+    trt: TensorRT,
+    source: SourceGraph,
+    plan: GraphPlan,
+    graph_path: Path,
+    options: BuildOptions,
+    gpu_tag: str,
+    verbose: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> BuilderSetup:
+    """Create the network (strongly typed unless FP16-flag), parse ``graph_path`` into it and configure the
+    builder: workspace, optimization level, TensorRT-RTX targets, FP16 flag, timing cache."""
+    say = say or (lambda _msg: None)
+    setup = _create_network(trt, plan, verbose)
+    say(f"parsing {graph_path.name} with {trt.flavour} {trt.version}")
+    parse_onnx(trt, setup.network, setup.logger, graph_path, str(source.path))
+    setup.config = config = setup.builder.create_builder_config()
+    if options.workspace_mb:
+        config.set_memory_pool_limit(trt.module.MemoryPoolType.WORKSPACE, int(options.workspace_mb) << 20)
+    if options.optimization_level is not None and hasattr(config, "builder_optimization_level"):
+        config.builder_optimization_level = int(options.optimization_level)
+    if trt.is_rtx:
+        setup.rtx_targets = _set_rtx_targets(trt, config, tuple(options.rtx_targets))
+    if plan.fp16_flag:
+        from emorph_deploy.engines.fp16 import fp32_nodes_and_tensors
+
+        keep, tensors = fp32_nodes_and_tensors(source.model)
+        setup.fp32_layers_pinned = _apply_fp16_flag(trt, setup.network, config, keep, tensors)
+    _attach_timing_cache(trt, setup, options, gpu_tag)
+    return setup
 
 
-# ---------------------------------------------------------------------------------------------- parse
+def _create_network(trt: TensorRT, plan: GraphPlan, verbose: bool) -> BuilderSetup:
+    mod = trt.module
+    logger = make_logger(mod, verbose)
+    builder = mod.Builder(logger)
+    strongly_typed = not plan.fp16_flag and hasattr(mod.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    flags = 0
+    if strongly_typed:
+        flags |= 1 << int(mod.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    if hasattr(mod.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and trt.version_tuple[:1] < (10,):
+        flags |= 1 << int(mod.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)  # pragma: no cover - TRT 8.x
+    network = builder.create_network(flags)
+    return BuilderSetup(builder, network, None, logger, strongly_typed)
+
+
 def parse_onnx(trt: TensorRT, network: Any, logger: Any, path: Path, label: str) -> None:
     """Parse into ``network``; on failure one line listing every rejected node (index, name, op, reason)."""
     parser = trt.module.OnnxParser(network, logger)
@@ -217,7 +375,19 @@ def _call(obj: Any, name: str) -> Any:
         return None
 
 
-# ---------------------------------------------------------------------------------------------- build
+def _attach_timing_cache(trt: TensorRT, setup: BuilderSetup, options: BuildOptions, gpu_tag: str) -> None:
+    """Reuse and extend ``<out>/timing-<trt>-<gpu>.cache`` (TensorRT-RTX: timing-cache calls are no-ops; it
+    has a runtime cache instead)."""
+    config = setup.config
+    if not options.timing_cache or trt.is_rtx or not hasattr(config, "create_timing_cache"):
+        return
+    cache_path = Path(options.out_dir) / f"timing-{trt.tag}-{gpu_tag}.cache"
+    blob = cache_path.read_bytes() if cache_path.is_file() else b""
+    setup.timing_cache = config.create_timing_cache(blob)
+    setup.timing_cache_path = cache_path
+    config.set_timing_cache(setup.timing_cache, False)
+
+
 def _set_rtx_targets(trt: TensorRT, config: Any, targets: tuple[str, ...]) -> list[str]:
     cc_enum = getattr(trt.module, "ComputeCapability", None)
     if cc_enum is None or not hasattr(config, "num_compute_capabilities"):
@@ -266,249 +436,123 @@ def _apply_fp16_flag(
     return pinned
 
 
-def _gpu_tag(trt: TensorRT) -> tuple[str, dict[str, Any], GpuInfo | None]:
-    gpu = detect_gpu()
-    if trt.is_rtx:
-        info: dict[str, Any] = {
-            "name": AOT_GPU,
-            "compute_capability": None,
-            "build_machine_gpu": (asdict(gpu) if gpu else None),
-        }
-        return "aot", info, gpu
-    if gpu is None:
-        raise InputError(
-            f"{trt.flavour} {trt.version}: expected a CUDA GPU to build on, got none; fix: build on the "
-            "target device, or build ahead of time with --flavour tensorrt-rtx"
+# ---------------------------------------------------------------------------------------------- build
+def serialize_engine(
+    trt: TensorRT, setup: BuilderSetup, plan: GraphPlan, label: Path, say: Callable[[str], None] | None = None
+) -> tuple[bytes, float]:
+    """(serialized engine, build seconds); ProcessingError with TensorRT's last errors if it fails."""
+    say = say or (lambda _msg: None)
+    typing = "strongly typed" if setup.strongly_typed else "BuilderFlag.FP16"
+    say(f"building {plan.precision} engine ({typing})")
+    t_build = time.perf_counter()
+    serialized = setup.builder.build_serialized_network(setup.network, setup.config)
+    build_s = time.perf_counter() - t_build
+    if serialized is None:
+        errs = [m.splitlines()[0] for m in setup.logger.errors()][-3:] or ["no error message"]
+        raise ProcessingError(
+            f"{trt.flavour} {trt.version} failed to build {label} at {plan.precision}: "
+            f"{' | '.join(errs)}; fix: build --precision fp32 to isolate, or re-export"
         )
-    return gpu.slug, {"name": gpu.name, "compute_capability": gpu.compute_capability}, gpu
+    return bytes(serialized), build_s
 
 
-def build_engine(
-    onnx_path: str | os.PathLike,
-    options: BuildOptions = BuildOptions(),
-    *,
-    trt: TensorRT | None = None,
-    verbose: bool = False,
-    progress: Any = None,
-) -> BuildResult:
-    """Build ``<out>/<name>-<precision>-<gpu|aot>-<flavour><version>.plan`` + manifest from an ONNX graph.
+# ---------------------------------------------------------------------------------------------- write
+@dataclass(frozen=True)
+class BuiltFiles:
+    engine: Path
+    engine_bytes: int
+    engine_sha256: str
+    graph: Path  # the ONNX graph the engine was built from (the FP16 conversion beside it, or the source)
+    graph_sha256: str
+    extra: list[Path]  # written beside the engine and its manifest
 
-    Nothing is written unless the build succeeds; existing outputs are kept unless ``options.force``.
-    """
-    say = progress or (lambda _msg: None)
-    onnx_path = Path(onnx_path)
-    model, source_sha = load_onnx_hashed(onnx_path)  # the one read of the source graph (TensorRT parses it)
-    onnx_meta = read_onnx_manifest(onnx_path)
-    trt = trt or load_tensorrt(options.flavour)
-    name = str((onnx_meta or {}).get("name") or onnx_path.stem)
-    out_dir = Path(options.out_dir)
-    have = graph_precision(model)
-    want = options.precision
-    # --- the graph this precision builds from
-    if want == "int8" and have != "int8":
-        raise InputError(
-            f"--precision int8: expected a QDQ (explicitly quantized) graph, got a {have} graph "
-            f"{onnx_path}; fix: run 'emorph calibrate {onnx_path}' and build its QDQ ONNX, or pass "
-            "--calibration QDQ.onnx or --calibrate-synthetic N"
-        )
-    if want != "int8" and have == "int8":
-        raise InputError(
-            f"--precision {want}: expected an unquantized graph, got a QDQ graph {onnx_path}; fix: "
-            "pass --precision int8 or the FP32 export"
-        )
-    if want == "fp32" and have == "fp16":
-        raise InputError(
-            f"--precision fp32: expected an FP32 graph, got an FP16 graph {onnx_path}; fix: pass the "
-            "FP32 export"
-        )
-    use_flag = want == "fp16" and options.fp16_mode == "flag"
-    if use_flag and trt.strongly_typed_only:
-        raise InputError(
-            f"--fp16-mode flag: expected TensorRT with BuilderFlag.FP16 (10.x), got {trt.flavour} "
-            f"{trt.version} (strongly typed only); fix: use --fp16-mode graph"
-        )
-    convert_fp16 = want == "fp16" and have == "fp32" and not use_flag
 
-    # --- refuse what this TensorRT cannot build, before any work
-    from emorph_deploy.engines.graph import grid_sample_5d_nodes
-
-    gs5 = grid_sample_5d_nodes(model)
-    if gs5 and not trt.supports_grid_sample_5d:
-        raise InputError(
-            f"ONNX {onnx_path}: expected no rank-5 GridSample for {trt.flavour} {trt.version} (3D "
-            f"GridSample needs TensorRT >= 11.2), got {len(gs5)} node(s) e.g. {gs5[0]}; fix: re-export "
-            "with 'emorph export --grid-sample gather'"
-        )
-
-    gpu_tag, gpu_info, _gpu = _gpu_tag(trt)
-    mode_tag = "-flag" if use_flag else ""
-    stem = engine_stem(name, want + mode_tag, gpu_tag, trt.tag)
-    engine_path = out_dir / f"{stem}.plan"
-    manifest_path = out_dir / f"{stem}.json"
-    fp16_onnx = out_dir / f"{name}-fp16.onnx"
-    fp16_json = manifest_path_for(fp16_onnx)
-    for p in [engine_path, manifest_path] + ([fp16_onnx, fp16_json] if convert_fp16 else []):
-        check_writable(p, force=options.force)
-
+def write_outputs(
+    source: SourceGraph,
+    graph: GraphToBuild,
+    paths: BuildPaths,
+    engine: bytes,
+    setup: BuilderSetup,
+    options: BuildOptions,
+) -> BuiltFiles:
+    """Write the FP16 graph and its manifest (if converted; the engine manifest references them), then the
+    engine and the timing cache; the engine manifest is written last, by :func:`build_engine`."""
     extra: list[Path] = []
-    fp16_summary: dict[str, Any] | None = None
-    graph_path = onnx_path
-    t0 = time.perf_counter()
-    import tempfile
+    built_graph, built_sha = source.path, source.sha256
+    if graph.fp16_bytes is not None:
+        built_graph, built_sha = paths.fp16_onnx, hashlib.sha256(graph.fp16_bytes).hexdigest()
+        fp16_meta = derived_onnx_manifest(
+            source.meta,
+            source.model,
+            name=source.name,
+            precision="fp16",
+            graph_sha=built_sha,
+            source=source.path,
+            source_sha=source.sha256,
+            fp16_conversion=graph.fp16_summary or {},
+        )
+        write_bytes_atomic(paths.fp16_onnx, graph.fp16_bytes, force=options.force)
+        write_json_atomic(paths.fp16_manifest, fp16_meta, force=options.force)
+        extra += [paths.fp16_onnx, paths.fp16_manifest]
+    write_bytes_atomic(paths.engine, engine, force=options.force)
+    if setup.timing_cache is not None and setup.timing_cache_path is not None:
+        write_bytes_atomic(setup.timing_cache_path, bytes(setup.timing_cache.serialize()), force=True)
+        extra.append(setup.timing_cache_path)
+    engine_sha = hashlib.sha256(engine).hexdigest()
+    return BuiltFiles(paths.engine, len(engine), engine_sha, built_graph, built_sha, extra)
 
-    with tempfile.TemporaryDirectory(prefix="emorph-build-") as tmp:
-        if convert_fp16:
-            from emorph_deploy.engines.fp16 import convert_fp16 as _convert
 
-            say("converting to mixed FP16/FP32 (AutoCast; LayerNorm, Softmax, flow head, warp kept FP32)")
-            fp16_model, fp16_summary = _convert(model)
-            graph_path = Path(tmp) / fp16_onnx.name
-            fp16_bytes = fp16_model.SerializeToString()  # TensorRT parses the file; hash and copy from memory
-            graph_path.write_bytes(fp16_bytes)
-        convert_s = time.perf_counter() - t0
-
-        mod = trt.module
-        logger = make_logger(mod, verbose)
-        builder = mod.Builder(logger)
-        strongly_typed = not use_flag and hasattr(mod.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
-        flags = 0
-        if strongly_typed:
-            flags |= 1 << int(mod.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-        if hasattr(mod.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and trt.version_tuple[:1] < (10,):
-            flags |= 1 << int(mod.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)  # pragma: no cover - TRT 8.x
-        network = builder.create_network(flags)
-        say(f"parsing {graph_path.name} with {trt.flavour} {trt.version}")
-        parse_onnx(trt, network, logger, graph_path, str(onnx_path))
-        config = builder.create_builder_config()
-        if options.workspace_mb:
-            config.set_memory_pool_limit(mod.MemoryPoolType.WORKSPACE, int(options.workspace_mb) << 20)
-        if options.optimization_level is not None and hasattr(config, "builder_optimization_level"):
-            config.builder_optimization_level = int(options.optimization_level)
-        targets: list[str] = []
-        if trt.is_rtx:
-            targets = _set_rtx_targets(trt, config, tuple(options.rtx_targets))
-            gpu_info["target_compute_capabilities"] = targets
-        pinned = None
-        if use_flag:
-            from emorph_deploy.engines.fp16 import fp32_node_names
-            from emorph_deploy.engines.graph import named_copy
-
-            named = named_copy(model)
-            keep = fp32_node_names(
-                named,
-            )
-            tensors = {o for n in named.graph.node if n.name in keep for o in n.output}
-            pinned = _apply_fp16_flag(trt, network, config, keep, tensors)
-        # timing cache (TensorRT-RTX: timing-cache calls are no-ops; it has a runtime cache instead)
-        cache_path: Path | None = None
-        cache = None
-        if options.timing_cache and not trt.is_rtx and hasattr(config, "create_timing_cache"):
-            cache_path = out_dir / f"timing-{trt.tag}-{gpu_tag}.cache"
-            blob = cache_path.read_bytes() if cache_path.is_file() else b""
-            cache = config.create_timing_cache(blob)
-            config.set_timing_cache(cache, False)
-        say(f"building {want} engine ({'strongly typed' if strongly_typed else 'BuilderFlag.FP16'})")
-        t_build = time.perf_counter()
-        serialized = builder.build_serialized_network(network, config)
-        build_s = time.perf_counter() - t_build
-        if serialized is None:
-            errs = [m.splitlines()[0] for m in logger.errors()][-3:] or ["no error message"]
-            raise ProcessingError(
-                f"{trt.flavour} {trt.version} failed to build {onnx_path} at {want}: "
-                f"{' | '.join(errs)}; fix: build --precision fp32 to isolate, or re-export"
-            )
-        data = bytes(serialized)
-        # --- write: graph first (manifest references it), engine, manifest last
-        built_graph, built_sha = onnx_path, source_sha
-        if convert_fp16:
-            built_sha = hashlib.sha256(fp16_bytes).hexdigest()
-            fp16_meta = derived_onnx_manifest(
-                onnx_meta, model, name=name, precision="fp16", graph_sha=built_sha, source=onnx_path,
-                source_sha=source_sha, fp16_conversion=fp16_summary or {},
-            )
-            write_bytes_atomic(fp16_onnx, fp16_bytes, force=options.force)
-            write_json_atomic(fp16_json, fp16_meta, force=options.force)
-            extra += [fp16_onnx, fp16_json]
-            built_graph = fp16_onnx
-        write_bytes_atomic(engine_path, data, force=options.force)
-        if cache is not None and cache_path is not None:
-            write_bytes_atomic(cache_path, bytes(cache.serialize()), force=True)
-            extra.append(cache_path)
-    total_s = time.perf_counter() - t0
-    inputs, outputs = io_spec(model)
+# ---------------------------------------------------------------------------------------------- manifest
+def engine_manifest(
+    source: SourceGraph,
+    plan: GraphPlan,
+    trt: TensorRT,
+    gpu_info: dict[str, Any],
+    graph: GraphToBuild,
+    built: BuiltFiles,
+    setup: BuilderSetup,
+    options: BuildOptions,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """The ``emorph-engine/1`` manifest (:mod:`emorph_deploy.engines.manifest`); ``seconds`` holds the
+    ``build``, ``total`` and ``conversion`` wall times."""
     from emorph_deploy import __version__
 
+    meta = source.meta or {}
+    inputs, outputs = io_spec(source.model)
+    gpu = {**gpu_info, "target_compute_capabilities": setup.rtx_targets} if trt.is_rtx else gpu_info
     manifest: dict[str, Any] = {
         "format": ENGINE_FORMAT,
-        "name": name,
-        "engine": engine_path.name,
-        "precision": want,
+        "name": source.name,
+        "engine": built.engine.name,
+        "precision": plan.precision,
         "tensorrt": trt.describe(),
-        "gpu": gpu_info,
+        "gpu": gpu,
         "onnx": {
-            "source": str(onnx_path.resolve()),
-            "source_sha256": source_sha,
-            "path": str(Path(built_graph).resolve()),
-            "sha256": built_sha,
-            "graph_precision": "fp16" if convert_fp16 else have,
-            "manifest": (onnx_meta or {}).get("format") and str(manifest_path_for(onnx_path).resolve()),
+            "source": str(source.path.resolve()),
+            "source_sha256": source.sha256,
+            "path": str(Path(built.graph).resolve()),
+            "sha256": built.graph_sha256,
+            "graph_precision": "fp16" if plan.convert_fp16 else source.precision,
+            "manifest": meta.get("format") and str(manifest_path_for(source.path).resolve()),
         },
-        "model": (onnx_meta or {}).get("model"),
-        "preprocessing": (onnx_meta or {}).get("preprocessing"),
-        "grid_shape": (onnx_meta or {}).get("grid_shape") or (inputs[0]["shape"][2:] if inputs else None),
-        "grid_sample": (onnx_meta or {}).get("grid_sample"),
+        "model": meta.get("model"),
+        "preprocessing": meta.get("preprocessing"),
+        "grid_shape": meta.get("grid_shape") or (inputs[0]["shape"][2:] if inputs else None),
+        "grid_sample": meta.get("grid_sample"),
         "inputs": inputs,
         "outputs": outputs,
-        "builder_options": {
-            "strongly_typed": strongly_typed,
-            "fp16_mode": options.fp16_mode if want == "fp16" else None,
-            "fp32_layers_pinned": pinned,
-            "workspace_mb": options.workspace_mb,
-            "optimization_level": options.optimization_level,
-            "timing_cache": str(cache_path) if cache_path else None,
-            "rtx_targets": targets or None,
-        },
-        "fp16_conversion": fp16_summary,
-        "calibration": (onnx_meta or {}).get("calibration"),
-        "build_seconds": round(build_s, 3),
-        "total_seconds": round(total_s, 3),
-        "conversion_seconds": round(convert_s, 3) if convert_fp16 else None,
-        "engine_bytes": len(data),
-        "engine_sha256": hashlib.sha256(data).hexdigest(),
-        "out_dir": str(out_dir),
+        "builder_options": setup.record(options, plan),
+        "fp16_conversion": graph.fp16_summary,
+        "calibration": meta.get("calibration"),
+        "build_seconds": round(seconds["build"], 3),
+        "total_seconds": round(seconds["total"], 3),
+        "conversion_seconds": round(seconds["conversion"], 3) if plan.convert_fp16 else None,
+        "engine_bytes": built.engine_bytes,
+        "engine_sha256": built.engine_sha256,
+        "out_dir": str(Path(options.out_dir)),
         "package_version": __version__,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     manifest["rebuild_command"] = rebuild_command(manifest)
-    write_json_atomic(manifest_path, manifest, force=options.force)
-    return BuildResult(engine_path, manifest_path, manifest, Path(built_graph), extra)
-
-
-def derived_onnx_manifest(
-    meta: dict[str, Any] | None,
-    model: Any,
-    *,
-    name: str,
-    precision: str,
-    graph_sha: str,
-    source: Path,
-    source_sha: str,
-    **extra: Any,
-) -> dict[str, Any]:
-    """The ONNX manifest of a graph derived from ``source`` (FP16 conversion, INT8 Q/DQ): the source's
-    manifest (or a minimal one when it has none) with precision, hash and provenance updated, plus ``extra``
-    sections; name, inputs/outputs and grid filled in from ``model`` when the source manifest lacks them."""
-    out = dict(meta or {"format": MANIFEST_FORMAT, "model": None, "preprocessing": None})
-    out.setdefault("name", name)
-    out.update(
-        {
-            "precision": precision,
-            "sha256_onnx": graph_sha,
-            "derived_from": {"onnx": str(source.resolve()), "sha256": source_sha},
-            **extra,
-        }
-    )
-    if "inputs" not in out or "outputs" not in out:
-        out["inputs"], out["outputs"] = io_spec(model)
-    out.setdefault("grid_shape", out["inputs"][0]["shape"][2:] if out["inputs"] else None)
-    return out
+    return manifest

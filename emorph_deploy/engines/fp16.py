@@ -56,6 +56,14 @@ def fp32_node_names(model: Any, options: Fp16Options = Fp16Options()) -> set[str
     return keep
 
 
+def fp32_nodes_and_tensors(model: Any, options: Fp16Options = Fp16Options()) -> tuple[set[str], set[str]]:
+    """(names of the nodes that must stay FP32, their output tensors), from a named copy of ``model`` (the
+    caller's model is not modified): what an FP16-flag build pins to FP32 layer by layer."""
+    named = named_copy(model)
+    keep = fp32_node_names(named, options)
+    return keep, {o for n in named.graph.node if n.name in keep for o in n.output}
+
+
 def _require_autocast() -> Any:
     try:
         from modelopt.onnx.autocast import convert_to_mixed_precision

@@ -89,6 +89,27 @@ def load_tensorrt(flavour: str | Flavour = "auto") -> TensorRT:
     )
 
 
+def make_logger(module: Any, verbose: bool = False) -> Any:
+    """A TensorRT ILogger for ``module`` (``tensorrt`` or ``tensorrt_rtx``) that keeps every message; the
+    builder and the runner report its errors in their one-line failures."""
+
+    class _Logger(module.ILogger):
+        def __init__(self) -> None:
+            module.ILogger.__init__(self)
+            self.messages: list[tuple[Any, str]] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            self.messages.append((severity, msg))
+            if verbose or severity in (module.ILogger.INTERNAL_ERROR,):
+                print(f"[{str(severity).rsplit('.', 1)[-1]}] {msg}")
+
+        def errors(self) -> list[str]:
+            bad = (module.ILogger.ERROR, module.ILogger.INTERNAL_ERROR)
+            return [m for s, m in self.messages if s in bad]
+
+    return _Logger()
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 @dataclass(frozen=True)
 class GpuInfo:

@@ -86,7 +86,7 @@ class TensorRTRunner(Runner):
 
     # ------------------------------------------------------------------ setup
     def _setup(self, path: Path) -> None:
-        from emorph_deploy.engines.builder import make_logger
+        from emorph_deploy.engines.trt import make_logger
 
         mod = self._trt.module
         cuda = self._cuda

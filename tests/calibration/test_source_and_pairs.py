@@ -10,9 +10,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-from emorph_deploy.errors import InputError
 
 
 def _nifti(path, shape=(10, 9, 8), seed=0, labels=False):
@@ -53,42 +50,9 @@ def test_source_onnx_is_read_once(tiny_onnx, tmp_path, monkeypatch):
     assert meta["derived_from"]["sha256"] == res.report["source_sha256"] == sha256_file(src)
 
 
-def test_load_onnx_hashed_matches_onnx_load(tiny_onnx, tmp_path):
-    """Same model as ``onnx.load``, same hash as ``sha256_file``, one-line errors; external-data graphs load
-    their tensors as ``onnx.load`` does."""
-    import onnx
-    from onnx import numpy_helper
-    from onnx.external_data_helper import uses_external_data
-
-    from emorph_deploy.engines.builder import load_onnx, load_onnx_hashed
-    from emorph_deploy.fileio import sha256_file
-
-    model, sha = load_onnx_hashed(Path(tiny_onnx))
-    assert sha == sha256_file(tiny_onnx)
-    assert model.SerializeToString() == onnx.load(str(tiny_onnx)).SerializeToString()
-    assert load_onnx(Path(tiny_onnx)).SerializeToString() == model.SerializeToString()
-    ext = tmp_path / "ext" / "tiny.onnx"
-    ext.parent.mkdir()
-    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    onnx.save(model, str(ext), save_as_external_data=True, location="tiny.onnx.data", size_threshold=0)
-    ext_model, ext_sha = load_onnx_hashed(ext)
-    assert ext_sha == sha256_file(ext)
-    assert ext_model.SerializeToString() == onnx.load(str(ext)).SerializeToString()
-    assert not any(uses_external_data(t) for t in ext_model.graph.initializer)
-    assert {t.name for t in ext_model.graph.initializer} == set(weights)
-    for t in ext_model.graph.initializer:
-        np.testing.assert_array_equal(numpy_helper.to_array(t), weights[t.name])
-    corrupt = tmp_path / "corrupt.onnx"
-    corrupt.write_bytes(b"not an onnx graph")
-    for bad, msg in ((tmp_path / "missing.onnx", "not found"), (corrupt, "cannot be read")):
-        with pytest.raises(InputError, match=msg) as err:
-            load_onnx(bad)
-        assert "fix:" in str(err.value) and "\n" not in str(err.value)
-
-
 def test_quantize_qdq_from_model_equals_from_path(tiny_onnx):
     from emorph_deploy.calibration import CalibrationSet, QuantizeOptions, make_reader, quantize_qdq
-    from emorph_deploy.engines.builder import load_onnx
+    from emorph_deploy.export.onnx_io import load_onnx
 
     model = load_onnx(Path(tiny_onnx))
     before = model.SerializeToString()
