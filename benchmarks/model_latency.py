@@ -23,7 +23,7 @@ Rows
 Every row: median/min/p90, ``× bound`` (median / compute bound from ``compute_bound.py``'s method), speed-up
 vs torch eager (reference ops), max/mean |Δflow| vs it (voxels), load and first-call seconds, peak RSS of its
 process.
-Targets (issue 8) at 160×192×224: fastest CPU fp32 path ≤ 1.5× bound and ≥ 1.6× faster than torch eager.
+Targets at 160×192×224: fastest CPU fp32 path ≤ 1.5× bound and ≥ 1.6× faster than torch eager.
 
     python benchmarks/model_latency.py [--quick] [--threads 2] [--runs 5] [--grids 160x192x224,80x96x112]
         [--model CHECKPOINT] [--only REGEX] [--skip REGEX] [--no-compile] [--profile] [--force]
@@ -201,7 +201,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         timing = C.time_call(fn, runs=spec["runs"], warmup=spec["warmup"])
         res["timing"] = timing.to_dict()
         res["first_call_s"] = timing.warmup_s[0] if timing.warmup_s else None
-        # the machine's matmul peak drifts (121-167 GFLOP/s within minutes on the 2-vCPU VM): measure it again
+        # the machine's matmul peak drifts within minutes on a shared VM: measure it again
         # here, right after this row's timed runs, so its × bound can also be read against the same conditions
         res["peak_local"] = C.matmul_peak(threads=spec["threads"])
         sess = info.pop("_session", None)

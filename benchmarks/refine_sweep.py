@@ -1,4 +1,4 @@
-"""Which test-time refinement settings pay, on same- and different-contrast pairs (issue 15, items 5 and 6).
+"""Which test-time refinement settings pay, on same- and different-contrast pairs.
 
 Pairs: held-out MNI152 template pairs ``template_pair(80×96×112, spacing 2 mm, seed=30_000 + i)`` (a known
 synthetic deformation; labels 1 CSF/other, 2 GM, 3 WM). The moving image's contrast is then changed inside

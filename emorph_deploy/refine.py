@@ -103,7 +103,7 @@ class MatmulNCCLoss(NCCLoss):
     """:class:`~emorph_deploy.losses.NCCLoss` with its separable window filter done as three banded matmuls.
 
     The same loss (window, sigma, border handling; only ``_filter`` differs, equal to float rounding — see
-    ``tests/test_refine.py``) but ~4× faster on the CPU than grouped ``conv3d``, forward and backward.
+    ``tests/test_refine.py``) but faster on the CPU than grouped ``conv3d``, forward and backward.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -6,13 +6,13 @@ which decides reduced precision (``emorph train --amp auto``).
 
 Inference on 3D volumes allocates and frees tensors of 50–500 MB per layer. glibc serves every allocation
 above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and returns it to the kernel on ``free``, so
-each layer's output is page-faulted in and zeroed by the kernel again: on the 2-core benchmark machine that
-is ~3 s of system time per em-23-hires forward at 160×192×224 (eager 7.9 s → 5.8 s with it off).
+each layer's output is page-faulted in and zeroed by the kernel again, a large share of a full-resolution
+forward's time (figures in ``benchmarks/results/profile_notes.md``).
 
 :func:`keep_freed_memory` tells glibc to serve large blocks from the heap (``M_MMAP_MAX = 0``) and never to
 trim it (``M_TRIM_THRESHOLD`` = max), so freed blocks are reused by the next layer. The cost: the process
 keeps its peak heap after a forward (RSS stays at the high-water mark instead of dropping; peak RSS itself
-grows a little, ~1.4 → 2.2 GB at 160×192×224, through fragmentation).
+grows through fragmentation; see ``benchmarks/results/memory.md``).
 
 The CLI and :func:`emorph_deploy.runners.load_runner` call it (so every ``emorph`` command and the
 :class:`~emorph_deploy.registration.Registrar` get it); set ``EMORPH_MALLOC=system`` to keep glibc's

@@ -167,18 +167,18 @@ def train_command(
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
     if as_json:
-        typer.echo(json.dumps(result, indent=2, default=str))
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
-    last_val = result["history"][-1] if result["history"] else {}
+    last_val = result.history[-1] if result.history else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()
                       if k not in ("step", "epoch", "lr") and isinstance(v, float) and math.isfinite(v))
-    typer.echo(f"done: {result['step']} iterations, {result['epoch']} epochs, lr {result['lr']:.3g}, "
-               f"{result['steps_per_s']:.3g} it/s overall this run (incl. data, validation, checkpoints), "
-               f"{result['steps_per_s_window']:.3g} it/s last logged window")
+    typer.echo(f"done: {result.step} iterations, {result.epoch} epochs, lr {result.lr:.3g}, "
+               f"{result.steps_per_s:.3g} it/s overall this run (incl. data, validation, checkpoints), "
+               f"{result.steps_per_s_window:.3g} it/s last logged window")
     if shown:
         typer.echo(f"validation: {shown}")
-    best = f"{result['best']}.safetensors (best), " if os.path.exists(f"{result['best']}.json") else ""
-    typer.echo(f"checkpoints: {best}{result['last']}.safetensors (last)")
+    best = f"{result.best}.safetensors (best), " if os.path.exists(f"{result.best}.json") else ""
+    typer.echo(f"checkpoints: {best}{result.last}.safetensors (last)")
 
 
 def register(app: typer.Typer) -> None:

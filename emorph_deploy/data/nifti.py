@@ -128,7 +128,7 @@ def _check_values(data: np.ndarray, what: str, *, allow_constant: bool = False) 
 
 def _read_nii_gz_fast(p: Path) -> tuple[nib.spatialimages.SpatialImage, np.ndarray] | None:
     """A single-file ``.nii.gz`` decoded in one call (ISA-L's igzip when installed, else zlib), outside the
-    GIL, then parsed by nibabel from memory: ~2x faster than nibabel's streamed gzip reader, and concurrent
+    GIL, then parsed by nibabel from memory: faster than nibabel's streamed gzip reader, and concurrent
     reads really overlap. None for anything it does not cover (or any failure): the caller falls back to
     ``nib.load``, which also produces the error message.
 

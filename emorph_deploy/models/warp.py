@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from emorph_deploy.errors import InputError
-from emorph_deploy.models.layers.fastpath import use_parallel_sampler
+from emorph_deploy.models.layers.fastpath import is_tracing, use_parallel_sampler
 from emorph_deploy.sampling import grid_sample_3d
 
 MODES = ("bilinear", "nearest")
@@ -111,10 +111,6 @@ def _sample_gather(src: torch.Tensor, coords: torch.Tensor, size: tuple[int, int
     return out.reshape(b, c, *out_shape)
 
 
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
 def _sample(src: torch.Tensor, coords: torch.Tensor, mode: str, sampler: str, padding: str,
             size: tuple[int, int, int] | None = None) -> torch.Tensor:
     if size is None:
@@ -170,7 +166,7 @@ class SpatialTransformer(nn.Module):
         self.register_buffer("grid", identity_grid(self.size).unsqueeze(0), persistent=False)  # (1,3,D,H,W)
 
     def forward(self, src: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-        if not _tracing():
+        if not is_tracing():
             _check_shapes(src, flow)
             if tuple(flow.shape[2:]) != self.size or tuple(src.shape[2:]) != self.size:
                 raise InputError(

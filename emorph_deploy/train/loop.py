@@ -22,12 +22,17 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+    from torch.utils.tensorboard import SummaryWriter
 
 from emorph_deploy.errors import ConfigMismatchError, InputError, OutputExistsError, ProcessingError
 from emorph_deploy.fileio import check_writable, write_bytes_atomic, write_json_atomic
@@ -57,9 +62,29 @@ VAL_FIELDS = ("dice", "dice_init", "dice_same", "dice_diff", "frac_jac_nonpos", 
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before giving up
 
 
-class TrainResult(dict):
-    """Summary of a run (dict): ``step``, ``epoch``, ``best``, ``last``, ``history`` (val metrics per epoch),
-    ``first_loss``/``final_loss`` (mean training loss of the first/last logged window), ``steps_per_s``."""
+@dataclass(frozen=True)
+class TrainResult:
+    """Summary of one :meth:`Trainer.fit` call (this process's view; rates and times cover this call only)."""
+
+    step: int  #: iterations done in total (a resumed run counts the earlier ones too)
+    epoch: int  #: epochs completed
+    out: str  #: the run folder
+    best: str  #: checkpoint stem of the best validation score (``<out>/best``; may not exist)
+    last: str  #: checkpoint stem of the latest state (``<out>/last``)
+    history: list[dict[str, float]]  #: validation rows (``step``, ``epoch``, ``lr`` and the metrics)
+    first_loss: float | None  #: mean training loss of the first logged window (None: nothing logged)
+    final_loss: float | None  #: mean training loss of the last logged window (None: nothing logged)
+    steps_per_s_window: float  #: iterations per second in the last logged window (NaN: none logged)
+    steps_per_s: float  #: iterations per second over the whole call (incl. data, validation, checkpoints)
+    elapsed_s: float  #: wall time of the call, seconds
+    lr: float  #: learning rate after the last step
+    weights_sha256: str  #: :func:`weights_digest` of the final weights
+    rank: int  #: this process's DDP rank (0 single process)
+    world_size: int  #: number of processes
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain (JSON-friendly) dict."""
+        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -318,7 +343,14 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.train_rows: list[dict[str, Any]] = []
         self.val_rows: list[dict[str, Any]] = []
-        self.tb = None
+        self.tb: SummaryWriter | None = None  # opened by fit() when --tensorboard and installed
+        self._bad_steps = 0  # consecutive non-finite losses
+        self._last_window: float | None = None  # mean training loss of the last logged window
+        # the training DataLoader, built on first use and kept (persistent workers) with its sampler;
+        # _n_batches is the current epoch's iteration count
+        self._keys = _EpochKeys()
+        self._dl: DataLoader | None = None
+        self._n_batches = 0
 
         self.train_ds, self.val_ds = build_datasets(cfg, self.pre, self.ctx.world_size)
         if len(self.train_ds) == 0:
@@ -622,8 +654,7 @@ class Trainer:
                 f"fix: lower --batch-size or add data"
             )
         idx = idx[skip_batches * bs: n_batches * bs]
-        if getattr(self, "_dl", None) is None:
-            self._keys = _EpochKeys()
+        if self._dl is None:
             # own generator: worker seeds must not consume the global RNG (keeps --resume bit-exact
             # mid-epoch); items are seeded by (seed, epoch, index) anyway. Persistent workers keep their
             # caches (MNI template, preprocessed volumes) across epochs.
@@ -768,7 +799,7 @@ class Trainer:
         return TrainResult(
             step=self.step, epoch=self.epoch, out=str(self.out), best=str(self.out / "best"),
             last=str(self.out / "last"), history=self.history, first_loss=first_loss,
-            final_loss=getattr(self, "_last_window", None), steps_per_s_window=steps_per_s,
+            final_loss=self._last_window, steps_per_s_window=steps_per_s,
             steps_per_s=(self.step - start_step) / elapsed if elapsed > 0 else math.nan, elapsed_s=elapsed,
             lr=_lr(self.opt), weights_sha256=weights_digest(self.core), rank=self.ctx.rank,
             world_size=self.ctx.world_size,

@@ -24,8 +24,8 @@ SCRIPT = textwrap.dedent(
                       out=out, log_every=1, progress=False, tensorboard=False, device="cpu",
                       synthetic_kind="synth")
     r = train(cfg, force=True)
-    with open(os.path.join(sys.argv[2], f"rank{r['rank']}.txt"), "w") as f:
-        f.write(f"{r['weights_sha256']} {r['world_size']} {r['step']}")
+    with open(os.path.join(sys.argv[2], f"rank{r.rank}.txt"), "w") as f:
+        f.write(f"{r.weights_sha256} {r.world_size} {r.step}")
     """
 )
 

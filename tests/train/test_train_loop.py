@@ -27,14 +27,14 @@ def test_short_synthetic_run_lowers_loss(tmp_path, tiny_overrides):
     before = trainer.validation_loss()
     result = trainer.fit()
     after = trainer.validation_loss()
-    assert result["step"] == 12 and result["epoch"] == 1
-    assert after < before - 0.03, (before, after)  # measured ~0.61 -> ~0.52 on 2 fixed validation pairs
+    assert result.step == 12 and result.epoch == 1
+    assert after < before - 0.03, (before, after)  # a clear drop on 2 fixed validation pairs
     # run folder: both checkpoints, logs, validation metrics incl. endpoint error vs the true flow
     out = tmp_path / "run"
     for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "last.state.pt",
                  "train_log.csv", "val_log.csv", "config.json"):
         assert (out / name).is_file(), name
-    val = result["history"][-1]
+    val = result.history[-1]
     assert 0.0 <= val["dice"] <= 1.0 and 0.0 <= val["frac_jac_nonpos"] <= 1.0
     assert math.isfinite(val["epe_vox"]) and val["epe_vox"] > 0.0
     meta = json.loads((out / "last.json").read_text())
@@ -49,8 +49,8 @@ def test_resume_mid_epoch_is_exact(tmp_path, tiny_overrides):
     # same run, stopped after 3 iterations (mid-epoch 2), then resumed
     first = Trainer(_cfg(tmp_path, tiny_overrides, "b", max_steps=3, **common), force=True)
     res_b1 = first.fit()
-    assert res_b1["step"] == 3 and res_b1["epoch"] == 1
-    lr_saved = res_b1["lr"]
+    assert res_b1.step == 3 and res_b1.epoch == 1
+    lr_saved = res_b1.lr
     cfg_b = resolve_resume_config(tmp_path / "b", {"epochs": None})
     assert cfg_b.max_steps is None
     resumed = Trainer(cfg_b, resume=True)
@@ -59,11 +59,11 @@ def test_resume_mid_epoch_is_exact(tmp_path, tiny_overrides):
     assert resumed.opt.param_groups[0]["lr"] == pytest.approx(lr_saved, rel=0, abs=0)
     resumed2 = Trainer(cfg_b, resume=True)
     res_b2 = resumed2.fit()
-    assert res_b2["step"] == res_a["step"] == 4
-    assert res_b2["lr"] == pytest.approx(res_a["lr"], rel=1e-12)
+    assert res_b2.step == res_a.step == 4
+    assert res_b2.lr == pytest.approx(res_a.lr, rel=1e-12)
     # bit-identical weights to the uninterrupted run (data, dropout RNG and optimizer state restored)
-    assert res_b2["weights_sha256"] == res_a["weights_sha256"]
-    assert weights_digest(resumed2.core) == res_a["weights_sha256"]
+    assert res_b2.weights_sha256 == res_a.weights_sha256
+    assert weights_digest(resumed2.core) == res_a.weights_sha256
 
 
 def test_resume_config_mismatch(tmp_path, tiny_overrides):
@@ -87,7 +87,7 @@ def test_batch_of_two_and_label_union(tmp_path, tiny_overrides):
                synthetic_kind="mix")
     trainer = Trainer(cfg, force=True)
     res = trainer.fit()
-    assert res["step"] == 1
+    assert res.step == 1
     row = trainer.train_rows[-1]
     assert math.isfinite(row["loss"]) and 0.0 < row["dice_loss"] < 1.0
 
@@ -95,7 +95,7 @@ def test_batch_of_two_and_label_union(tmp_path, tiny_overrides):
 def test_max_minutes_stops_and_saves_for_resume(tmp_path, tiny_overrides):
     cfg = _cfg(tmp_path, tiny_overrides, "mm", epochs=1, steps_per_epoch=50, val_pairs=0, max_minutes=1e-6)
     res = Trainer(cfg, force=True).fit()
-    assert res["step"] == 1 and res["epoch"] == 0  # stopped after the first iteration, mid-epoch
+    assert res.step == 1 and res.epoch == 0  # stopped after the first iteration, mid-epoch
     meta = json.loads((tmp_path / "mm" / "last.json").read_text())
     assert meta["training"]["step"] == 1 and meta["training"]["step_in_epoch"] == 1
     assert resolve_resume_config(tmp_path / "mm", {}).max_minutes is None  # not inherited by --resume
@@ -106,8 +106,8 @@ def test_brains_one_direction_run_logs_contrast_groups(tmp_path, tiny_overrides)
                synthetic_kind="brains", bidirectional=False, amp="none")
     trainer = Trainer(cfg, force=True)
     res = trainer.fit()
-    assert res["step"] == 2
-    val = res["history"][-1]
+    assert res.step == 2
+    val = res.history[-1]
     # one held-out pair per contrast relation, each reported on its own
     assert 0.0 < val["dice_same"] <= 1.0 and 0.0 < val["dice_diff"] <= 1.0
     assert val["dice"] == pytest.approx((val["dice_same"] + val["dice_diff"]) / 2)

@@ -33,8 +33,8 @@ class ConvBlock3d(nn.Module):
     def forward_cat(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """``forward(torch.cat(parts, dim=1))``. In eager CPU inference the concatenation is never built:
         conv(cat([a, b])) = conv_a(a) + conv_b(b) with the weight split along input channels (no bias;
-        exact up to float32 summation order). Saves writing and re-reading the concatenated tensor (62 MB
-        at D/2 for up3 at 80×96×112, 495 MB at 160×192×224)."""
+        exact up to float32 summation order). Saves writing and re-reading the concatenated tensor, one of
+        the largest in the decoder (sizes in ``benchmarks/results/profile_notes.md``)."""
         if not _use_onednn(parts[0]):
             return self.forward(torch.cat(parts, dim=1))
         y = None
@@ -46,7 +46,7 @@ class ConvBlock3d(nn.Module):
     def _norm_act(self, y: torch.Tensor) -> torch.Tensor:
         # y: (B, C_out, D, H, W), this block's own conv output
         if _use_onednn(y) and _channels_last(y):
-            # InstanceNorm3d copies a channels_last_3d tensor back to NCDHW (and is ~3x slower on it). Same
+            # InstanceNorm3d copies a channels_last_3d tensor back to NCDHW (and is much slower on it). Same
             # statistics computed on the layout instead: viewed as (B, D·H·W, C) the spatial reduction is
             # over an outer axis with contiguous channels. Two-pass (mean, then mean of squared deviations)
             # in float32 like the reference kernel: equal to InstanceNorm3d to ~1e-6.

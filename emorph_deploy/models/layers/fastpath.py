@@ -48,10 +48,16 @@ def _dispatch_mode_active() -> bool:
     return _get_current_dispatch_mode() is not None
 
 
+def is_tracing() -> bool:
+    """True while a graph is captured (``torch.jit.trace`` or ONNX export): shapes are then fixed by the
+    example inputs, so Python-side checks are skipped to keep them out of the graph."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def reference_ops_required() -> bool:
     """True while tracing / exporting to ONNX, under a dispatch mode (FlopCounterMode, FakeTensorMode), or
     when the fast path is switched off (:func:`set_fast_path`)."""
-    return not _enabled or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _dispatch_mode_active()
+    return not _enabled or is_tracing() or _dispatch_mode_active()
 
 
 def use_onednn(x: torch.Tensor) -> bool:

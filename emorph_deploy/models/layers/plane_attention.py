@@ -10,7 +10,7 @@ Softmax scale = 1/sqrt(S·C/h) (the dot-product length). The output is reshaped 
 undone, so each voxel receives its own plane position's output. Batch items never mix.
 
 Kernels: when traced / exported, attention is written as MatMul + Softmax + MatMul (plain ONNX ops,
-TensorRT-friendly; the exported graph is unchanged). In eager torch it calls
+TensorRT-friendly). In eager torch it calls
 ``F.scaled_dot_product_attention`` (same scale), which on CPU runs the blocked flash kernel — no N×N map in
 memory, scale fused, no head-dim limit — equal to the explicit form up to float32 rounding (~1e-6).
 """
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emorph_deploy.models.layers.fastpath import reference_ops_required as _tracing
+from emorph_deploy.models.layers.fastpath import reference_ops_required
 
 Plane = tuple[int, int]
 
@@ -55,7 +55,7 @@ def _plane_attention_permuted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     qh, kh, vh = split(q), split(k), split(v)
     scale = 1.0 / math.sqrt(hd)
-    if _tracing():  # export: explicit MatMul + Softmax + MatMul (graph unchanged, TensorRT-listed ops)
+    if reference_ops_required():  # export/analysis: explicit MatMul + Softmax + MatMul (TensorRT-listed ops)
         attn = torch.matmul(qh * scale, kh.transpose(-2, -1))  # (B, h, N, N)
         attn = torch.softmax(attn, dim=-1)
         out = torch.matmul(attn, vh)  # (B, h, N, S·C/h)
@@ -93,7 +93,7 @@ class PlaneAttention(nn.Module):
         qkv = self.qkv(x)  # (B, D, H, W, 3C): [q | k | v] along channels
         q, k, v = qkv.split(self.dim, dim=-1)
         out, inv = _plane_attention_permuted(q, k, v, self.plane, self.heads, self.shape)  # (B, A, Bp, S, C)
-        if _tracing():  # export: proj after the Transpose, exactly the graph exported so far
+        if reference_ops_required():  # export: proj after the Transpose, the graph the artifacts hold
             return self.proj(out.permute(*inv))  # (B, D, H, W, C)
         # eager: proj acts per voxel on the channel axis, which the plane permutation keeps in place, so apply
         # it to the contiguous tensor and return the permuted view (saves the copy Linear makes of a strided

@@ -1,11 +1,11 @@
 """Trilinear ×2 upsampling (``align_corners=False``), with a separable eager fast path for NCDHW tensors.
 
-PyTorch's CPU ``upsample_trilinear3d`` on a contiguous (NCDHW) tensor is slow: ~90 ms for the (1, 3, 80, 96,
-112) → (1, 3, 160, 192, 224) flow of the full-resolution model on 2 cores, where three separable 1-D passes
-take ~16 ms. At ×2 with ``align_corners=False`` each output sample along an axis is ``0.75 x[i] + 0.25
-x[i ∓ 1]`` (even/odd phase; the edge sample repeated), so a pass is two ``lerp``s written straight into the
-even and odd phases of the output. Channels-last tensors keep PyTorch's kernel, which is as fast there.
-The result equals ``F.interpolate`` to float32 rounding (the sums are associated differently).
+PyTorch's CPU ``upsample_trilinear3d`` on a contiguous (NCDHW) tensor is several times slower than three
+separable 1-D passes (timings in ``benchmarks/results/profile_notes.md``). At ×2 with ``align_corners=False``
+each output sample along an axis is ``0.75 x[i] + 0.25 x[i ∓ 1]`` (even/odd phase; the edge sample repeated),
+so a pass is two ``lerp``s written straight into the even and odd phases of the output. Channels-last tensors
+keep PyTorch's kernel, which is as fast there. The result equals ``F.interpolate`` to float32 rounding (the
+sums are associated differently).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch", reason="torch is needed to load checkpoints
 import emorph_deploy.weights as W  # noqa: E402
 from emorph_deploy.errors import InputError  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _tiny_checkpoint(folder: Path, stem: str = "default") -> Path:
