@@ -202,20 +202,35 @@ def _markdown(res: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = C.base_parser(__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None,
-                    help="checkpoint (.json/.safetensors) or .onnx/.plan; default: the packaged default "
-                    "model (--quick without one: an untrained tiny model, pipeline check only)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint (.json/.safetensors) or .onnx/.plan; default: the packaged default "
+        "model (--quick without one: an untrained tiny model, pipeline check only)",
+    )
     ap.add_argument("--backend", default="auto", help="Registrar backend (auto|torch|onnxruntime|tensorrt)")
     ap.add_argument("--pairs", type=int, default=None, help="held-out template pairs (default 3; --quick 1)")
-    ap.add_argument("--sweep", default=None,
-                    help="comma list of refinement steps to sweep (default 0,5,10,20,40; --quick 0,2,4)")
+    ap.add_argument(
+        "--sweep",
+        default=None,
+        help="comma list of refinement steps to sweep (default 0,5,10,20,40; --quick 0,2,4)",
+    )
     ap.add_argument("--sweep-pairs", type=int, default=None, help="sweep pairs (default 2; --quick 1)")
     ap.add_argument("--sweep-tol", type=float, default=0.005, help="Dice tolerance of the N choice")
     ap.add_argument("--refine", type=int, default=None, help="fix N (skips the sweep)")
-    ap.add_argument("--refine-lr", type=float, default=None, help="Adam lr of the refinement (default: "
-                    "emorph_deploy.refine.RefineConfig.lr)")
-    ap.add_argument("--refine-levels", type=int, choices=(1, 2), default=None,
-                    help="1 = full resolution, 2 = half then full resolution (default: RefineConfig.levels)")
+    ap.add_argument(
+        "--refine-lr",
+        type=float,
+        default=None,
+        help="Adam lr of the refinement (default: emorph_deploy.refine.RefineConfig.lr)",
+    )
+    ap.add_argument(
+        "--refine-levels",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="1 = full resolution, 2 = half then full resolution (default: RefineConfig.levels)",
+    )
     ap.add_argument("--no-syn", action="store_true", help="skip ANTs SyN (slow)")
     ap.add_argument("--no-demo", action="store_true", help="skip the demo pair of distinct real brains")
     ap.add_argument("--keep", default=None, help="keep pair files and outputs in this folder")
@@ -248,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     res = C.new_result(NAME, args, argv)
     s = res["summary"]
     s["skipped"] = {}
-    s["seeds"] = {"eval": [EVAL_SEED0 + i for i in range(args.pairs)],
-                  "training": "(0, epoch, index); validation (104729, 0, index)"}
+    s["seeds"] = {
+        "eval": [EVAL_SEED0 + i for i in range(args.pairs)],
+        "training": "(0, epoch, index); validation (104729, 0, index)",
+    }
     with contextlib.ExitStack() as stack:
         if args.keep:
             work = Path(args.keep)
@@ -273,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         s["refine_steps"] = n_refine
         s["refine_lr"] = args.refine_lr
         s["refine_levels"] = args.refine_levels
-        refined = (RefineConfig(steps=n_refine, lr=args.refine_lr, levels=args.refine_levels)
-                   if n_refine else None)
+        refined = (
+            RefineConfig(steps=n_refine, lr=args.refine_lr, levels=args.refine_levels) if n_refine else None
+        )
 
         t0 = time.perf_counter()
         shape, spacing = (QUICK_SHAPE, None) if args.quick else (C.DEFAULT_GRID, (2.0, 2.0, 2.0))
@@ -293,9 +311,12 @@ def main(argv: list[str] | None = None) -> int:
             ("default model", lambda p, t, a: P.run_emorph(p, t, a, registrar, p["kind"] == "real")),
         ]
         if refined is not None:
-            jobs.append((f"default model + refine {n_refine}",
-                         lambda p, t, a: P.run_emorph(p, t, a, registrar, p["kind"] == "real",
-                                                      refine=refined)))
+            jobs.append(
+                (
+                    f"default model + refine {n_refine}",
+                    lambda p, t, a: P.run_emorph(p, t, a, registrar, p["kind"] == "real", refine=refined),
+                )
+            )
         if args.no_syn:
             s["skipped"]["ANTs SyN"] = "--no-syn"
         else:
@@ -305,8 +326,13 @@ def main(argv: list[str] | None = None) -> int:
             for method, fn in jobs:
                 d = work / pair["name"] / method.replace(" ", "_").replace("(", "").replace(")", "")
                 d.mkdir(parents=True, exist_ok=True)
-                row: dict[str, Any] = {"pair": pair["name"], "pair_kind": pair["kind"], "method": method,
-                                       "threads": args.threads, "load_avg": C.load_avg()}
+                row: dict[str, Any] = {
+                    "pair": pair["name"],
+                    "pair_kind": pair["kind"],
+                    "method": method,
+                    "threads": args.threads,
+                    "load_avg": C.load_avg(),
+                }
                 C.log(f"[{pair['name']}] {method} ...")
                 try:
                     r = fn(pair, d, args)
@@ -316,16 +342,21 @@ def main(argv: list[str] | None = None) -> int:
                     row.update(r)
                     row.update(P.dice(warped, fixed_labels))
                     row["ok"] = True
-                    C.log(f"[{pair['name']}] {method}: Dice GM {row['dice_gm']:.3f} WM {row['dice_wm']:.3f}, "
-                          f"J<=0 {C.fmt(row.get('frac_jac_nonpos'), '.2g')}, {row['seconds']:.3g} s")
+                    C.log(
+                        f"[{pair['name']}] {method}: Dice GM {row['dice_gm']:.3f} WM {row['dice_wm']:.3f}, "
+                        f"J<=0 {C.fmt(row.get('frac_jac_nonpos'), '.2g')}, {row['seconds']:.3g} s"
+                    )
                 except Exception as exc:
                     msg = " ".join(str(exc).split())[:300]
                     row.update({"ok": False, "error": f"{type(exc).__name__}: {msg}"})
                     C.log(f"[{pair['name']}] {method}: FAILED {row['error']}")
                 res["rows"].append(row)
         s["pairs"] = [
-            {k: (str(v) if isinstance(v, Path) else v) for k, v in p.items()
-             if k not in ("fixed", "moving", "fixed_labels", "moving_labels")}
+            {
+                k: (str(v) if isinstance(v, Path) else v)
+                for k, v in p.items()
+                if k not in ("fixed", "moving", "fixed_labels", "moving_labels")
+            }
             for p in pairs
         ]
     s["by_kind"] = P._summary(res["rows"], "ANTs SyN", vs_syn=lambda m: m.startswith("default model"))
@@ -333,11 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     for kind, ms in s["by_kind"].items():
         for m, v in ms.items():
             if v.get("speedup_vs_ants_syn") is not None:
-                s["targets"].append({
-                    "kind": kind, "method": m, "speedup": v["speedup_vs_ants_syn"],
-                    "dice_minus_syn": v["dice_minus_ants_syn"],
-                    "met": v["dice_minus_ants_syn"] >= 0 and v["speedup_vs_ants_syn"] >= TARGET_SPEEDUP,
-                })
+                s["targets"].append(
+                    {
+                        "kind": kind,
+                        "method": m,
+                        "speedup": v["speedup_vs_ants_syn"],
+                        "dice_minus_syn": v["dice_minus_ants_syn"],
+                        "met": v["dice_minus_ants_syn"] >= 0 and v["speedup_vs_ants_syn"] >= TARGET_SPEEDUP,
+                    }
+                )
     res["notes"] += [
         f"Held-out template seeds {EVAL_SEED0}+i (evaluation) and {SWEEP_SEED0}+i (refinement sweep); "
         "training draws (0, epoch, index), validation (104729, 0, index).",
@@ -354,8 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         "`emorph demo` does.",
     ]
     if args.quick:
-        res["notes"].append(f"--quick: {C.fmt_size(QUICK_SHAPE)} template pair, demo pair at 6 mm, few ANTs "
-                            "iterations; an untrained tiny model unless --model: checks the script only.")
+        res["notes"].append(
+            f"--quick: {C.fmt_size(QUICK_SHAPE)} template pair, demo pair at 6 mm, few ANTs "
+            "iterations; an untrained tiny model unless --model: checks the script only."
+        )
     C.publish(res, _markdown, args)
     return 0
 

@@ -34,8 +34,9 @@ def _timed(
 ) -> tuple[dict[str, np.ndarray], C.Timing]:
     """Last output and the runner's own latencies of ``runs`` calls after ``warmup`` calls."""
     box: dict[str, Any] = {}
-    t = C.time_call(lambda: box.update(out=runner.infer(feed)), runs, warmup,
-                    timer=lambda: runner.last_latency_s)
+    t = C.time_call(
+        lambda: box.update(out=runner.infer(feed)), runs, warmup, timer=lambda: runner.last_latency_s
+    )
     return box["out"], t
 
 

@@ -628,8 +628,9 @@ def _ort_profile_summary(path: str | Path) -> dict[str, Any]:
         "profiled_runs": runs,
         "model_run_s": run_s,
         "kernel_s_per_run": total / runs,
-        "by_op_type": sorted(([k, v / runs, v / max(total, 1e-12)] for k, v in per_op.items()),
-                             key=lambda x: -x[1]),
+        "by_op_type": sorted(
+            ([k, v / runs, v / max(total, 1e-12)] for k, v in per_op.items()), key=lambda x: -x[1]
+        ),
         "top_nodes": sorted(([k, v / runs] for k, v in per_node.items()), key=lambda x: -x[1])[:15],
     }
 
@@ -892,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
                             "row": "ort-gather-tuned",
                             "kind": "onnxruntime",
                             "label": "ONNX Runtime CPU fp32, gather warp, best native options "
-                        f"({best['sweep_key']})",
+                            f"({best['sweep_key']})",
                             "artifact": str(paths["onnx_gather"]),
                             "precision": "fp32",
                             "options": dict(best["options"]),

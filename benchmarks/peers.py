@@ -311,8 +311,9 @@ def run_greedy(pair: dict[str, Any], tmp: Path, args: Any) -> dict[str, Any]:
     return res
 
 
-def run_emorph(pair: dict[str, Any], tmp: Path, args: Any, registrar: Any, affine: bool,
-               refine: Any = 0) -> dict[str, Any]:
+def run_emorph(
+    pair: dict[str, Any], tmp: Path, args: Any, registrar: Any, affine: bool, refine: Any = 0
+) -> dict[str, Any]:
     import nibabel as nib
 
     secs_all: list[float] = []
@@ -324,7 +325,7 @@ def run_emorph(pair: dict[str, Any], tmp: Path, args: Any, registrar: Any, affin
         t0 = time.perf_counter()
         res = registrar.register(fixed, moving, labels=labels, affine=affine, refine=refine)
         secs_all.append(time.perf_counter() - t0)
-    timing = C.Timing(secs_all[args.warmup:], secs_all[: args.warmup])
+    timing = C.Timing(secs_all[args.warmup :], secs_all[: args.warmup])
     out = tmp / "emorph_labels.nii.gz"
     nib.save(res.warped_labels, str(out))
     qc = res.qc
@@ -422,23 +423,33 @@ def _summary(
 
 
 def method_table(
-    ms: dict[str, dict[str, Any]], syn: str = "ANTs SyN", jac_first: bool = False,
+    ms: dict[str, dict[str, Any]],
+    syn: str = "ANTs SyN",
+    jac_first: bool = False,
     speedup_header: str = "speed-up vs ANTs SyN",
 ) -> str:
     """Per-method means (Dice GM/WM/mean, seconds, J ≤ 0, speed-up vs ``syn``) as a markdown table;
     ``jac_first`` puts the J ≤ 0 column before the seconds."""
-    cols = [("seconds / pair", lambda v: f"{v['seconds']:.3g}"),
-            ("J ≤ 0", lambda v: C.fmt(v["frac_jac_nonpos"], ".2g"))]
+    cols = [
+        ("seconds / pair", lambda v: f"{v['seconds']:.3g}"),
+        ("J ≤ 0", lambda v: C.fmt(v["frac_jac_nonpos"], ".2g")),
+    ]
     if jac_first:
         cols.reverse()
     if any(v.get("registration_s") is not None for v in ms.values()):  # the peers' registration call alone
-        cols.insert(cols.index(next(c for c in cols if c[0] == "seconds / pair")) + 1,
-                    ("of which registration", lambda v: C.fmt(v.get("registration_s"), ".3g")))
+        cols.insert(
+            cols.index(next(c for c in cols if c[0] == "seconds / pair")) + 1,
+            ("of which registration", lambda v: C.fmt(v.get("registration_s"), ".3g")),
+        )
     return C.md_table(
         ["method", "pairs", "Dice GM", "Dice WM", "Dice mean", *(h for h, _ in cols), speedup_header],
         [
             [
-                m, v["pairs"], f"{v['dice_gm']:.3f}", f"{v['dice_wm']:.3f}", f"{v['dice_mean']:.3f}",
+                m,
+                v["pairs"],
+                f"{v['dice_gm']:.3f}",
+                f"{v['dice_wm']:.3f}",
+                f"{v['dice_mean']:.3f}",
                 *(f(v) for _, f in cols),
                 C.fmt(C.ratio(ms.get(syn, {}).get("seconds"), v["seconds"]), ".1f"),
             ]
@@ -449,16 +460,22 @@ def method_table(
 
 def pair_table(rows: list[dict[str, Any]], jac_first: bool = False) -> str:
     """One markdown row per (pair, method): Dice GM/WM, seconds, J ≤ 0 (``jac_first``: J ≤ 0 first), note."""
-    cols = [("seconds", lambda r: C.fmt(r.get("seconds"), ".3g")),
-            ("J ≤ 0", lambda r: C.fmt(r.get("frac_jac_nonpos"), ".2g"))]
+    cols = [
+        ("seconds", lambda r: C.fmt(r.get("seconds"), ".3g")),
+        ("J ≤ 0", lambda r: C.fmt(r.get("frac_jac_nonpos"), ".2g")),
+    ]
     if jac_first:
         cols.reverse()
     return C.md_table(
         ["pair", "method", "Dice GM", "Dice WM", *(h for h, _ in cols), "note"],
         [
             [
-                r["pair"], r["method"], C.fmt(r.get("dice_gm"), ".3f"), C.fmt(r.get("dice_wm"), ".3f"),
-                *(f(r) for _, f in cols), r.get("error") or r.get("note") or "",
+                r["pair"],
+                r["method"],
+                C.fmt(r.get("dice_gm"), ".3f"),
+                C.fmt(r.get("dice_wm"), ".3f"),
+                *(f(r) for _, f in cols),
+                r.get("error") or r.get("note") or "",
             ]
             for r in rows
         ],

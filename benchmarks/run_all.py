@@ -488,8 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": {k: v for k, v in vars(args).items() if k != "extra"},
         "runs": runs,
         "targets": [
-            dict(zip(TARGET_COLUMNS, row, strict=True))
-            for row in targets_table(results, args.quick)
+            dict(zip(TARGET_COLUMNS, row, strict=True)) for row in targets_table(results, args.quick)
         ],
         "warnings": warnings,
         "notes": [],

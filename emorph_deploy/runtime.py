@@ -79,8 +79,12 @@ def keep_freed_memory(force: bool = False) -> bool:
         _state["reason"] = f"not glibc ({platform.system()} {platform.libc_ver()[0] or 'unknown libc'})"
         return False
     ok = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
-    _state.update(applied=ok, reason="glibc mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=max)" if ok else
-                  "glibc mallopt refused the setting")
+    _state.update(
+        applied=ok,
+        reason="glibc mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=max)"
+        if ok
+        else "glibc mallopt refused the setting",
+    )
     return ok
 
 

@@ -25,7 +25,16 @@ def tiny_em():
         from emorph_deploy.models import create_model
 
         torch.manual_seed(0)
-        return create_model("em-11-hires", img_size=grid, patch_dim=6, embed_dims=(8, 16), heads=(1, 2),
-                            decoder_widths=(8, 8), skip_width=4, drop_path=0.0, flow_init_std=1e-2)
+        return create_model(
+            "em-11-hires",
+            img_size=grid,
+            patch_dim=6,
+            embed_dims=(8, 16),
+            heads=(1, 2),
+            decoder_widths=(8, 8),
+            skip_width=4,
+            drop_path=0.0,
+            flow_init_std=1e-2,
+        )
 
     return make

@@ -34,8 +34,15 @@ def _tiny_model(grid):
 
     torch.manual_seed(0)
     return create_model(
-        "em-11-hires", img_size=grid, patch_dim=6, embed_dims=(8, 16), heads=(1, 2), decoder_widths=(8, 8),
-        skip_width=4, drop_path=0.0, flow_init_std=1e-2,
+        "em-11-hires",
+        img_size=grid,
+        patch_dim=6,
+        embed_dims=(8, 16),
+        heads=(1, 2),
+        decoder_widths=(8, 8),
+        skip_width=4,
+        drop_path=0.0,
+        flow_init_std=1e-2,
     ).eval()
 
 
@@ -114,8 +121,11 @@ def test_registrar_refine_is_per_call(tmp_path):
     from emorph_deploy.train.checkpoint import save_checkpoint
 
     grid = (16, 16, 16)
-    save_checkpoint(_tiny_model(grid), tmp_path / "tiny",
-                    preprocessing=Preprocessing(grid_shape=grid, spacing_mm=(4.0, 4.0, 4.0)))
+    save_checkpoint(
+        _tiny_model(grid),
+        tmp_path / "tiny",
+        preprocessing=Preprocessing(grid_shape=grid, spacing_mm=(4.0, 4.0, 4.0)),
+    )
     reg = Registrar.load(tmp_path / "tiny.json", backend="torch")
     weights = {k: v.clone() for k, v in reg.runner.model.state_dict().items()}
     rng = np.random.default_rng(0)
@@ -140,8 +150,9 @@ def test_registrar_refine_is_per_call(tmp_path):
         reg.register(fixed, moving, refine=-1)
 
 
-@pytest.mark.parametrize("kwargs", [{"steps": -1}, {"steps": 1.5}, {"steps": 2, "levels": 3},
-                                    {"steps": 2, "lr": 0.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"steps": -1}, {"steps": 1.5}, {"steps": 2, "levels": 3}, {"steps": 2, "lr": 0.0}]
+)
 def test_bad_arguments(pair, kwargs):
     zero = torch.zeros(1, 3, *GRID)
     with pytest.raises(InputError):
@@ -233,8 +244,13 @@ def test_similarity_option_values():
     with pytest.raises(InputError, match="similarity"):
         RefineConfig(steps=1, similarity="mi")
     with pytest.raises(InputError, match="similarity"):
-        refine_flow(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 3, 8, 8, 8),
-                    steps=1, similarity="nmi")
+        refine_flow(
+            torch.zeros(1, 1, 8, 8, 8),
+            torch.zeros(1, 1, 8, 8, 8),
+            torch.zeros(1, 3, 8, 8, 8),
+            steps=1,
+            similarity="nmi",
+        )
 
 
 def test_contrast_agreement_and_auto_choice(pair32):
@@ -267,8 +283,9 @@ def test_mind_refinement_improves_dice_across_contrast(pair32):
     zero = torch.zeros(1, 3, 32, 32, 32)
     before = _tissue_dice(pair32, zero)
     losses: list[float] = []
-    mind = refine_flow(pair32["inverted"], pair32["fixed"], zero, steps=30, levels=1, similarity="mind",
-                       losses=losses)
+    mind = refine_flow(
+        pair32["inverted"], pair32["fixed"], zero, steps=30, levels=1, similarity="mind", losses=losses
+    )
     ncc = refine_flow(pair32["inverted"], pair32["fixed"], zero, steps=30, levels=1, similarity="ncc")
     after, after_ncc = _tissue_dice(pair32, mind), _tissue_dice(pair32, ncc)
     assert losses[-1] < losses[0]

@@ -60,6 +60,11 @@ def test_load_runner_applies_it(tmp_path):
         "try:\n    runners.load_runner('missing.onnx')\nexcept Exception:\n    pass\n"
         "print(allocator_state()['applied'])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "EMORPH_MALLOC": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "EMORPH_MALLOC": ""},
+    )
     assert out.stdout.strip().splitlines()[-1] == "True", out.stderr

@@ -60,8 +60,9 @@ def demo_command(
     refuse_existing(out, [*(out / f for f in INPUT_FILES.values()), *outputs.values()], force)
     if model is not None:
         if not model.exists() and not model.with_suffix(".safetensors").exists():
-            raise InputError(f"--model: expected an existing checkpoint, got a missing path {model}; "
-                             "fix: check the path")
+            raise InputError(
+                f"--model: expected an existing checkpoint, got a missing path {model}; fix: check the path"
+            )
         artifact = model
         label = str(model)
     else:

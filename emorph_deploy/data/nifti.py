@@ -383,8 +383,9 @@ def as_label_image(x: ImageLike, *, name: str = "label map") -> nib.Nifti1Image:
     if isinstance(x, str | os.PathLike):
         return load_label_map(x, name=name)
     if isinstance(x, nib.spatialimages.SpatialImage):
-        return _validated_labels(_image_data(x, name), x.affine, name, disk_dtype=x.header.get_data_dtype(),
-                                 header=x.header)
+        return _validated_labels(
+            _image_data(x, name), x.affine, name, disk_dtype=x.header.get_data_dtype(), header=x.header
+        )
     data, affine = _split_pair(x, name)
     return _validated_labels(data, affine, name, disk_dtype=np.asarray(data).dtype)
 

@@ -121,8 +121,7 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the header
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(
-            f"CSV {path}: expected UTF-8 text, got {type(exc).__name__} ({exc}); "
-            "fix: save it as a UTF-8 CSV"
+            f"CSV {path}: expected UTF-8 text, got {type(exc).__name__} ({exc}); fix: save it as a UTF-8 CSV"
         ) from exc
 
 
@@ -157,8 +156,7 @@ def _header(
         if cols.count(canon) > 1:
             given = [c.strip() for c, k in zip(cells, cols, strict=True) if k == canon]
             raise InputError(
-                f"CSV {path} line {line}: expected column '{canon}' once, got {given}; "
-                "fix: keep one of them"
+                f"CSV {path} line {line}: expected column '{canon}' once, got {given}; fix: keep one of them"
             )
     return cols
 
@@ -179,8 +177,7 @@ def read_table(
     records = list(_rows(path, _read_text(path)))
     if not records:
         raise InputError(
-            f"CSV {path}: expected a header and at least one row, got an empty file; "
-            "fix: list the pairs"
+            f"CSV {path}: expected a header and at least one row, got an empty file; fix: list the pairs"
         )
     header_line, header = records[0]
     cols = _header(path, header_line, header, vocabulary)

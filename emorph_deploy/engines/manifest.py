@@ -52,8 +52,13 @@ def rebuild_command(meta: dict[str, Any], flavour: str | None = None) -> str:
 def read_engine_manifest(path: str | Path) -> dict[str, Any]:
     from emorph_deploy.fileio import read_manifest_json
 
-    return read_manifest_json(path, kind="engine manifest", fmt=ENGINE_FORMAT, required=REQUIRED,
-                              fix="rebuild the engine with 'emorph build'")
+    return read_manifest_json(
+        path,
+        kind="engine manifest",
+        fmt=ENGINE_FORMAT,
+        required=REQUIRED,
+        fix="rebuild the engine with 'emorph build'",
+    )
 
 
 def check_compatible(meta: dict[str, Any], flavour: str, version: str, gpu: Any | None) -> None:

@@ -27,6 +27,8 @@ INSTALL_HINT: dict[str, str] = {
     "elsewhere)",
     "tensorrt-rtx": "pip install 'emorph-deploy[tensorrt]' (tensorrt-rtx)",
 }
+
+
 @dataclass(frozen=True)
 class TensorRT:
     """A loaded TensorRT flavour: the module and what it is."""

@@ -39,8 +39,13 @@ def read_manifest(path: str | Path, expected_format: str = MANIFEST_FORMAT) -> d
     """Read and validate a manifest JSON; :class:`InputError` (exit 2) on a missing/corrupt/foreign file."""
     from emorph_deploy.fileio import read_manifest_json
 
-    return read_manifest_json(path, kind="manifest", fmt=expected_format, required=REQUIRED_KEYS,
-                              fix="re-run 'emorph export' or pass the matching manifest")
+    return read_manifest_json(
+        path,
+        kind="manifest",
+        fmt=expected_format,
+        required=REQUIRED_KEYS,
+        fix="re-run 'emorph export' or pass the matching manifest",
+    )
 
 
 def io_entry(name: str, shape: tuple[int, ...] | list[int], dtype: str = "float32") -> dict[str, Any]:

@@ -173,11 +173,15 @@ class ModelConfig:
         names = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise InputError(
-                f"unknown model option(s) {unknown}; expected some of {sorted(names)}"
-            )
+            raise InputError(f"unknown model option(s) {unknown}; expected some of {sorted(names)}")
         return dataclasses.replace(self, **{k: _tupleize(v) for k, v in overrides.items()})
 
 
-__all__ = ["ATTENTION_KINDS", "SIZE_MULTIPLE", "WARP_SAMPLERS", "ModelConfig", "default_planes",
-           "nearest_valid_size"]
+__all__ = [
+    "ATTENTION_KINDS",
+    "SIZE_MULTIPLE",
+    "WARP_SAMPLERS",
+    "ModelConfig",
+    "default_planes",
+    "nearest_valid_size",
+]

@@ -47,16 +47,32 @@ class EfficientMorph(nn.Module):
         rates = [cfg.drop_path * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         planes = cfg.block_planes
         self.stage0 = nn.ModuleList(
-            PlaneBlock(c0, cfg.heads[0], planes[0][i], (d // 4, h // 4, w // 4), cfg.mlp_ratio, rates[i],
-                       cfg.attention, cfg.qkv_bias)
+            PlaneBlock(
+                c0,
+                cfg.heads[0],
+                planes[0][i],
+                (d // 4, h // 4, w // 4),
+                cfg.mlp_ratio,
+                rates[i],
+                cfg.attention,
+                cfg.qkv_bias,
+            )
             for i in range(cfg.depths[0])
         )
         self.norm0 = nn.LayerNorm(c0)
         self.merge1 = PatchMerging3D(c0, c1)
         off = cfg.depths[0]
         self.stage1 = nn.ModuleList(
-            PlaneBlock(c1, cfg.heads[1], planes[1][i], (d // 8, h // 8, w // 8), cfg.mlp_ratio,
-                       rates[off + i], cfg.attention, cfg.qkv_bias)
+            PlaneBlock(
+                c1,
+                cfg.heads[1],
+                planes[1][i],
+                (d // 8, h // 8, w // 8),
+                cfg.mlp_ratio,
+                rates[off + i],
+                cfg.attention,
+                cfg.qkv_bias,
+            )
             for i in range(cfg.depths[1])
         )
         self.norm1 = nn.LayerNorm(c1)
@@ -70,16 +86,22 @@ class EfficientMorph(nn.Module):
         nn.init.normal_(self.flow_head.weight, mean=0.0, std=cfg.flow_init_std)
         nn.init.zeros_(self.flow_head.bias)
         # 9. warp
-        self.transformer = SpatialTransformer(cfg.img_size, mode="bilinear", sampler=cfg.warp_sampler,
-                                              padding="zeros")
+        self.transformer = SpatialTransformer(
+            cfg.img_size, mode="bilinear", sampler=cfg.warp_sampler, padding="zeros"
+        )
 
     def _check_inputs(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
         if is_tracing():  # shapes are fixed by the example inputs; no Python checks in a traced graph
             return
         size = self.config.img_size
-        ok = (moving.dim() == 5 and fixed.dim() == 5 and tuple(moving.shape[2:]) == size
-              and tuple(fixed.shape[2:]) == size and moving.shape[0] == fixed.shape[0]
-              and moving.shape[1] + fixed.shape[1] == self.config.in_chans)
+        ok = (
+            moving.dim() == 5
+            and fixed.dim() == 5
+            and tuple(moving.shape[2:]) == size
+            and tuple(fixed.shape[2:]) == size
+            and moving.shape[0] == fixed.shape[0]
+            and moving.shape[1] + fixed.shape[1] == self.config.in_chans
+        )
         if not ok:
             raise InputError(
                 f"EfficientMorph '{self.config.name}' expects moving and fixed of shape (B, 1, {size[0]}, "

@@ -42,30 +42,49 @@ def register_model(spec: ModelSpec) -> None:
     _REGISTRY[name] = spec
 
 
-register_model(ModelSpec(
-    ModelConfig(name="em-23-hires"),
-    "depths (2, 3), plane attention, Hi-Res tokenisation (default)",
-    reference_params=2_794_011, reference_gmacs=319.7,
-))
-register_model(ModelSpec(
-    ModelConfig(name="em-11-hires", depths=(1, 1)),
-    "depths (1, 1), plane attention, Hi-Res tokenisation",
-    reference_params=1_793_883, reference_gmacs=235.1,
-))
-register_model(ModelSpec(
-    ModelConfig(name="em-23-hires-s", img_size=(80, 96, 112), patch_dim=12, embed_dims=(48, 96), heads=(2, 4),
-                decoder_widths=(48, 16), skip_width=24),
-    "half-width em-23-hires (same depths, planes and head width) for 2 mm grids and CPU training;"
-    " the packaged default model",
-))
-register_model(ModelSpec(
-    ModelConfig(name="em-23-hires-cga", attention="cga"),
-    "depths (2, 3), cascaded group attention on planes",
-))
-register_model(ModelSpec(
-    ModelConfig(name="em-11-hires-cga", depths=(1, 1), attention="cga"),
-    "depths (1, 1), cascaded group attention on planes",
-))
+register_model(
+    ModelSpec(
+        ModelConfig(name="em-23-hires"),
+        "depths (2, 3), plane attention, Hi-Res tokenisation (default)",
+        reference_params=2_794_011,
+        reference_gmacs=319.7,
+    )
+)
+register_model(
+    ModelSpec(
+        ModelConfig(name="em-11-hires", depths=(1, 1)),
+        "depths (1, 1), plane attention, Hi-Res tokenisation",
+        reference_params=1_793_883,
+        reference_gmacs=235.1,
+    )
+)
+register_model(
+    ModelSpec(
+        ModelConfig(
+            name="em-23-hires-s",
+            img_size=(80, 96, 112),
+            patch_dim=12,
+            embed_dims=(48, 96),
+            heads=(2, 4),
+            decoder_widths=(48, 16),
+            skip_width=24,
+        ),
+        "half-width em-23-hires (same depths, planes and head width) for 2 mm grids and CPU training;"
+        " the packaged default model",
+    )
+)
+register_model(
+    ModelSpec(
+        ModelConfig(name="em-23-hires-cga", attention="cga"),
+        "depths (2, 3), cascaded group attention on planes",
+    )
+)
+register_model(
+    ModelSpec(
+        ModelConfig(name="em-11-hires-cga", depths=(1, 1), attention="cga"),
+        "depths (1, 1), cascaded group attention on planes",
+    )
+)
 
 
 def list_models() -> list[str]:
@@ -83,8 +102,9 @@ def get_spec(name: str) -> ModelSpec:
         ) from None
 
 
-def get_config(name_or_config: str | ModelConfig | dict[str, Any] | None = None,
-               **overrides: Any) -> ModelConfig:
+def get_config(
+    name_or_config: str | ModelConfig | dict[str, Any] | None = None, **overrides: Any
+) -> ModelConfig:
     """Resolve a variant name, config or config dict (plus overrides) to a validated :class:`ModelConfig`."""
     if name_or_config is None:
         cfg = get_spec(DEFAULT_MODEL).config
@@ -101,8 +121,9 @@ def get_config(name_or_config: str | ModelConfig | dict[str, Any] | None = None,
     return cfg.replace(**overrides) if overrides else cfg
 
 
-def create_model(name_or_config: str | ModelConfig | dict[str, Any] | None = DEFAULT_MODEL,
-                 **overrides: Any) -> EfficientMorph:
+def create_model(
+    name_or_config: str | ModelConfig | dict[str, Any] | None = DEFAULT_MODEL, **overrides: Any
+) -> EfficientMorph:
     """Build an :class:`EfficientMorph` from a registered name (default ``em-23-hires``), a ``ModelConfig`` or
     its dict, with any config field overridden, e.g. ``create_model("em-23-hires", img_size=(32, 32, 32),
     embed_dims=(16, 32), patch_dim=8, decoder_widths=(16, 8), skip_width=8)``.
@@ -184,5 +205,17 @@ def model_info(name: str, img_size: tuple[int, int, int] = REFERENCE_SIZE) -> di
     }
 
 
-__all__ = ["DEFAULT_MODEL", "REFERENCE_MACS", "REFERENCE_SIZE", "ModelSpec", "count_macs", "count_params",
-           "create_model", "get_config", "get_spec", "list_models", "model_info", "register_model"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "REFERENCE_MACS",
+    "REFERENCE_SIZE",
+    "ModelSpec",
+    "count_macs",
+    "count_params",
+    "create_model",
+    "get_config",
+    "get_spec",
+    "list_models",
+    "model_info",
+    "register_model",
+]

@@ -34,8 +34,9 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
         raise InputError(f"warp {what} must be one of {choices}; got {value!r}")
 
 
-def identity_grid(size: tuple[int, int, int], dtype: torch.dtype = torch.float32,
-                  device: torch.device | str | None = None) -> torch.Tensor:
+def identity_grid(
+    size: tuple[int, int, int], dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Voxel index grid (3, D, H, W): channel k holds the index along array axis k."""
     target = torch.get_default_device() if device is None else torch.device(device)
     # channel-k ramps (3, s_k) built on the CPU, then broadcast-added on the target device (may be "meta")
@@ -53,19 +54,22 @@ def identity_grid(size: tuple[int, int, int], dtype: torch.dtype = torch.float32
     return grid.contiguous()  # (3, D, H, W)
 
 
-def _sample_grid_sample(src: torch.Tensor, coords: torch.Tensor, size: tuple[int, int, int],
-                        mode: str, padding: str) -> torch.Tensor:
+def _sample_grid_sample(
+    src: torch.Tensor, coords: torch.Tensor, size: tuple[int, int, int], mode: str, padding: str
+) -> torch.Tensor:
     # coords (B, 3, D, H, W) in voxel indices of src → normalised [-1, 1] (align_corners=True), xyz = W, H, D
     sz, sy, sx = (2.0 / max(s - 1, 1) for s in size)
-    grid = torch.stack([coords[:, 2] * sx - 1.0, coords[:, 1] * sy - 1.0, coords[:, 0] * sz - 1.0],
-                       dim=-1)  # (B, D, H, W, 3) as (x=W, y=H, z=D)
+    grid = torch.stack(
+        [coords[:, 2] * sx - 1.0, coords[:, 1] * sy - 1.0, coords[:, 0] * sz - 1.0], dim=-1
+    )  # (B, D, H, W, 3) as (x=W, y=H, z=D)
     if use_parallel_sampler(src):  # eager CPU: torch's 3D kernel is single-threaded at batch 1
         return grid_sample_3d(src, grid, mode=mode, padding_mode=padding, align_corners=True)
     return F.grid_sample(src, grid, mode=mode, padding_mode=padding, align_corners=True)
 
 
-def _sample_gather(src: torch.Tensor, coords: torch.Tensor, size: tuple[int, int, int],
-                   mode: str, padding: str) -> torch.Tensor:
+def _sample_gather(
+    src: torch.Tensor, coords: torch.Tensor, size: tuple[int, int, int], mode: str, padding: str
+) -> torch.Tensor:
     b, c = src.shape[0], src.shape[1]
     sd, sh, sw = size  # static source size
     out_shape = coords.shape[2:]
@@ -81,8 +85,9 @@ def _sample_gather(src: torch.Tensor, coords: torch.Tensor, size: tuple[int, int
         # float integer-valued indices (B, D, H, W) → values (B, C, D·H·W) times validity (zeros padding)
         valid = None
         if padding == "zeros":
-            valid = ((iz >= 0) & (iz <= maxes[0]) & (iy >= 0) & (iy <= maxes[1])
-                     & (ix >= 0) & (ix <= maxes[2])).to(src.dtype)
+            valid = (
+                (iz >= 0) & (iz <= maxes[0]) & (iy >= 0) & (iy <= maxes[1]) & (ix >= 0) & (ix <= maxes[2])
+            ).to(src.dtype)
         iz = iz.clamp(0.0, float(maxes[0]))
         iy = iy.clamp(0.0, float(maxes[1]))
         ix = ix.clamp(0.0, float(maxes[2]))
@@ -111,8 +116,14 @@ def _sample_gather(src: torch.Tensor, coords: torch.Tensor, size: tuple[int, int
     return out.reshape(b, c, *out_shape)
 
 
-def _sample(src: torch.Tensor, coords: torch.Tensor, mode: str, sampler: str, padding: str,
-            size: tuple[int, int, int] | None = None) -> torch.Tensor:
+def _sample(
+    src: torch.Tensor,
+    coords: torch.Tensor,
+    mode: str,
+    sampler: str,
+    padding: str,
+    size: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
     if size is None:
         size = tuple(int(s) for s in src.shape[2:])  # type: ignore[assignment]
     if sampler == "gather":
@@ -130,8 +141,13 @@ def _check_shapes(src: torch.Tensor, flow: torch.Tensor) -> None:
         raise InputError(f"warp: batch sizes differ: src {src.shape[0]}, flow {flow.shape[0]}")
 
 
-def warp(src: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", sampler: str = "grid_sample",
-         padding: str = "zeros") -> torch.Tensor:
+def warp(
+    src: torch.Tensor,
+    flow: torch.Tensor,
+    mode: str = "bilinear",
+    sampler: str = "grid_sample",
+    padding: str = "zeros",
+) -> torch.Tensor:
     """Warp ``src`` (B, C, D, H, W) by ``flow`` (B, 3, D', H', W') in voxels → (B, C, D', H', W').
 
     Functional form of :class:`SpatialTransformer` (builds the identity grid on each call).
@@ -151,8 +167,13 @@ class SpatialTransformer(nn.Module):
     ``forward(src (B, C, D, H, W), flow (B, 3, D, H, W)) -> (B, C, D, H, W)``.
     """
 
-    def __init__(self, size: tuple[int, int, int] | list[int], mode: str = "bilinear",
-                 sampler: str = "grid_sample", padding: str = "zeros") -> None:
+    def __init__(
+        self,
+        size: tuple[int, int, int] | list[int],
+        mode: str = "bilinear",
+        sampler: str = "grid_sample",
+        padding: str = "zeros",
+    ) -> None:
         super().__init__()
         _check_choice(mode, MODES, "mode")
         _check_choice(sampler, SAMPLERS, "sampler")

@@ -106,7 +106,9 @@ def code_version() -> dict[str, Any]:
             info["git_commit"] = commit.stdout.strip()
             status = subprocess.run(
                 ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True, text=True, timeout=5,
+                capture_output=True,
+                text=True,
+                timeout=5,
             )
             if status.returncode == 0:
                 info["git_dirty"] = bool(status.stdout.strip())

@@ -35,11 +35,24 @@ def resolve_amp(amp: str, device_type: str) -> str:
         return "none"  # fp16 autocast needs a gradient scaler and fast fp16 kernels: CUDA only
     return amp
 
+
 #: Options that may differ between the original run and a ``--resume`` (everything else must match).
-RESUMABLE_OVERRIDES: frozenset[str] = frozenset({
-    "epochs", "workers", "log_every", "checkpoint_every", "tensorboard", "progress", "device", "out",
-    "max_steps", "max_minutes", "val_every", "amp",
-})
+RESUMABLE_OVERRIDES: frozenset[str] = frozenset(
+    {
+        "epochs",
+        "workers",
+        "log_every",
+        "checkpoint_every",
+        "tensorboard",
+        "progress",
+        "device",
+        "out",
+        "max_steps",
+        "max_minutes",
+        "val_every",
+        "amp",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -113,11 +126,19 @@ class TrainConfig:
 
         if self.steps_per_epoch is not None:
             pos("steps_per_epoch")
-        for n in ("epochs", "batch_size", "lr", "t_max", "ncc_window", "log_every",
-                  "val_every"):
+        for n in ("epochs", "batch_size", "lr", "t_max", "ncc_window", "log_every", "val_every"):
             pos(n)
-        for n in ("workers", "lr_min", "weight_decay", "reg_weight", "dice_weight", "checkpoint_every",
-                  "val_pairs", "ncc_weight", "synth_ramp_epochs"):
+        for n in (
+            "workers",
+            "lr_min",
+            "weight_decay",
+            "reg_weight",
+            "dice_weight",
+            "checkpoint_every",
+            "val_pairs",
+            "ncc_weight",
+            "synth_ramp_epochs",
+        ):
             pos(n, allow_zero=True)
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise InputError(f"--max-minutes must be > 0; got {self.max_minutes}")

@@ -45,8 +45,9 @@ class RepeatedPairs(torch.utils.data.Dataset):
         return item
 
 
-def validation_pairs(val_items: list[Any], train_items: list[Any], pre: Any, seed: int, atlas: str | None,
-                     n_pairs: int) -> Any:
+def validation_pairs(
+    val_items: list[Any], train_items: list[Any], pre: Any, seed: int, atlas: str | None, n_pairs: int
+) -> Any:
     """Fixed validation pairs: consecutive validation subjects (or atlas → subject); a lone validation subject
     is paired with a training subject."""
     from emorph_deploy.data.datasets import PairDataset, PairSpec, Subject
@@ -59,8 +60,10 @@ def validation_pairs(val_items: list[Any], train_items: list[Any], pre: Any, see
         return PairDataset(val_items[:n_pairs], pre, atlas=atlas, seed=seed)
     subjects: list[Subject] = list(val_items)
     if len(subjects) >= 2:
-        pairs = [PairSpec(fixed=subjects[i], moving=subjects[(i + 1) % len(subjects)])
-                 for i in range(min(n_pairs, len(subjects)))]
+        pairs = [
+            PairSpec(fixed=subjects[i], moving=subjects[(i + 1) % len(subjects)])
+            for i in range(min(n_pairs, len(subjects)))
+        ]
     else:
         pairs = [PairSpec(fixed=subjects[0], moving=train_items[0])]
     return PairDataset((), pre, pairs=pairs, seed=seed)
@@ -91,12 +94,16 @@ def build_file_datasets(cfg: Any, pre: Any, world_size: int = 1) -> tuple[Any, A
 
     subjects, train_items, val_items = split_items(cfg)
     if not train_items:
-        raise InputError(f"dataset {cfg.data}: expected training volumes, got an empty training split; "
-                         f"fix: add volumes or lower --val-fraction")
+        raise InputError(
+            f"dataset {cfg.data}: expected training volumes, got an empty training split; "
+            f"fix: add volumes or lower --val-fraction"
+        )
     if subjects:
         if cfg.atlas is None and len(train_items) < 2:
-            raise InputError(f"dataset {cfg.data}: expected at least 2 training volumes for inter-subject "
-                             f"pairs, got {len(train_items)}; fix: add volumes or pass --atlas")
+            raise InputError(
+                f"dataset {cfg.data}: expected at least 2 training volumes for inter-subject "
+                f"pairs, got {len(train_items)}; fix: add volumes or pass --atlas"
+            )
         inner = PairDataset(train_items, pre, atlas=cfg.atlas, seed=cfg.seed)
     else:
         inner = PairDataset((), pre, pairs=train_items, seed=cfg.seed)

@@ -15,8 +15,14 @@ from typing import Any
 
 from emorph_deploy.errors import InputError
 
-__all__ = ["DistContext", "all_reduce_mean", "barrier", "cleanup_distributed", "init_distributed",
-           "is_torchrun"]
+__all__ = [
+    "DistContext",
+    "all_reduce_mean",
+    "barrier",
+    "cleanup_distributed",
+    "init_distributed",
+    "is_torchrun",
+]
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,10 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     backend = "nccl" if dev.startswith("cuda") else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(
-            backend=backend, init_method="env://", rank=rank, world_size=world,
+            backend=backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world,
             timeout=_dt.timedelta(seconds=timeout_s),
         )
     return DistContext(rank, world, local_rank, dev, backend)

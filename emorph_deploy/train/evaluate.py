@@ -20,8 +20,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["COLUMNS", "OASIS_HEADER", "OASIS_LABELS", "build_eval_pairs", "evaluate_model", "format_table",
-           "summarise", "to_csv_bytes"]
+__all__ = [
+    "COLUMNS",
+    "OASIS_HEADER",
+    "OASIS_LABELS",
+    "build_eval_pairs",
+    "evaluate_model",
+    "format_table",
+    "summarise",
+    "to_csv_bytes",
+]
 
 OASIS_LABELS: tuple[int, ...] = tuple(range(1, 36))
 OASIS_HEADER = (
@@ -45,9 +53,15 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def evaluate_model(model: Any, pairs: Iterable[dict[str, Any]], spacing: tuple[float, float, float],
-                   oasis: bool = False, device: str = "cpu", labels: Iterable[int] | None = None,
-                   names: list[str] | None = None) -> list[dict[str, Any]]:
+def evaluate_model(
+    model: Any,
+    pairs: Iterable[dict[str, Any]],
+    spacing: tuple[float, float, float],
+    oasis: bool = False,
+    device: str = "cpu",
+    labels: Iterable[int] | None = None,
+    names: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """Per-pair metric rows for ``pairs`` (dicts of tensors as produced by the datasets)."""
     import torch
 
@@ -76,7 +90,9 @@ def evaluate_model(model: Any, pairs: Iterable[dict[str, Any]], spacing: tuple[f
         jac_stats = jac[2:-2, 2:-2, 2:-2] if oasis and min(jac.shape) > 4 else jac
         row: dict[str, Any] = {
             "pair": names[i] if names and i < len(names) else str(item.get("name", i)),
-            "dice": math.nan, "dice_init": math.nan, "hd95_mm": math.nan,
+            "dice": math.nan,
+            "dice_init": math.nan,
+            "hd95_mm": math.nan,
             "sdlogj": M.sd_log_jacobian(jac_stats),
             "sdlogj_l2r": M.sd_log_jacobian_l2r(jac_stats),
             "frac_jac_nonpos": M.fraction_nonpositive_jacobian(jac_stats),
@@ -148,9 +164,16 @@ def to_csv_bytes(rows: list[dict[str, Any]], mean: dict[str, Any]) -> bytes:
     return buf.getvalue().encode()
 
 
-def build_eval_pairs(pre: Any, data: str | None = None, synthetic: int | None = None, seed: int = 0,
-                     atlas: str | None = None, kind: str = "mix", max_pairs: int | None = None,
-                     preset_spacing: bool = True) -> tuple[list[str], Any]:
+def build_eval_pairs(
+    pre: Any,
+    data: str | None = None,
+    synthetic: int | None = None,
+    seed: int = 0,
+    atlas: str | None = None,
+    kind: str = "mix",
+    max_pairs: int | None = None,
+    preset_spacing: bool = True,
+) -> tuple[list[str], Any]:
     """(names, dataset) of evaluation pairs: consecutive subjects of a folder/CSV (``i → i+1``), explicit
     CSV pairs, atlas → subject, or ``synthetic`` generated pairs with known deformations."""
     from emorph_deploy.errors import InputError
@@ -173,8 +196,10 @@ def build_eval_pairs(pre: Any, data: str | None = None, synthetic: int | None = 
         tkw: dict[str, Any] = {"spacing": tuple(pre.spacing_mm)} if preset_spacing else {}
         pairs = SyntheticPairs(synthetic, tuple(pre.grid_shape), seed=seed, kind=kind)
         ds = _SyntheticAdapter(pairs, {}, tkw)
-        names = [f"synthetic-{i}" + ("-tpl" if kind == "template" or (kind == "mix" and i % 2) else "")
-                 for i in range(synthetic)]
+        names = [
+            f"synthetic-{i}" + ("-tpl" if kind == "template" or (kind == "mix" and i % 2) else "")
+            for i in range(synthetic)
+        ]
         return names, ds
     if data is None:
         raise InputError("no evaluation data: expected DATA (folder or CSV) or --synthetic N; fix: pass one")
@@ -187,8 +212,10 @@ def build_eval_pairs(pre: Any, data: str | None = None, synthetic: int | None = 
         specs = PairDataset(subjects, pre, atlas=atlas, seed=seed).pairs
     else:
         if len(subjects) < 2:
-            raise InputError(f"dataset {data}: expected at least 2 volumes for inter-subject pairs, got "
-                             f"{len(subjects)}; fix: add volumes or pass --atlas")
+            raise InputError(
+                f"dataset {data}: expected at least 2 volumes for inter-subject pairs, got "
+                f"{len(subjects)}; fix: add volumes or pass --atlas"
+            )
         specs = [PairSpec(fixed=subjects[i + 1], moving=subjects[i]) for i in range(len(subjects) - 1)]
     if max_pairs is not None:
         specs = specs[:max_pairs]

@@ -56,8 +56,18 @@ from emorph_deploy.train.distributed import (
 
 __all__ = ["TrainResult", "Trainer", "resolve_resume_config", "train", "weights_digest"]
 
-TRAIN_LOG_FIELDS = ("step", "epoch", "lr", "loss", "ncc", "reg", "dice_loss", "grad_norm", "steps_per_s",
-                    "elapsed_s")
+TRAIN_LOG_FIELDS = (
+    "step",
+    "epoch",
+    "lr",
+    "loss",
+    "ncc",
+    "reg",
+    "dice_loss",
+    "grad_norm",
+    "steps_per_s",
+    "elapsed_s",
+)
 VAL_FIELDS = ("dice", "dice_init", "dice_same", "dice_diff", "frac_jac_nonpos", "ncc", "ncc_init", "epe_vox")
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before giving up
 
@@ -109,16 +119,22 @@ def _rng_state() -> dict[str, Any]:
 
 def _numpy_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     npst = state["numpy"]
-    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
-                         npst["cached"]))
+    np.random.set_state(
+        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -127,8 +143,10 @@ def _check_finite_batch(batch: dict[str, Any]) -> None:
     for key in ("moving", "fixed"):
         t = batch[key]
         if not torch.isfinite(t).all():
-            raise InputError(f"training {key} image holds NaN/Inf voxels: expected finite intensities; "
-                             f"fix: clean the input volume")
+            raise InputError(
+                f"training {key} image holds NaN/Inf voxels: expected finite intensities; "
+                f"fix: clean the input volume"
+            )
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -208,10 +226,14 @@ def build_datasets(cfg: TrainConfig, pre: Any, world_size: int = 1) -> tuple[Any
         if preset_shape:  # real-world spacing of the preset; test grids fit the brain into the grid instead
             tkw["spacing"] = tuple(pre.spacing_mm)
         n_train = cfg.steps_per_epoch * cfg.batch_size * world_size
-        train_ds = _SyntheticAdapter(SyntheticPairs(n_train, shape, seed=cfg.seed, kind=cfg.synthetic_kind),
-                                     kwargs, tkw)
-        val_ds = _SyntheticAdapter(SyntheticPairs(max(cfg.val_pairs, 1), shape, seed=cfg.seed + 104729,
-                                                  kind=cfg.synthetic_kind), kwargs, tkw)
+        train_ds = _SyntheticAdapter(
+            SyntheticPairs(n_train, shape, seed=cfg.seed, kind=cfg.synthetic_kind), kwargs, tkw
+        )
+        val_ds = _SyntheticAdapter(
+            SyntheticPairs(max(cfg.val_pairs, 1), shape, seed=cfg.seed + 104729, kind=cfg.synthetic_kind),
+            kwargs,
+            tkw,
+        )
         return train_ds, val_ds
     from emorph_deploy.train.data import build_file_datasets
 
@@ -225,11 +247,13 @@ def _brain_datasets(cfg: TrainConfig, pre: Any, world_size: int) -> tuple[Any, A
     shape = tuple(pre.grid_shape)
     spacing = float(pre.spacing_mm[0]) if cfg.grid_shape is None else None  # test grids fit the brain
     n_train = cfg.steps_per_epoch * cfg.batch_size * world_size
-    train_ds = BrainSynthPairs(n_train, shape, seed=cfg.seed, spacing_mm=spacing,
-                               ramp_epochs=cfg.synth_ramp_epochs)
+    train_ds = BrainSynthPairs(
+        n_train, shape, seed=cfg.seed, spacing_mm=spacing, ramp_epochs=cfg.synth_ramp_epochs
+    )
     n_val = max(cfg.val_pairs, 1)
-    val = heldout_pairs((n_val + 1) // 2, shape, spacing, "same") + \
-        heldout_pairs(n_val // 2, shape, spacing, "different")
+    val = heldout_pairs((n_val + 1) // 2, shape, spacing, "same") + heldout_pairs(
+        n_val // 2, shape, spacing, "different"
+    )
     return train_ds, val
 
 
@@ -282,8 +306,14 @@ class _EpochKeys(torch.utils.data.Sampler):
 class Trainer:
     """Builds model, losses, optimizer, schedule and data from a :class:`TrainConfig` and runs :meth:`fit`."""
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext | None = None, resume: bool = False,
-                 force: bool = False, echo: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        ctx: DistContext | None = None,
+        resume: bool = False,
+        force: bool = False,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
         from emorph_deploy.losses import DiffusionLoss, NCCLoss, SoftDiceLoss
 
         if cfg.steps_per_epoch is None:
@@ -315,8 +345,9 @@ class Trainer:
         if self.ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.model: nn.Module = DDP(core, device_ids=[self.device.index] if self.device.type == "cuda"
-                                        else None)
+            self.model: nn.Module = DDP(
+                core, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         else:
             self.model = core
         # seed data-independent randomness (drop path) differently per rank, reproducibly
@@ -325,8 +356,9 @@ class Trainer:
         self.ncc = NCCLoss(window=cfg.ncc_window, sigma=cfg.ncc_sigma, kind="gaussian").to(self.device)
         self.reg = DiffusionLoss().to(self.device)
         self.dice = SoftDiceLoss().to(self.device)
-        self.opt = torch.optim.Adam(core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    amsgrad=cfg.amsgrad)
+        self.opt = torch.optim.Adam(
+            core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad
+        )
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.t_max, eta_min=cfg.lr_min)
         self.amp_dtype: torch.dtype | None = None
         amp = resolve_amp(cfg.amp, self.device.type)
@@ -379,8 +411,9 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def load_resume(self) -> None:
         path = self.out / "last"
-        model, _ = load_checkpoint(path, map_location="cpu", expect_model=self.model_config,
-                                   verify_hash=False)
+        model, _ = load_checkpoint(
+            path, map_location="cpu", expect_model=self.model_config, verify_hash=False
+        )
         state = load_training_state(path)
         weights = state.get("model") or model.state_dict()
         try:
@@ -398,8 +431,11 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
         self.best_score = float(state.get("best_score", -math.inf))
-        rng = state.get("rng_per_rank", {}).get(str(self.ctx.rank)) if self.ctx.world_size > 1 else \
-            state.get("rng")
+        rng = (
+            state.get("rng_per_rank", {}).get(str(self.ctx.rank))
+            if self.ctx.world_size > 1
+            else state.get("rng")
+        )
         if rng is not None:
             _set_rng_state(rng)
         if self.ctx.is_main:
@@ -407,8 +443,10 @@ class Trainer:
             self.train_rows = [r for r in rows if r.get("step", 0) <= self.step]
             self.val_rows = [r for r in _read_csv(self.out / "val_log.csv") if r.get("step", 0) <= self.step]
         self.history = [dict(r) for r in self.val_rows]
-        self.echo(f"resumed {self.out} at iteration {self.step} (epoch {self.epoch + 1}, "
-                  f"{self.step_in_epoch} iterations into it), lr {_lr(self.opt):.3g}")
+        self.echo(
+            f"resumed {self.out} at iteration {self.step} (epoch {self.epoch + 1}, "
+            f"{self.step_in_epoch} iterations into it), lr {_lr(self.opt):.3g}"
+        )
 
     def _save_last(self, metrics: dict[str, Any] | None) -> None:
         """Write `last` (weights + JSON + state) atomically; rank 0 only, after gathering RNG states."""
@@ -440,33 +478,54 @@ class Trainer:
             state["scaler"] = self.scaler.state_dict()
         # state first: a `last.json` on disk always has a state at least as new as itself
         save_training_state(self.out / "last", state, force=True)
-        save_checkpoint(self.core, self.out / "last", self.pre, training=self._training_meta(),
-                        metrics=metrics, force=True)
+        save_checkpoint(
+            self.core,
+            self.out / "last",
+            self.pre,
+            training=self._training_meta(),
+            metrics=metrics,
+            force=True,
+        )
 
     def _training_meta(self) -> dict[str, Any]:
-        return {"config": self.cfg.to_dict(), "step": self.step, "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch, "lr": _lr(self.opt), "world_size": self.ctx.world_size,
-                "best_score": self.best_score if math.isfinite(self.best_score) else None}
+        return {
+            "config": self.cfg.to_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "lr": _lr(self.opt),
+            "world_size": self.ctx.world_size,
+            "best_score": self.best_score if math.isfinite(self.best_score) else None,
+        }
 
     # ------------------------------------------------------------------ one direction
-    def _direction_loss(self, moving: torch.Tensor, fixed: torch.Tensor, m_lab: torch.Tensor | None,
-                        f_lab: torch.Tensor | None, same_contrast: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, dict[str, float]]:
+    def _direction_loss(
+        self,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        m_lab: torch.Tensor | None,
+        f_lab: torch.Tensor | None,
+        same_contrast: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one direction. ``same_contrast`` (B,) in {0, 1} gates the NCC term per pair (None = all
         pairs share a contrast)."""
         from emorph_deploy.losses import one_hot
         from emorph_deploy.models.warp import warp
 
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
             warped, flow = self.model(moving, fixed)  # (B, 1, D, H, W), (B, 3, D, H, W)
         warped = warped.float()
         flow = flow.float()
         l_reg = self.reg(flow)
         l_ncc = torch.zeros((), device=flow.device)
         if self.cfg.ncc_weight > 0 and (same_contrast is None or bool(same_contrast.any())):
-            l_ncc = self.ncc(warped, fixed) if same_contrast is None else \
-                self._ncc_per_item(warped, fixed, same_contrast)
+            l_ncc = (
+                self.ncc(warped, fixed)
+                if same_contrast is None
+                else self._ncc_per_item(warped, fixed, same_contrast)
+            )
         loss = self.cfg.ncc_weight * l_ncc + self.cfg.reg_weight * l_reg
         parts = {"ncc": float(l_ncc.detach()), "reg": float(l_reg.detach())}
         if m_lab is not None and f_lab is not None and self.cfg.dice_weight > 0:
@@ -507,8 +566,10 @@ class Trainer:
             over = over.to(self.ctx.device)
             dist.all_reduce(over, op=dist.ReduceOp.MAX)
         if over.item() > 0 and self.ctx.is_main:
-            self.echo(f"--max-minutes {self.cfg.max_minutes:g} reached at iteration {self.step}: saving "
-                      f"{self.out / 'last'}; continue with --resume")
+            self.echo(
+                f"--max-minutes {self.cfg.max_minutes:g} reached at iteration {self.step}: saving "
+                f"{self.out / 'last'}; continue with --resume"
+            )
         return bool(over.item() > 0)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
@@ -570,8 +631,9 @@ class Trainer:
             item = self.val_ds[i]
             moving = item["moving"][None].to(self.device)
             fixed = item["fixed"][None].to(self.device)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+            ):
                 warped, flow = core(moving, fixed)
             flow = flow.float()
             warped_np = warped.float()[0, 0].cpu().numpy()
@@ -635,8 +697,14 @@ class Trainer:
     def _epoch_indices(self, epoch: int) -> list[int]:
         from torch.utils.data import DistributedSampler
 
-        sampler = DistributedSampler(self.train_ds, num_replicas=self.ctx.world_size, rank=self.ctx.rank,
-                                     shuffle=True, seed=self.cfg.seed, drop_last=True)
+        sampler = DistributedSampler(
+            self.train_ds,
+            num_replicas=self.ctx.world_size,
+            rank=self.ctx.rank,
+            shuffle=True,
+            seed=self.cfg.seed,
+            drop_last=True,
+        )
         sampler.set_epoch(epoch)
         return list(iter(sampler))
 
@@ -653,16 +721,22 @@ class Trainer:
                 f"the training set has {len(idx)} pairs per process, fewer than --batch-size {bs}; "
                 f"fix: lower --batch-size or add data"
             )
-        idx = idx[skip_batches * bs: n_batches * bs]
+        idx = idx[skip_batches * bs : n_batches * bs]
         if self._dl is None:
             # own generator: worker seeds must not consume the global RNG (keeps --resume bit-exact
             # mid-epoch); items are seeded by (seed, epoch, index) anyway. Persistent workers keep their
             # caches (MNI template, preprocessed volumes) across epochs.
             gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.ctx.rank)
-            self._dl = DataLoader(self.train_ds, batch_size=bs, sampler=self._keys,
-                                  num_workers=self.cfg.workers, drop_last=True,
-                                  pin_memory=self.device.type == "cuda",
-                                  persistent_workers=self.cfg.workers > 0, generator=gen)
+            self._dl = DataLoader(
+                self.train_ds,
+                batch_size=bs,
+                sampler=self._keys,
+                num_workers=self.cfg.workers,
+                drop_last=True,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=self.cfg.workers > 0,
+                generator=gen,
+            )
         self._keys.keys = [(epoch, int(i)) for i in idx]
         self._n_batches = n_batches
         return iter(self._dl)
@@ -681,8 +755,9 @@ class Trainer:
     def _flush_logs(self) -> None:
         if not self.ctx.is_main:
             return
-        write_bytes_atomic(self.out / "train_log.csv", _csv_bytes(TRAIN_LOG_FIELDS, self.train_rows),
-                           force=True)
+        write_bytes_atomic(
+            self.out / "train_log.csv", _csv_bytes(TRAIN_LOG_FIELDS, self.train_rows), force=True
+        )
         if self.val_rows:
             fields = ["step", "epoch", "lr", *VAL_FIELDS]
             write_bytes_atomic(self.out / "val_log.csv", _csv_bytes(fields, self.val_rows), force=True)
@@ -727,10 +802,16 @@ class Trainer:
                 if self.ctx.is_main and cfg.progress:
                     from tqdm.auto import tqdm
 
-                    bar = tqdm(total=self._n_batches, initial=self.step_in_epoch,
-                               mininterval=0.1 if sys.stderr.isatty() else 5.0,
-                               desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="it", dynamic_ncols=True,
-                               leave=True, file=sys.stderr)
+                    bar = tqdm(
+                        total=self._n_batches,
+                        initial=self.step_in_epoch,
+                        mininterval=0.1 if sys.stderr.isatty() else 5.0,
+                        desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                        unit="it",
+                        dynamic_ncols=True,
+                        leave=True,
+                        file=sys.stderr,
+                    )
                 for batch in _clean_worker_errors(loader):
                     _check_finite_batch(batch)
                     self.model.train()
@@ -744,19 +825,33 @@ class Trainer:
                     now = time.perf_counter()
                     if bar is not None:
                         rate = n_since_log / max(now - t_log, 1e-9)
-                        bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.3g}",
-                                        lr=f"{_lr(self.opt):.2e}")
+                        bar.set_postfix(
+                            loss=f"{loss:.4f}", steps_per_s=f"{rate:.3g}", lr=f"{_lr(self.opt):.2e}"
+                        )
                         bar.update(1)
                     if self.step % cfg.log_every == 0 or self.step_in_epoch == self._n_batches:
                         steps_per_s = n_since_log / max(now - t_log, 1e-9)
                         mean_loss = float(np.mean(window)) if window else math.nan
                         if first_loss is None:
                             first_loss = mean_loss
-                        row = {"step": self.step, "epoch": self.epoch + 1, "lr": _lr(self.opt),
-                               "loss": mean_loss, "steps_per_s": steps_per_s, "elapsed_s": now - t_start,
-                               **{k: v for k, v in parts.items() if k != "loss"}}
-                        row = dict(all_reduce_mean(self.ctx, {k: float(v) for k, v in row.items()}),
-                                   step=self.step, epoch=self.epoch + 1) if self.ctx.distributed else row
+                        row = {
+                            "step": self.step,
+                            "epoch": self.epoch + 1,
+                            "lr": _lr(self.opt),
+                            "loss": mean_loss,
+                            "steps_per_s": steps_per_s,
+                            "elapsed_s": now - t_start,
+                            **{k: v for k, v in parts.items() if k != "loss"},
+                        }
+                        row = (
+                            dict(
+                                all_reduce_mean(self.ctx, {k: float(v) for k, v in row.items()}),
+                                step=self.step,
+                                epoch=self.epoch + 1,
+                            )
+                            if self.ctx.distributed
+                            else row
+                        )
                         self.train_rows.append(row)
                         if self.tb is not None:
                             for k in ("loss", "ncc", "reg", "dice_loss", "grad_norm", "lr", "steps_per_s"):
@@ -768,8 +863,11 @@ class Trainer:
                         self._flush_logs()
                     if self.step >= total_iters or self._out_of_time(t_start):
                         stop = True
-                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and \
-                            self.step_in_epoch < self._n_batches:
+                    if (
+                        cfg.checkpoint_every
+                        and self.step % cfg.checkpoint_every == 0
+                        and self.step_in_epoch < self._n_batches
+                    ):
                         self._save_last(metrics=None)
                     if stop:
                         break
@@ -797,11 +895,20 @@ class Trainer:
                 self.tb.close()
         elapsed = time.perf_counter() - t_start
         return TrainResult(
-            step=self.step, epoch=self.epoch, out=str(self.out), best=str(self.out / "best"),
-            last=str(self.out / "last"), history=self.history, first_loss=first_loss,
-            final_loss=self._last_window, steps_per_s_window=steps_per_s,
-            steps_per_s=(self.step - start_step) / elapsed if elapsed > 0 else math.nan, elapsed_s=elapsed,
-            lr=_lr(self.opt), weights_sha256=weights_digest(self.core), rank=self.ctx.rank,
+            step=self.step,
+            epoch=self.epoch,
+            out=str(self.out),
+            best=str(self.out / "best"),
+            last=str(self.out / "last"),
+            history=self.history,
+            first_loss=first_loss,
+            final_loss=self._last_window,
+            steps_per_s_window=steps_per_s,
+            steps_per_s=(self.step - start_step) / elapsed if elapsed > 0 else math.nan,
+            elapsed_s=elapsed,
+            lr=_lr(self.opt),
+            weights_sha256=weights_digest(self.core),
+            rank=self.ctx.rank,
             world_size=self.ctx.world_size,
         )
 
@@ -849,8 +956,14 @@ class Trainer:
         metrics = {"epoch": self.epoch, "step": self.step, **{f"val_{k}": v for k, v in val.items()}}
         self._save_last(metrics=metrics)
         if improved and self.ctx.is_main:
-            save_checkpoint(self.core, self.out / "best", self.pre, training=self._training_meta(),
-                            metrics=metrics, force=True)
+            save_checkpoint(
+                self.core,
+                self.out / "best",
+                self.pre,
+                training=self._training_meta(),
+                metrics=metrics,
+                force=True,
+            )
         self._flush_logs()
         barrier(self.ctx)
 
@@ -888,8 +1001,9 @@ def resolve_resume_config(out: str | Path, requested: dict[str, Any]) -> TrainCo
     return TrainConfig.from_dict({**base_d, **changes})
 
 
-def train(cfg: TrainConfig, resume: bool = False, force: bool = False,
-          echo: Callable[[str], None] | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig, resume: bool = False, force: bool = False, echo: Callable[[str], None] | None = None
+) -> TrainResult:
     """Run training (joins the DDP group when launched by torchrun). Returns the :class:`TrainResult`."""
     ctx = init_distributed(cfg.device)
     try:

@@ -76,8 +76,10 @@ def test_common_helpers(tmp_path: Path) -> None:
 def test_run_measured_reports_child_peak_rss() -> None:
     """The child's own VmHWM is reported (not inflated by this process), and its JSON report is parsed."""
     c = _load("_common")
-    code = (f"import sys; sys.path.insert(0, {str(BENCH)!r}); import _common as C; "
-            "b = bytearray(120 * 2**20); b[::4096] = b'x' * len(b[::4096]); C.child_report({'ok': True})")
+    code = (
+        f"import sys; sys.path.insert(0, {str(BENCH)!r}); import _common as C; "
+        "b = bytearray(120 * 2**20); b[::4096] = b'x' * len(b[::4096]); C.child_report({'ok': True})"
+    )
     m = c.run_measured([sys.executable, "-c", code], timeout=120)
     assert m.returncode == 0, m.stderr
     assert m.report is not None and m.report["ok"] is True
@@ -113,12 +115,37 @@ def test_model_latency_quick(tmp_path: Path) -> None:
     mod = _load("model_latency")
     out = tmp_path / "ml"
     only = "torch-eager$|torch-jit-freeze$|ort-native-(default|no-spin)$|ort-gather-default|ort-int8"
-    assert mod.main(["--quick", "--threads", "1", "--grids", "16x16x16", "--runs", "1", "--warmup", "0",
-                     "--only", only, "--no-fp16", "--out", str(out)]) == 0
+    assert (
+        mod.main(
+            [
+                "--quick",
+                "--threads",
+                "1",
+                "--grids",
+                "16x16x16",
+                "--runs",
+                "1",
+                "--warmup",
+                "0",
+                "--only",
+                only,
+                "--no-fp16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = _result(out)
     rows = {r["row"]: r for r in data["rows"]}
-    assert {"torch-eager", "torch-jit-freeze", "ort-native-default", "ort-native-no-spin",
-            "ort-gather-default", "ort-int8"} <= set(rows)
+    assert {
+        "torch-eager",
+        "torch-jit-freeze",
+        "ort-native-default",
+        "ort-native-no-spin",
+        "ort-gather-default",
+        "ort-int8",
+    } <= set(rows)
     for r in rows.values():
         assert r.get("ok"), r.get("error")
         assert r["median_s"] > 0 and r["x_bound"] > 0 and len(r["timing"]["times_s"]) == 1
@@ -138,9 +165,30 @@ def test_model_latency_process_isolation(tmp_path: Path) -> None:
     """One ONNX Runtime row in its own process: timings and its peak RSS come back."""
     mod = _load("model_latency")
     out = tmp_path / "mlp"
-    assert mod.main(["--quick", "--threads", "1", "--grids", "16x16x16", "--runs", "1", "--warmup", "0",
-                     "--isolate", "process", "--only", "ort-native-default$", "--no-fp16", "--no-int8",
-                     "--out", str(out)]) == 0
+    assert (
+        mod.main(
+            [
+                "--quick",
+                "--threads",
+                "1",
+                "--grids",
+                "16x16x16",
+                "--runs",
+                "1",
+                "--warmup",
+                "0",
+                "--isolate",
+                "process",
+                "--only",
+                "ort-native-default$",
+                "--no-fp16",
+                "--no-int8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (row,) = _result(out)["rows"]
     assert row["ok"], row.get("error")
     assert row["peak_rss_bytes"] > 10 * 2**20 and row["process_wall_s"] > 0
@@ -222,8 +270,9 @@ def _fake_runs(mod: ModuleType, monkeypatch: pytest.MonkeyPatch) -> list[list[st
         stem.with_suffix(".json").write_text(json.dumps({"summary": {}}))
         return subprocess.CompletedProcess(cmd, 0, stdout="", stderr=None)
 
-    monkeypatch.setattr(mod, "script_options", lambda path: {"--quick", "--threads", "--out", "--force",
-                                                             "--grid", "--model"})
+    monkeypatch.setattr(
+        mod, "script_options", lambda path: {"--quick", "--threads", "--out", "--force", "--grid", "--model"}
+    )
     monkeypatch.setattr(mod.subprocess, "run", fake_run)
     return calls
 
@@ -234,8 +283,10 @@ def test_run_all_quick_skips_register_e2e_full(tmp_path: Path, monkeypatch: pyte
     mod = _load("run_all")
     calls = _fake_runs(mod, monkeypatch)
     out = tmp_path / "quick"
-    assert mod.main(["--quick", "--threads", "1", "--only", "register_e2e,register_e2e_full",
-                     "--out", str(out)]) == 0
+    assert (
+        mod.main(["--quick", "--threads", "1", "--only", "register_e2e,register_e2e_full", "--out", str(out)])
+        == 0
+    )
     assert [Path(c[1]).name for c in calls] == ["register_e2e.py"]
     summary = json.loads((out / "summary.json").read_text())
     runs = {r["name"]: r for r in summary["runs"]}
@@ -258,13 +309,17 @@ def test_run_all_quick_skips_register_e2e_full(tmp_path: Path, monkeypatch: pyte
 
 def test_e2e_case_reads_the_case_key_and_parses_old_results() -> None:
     mod = _load("run_all")
-    assert mod._e2e_case({"case": "default model, grid 80×96×112", "model": "ONNX x.onnx",
-                          "grid": [1, 2, 3]}) == "default model, grid 80×96×112"
+    assert (
+        mod._e2e_case({"case": "default model, grid 80×96×112", "model": "ONNX x.onnx", "grid": [1, 2, 3]})
+        == "default model, grid 80×96×112"
+    )
     # results written before register_e2e had "case": derived from the free-text model description
     old = {"model": "checkpoint emorph_deploy/weights/default.json", "grid": [80, 96, 112]}
     assert mod._e2e_case(old) == "default model, grid 80×96×112"
-    old = {"model": "random init of em-23-hires (seed 0), flow head rescaled to flow RMS ≈ 2.0 voxels",
-           "grid": [160, 192, 224]}
+    old = {
+        "model": "random init of em-23-hires (seed 0), flow head rescaled to flow RMS ≈ 2.0 voxels",
+        "grid": [160, 192, 224],
+    }
     assert mod._e2e_case(old) == "random-init em-23-hires, grid 160×192×224"
     assert mod._e2e_case({"model": "checkpoint runs/a.json", "grid": [8, 8, 8]}) == "runs/a.json, grid 8×8×8"
 
@@ -287,12 +342,23 @@ def test_comparison_sections_and_summary_vs_syn() -> None:
     p = _load("peers")
 
     def row(pair, kind, method, sec, gm, jac):
-        return {"pair": pair, "pair_kind": kind, "method": method, "ok": True, "seconds": sec,
-                "dice_gm": gm, "dice_wm": 0.5, "dice_mean": (gm + 0.5) / 2, "frac_jac_nonpos": jac}
+        return {
+            "pair": pair,
+            "pair_kind": kind,
+            "method": method,
+            "ok": True,
+            "seconds": sec,
+            "dice_gm": gm,
+            "dice_wm": 0.5,
+            "dice_mean": (gm + 0.5) / 2,
+            "frac_jac_nonpos": jac,
+        }
 
-    rows = [row("t0", "template", "ANTs SyN", 8.0, 0.7, 0.0), row("t0", "template", "default model", 0.5,
-            0.6, None), {"pair": "t0", "pair_kind": "template", "method": "greedy", "ok": False,
-                         "error": "RuntimeError: x"}]
+    rows = [
+        row("t0", "template", "ANTs SyN", 8.0, 0.7, 0.0),
+        row("t0", "template", "default model", 0.5, 0.6, None),
+        {"pair": "t0", "pair_kind": "template", "method": "greedy", "ok": False, "error": "RuntimeError: x"},
+    ]
     by_kind = p._summary(rows, "ANTs SyN", vs_syn=lambda m: m.startswith("default model"))
     dm = by_kind["template"]["default model"]
     assert dm["speedup_vs_ants_syn"] == pytest.approx(16.0)
@@ -300,11 +366,17 @@ def test_comparison_sections_and_summary_vs_syn() -> None:
     assert "speedup_vs_ants_syn" not in by_kind["template"]["ANTs SyN"] and by_kind["real"] == {}
     assert "speedup_vs_ants_syn" not in p._summary(rows)["template"]["default model"]  # default: "emorph"
     summary = {"by_kind": by_kind, "pairs": [{"name": "t0", "description": "d", "labels_method": "m"}]}
-    lines = p.comparison_sections(summary, rows, {"template": "Templates", "real": "Real"}, jac_first=True,
-                                  speedup_header="speed-up vs SyN")
+    lines = p.comparison_sections(
+        summary,
+        rows,
+        {"template": "Templates", "real": "Real"},
+        jac_first=True,
+        speedup_header="speed-up vs SyN",
+    )
     assert lines[:2] == ["## Templates", ""] and "## Real" not in lines
-    assert lines[2].splitlines()[0] == ("| method | pairs | Dice GM | Dice WM | Dice mean | J ≤ 0 | "
-                                        "seconds / pair | speed-up vs SyN |")
+    assert lines[2].splitlines()[0] == (
+        "| method | pairs | Dice GM | Dice WM | Dice mean | J ≤ 0 | seconds / pair | speed-up vs SyN |"
+    )
     assert "| default model | 1 | 0.600 | 0.500 | 0.550 | - | 0.5 | 16.0 |" in lines[2]
     assert lines[4:6] == ["## Per pair", ""]
     assert "| t0 | greedy | - | - | - | - | RuntimeError: x |" in lines[6]
@@ -331,8 +403,11 @@ def test_run_all_partial_rerun_keeps_earlier_results(tmp_path: Path, monkeypatch
     out = tmp_path / "full"
     assert mod.main(["--threads", "1", "--only", "compute_bound,register_e2e", "--out", str(out)]) == 0
     stem = out / "register_e2e"
-    old = {"summary": {}, "started_utc": "2026-01-02T03:04:05+00:00",
-           "finished_utc": "2026-01-02T03:09:00+00:00"}
+    old = {
+        "summary": {},
+        "started_utc": "2026-01-02T03:04:05+00:00",
+        "finished_utc": "2026-01-02T03:09:00+00:00",
+    }
     stem.with_suffix(".json").write_text(json.dumps(old))
     calls.clear()
     assert mod.main(["--threads", "1", "--only", "compute_bound", "--out", str(out), "--force"]) == 0

@@ -130,9 +130,7 @@ def test_saved_records(qdq_default, tiny_onnx):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     feed = synthetic_pair((8, 8, 8), seed=99, index=0, kind="synth")
-    ref = ort.InferenceSession(str(tiny_onnx), so, providers=["CPUExecutionProvider"]).run(["flow"], feed)[
-        0
-    ]
+    ref = ort.InferenceSession(str(tiny_onnx), so, providers=["CPUExecutionProvider"]).run(["flow"], feed)[0]
     got = ort.InferenceSession(str(qdq_default.qdq_onnx), so, providers=["CPUExecutionProvider"]).run(
         ["flow"], feed
     )[0]

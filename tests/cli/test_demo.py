@@ -32,8 +32,17 @@ def ckpt(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("demo_ckpt")
     torch.manual_seed(0)
-    model = create_model("em-11-hires", img_size=GRID, patch_dim=6, embed_dims=(8, 16), heads=(1, 2),
-                         decoder_widths=(8, 8), skip_width=4, drop_path=0.0, flow_init_std=1e-2)
+    model = create_model(
+        "em-11-hires",
+        img_size=GRID,
+        patch_dim=6,
+        embed_dims=(8, 16),
+        heads=(1, 2),
+        decoder_widths=(8, 8),
+        skip_width=4,
+        drop_path=0.0,
+        flow_init_std=1e-2,
+    )
     save_checkpoint(model, d / "default", preprocessing=Preprocessing(grid_shape=GRID, spacing_mm=(8.0,) * 3))
     return d
 
@@ -88,8 +97,18 @@ def test_demo_with_model_option_and_force(ckpt, tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
     (out / "qc.json").write_text("{}")
-    args = ["demo", "--out", str(out), "--model", str(ckpt / "default.json"), "--no-affine", "--no-qc-png",
-            "--threads", "1", "--force"]
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--model",
+        str(ckpt / "default.json"),
+        "--no-affine",
+        "--no-qc-png",
+        "--threads",
+        "1",
+        "--force",
+    ]
     res = _runner().invoke(app, args)
     assert res.exit_code == 0, res.output + res.stderr
     qc = json.loads((out / "qc.json").read_text())

@@ -260,8 +260,20 @@ def test_batch_continues_after_a_failing_pair(files, bad_files, tmp_path):
 
 def test_refine_similarity_option_reaches_qc(files, tmp_path):
     out = tmp_path / "out"
-    args = ["register", files["fixed"], files["moving"], "--model", files["ckpt"], "--out", out,
-            "--no-qc-png", "--refine", "2", "--refine-similarity", "mind"]
+    args = [
+        "register",
+        files["fixed"],
+        files["moving"],
+        "--model",
+        files["ckpt"],
+        "--out",
+        out,
+        "--no-qc-png",
+        "--refine",
+        "2",
+        "--refine-similarity",
+        "mind",
+    ]
     res, err = _invoke(args)
     assert res.exit_code == 0, err + res.stdout
     refine = json.loads((out / "qc.json").read_text())["refine"]

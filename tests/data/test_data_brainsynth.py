@@ -53,8 +53,12 @@ def test_subjects_differ_by_a_deformation_the_labels_carry():
 
     d = mean_dice(m, f)
     assert 0.2 < d < 0.95  # overlapping anatomy, not identical
-    flat = brain_pair(SHAPE, 11, spacing_mm=None, config=BrainSynthConfig(
-        p_head=0.0, parcels=1, amplitude=0.0, max_disp_mm=0.0))
+    flat = brain_pair(
+        SHAPE,
+        11,
+        spacing_mm=None,
+        config=BrainSynthConfig(p_head=0.0, parcels=1, amplitude=0.0, max_disp_mm=0.0),
+    )
     assert mean_dice(flat["moving_labels"].numpy(), flat["fixed_labels"].numpy()) == pytest.approx(1.0)
 
 
@@ -74,8 +78,15 @@ def test_forced_contrast_relations():
 
 def test_same_t1_contrast_keeps_intensity_order():
     # both images in the template's T1 contrast: the mean intensity of WM (tissue 3) exceeds GM (2) in both
-    cfg = BrainSynthConfig(parcels=1, p_head=0.0, p_same_contrast=1.0, p_t1_given_same=1.0, bias_std=0.0,
-                           noise_std=(0.0, 0.0), gamma_std=0.0)
+    cfg = BrainSynthConfig(
+        parcels=1,
+        p_head=0.0,
+        p_same_contrast=1.0,
+        p_t1_given_same=1.0,
+        bias_std=0.0,
+        noise_std=(0.0, 0.0),
+        gamma_std=0.0,
+    )
     p = _pair(3, config=cfg)
     assert p["contrast"] == "t1/t1"
     for role in ("moving", "fixed"):

@@ -115,8 +115,9 @@ def test_axis_aligned_separable_path_matches_scipy_and_grid_sample(padding, cval
     m = np.linalg.inv(src_aff) @ dst_aff
     assert rs.axis_map(m) is not None  # permuted + flipped, still axis-aligned
     fast = resample_to_grid(data, src_aff, dst_shape, dst_aff, order=1, cval=cval, padding=padding)
-    slow = resample_to_grid(data, src_aff, dst_shape, dst_aff, order=1, cval=cval, padding=padding,
-                            method="scipy")
+    slow = resample_to_grid(
+        data, src_aff, dst_shape, dst_aff, order=1, cval=cval, padding=padding, method="scipy"
+    )
     monkeypatch.setattr(rs, "axis_map", lambda m, tol=1e-7: None)  # force the 3D grid_sample route
     gs = resample_to_grid(data, src_aff, dst_shape, dst_aff, order=1, cval=cval, padding=padding)
     if padding == "zeros":
@@ -125,8 +126,9 @@ def test_axis_aligned_separable_path_matches_scipy_and_grid_sample(padding, cval
     np.testing.assert_allclose(fast, slow, atol=2e-5)
     np.testing.assert_allclose(fast, gs, atol=2e-5)
     # channels and a 4D input go through the same path
-    two = resample_to_grid(np.stack([data, 2 * data]), src_aff, dst_shape, dst_aff, order=1, padding=padding,
-                           cval=cval)
+    two = resample_to_grid(
+        np.stack([data, 2 * data]), src_aff, dst_shape, dst_aff, order=1, padding=padding, cval=cval
+    )
     one = resample_to_grid(2 * data, src_aff, dst_shape, dst_aff, order=1, padding=padding, cval=cval)
     np.testing.assert_allclose(two[0], fast, atol=1e-5)
     np.testing.assert_allclose(two[1], one, atol=1e-5)

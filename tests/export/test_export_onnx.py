@@ -179,8 +179,16 @@ def test_export_leaves_every_module_mode_as_it_was(tmp_path):
     from emorph_deploy.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("em-23-hires", img_size=(16, 16, 16), embed_dims=(8, 16), heads=(2, 2), patch_dim=4,
-                         decoder_widths=(8, 8), skip_width=4, drop_path=0.5).eval()
+    model = create_model(
+        "em-23-hires",
+        img_size=(16, 16, 16),
+        embed_dims=(8, 16),
+        heads=(2, 2),
+        patch_dim=4,
+        decoder_widths=(8, 8),
+        skip_width=4,
+        drop_path=0.5,
+    ).eval()
     model.stage0[0].train()  # a mixed state must come back exactly, too
     before = {name: m.training for name, m in model.named_modules()}
     wrapper = ExportWrapper(model, ("flow",))

@@ -23,8 +23,15 @@ def _single_thread():
 
 
 SIZE = (16, 16, 24)
-TINY = dict(img_size=SIZE, embed_dims=(16, 32), heads=(2, 4), patch_dim=8, decoder_widths=(16, 8),
-            skip_width=8, flow_init_std=0.05)
+TINY = dict(
+    img_size=SIZE,
+    embed_dims=(16, 32),
+    heads=(2, 4),
+    patch_dim=8,
+    decoder_widths=(16, 8),
+    skip_width=8,
+    flow_init_std=0.05,
+)
 
 
 def tiny(name="em-23-hires", seed=0, **kw) -> EfficientMorph:
@@ -56,9 +63,9 @@ def test_batch_of_two_equals_two_batches_of_one(name, sampler):
     with torch.no_grad():
         warped, flow = model(moving, fixed)
         for i in range(2):
-            w1, f1 = model(moving[i:i + 1], fixed[i:i + 1])
-            torch.testing.assert_close(f1, flow[i:i + 1], atol=1e-5, rtol=0)
-            torch.testing.assert_close(w1, warped[i:i + 1], atol=1e-5, rtol=0)
+            w1, f1 = model(moving[i : i + 1], fixed[i : i + 1])
+            torch.testing.assert_close(f1, flow[i : i + 1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(w1, warped[i : i + 1], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["em-23-hires", "em-23-hires-cga"])
@@ -109,8 +116,12 @@ def test_position_encoding_values():
     pe = sinusoidal_encoding_3d((3, 4, 5), 4, 14)  # (D, H, W, C): 4 per axis + 2 zero channels
     assert pe.shape == (3, 4, 5, 14)
     w = 1.0 / 100.0  # 10000^(-2·1/4)
-    torch.testing.assert_close(pe[2, 0, 0, :4], torch.tensor([np.sin(2.0), np.sin(2 * w), np.cos(2.0),
-                                                               np.cos(2 * w)]).float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        pe[2, 0, 0, :4],
+        torch.tensor([np.sin(2.0), np.sin(2 * w), np.cos(2.0), np.cos(2 * w)]).float(),
+        atol=1e-6,
+        rtol=0,
+    )
     # the H block depends on H only
     torch.testing.assert_close(pe[1, 3, 4, 4:8], pe[0, 3, 0, 4:8], atol=0, rtol=0)
     assert pe[..., 12:].abs().max() == 0
@@ -120,8 +131,15 @@ def _export(model, opset):
     onnx = pytest.importorskip("onnx", reason="onnx not installed")
     moving, fixed = pair()
     buf = io.BytesIO()
-    torch.onnx.export(model, (moving, fixed), buf, dynamo=False, opset_version=opset,
-                      input_names=["moving", "fixed"], output_names=["warped", "flow"])
+    torch.onnx.export(
+        model,
+        (moving, fixed),
+        buf,
+        dynamo=False,
+        opset_version=opset,
+        input_names=["moving", "fixed"],
+        output_names=["warped", "flow"],
+    )
     ops = {n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node}
     return buf.getvalue(), ops, moving, fixed
 

@@ -19,8 +19,14 @@ from emorph_deploy.models import (
     model_info,
 )
 
-TINY = dict(img_size=(16, 16, 24), embed_dims=(16, 32), heads=(2, 4), patch_dim=8, decoder_widths=(16, 8),
-            skip_width=8)
+TINY = dict(
+    img_size=(16, 16, 24),
+    embed_dims=(16, 32),
+    heads=(2, 4),
+    patch_dim=8,
+    decoder_widths=(16, 8),
+    skip_width=8,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -60,11 +66,16 @@ def test_bad_size_names_nearest_valid_size():
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(heads=(5, 8)), dict(attention="window"), dict(warp_sampler="nope"), dict(depths=(1, 2, 3)),
-     dict(planes=(((1, 2),), ((2, 3),))), dict(pos_channels_per_axis=8, patch_dim=8),
-     dict(planes=(((1, 1), (2, 3)), ((3, 1), (1, 2), (2, 3))))],
+    [
+        dict(heads=(5, 8)),
+        dict(attention="window"),
+        dict(warp_sampler="nope"),
+        dict(depths=(1, 2, 3)),
+        dict(planes=(((1, 2),), ((2, 3),))),
+        dict(pos_channels_per_axis=8, patch_dim=8),
+        dict(planes=(((1, 1), (2, 3)), ((3, 1), (1, 2), (2, 3)))),
+    ],
 )
-
 def test_invalid_overrides_rejected(overrides):
     with pytest.raises(InputError):
         get_config("em-23-hires", **overrides)
@@ -89,8 +100,13 @@ def test_create_model_from_config_and_dict():
 
 def test_registered_variants_and_parameter_counts():
     assert list_models()[0] == "em-23-hires"
-    assert set(list_models()) == {"em-23-hires", "em-11-hires", "em-23-hires-s", "em-23-hires-cga",
-                                  "em-11-hires-cga"}
+    assert set(list_models()) == {
+        "em-23-hires",
+        "em-11-hires",
+        "em-23-hires-s",
+        "em-23-hires-cga",
+        "em-11-hires-cga",
+    }
     counts = {name: count_params(get_config(name)) for name in list_models()}
     # reference (public code) counts include an unused 2→16 conv (864 params) that we do not build
     assert abs(counts["em-23-hires"] - 2_794_011) / 2_794_011 < 0.01

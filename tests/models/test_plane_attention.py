@@ -46,8 +46,12 @@ def reference_plane_attention(q, k, v, plane, heads):
             ch = slice(h * g, (h + 1) * g)
 
             def tokens(t, bi=bi, ch=ch):
-                return np.stack([np.concatenate([t[(bi, *voxel(ia, ib, i))][ch] for i in range(ns)])
-                                 for ia, ib in positions])  # (N, S·g)
+                return np.stack(
+                    [
+                        np.concatenate([t[(bi, *voxel(ia, ib, i))][ch] for i in range(ns)])
+                        for ia, ib in positions
+                    ]
+                )  # (N, S·g)
 
             tq, tk, tv = tokens(q), tokens(k), tokens(v)
             logits = tq @ tk.T / math.sqrt(ns * g)
@@ -56,7 +60,7 @@ def reference_plane_attention(q, k, v, plane, heads):
             to = attn @ tv  # (N, S·g)
             for n, (ia, ib) in enumerate(positions):
                 for i in range(ns):
-                    out[(bi, *voxel(ia, ib, i))][ch] = to[n, i * g:(i + 1) * g]
+                    out[(bi, *voxel(ia, ib, i))][ch] = to[n, i * g : (i + 1) * g]
     return out
 
 
@@ -66,8 +70,9 @@ def test_matches_loop_reference(plane, heads):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, *GRID, 4, generator=g) for _ in range(3))
     out = plane_attention(q, k, v, plane, heads)
-    np.testing.assert_allclose(out.double().numpy(), reference_plane_attention(q, k, v, plane, heads),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        out.double().numpy(), reference_plane_attention(q, k, v, plane, heads), atol=1e-5, rtol=0
+    )
     out_static = plane_attention(q, k, v, plane, heads, shape=(*GRID, 4))
     torch.testing.assert_close(out_static, out, atol=0, rtol=0)
 
@@ -103,11 +108,17 @@ def test_outputs_follow_their_voxels(plane, cls):
         torch.testing.assert_close(attn(xp), _permute_plane_positions(y, plane, p), atol=1e-5, rtol=0)
     # 3) reordering the stacking axis reorders the output (each slice keeps its own output)
     sperm = torch.randperm(GRID[s_axis - 1])
-    torch.testing.assert_close(attn(x.index_select(s_axis, sperm)), y.index_select(s_axis, sperm),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        attn(x.index_select(s_axis, sperm)), y.index_select(s_axis, sperm), atol=1e-5, rtol=0
+    )
     # 4) a different permutation per slice is *not* a symmetry (tokens span the stacking axis)
-    mixed = torch.cat([_permute_plane_positions(sl, plane, torch.randperm(n) if i else torch.arange(n))
-                       for i, sl in enumerate(x.split(1, dim=s_axis))], dim=s_axis)
+    mixed = torch.cat(
+        [
+            _permute_plane_positions(sl, plane, torch.randperm(n) if i else torch.arange(n))
+            for i, sl in enumerate(x.split(1, dim=s_axis))
+        ],
+        dim=s_axis,
+    )
     assert not torch.allclose(attn(mixed), y, atol=1e-3)
 
 
@@ -119,7 +130,7 @@ def test_batch_items_never_mix(cls):
         x = torch.randn(3, *GRID, 8)
         y = attn(x)
         for i in range(3):
-            torch.testing.assert_close(attn(x[i:i + 1]), y[i:i + 1], atol=1e-6, rtol=0)
+            torch.testing.assert_close(attn(x[i : i + 1]), y[i : i + 1], atol=1e-6, rtol=0)
 
 
 def test_plane_attention_module_is_reference_plus_projections():

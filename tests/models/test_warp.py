@@ -113,8 +113,8 @@ def test_samplers_agree(padding, mode):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     # batch items are independent
     for i in range(3):
-        one = warp(src[i:i + 1], flow[i:i + 1], mode=mode, sampler="gather", padding=padding)
-        torch.testing.assert_close(one, b[i:i + 1], atol=1e-6, rtol=0)
+        one = warp(src[i : i + 1], flow[i : i + 1], mode=mode, sampler="gather", padding=padding)
+        torch.testing.assert_close(one, b[i : i + 1], atol=1e-6, rtol=0)
 
 
 def test_gather_gradients_match_grid_sample():

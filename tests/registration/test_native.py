@@ -111,9 +111,7 @@ def test_warp_matches_reference_resampler(pair, stub):
 def test_zero_flow_same_grid_is_identity(pair, stub):
     _, moving, labels = pair
     a = AFFINES["flipped_permuted_rot"](moving.shape)
-    res = Registrar(stub(zero=True), warmup=False).register(
-        (moving, a), (moving, a), labels=(labels, a)
-    )
+    res = Registrar(stub(zero=True), warmup=False).register((moving, a), (moving, a), labels=(labels, a))
     # float32 coordinate arithmetic: identity up to ~1e-6 of the intensity range; labels exactly
     assert np.abs(np.asanyarray(res.warped.dataobj) - moving).max() < 1e-5
     assert np.array_equal(np.asanyarray(res.warped_labels.dataobj), labels)
@@ -153,9 +151,7 @@ def test_simpleitk_reproduces_warped(tmp_path, pair, kind, stub):
         img.set_qform(aff, code=1)
         img.set_sform(aff, code=1)
         nib.save(img, tmp_path / f"{name}.nii.gz")
-    res = Registrar(stub(), warmup=False).register(
-        tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"
-    )
+    res = Registrar(stub(), warmup=False).register(tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz")
     res.save(tmp_path / "out", qc_png=False)
     disp = sitk.ReadImage(str(tmp_path / "out" / "displacement.nii.gz"), sitk.sitkVectorFloat64)
     assert disp.GetNumberOfComponentsPerPixel() == 3 and disp.GetSize() == fixed.shape
@@ -421,11 +417,17 @@ def test_nearest_take_equals_grid_sample_nearest(dtype):
     gen = torch.Generator().manual_seed(3)
     src = torch.randint(1, 200, (5, 6, 7), generator=gen).to(torch.float32)
     g = torch.rand(3, 4000, generator=gen) * 2.6 - 1.3  # normalised, reaching past every face
-    ties = torch.tensor([[-1.0 + 2 * 2.5 / 6, 1.0 + 1 / 6, 0.0], [-1.0 + 2 * 0.5 / 5, -1.0 - 1 / 5, 0.0],
-                         [0.0, 0.0, -1.0 + 2 * 1.5 / 4]])  # exact half-voxel positions and face ties
+    ties = torch.tensor(
+        [
+            [-1.0 + 2 * 2.5 / 6, 1.0 + 1 / 6, 0.0],
+            [-1.0 + 2 * 0.5 / 5, -1.0 - 1 / 5, 0.0],
+            [0.0, 0.0, -1.0 + 2 * 1.5 / 4],
+        ]
+    )  # exact half-voxel positions and face ties
     g = torch.cat([g, ties], dim=1)
-    ref = F.grid_sample(src[None, None], g.T.reshape(1, 1, 1, -1, 3), mode="nearest", padding_mode="zeros",
-                        align_corners=True).view(-1)
+    ref = F.grid_sample(
+        src[None, None], g.T.reshape(1, 1, 1, -1, 3), mode="nearest", padding_mode="zeros", align_corners=True
+    ).view(-1)
     lab = torch.from_numpy(src.numpy().astype(np.int64 if dtype == np.uint16 else dtype))
     got = _nearest_take(lab, g, torch.empty(g.shape[1], dtype=lab.dtype))
     assert got.dtype == lab.dtype
@@ -445,8 +447,9 @@ def test_add_matvec_equals_matmul_and_skips_zero_entries():
     out = torch.full((3, 1000), 7.0)
     torch.testing.assert_close(_add_matvec(out, m, f, accumulate=False), ref, rtol=1e-6, atol=1e-6)
     base = torch.randn(3, 1000, generator=gen)
-    torch.testing.assert_close(_add_matvec(base.clone(), m, f, accumulate=True), base + ref, rtol=1e-6,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        _add_matvec(base.clone(), m, f, accumulate=True), base + ref, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_affine_pyramid_block_means_and_fortran_views():

@@ -112,8 +112,15 @@ def test_training_state_weights_only(tmp_path, tiny):
     tiny(x, x)[1].pow(2).mean().backward()
     opt.step()
     sched.step()
-    save_training_state(tmp_path / "ck", {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                          "step": 7, "rng": torch.get_rng_state()})
+    save_training_state(
+        tmp_path / "ck",
+        {
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "step": 7,
+            "rng": torch.get_rng_state(),
+        },
+    )
     state = load_training_state(tmp_path / "ck.safetensors")
     assert state["step"] == 7
     assert state["scheduler"]["last_epoch"] == 1

@@ -52,11 +52,40 @@ def trained(tmp_path_factory):
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("cli") / "run"
-    tiny = ["--grid-shape", "32x32x32", "--embed-dims", "16,32", "--patch-dim", "12", "--decoder-widths",
-            "16,8", "--skip-width", "8", "--heads", "2,4", "--depths", "1,1", "--no-progress",
-            "--no-tensorboard"]
-    res, out_txt, err = _invoke(["train", "-o", out, "--epochs", "1", "--steps-per-epoch", "2", "--val-pairs",
-                                 "1", "--synthetic-kind", "synth", *tiny])
+    tiny = [
+        "--grid-shape",
+        "32x32x32",
+        "--embed-dims",
+        "16,32",
+        "--patch-dim",
+        "12",
+        "--decoder-widths",
+        "16,8",
+        "--skip-width",
+        "8",
+        "--heads",
+        "2,4",
+        "--depths",
+        "1,1",
+        "--no-progress",
+        "--no-tensorboard",
+    ]
+    res, out_txt, err = _invoke(
+        [
+            "train",
+            "-o",
+            out,
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--val-pairs",
+            "1",
+            "--synthetic-kind",
+            "synth",
+            *tiny,
+        ]
+    )
     assert res.exit_code == 0, err
     assert "done: 2 iterations" in out_txt
     return out, tiny
@@ -87,8 +116,20 @@ def test_cli_train_resume_and_guards(trained, tmp_path):
 @pytest.mark.slow
 def test_cli_evaluate_table_and_json(trained, tmp_path):
     out, _ = trained
-    res, out_txt, err = _invoke(["evaluate", out / "best.safetensors", "--synthetic", "2", "--synthetic-kind",
-                                 "synth", "--csv", tmp_path / "ev.csv", "--json", tmp_path / "ev.json"])
+    res, out_txt, err = _invoke(
+        [
+            "evaluate",
+            out / "best.safetensors",
+            "--synthetic",
+            "2",
+            "--synthetic-kind",
+            "synth",
+            "--csv",
+            tmp_path / "ev.csv",
+            "--json",
+            tmp_path / "ev.json",
+        ]
+    )
     assert res.exit_code == 0, err
     for col in ("Dice", "HD95 mm", "SDlogJ", "SDlogJ(L2R)", "J<=0", "NCC", "EPE vox", "mean"):
         assert col in out_txt
@@ -109,8 +150,18 @@ def test_cli_evaluate_table_and_json(trained, tmp_path):
 
 def test_cli_evaluate_heldout_brain_pairs(trained, tmp_path):
     out, _ = trained
-    res, _, err = _invoke(["evaluate", out / "best.json", "--synthetic", "3", "--synthetic-kind",
-                                 "brains", "--json", tmp_path / "b.json"])
+    res, _, err = _invoke(
+        [
+            "evaluate",
+            out / "best.json",
+            "--synthetic",
+            "3",
+            "--synthetic-kind",
+            "brains",
+            "--json",
+            tmp_path / "b.json",
+        ]
+    )
     assert res.exit_code == 0, err
     report = json.loads((tmp_path / "b.json").read_text())
     names = [p["pair"] for p in report["pairs"]]
@@ -125,8 +176,24 @@ def test_cli_evaluate_heldout_brain_pairs(trained, tmp_path):
 def test_cli_train_and_evaluate_on_nifti_folder(tmp_path, tiny_cli):
     data = _write_subjects(tmp_path / "data", n=3)
     out = tmp_path / "run"
-    res, out_txt, err = _invoke(["train", "-o", out, "--data", data, "--epochs", "1", "--steps-per-epoch",
-                                 "2", "--val-fraction", "0.34", "--grid", "2mm", *tiny_cli])
+    res, out_txt, err = _invoke(
+        [
+            "train",
+            "-o",
+            out,
+            "--data",
+            data,
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--val-fraction",
+            "0.34",
+            "--grid",
+            "2mm",
+            *tiny_cli,
+        ]
+    )
     assert res.exit_code == 0, err
     assert "dice" in out_txt  # validation on held-out subjects with label maps
     res, out_txt, err = _invoke(["evaluate", out / "last.json", data])
@@ -147,8 +214,24 @@ def test_cli_train_bad_data(tmp_path, tiny_cli, case):
         (data / "s0.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     else:
         data = _write_subjects(tmp_path / "data", n=3, bad=case)
-    res, _, err = _invoke(["train", "-o", out, "--data", data, "--epochs", "1", "--steps-per-epoch", "3",
-                           "--val-fraction", "0", "--val-pairs", "0", *tiny_cli])
+    res, _, err = _invoke(
+        [
+            "train",
+            "-o",
+            out,
+            "--data",
+            data,
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "3",
+            "--val-fraction",
+            "0",
+            "--val-pairs",
+            "0",
+            *tiny_cli,
+        ]
+    )
     assert res.exit_code == 2, (res.exit_code, err, res.exception)
     _error_line(err)
     assert not (out / "last.json").exists() and not (out / "best.json").exists()

@@ -45,7 +45,11 @@ def test_ddp_gloo_two_processes_identical_weights(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [*cmd, "--standalone", "--nproc_per_node", "2", str(script), str(out), str(hashes)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = (hashes / "rank0.txt").read_text().split()

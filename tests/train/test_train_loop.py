@@ -13,9 +13,17 @@ from emorph_deploy.train.loop import Trainer, resolve_resume_config, weights_dig
 
 
 def _cfg(tmp_path, tiny_overrides, name: str, **kw) -> TrainConfig:
-    base = dict(model_overrides=tiny_overrides, grid_shape=(32, 32, 32), val_pairs=1,
-                out=str(tmp_path / name), log_every=1, progress=False, tensorboard=False, device="cpu",
-                synthetic_kind="synth")
+    base = dict(
+        model_overrides=tiny_overrides,
+        grid_shape=(32, 32, 32),
+        val_pairs=1,
+        out=str(tmp_path / name),
+        log_every=1,
+        progress=False,
+        tensorboard=False,
+        device="cpu",
+        synthetic_kind="synth",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -31,8 +39,16 @@ def test_short_synthetic_run_lowers_loss(tmp_path, tiny_overrides):
     assert after < before - 0.03, (before, after)  # a clear drop on 2 fixed validation pairs
     # run folder: both checkpoints, logs, validation metrics incl. endpoint error vs the true flow
     out = tmp_path / "run"
-    for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "last.state.pt",
-                 "train_log.csv", "val_log.csv", "config.json"):
+    for name in (
+        "best.safetensors",
+        "best.json",
+        "last.safetensors",
+        "last.json",
+        "last.state.pt",
+        "train_log.csv",
+        "val_log.csv",
+        "config.json",
+    ):
         assert (out / name).is_file(), name
     val = result.history[-1]
     assert 0.0 <= val["dice"] <= 1.0 and 0.0 <= val["frac_jac_nonpos"] <= 1.0
@@ -83,8 +99,16 @@ def test_resume_config_mismatch(tmp_path, tiny_overrides):
 
 def test_batch_of_two_and_label_union(tmp_path, tiny_overrides):
     # batch 2 mixes a SynthMorph pair (16 labels) and a template pair (4 labels): Dice over the label union
-    cfg = _cfg(tmp_path, tiny_overrides, "bs2", epochs=1, steps_per_epoch=1, batch_size=2, val_pairs=0,
-               synthetic_kind="mix")
+    cfg = _cfg(
+        tmp_path,
+        tiny_overrides,
+        "bs2",
+        epochs=1,
+        steps_per_epoch=1,
+        batch_size=2,
+        val_pairs=0,
+        synthetic_kind="mix",
+    )
     trainer = Trainer(cfg, force=True)
     res = trainer.fit()
     assert res.step == 1
@@ -102,8 +126,17 @@ def test_max_minutes_stops_and_saves_for_resume(tmp_path, tiny_overrides):
 
 
 def test_brains_one_direction_run_logs_contrast_groups(tmp_path, tiny_overrides):
-    cfg = _cfg(tmp_path, tiny_overrides, "brains", epochs=1, steps_per_epoch=2, val_pairs=2,
-               synthetic_kind="brains", bidirectional=False, amp="none")
+    cfg = _cfg(
+        tmp_path,
+        tiny_overrides,
+        "brains",
+        epochs=1,
+        steps_per_epoch=2,
+        val_pairs=2,
+        synthetic_kind="brains",
+        bidirectional=False,
+        amp="none",
+    )
     trainer = Trainer(cfg, force=True)
     res = trainer.fit()
     assert res.step == 2
@@ -115,8 +148,18 @@ def test_brains_one_direction_run_logs_contrast_groups(tmp_path, tiny_overrides)
 
 
 def test_ncc_is_gated_by_same_contrast(tmp_path, tiny_overrides):
-    cfg = _cfg(tmp_path, tiny_overrides, "gate", epochs=1, steps_per_epoch=1, val_pairs=0,
-               synthetic_kind="brains", ncc_weight=1.0, dice_weight=0.0, reg_weight=0.0)
+    cfg = _cfg(
+        tmp_path,
+        tiny_overrides,
+        "gate",
+        epochs=1,
+        steps_per_epoch=1,
+        val_pairs=0,
+        synthetic_kind="brains",
+        ncc_weight=1.0,
+        dice_weight=0.0,
+        reg_weight=0.0,
+    )
     trainer = Trainer(cfg, force=True)
     x, y = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
     loss_diff, parts_diff = trainer._direction_loss(x, y, None, None, torch.tensor([0.0]))
@@ -131,14 +174,17 @@ def test_ncc_is_gated_by_same_contrast(tmp_path, tiny_overrides):
     assert float(both.detach()) == pytest.approx(float(loss_same.detach()) / 2, rel=1e-4)
 
 
-@pytest.mark.parametrize(("flags", "device", "amp", "want"), [
-    ({"avx2"}, "cpu", "auto", "none"),
-    ({"avx512f", "avx512_bf16"}, "cpu", "auto", "bf16"),
-    ({"amx_bf16", "amx_tile"}, "cpu", "auto", "bf16"),
-    ({"avx2"}, "cpu", "bf16", "bf16"),
-    ({"avx2"}, "cpu", "fp16", "none"),
-    ({"avx2"}, "cpu", "none", "none"),
-])
+@pytest.mark.parametrize(
+    ("flags", "device", "amp", "want"),
+    [
+        ({"avx2"}, "cpu", "auto", "none"),
+        ({"avx512f", "avx512_bf16"}, "cpu", "auto", "bf16"),
+        ({"amx_bf16", "amx_tile"}, "cpu", "auto", "bf16"),
+        ({"avx2"}, "cpu", "bf16", "bf16"),
+        ({"avx2"}, "cpu", "fp16", "none"),
+        ({"avx2"}, "cpu", "none", "none"),
+    ],
+)
 def test_resolve_amp_from_cpu_flags(monkeypatch, flags, device, amp, want):
     from emorph_deploy.train import config as C
 

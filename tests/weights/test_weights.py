@@ -21,8 +21,16 @@ def _tiny_checkpoint(folder: Path, stem: str = "default") -> Path:
 
     grid = (16, 16, 16)
     torch.manual_seed(0)
-    model = create_model("em-11-hires", img_size=grid, patch_dim=6, embed_dims=(8, 16), heads=(1, 2),
-                         decoder_widths=(8, 8), skip_width=4, drop_path=0.0)
+    model = create_model(
+        "em-11-hires",
+        img_size=grid,
+        patch_dim=6,
+        embed_dims=(8, 16),
+        heads=(1, 2),
+        decoder_widths=(8, 8),
+        skip_width=4,
+        drop_path=0.0,
+    )
     save_checkpoint(model, folder / stem, preprocessing=Preprocessing(grid_shape=grid, spacing_mm=(4.0,) * 3))
     return folder / f"{stem}.safetensors"
 

@@ -14,9 +14,17 @@ from emorph_deploy.models.layers.plane_attention import Plane, PlaneAttention
 class PlaneBlock(nn.Module):
     """Pre-norm block with plane attention (``attention="plane"``) or cascaded group attention (``"cga"``)."""
 
-    def __init__(self, dim: int, heads: int, plane: Plane, grid_size: tuple[int, int, int] | None = None,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0, attention: str = "plane",
-                 qkv_bias: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        plane: Plane,
+        grid_size: tuple[int, int, int] | None = None,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        attention: str = "plane",
+        qkv_bias: bool = False,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         attn_cls = CascadedGroupPlaneAttention if attention == "cga" else PlaneAttention

@@ -17,8 +17,14 @@ from emorph_deploy.models.layers.plane_attention import Plane, plane_attention
 class CascadedGroupPlaneAttention(nn.Module):
     """(B, D, H, W, C) → (B, D, H, W, C), heads computed in sequence, each feeding the next."""
 
-    def __init__(self, dim: int, heads: int, plane: Plane, grid_size: tuple[int, int, int] | None = None,
-                 qkv_bias: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        plane: Plane,
+        grid_size: tuple[int, int, int] | None = None,
+        qkv_bias: bool = False,
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} not divisible by heads {heads}")

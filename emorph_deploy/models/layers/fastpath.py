@@ -86,8 +86,9 @@ def _compiling() -> bool:
         return False
 
 
-def onednn_conv(conv: torch.nn.Conv3d, x: torch.Tensor, weight: torch.Tensor | None = None,
-                with_bias: bool = True) -> torch.Tensor:
+def onednn_conv(
+    conv: torch.nn.Conv3d, x: torch.Tensor, weight: torch.Tensor | None = None, with_bias: bool = True
+) -> torch.Tensor:
     """``conv(x)`` through oneDNN directly (``torch.mkldnn_convolution``), with ``conv``'s padding, stride,
     dilation and groups; ``weight`` overrides ``conv.weight`` (e.g. an input-channel slice). PyTorch's CPU
     heuristic would send small batch-1 3D convs to im2col ``slow_conv3d``. Only when :func:`use_onednn`."""

@@ -37,9 +37,14 @@ def plane_permutation(plane: Plane) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return perm, inv
 
 
-def _plane_attention_permuted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plane: Plane, heads: int,
-                              shape: tuple[int, int, int, int] | None = None
-                              ) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _plane_attention_permuted(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plane: Plane,
+    heads: int,
+    shape: tuple[int, int, int, int] | None = None,
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     """:func:`plane_attention` without the final un-permutation: returns the contiguous (B, A, Bp, S, C)
     output and ``inv`` (``out.permute(*inv)`` is (B, D, H, W, C)). Lets a per-voxel Linear run on the
     contiguous tensor before the (free) permuted view instead of after it (saves one full-tensor copy)."""
@@ -65,8 +70,14 @@ def _plane_attention_permuted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.reshape(-1, na, nb, ns, c), inv  # (B, A, Bp, S, C) contiguous
 
 
-def plane_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plane: Plane, heads: int,
-                    shape: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+def plane_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plane: Plane,
+    heads: int,
+    shape: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
     """Global attention over the plane positions. q, k, v: (B, D, H, W, C) → (B, D, H, W, C).
 
     ``shape`` = static (D, H, W, C) (modules pass it so traced/exported graphs hold constants, not Shape ops);
@@ -79,8 +90,14 @@ def plane_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plane: Pl
 class PlaneAttention(nn.Module):
     """qkv = Linear(C → 3C, no bias) per voxel → plane attention (h heads) → Linear(C → C)."""
 
-    def __init__(self, dim: int, heads: int, plane: Plane, grid_size: tuple[int, int, int] | None = None,
-                 qkv_bias: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        plane: Plane,
+        grid_size: tuple[int, int, int] | None = None,
+        qkv_bias: bool = False,
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} not divisible by heads {heads}")

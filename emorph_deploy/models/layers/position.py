@@ -20,8 +20,9 @@ def sinusoidal_encoding_1d(length: int, channels: int, device: torch.device | st
     return table.to(device)
 
 
-def sinusoidal_encoding_3d(size: tuple[int, int, int], channels_per_axis: int,
-                           total_channels: int) -> torch.Tensor:
+def sinusoidal_encoding_3d(
+    size: tuple[int, int, int], channels_per_axis: int, total_channels: int
+) -> torch.Tensor:
     """(D, H, W, total_channels): channels [0:p] encode D, [p:2p] H, [2p:3p] W; the rest are zero.
 
     Each axis table is zero-padded to its channel slot on the CPU, then the three are broadcast-added
@@ -47,8 +48,9 @@ class SinusoidalPositionEncoding3D(nn.Module):
     def __init__(self, size: tuple[int, int, int], channels: int, channels_per_axis: int) -> None:
         super().__init__()
         self.size = tuple(int(s) for s in size)
-        self.register_buffer("pe", sinusoidal_encoding_3d(self.size, channels_per_axis, channels),
-                             persistent=False)  # (D, H, W, C)
+        self.register_buffer(
+            "pe", sinusoidal_encoding_3d(self.size, channels_per_axis, channels), persistent=False
+        )  # (D, H, W, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.pe.to(x.dtype)  # (B, D, H, W, C)
