@@ -775,7 +775,7 @@ def check_outputs_writable(out_stem: str | os.PathLike, force: bool) -> None:
 
     stem = Path(out_stem)
     for suffix in (".json", ".md"):
-        check_writable(stem.with_name(stem.name + suffix), force=force)
+        check_writable(stem.with_name(stem.name + suffix), force=force, create=True)
 
 
 def validate_result(result: dict[str, Any]) -> list[str]:

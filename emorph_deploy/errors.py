@@ -5,6 +5,11 @@ Exit codes (shared by every CLI command): 0 ok, 1 check failed / processing erro
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
+
 
 class EmorphError(Exception):
     """Base class: ``str(err)`` is the one line shown to the user."""
@@ -42,6 +47,43 @@ class CheckFailedError(EmorphError):
     """A numerical check ran and fell outside tolerance (exit 1)."""
 
     exit_code = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: raised in the main thread so every ``finally`` cleans up (a
+    ``KeyboardInterrupt``, so nothing that catches ``Exception`` swallows it). Exit 128 + signal number."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+        super().__init__(f"interrupted by {signal.Signals(self.signum).name}")
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[Callable[[], None]]:
+    """Inside: SIGINT/SIGTERM are recorded, not raised, and the yielded ``check()`` raises
+    :class:`Interrupted` for a recorded one; call it at safe points. Native code that calls back into Python
+    (TensorRT's logger and progress monitor) swallows exceptions raised in the callbacks, which would lose
+    the signal. A signal still recorded on a normal exit is raised then. Outside the main thread: a no-op."""
+    got: list[int] = []
+
+    def check() -> None:
+        if got:
+            raise Interrupted(got[0])
+
+    if threading.current_thread() is not threading.main_thread():
+        yield check
+        return
+    previous = {s: signal.signal(s, lambda signum, _frame: got.append(signum)) for s in _SIGNALS}
+    try:
+        yield check
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    check()
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def require(module: str, extra: str):

@@ -1,4 +1,5 @@
-"""Atomic file writing: write to a temporary file in the same folder, then rename.
+"""Atomic writing: a file is written to a temporary file in the same folder, then renamed; a set of files
+(:func:`atomic_dir`) is written into a temporary sibling folder, then swapped in as a whole.
 
 Nothing partial is ever left at the destination; an existing file is only replaced with ``force=True``.
 """
@@ -9,27 +10,62 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 from emorph_deploy.errors import ConfigMismatchError, InputError, OutputExistsError
 
 
-def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
-    """Validate an output path before any work: parent creatable and writable, no overwrite without force."""
+def check_writable(path: str | os.PathLike, force: bool = False, *, create: bool = False) -> Path:
+    """Validate an output file path before any work: not a folder, no overwrite without force, its folder
+    writable (or creatable: it is created when the file is written, so a failed run leaves no empty folder;
+    ``create=True`` creates it now)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(
+            f"output {path}: expected a file path, got an existing folder; fix: pass a file name, e.g. "
+            f"{path / 'report.json'}"
+        )
     if path.exists() and not force:
         raise OutputExistsError(f"output {path} already exists: pass --force to overwrite it")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output folder {parent}: {exc.strerror or exc}") from exc
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"output folder {parent} is not writable: choose another folder with --out")
+    check_dir_writable(path.parent)
+    if create:
+        _make_dirs(path.parent)
     return path
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the created ones, outermost first (InputError)."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from exc
+    return missing
+
+
+def _remove_empty_dirs(created: list[Path]) -> None:
+    for p in reversed(created):
+        with contextlib.suppress(OSError):
+            p.rmdir()  # only if empty
+
+
+def check_dir_writable(folder: str | os.PathLike) -> Path:
+    """Before any work: ``folder`` (or, while it does not exist, its nearest existing parent, where it will
+    be created) must be writable; InputError otherwise."""
+    folder = Path(folder)
+    probe = folder.absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(
+            f"output folder {folder}: expected a writable folder, got {probe} "
+            f"{'not writable' if probe.is_dir() else 'not a folder'}; fix: choose another --out"
+        )
+    return folder
 
 
 @functools.cache
@@ -49,19 +85,96 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     infer the format from the name still work.
     """
     path = check_writable(path, force=force)
+    created = _make_dirs(path.parent)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_process_umask())  # mkstemp creates 0600; give the file the usual permissions
+    done = False
     try:
-        yield tmp_path
-        if path.exists() and not force:  # appeared while we were working
-            raise OutputExistsError(f"output {path} already exists: pass --force to overwrite it")
-        os.replace(tmp_path, path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            os.chmod(tmp_path, 0o666 & ~_process_umask())  # mkstemp creates 0600: the usual permissions
+            yield tmp_path
+            if path.exists() and not force:  # appeared while we were working
+                raise OutputExistsError(f"output {path} already exists: pass --force to overwrite it")
+            os.replace(tmp_path, path)
+            done = True
+        finally:
+            if tmp_path.exists():
+                tmp_path.unlink()
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        if not done:
+            _remove_empty_dirs(created)
+
+
+def foreign_entries(folder: Path, owned: Collection[str]) -> list[str]:
+    """The entries of an existing ``folder`` that are not files named in ``owned`` (what a tool writes)."""
+    if not folder.is_dir():
+        return []
+    return sorted(e.name for e in folder.iterdir() if e.name not in owned or not e.is_file())
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, *, owned: Collection[str], force: bool = False) -> Iterator[Path]:
+    """Yield an empty hidden folder beside ``out``; the files written into it become the outputs in ``out``
+    as one set, or (on any error, ``KeyboardInterrupt`` and ``SystemExit`` included) none of them do.
+
+    ``owned`` names every file the command may write into ``out``. Without ``force`` any of them already in
+    ``out`` is an :class:`OutputExistsError` (raised on entry, before any work). With ``force`` the earlier
+    set is replaced as a whole: files of two runs never mix. When ``out`` holds nothing else it is swapped
+    in one piece (renamed aside, the new folder renamed in, the old one deleted); a folder shared with
+    other files gets the new files renamed in one by one, then the stale outputs deleted.
+    """
+    out = Path(out)
+    _check_replaceable(out, owned, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise InputError(
+            f"output: expected a writable folder for {out}, got {exc.strerror or exc}; fix: choose another "
+            "--out or check its permissions"
+        ) from exc
+    try:
+        os.chmod(tmp, 0o777 & ~_process_umask())  # mkdtemp creates 0700
+        yield tmp
+        _check_replaceable(out, owned, force)  # may have changed while we were working
+        _swap_in(tmp, out, owned)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_replaceable(out: Path, owned: Collection[str], force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output: expected a folder, got the file {out}; fix: choose another --out")
+    if not force:
+        for name in owned:
+            if (out / name).exists():
+                raise OutputExistsError(f"output {out / name} already exists: pass --force to overwrite it")
+
+
+def _swap_in(tmp: Path, out: Path, owned: Collection[str]) -> None:
+    """Make the files of ``tmp`` the output set of ``out`` (see :func:`atomic_dir`)."""
+    if not out.exists() or not any(out.iterdir()):
+        os.replace(tmp, out)  # replaces an empty folder too
+        return
+    if not foreign_entries(out, owned):
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.rename(out, old / out.name)  # the window without ``out`` is two renames long
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old / out.name, out)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    new = {e.name for e in tmp.iterdir()}
+    for name in sorted(new):
+        os.replace(tmp / name, out / name)
+    for name in owned:
+        if name not in new and (out / name).is_file():
+            (out / name).unlink()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> Path:

@@ -57,6 +57,11 @@ __all__ = [
 LINEAR_SHARE = 0.5
 
 
+#: Most refinement steps accepted: refinement converges within hundreds of steps, and each step costs about
+#: one forward and backward pass of the similarity, so far larger counts are typing mistakes.
+MAX_REFINE_STEPS = 10_000
+
+
 @dataclass(frozen=True)
 class RefineConfig:
     """Defaults of the test-time refinement (one place). ``lr`` is Adam's step size in voxels."""
@@ -85,8 +90,10 @@ class RefineConfig:
             cfg = refine
         else:
             cfg = cls(steps=int(refine or 0))
-        if cfg.steps < 0:
-            raise InputError(f"refine: expected steps >= 0, got {cfg.steps}; fix: pass e.g. --refine 20")
+        if not 0 <= cfg.steps <= MAX_REFINE_STEPS:
+            raise InputError(
+                f"refine: expected 0..{MAX_REFINE_STEPS} steps, got {cfg.steps}; fix: pass e.g. --refine 20"
+            )
         return cfg
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
 import typer
 
 from emorph_deploy.choices import Backend, Similarity
-from emorph_deploy.errors import EmorphError
+from emorph_deploy.errors import EmorphError, InputError, Interrupted
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -17,19 +21,78 @@ EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 
+#: OS errors of the disk itself (full, over quota, read-only, file too large, I/O): one line, exit 1
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO})
+
 
 def handle_errors(fn: F) -> F:
-    """Decorate a command: an :class:`EmorphError` becomes ``error: <message>`` on stderr + its exit code."""
+    """Decorate a command: an :class:`EmorphError` becomes ``error: <message>`` on stderr + its exit code;
+    SIGINT/SIGTERM become :class:`~emorph_deploy.errors.Interrupted` (every ``finally`` removes what was
+    half written), then one line and exit 130/143."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with interrupts_raise():
+                return fn(*args, **kwargs)
         except EmorphError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRNOS:
+                raise
+            where = f" {exc.filename}" if exc.filename else ""
+            typer.echo(
+                f"error: writing{where}: expected room on a writable disk, got {exc.strerror or exc}; fix: "
+                "free space or choose another --out",
+                err=True,
+            )
+            raise typer.Exit(EXIT_CHECK_FAILED) from None
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            typer.echo(
+                f"error: interrupted by {signal.Signals(signum).name}; unfinished outputs removed", err=True
+            )
+            raise typer.Exit(128 + int(signum)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """While inside: SIGINT and SIGTERM raise :class:`~emorph_deploy.errors.Interrupted` in the main thread
+    (the default SIGTERM action kills the process without running any cleanup). Elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_interrupted(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` to torch, bounded to 1..4x the CPU count: far more threads than cores only slows
+    a run down, and the OpenMP runtime fails (or crashes) at tens of thousands. InputError outside."""
+    if threads is None:
+        return
+    import os
+
+    most = 4 * (os.cpu_count() or 1)
+    if not 1 <= threads <= most:
+        raise InputError(
+            f"--threads: expected 1..{most} (up to 4 per CPU), got {threads}; fix: pass e.g. "
+            f"--threads {os.cpu_count() or 1}"
+        )
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 #: ``--refine N`` shared by ``emorph register`` and ``emorph demo``.

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from emorph_deploy.cli._common import Backend, BackendOption, RefineOption, handle_errors
+from emorph_deploy.cli._common import Backend, BackendOption, RefineOption, handle_errors, set_threads
 from emorph_deploy.errors import InputError
 
 INPUT_FILES = {"fixed": "fixed.nii.gz", "moving": "moving.nii.gz"}
@@ -49,13 +49,12 @@ def demo_command(
 
     from emorph_deploy.data.demo import demo_pair
     from emorph_deploy.fileio import atomic_path, check_writable
+    from emorph_deploy.refine import RefineConfig
     from emorph_deploy.registration import Registrar
     from emorph_deploy.registration.pipeline import output_targets, refuse_existing
 
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
+    RefineConfig.coerce(refine)  # a bad --refine fails before any work
     outputs = output_targets(out, labels=False, voxel_flow=False, qc_png=qc_png)
     refuse_existing(out, [*(out / f for f in INPUT_FILES.values()), *outputs.values()], force)
     if model is not None:

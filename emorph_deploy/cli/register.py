@@ -21,6 +21,7 @@ from emorph_deploy.cli._common import (
     RefineOption,
     RefineSimilarityOption,
     handle_errors,
+    set_threads,
 )
 from emorph_deploy.errors import InputError
 
@@ -102,7 +103,7 @@ def register_command(
     from emorph_deploy.registration.batch import format_summary, read_pairs, run_batch
     from emorph_deploy.registration.pipeline import Registrar, load_inputs, output_targets, refuse_existing
 
-    refine_cfg = RefineConfig(steps=refine, similarity=refine_similarity.value)
+    refine_cfg = RefineConfig.coerce(RefineConfig(steps=refine, similarity=refine_similarity.value))
 
     if pairs is not None and (fixed is not None or moving is not None or moving_labels is not None):
         raise InputError(
@@ -114,12 +115,7 @@ def register_command(
             f"{'none' if fixed is None else 'only FIXED'}; fix: emorph register fixed.nii.gz "
             "moving.nii.gz --model CHECKPOINT"
         )
-    if threads is not None:
-        if threads < 1:
-            raise InputError(f"--threads: expected >= 1, got {threads}; fix: pass e.g. --threads 2")
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     artifact = _artifact(model, onnx, engine)
     batch = read_pairs(pairs) if pairs is not None else None
     if batch is None:  # fail before any work on a bad or existing output

@@ -40,6 +40,11 @@ ImageLike = Any
 _NIFTI_TYPES = (nib.Nifti1Pair, nib.Nifti2Pair)  # Nifti1Image / Nifti2Image are subclasses
 #: Largest voxel data (bytes) read by the one-call ``.nii.gz`` decoder; bigger files stream through nibabel.
 FAST_READ_MAX_BYTES = 1 << 30
+#: Largest voxel data (bytes) a header may declare: far above any 3D scan (a 0.25 mm whole head in float32 is
+#: ~2 GB), far below what would exhaust memory. Checked before anything is allocated.
+MAX_VOXEL_BYTES = 4 << 30
+#: deflate cannot expand data more than ~1032:1, so a ``.nii.gz`` smaller than declared/1032 is truncated
+_DEFLATE_MAX_RATIO = 1032
 
 
 def _describe(name: str, source: object) -> str:
@@ -164,6 +169,7 @@ def _load_nifti(path: str | os.PathLike, what: str) -> tuple[nib.spatialimages.S
         raise InputError(f"{what}: expected an existing NIfTI file, got a missing path; fix: check the path")
     if p.is_dir():
         raise InputError(f"{what}: expected a NIfTI file, got a directory; fix: pass a .nii or .nii.gz file")
+    _check_header(p, what)
     fast = _read_nii_gz_fast(p)
     if fast is not None:
         return fast
@@ -194,6 +200,86 @@ def _load_nifti(path: str | os.PathLike, what: str) -> tuple[nib.spatialimages.S
             f"({type(exc).__name__}: {_short(exc)}); fix: re-export or re-download it"
         ) from exc
     return img, data
+
+
+def _read_header_bytes(p: Path, n: int = 544) -> bytes:
+    """The first ``n`` (decompressed) bytes of ``p``: enough for a NIfTI-1 or NIfTI-2 header."""
+    with open(p, "rb") as f:
+        raw = f.read(1 << 16 if p.name.lower().endswith(".gz") else n)
+    if not p.name.lower().endswith(".gz"):
+        return raw
+    try:
+        return zlib.decompressobj(31).decompress(raw, n)
+    except zlib.error:
+        return b""  # not gzip: nibabel reports it
+
+
+def declared_voxel_bytes(header: Any) -> int:
+    """Bytes of voxel data a NIfTI header declares (shape x item size), in exact integer arithmetic."""
+    n = 1
+    for d in header.get_data_shape():
+        n *= int(d)
+    return n * header.get_data_dtype().itemsize
+
+
+def _check_header(p: Path, what: str) -> None:
+    """Refuse, before any allocation, a header that declares more voxel data than :data:`MAX_VOXEL_BYTES` or
+    than the file can hold (``.nii``: the bytes after ``vox_offset``; ``.nii.gz``: the deflate bound), or
+    zero voxel sizes. The raw header is read: nibabel's own checks silently repair some fields."""
+    head = _read_header_bytes(p)
+    hdr = None
+    for cls in (nib.Nifti1Header, nib.Nifti2Header):
+        if len(head) >= cls.sizeof_hdr:
+            try:
+                hdr = cls(binaryblock=head[: cls.sizeof_hdr], check=False)
+                if int(hdr["sizeof_hdr"]) == cls.sizeof_hdr:
+                    break
+            except Exception:  # not this kind of header (or garbage): try the next, then leave it to nibabel
+                pass
+            hdr = None
+    if hdr is None:
+        return
+    _check_voxel_sizes(hdr, what)
+    try:
+        declared = declared_voxel_bytes(hdr)
+        offset = int(hdr["vox_offset"])
+    except Exception:  # an unreadable shape/dtype: nibabel produces the error message
+        return
+    if declared > MAX_VOXEL_BYTES:
+        raise InputError(
+            f"{what}: expected at most {MAX_VOXEL_BYTES / 2**30:g} GiB of voxel data, got a header declaring "
+            f"shape {tuple(hdr.get_data_shape())} {hdr.get_data_dtype()} ({declared / 2**30:.3g} GiB); "
+            "fix: repair the header, or crop/downsample the image"
+        )
+    size = p.stat().st_size
+    if p.name.lower().endswith(".gz"):
+        room, unit = size * _DEFLATE_MAX_RATIO, "that a gzip file of this size can hold"
+    else:
+        room, unit = size - max(offset, hdr.sizeof_hdr), "in the file after its header"
+    if declared > room:
+        raise InputError(
+            f"{what}: expected a complete NIfTI file, got a truncated file: its header declares {declared} "
+            f"bytes of voxel data, more than the {max(room, 0)} bytes {unit} ({size} bytes on disk); fix: "
+            "re-export or re-download it"
+        )
+
+
+def _check_voxel_sizes(header: Any, what: str) -> None:
+    """Without an sform, the affine is built from ``pixdim``: a zero or non-finite voxel size there is
+    refused (nibabel would silently read it as 1 mm)."""
+    try:
+        if int(header["sform_code"]) > 0:
+            return
+        zooms = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    except Exception:
+        return
+    bad = [i for i, z in enumerate(zooms) if not np.isfinite(z) or z == 0]
+    if bad:
+        raise InputError(
+            f"{what}: expected positive voxel sizes (pixdim) in a header without sform, got "
+            f"{', '.join(f'{zooms[i]:g} on axis {i}' for i in bad)}; fix: set the voxel size in the header "
+            "(e.g. fslchpixdim, nibabel set_zooms) or write an sform"
+        )
 
 
 def _short(exc: BaseException, n: int = 120) -> str:
@@ -240,7 +326,8 @@ def _validated_intensity(data: np.ndarray, affine: Any, what: str, header: Any =
     affine = check_affine(affine, what)
     data = _squeeze_to_3d(np.asarray(data), what)
     _check_values(data, what)
-    data32 = _contiguous(data, np.float32)
+    with np.errstate(over="ignore"):  # overflow to Inf is reported just below
+        data32 = _contiguous(data, np.float32)
     if data.dtype != np.float32 and not np.all(np.isfinite(data32)):  # float32 input: checked just above
         raise InputError(
             f"{what}: expected values that fit float32, got values overflowing to Inf; fix: rescale the image"

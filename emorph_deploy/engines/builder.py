@@ -19,18 +19,19 @@ flag, timing cache), :func:`serialize_engine`, :func:`write_outputs` and :func:`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from emorph_deploy.engines.manifest import AOT_GPU, ENGINE_FORMAT, engine_stem, rebuild_command
 from emorph_deploy.engines.trt import TensorRT, detect_gpu, load_tensorrt, make_logger
-from emorph_deploy.errors import InputError, ProcessingError
+from emorph_deploy.errors import InputError, ProcessingError, interrupts_deferred
 from emorph_deploy.export.manifest import manifest_path_for
 from emorph_deploy.export.onnx_io import (
     derived_onnx_manifest,
@@ -109,16 +110,46 @@ def build_engine(
     gpu_tag, gpu_info = _gpu_tag(trt)
     paths = output_paths(source.name, plan, gpu_tag, trt, options)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="emorph-build-") as tmp:
-        graph = graph_to_build(source, plan, Path(tmp) / paths.fp16_onnx.name, say)
-        convert_s = time.perf_counter() - t0
-        setup = configure_builder(trt, source, plan, graph.path, options, gpu_tag, verbose, say)
-        engine, build_s = serialize_engine(trt, setup, plan, source.path, say)
-        built = write_outputs(source, graph, paths, engine, setup, options)
-    seconds = {"build": build_s, "total": time.perf_counter() - t0, "conversion": convert_s}
-    manifest = engine_manifest(source, plan, trt, gpu_info, graph, built, setup, options, seconds)
-    write_json_atomic(paths.manifest, manifest, force=options.force)
+    # signals are only recorded while TensorRT runs (it swallows exceptions raised in its callbacks) and
+    # raised at the checks (the last one on leaving); the new files are removed on any failure or interruption
+    with _removed_on_failure(paths, options.out_dir), interrupts_deferred() as check:
+        with tempfile.TemporaryDirectory(prefix="emorph-build-") as tmp:
+            graph = graph_to_build(source, plan, Path(tmp) / paths.fp16_onnx.name, say)
+            convert_s = time.perf_counter() - t0
+            check()
+            setup = configure_builder(trt, source, plan, graph.path, options, gpu_tag, verbose, say)
+            check()
+            engine, build_s = serialize_engine(trt, setup, plan, source.path, say, check)
+            check()
+            built = write_outputs(source, graph, paths, engine, setup, options)
+        seconds = {"build": build_s, "total": time.perf_counter() - t0, "conversion": convert_s}
+        manifest = engine_manifest(source, plan, trt, gpu_info, graph, built, setup, options, seconds)
+        write_json_atomic(paths.manifest, manifest, force=options.force)
     return BuildResult(paths.engine, paths.manifest, manifest, built.graph, built.extra)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(paths: BuildPaths, out_dir: str | os.PathLike) -> Iterator[None]:
+    """On any error or interruption: delete the build's files that did not exist before it (the timing
+    cache, a cache, stays) and ``out_dir`` if this build created it and left it empty. A full disk is one
+    ProcessingError line."""
+    out = Path(out_dir)
+    created = [p for p in [out, *out.parents] if not p.exists()]
+    new = [p for p in (paths.engine, paths.manifest, paths.fp16_onnx, paths.fp16_manifest) if not p.exists()]
+    try:
+        yield
+    except BaseException as exc:
+        for p in new:
+            p.unlink(missing_ok=True)
+        for d in created:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty
+        if isinstance(exc, OSError):
+            raise ProcessingError(
+                f"build: expected to write the engine into {out}, got {type(exc).__name__}: "
+                f"{exc.strerror or exc}; fix: free space or choose another --out"
+            ) from exc
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- graph
@@ -438,14 +469,20 @@ def _apply_fp16_flag(
 
 # ---------------------------------------------------------------------------------------------- build
 def serialize_engine(
-    trt: TensorRT, setup: BuilderSetup, plan: GraphPlan, label: Path, say: Callable[[str], None] | None = None
+    trt: TensorRT,
+    setup: BuilderSetup,
+    plan: GraphPlan,
+    label: Path,
+    say: Callable[[str], None] | None = None,
+    check: Callable[[], None] = lambda: None,
 ) -> tuple[bytes, float]:
-    """(serialized engine, build seconds); ProcessingError with TensorRT's last errors if it fails."""
+    """(serialized engine, build seconds); ProcessingError with TensorRT's last errors if it fails.
+    ``check`` is called while waiting for the build; if it raises, the build is cancelled first."""
     say = say or (lambda _msg: None)
     typing = "strongly typed" if setup.strongly_typed else "BuilderFlag.FP16"
     say(f"building {plan.precision} engine ({typing})")
     t_build = time.perf_counter()
-    serialized = setup.builder.build_serialized_network(setup.network, setup.config)
+    serialized = _build_interruptibly(trt, setup, check)
     build_s = time.perf_counter() - t_build
     if serialized is None:
         errs = [m.splitlines()[0] for m in setup.logger.errors()][-3:] or ["no error message"]
@@ -454,6 +491,65 @@ def serialize_engine(
             f"{' | '.join(errs)}; fix: build --precision fp32 to isolate, or re-export"
         )
     return bytes(serialized), build_s
+
+
+def _build_interruptibly(trt: TensorRT, setup: BuilderSetup, check: Callable[[], None]) -> Any:
+    """``build_serialized_network`` in a worker thread while the main thread waits in short joins and calls
+    ``check`` (from :func:`~emorph_deploy.errors.interrupts_deferred`) after each: on an interruption the
+    build is cancelled through a progress monitor and joined before :class:`Interrupted` goes on."""
+    import threading
+
+    cancel = threading.Event()
+    monitor = _cancelling_monitor(trt, cancel)
+    if monitor is not None:
+        setup.config.progress_monitor = monitor
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["engine"] = setup.builder.build_serialized_network(setup.network, setup.config)
+        except BaseException as exc:  # surfaced in the calling thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=run, name="emorph-trt-build", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+            check()
+    except BaseException:
+        cancel.set()
+        worker.join()  # cancelled at the builder's next step
+        raise
+    finally:
+        if monitor is not None:
+            setup.config.progress_monitor = None
+    if "error" in result:
+        raise result["error"]
+    return result.get("engine")
+
+
+def _cancelling_monitor(trt: TensorRT, cancel: Any) -> Any:
+    """A TensorRT ``IProgressMonitor`` that cancels the build once ``cancel`` (a threading.Event) is set;
+    None when this TensorRT has no progress monitor (the build then runs to its end, its result dropped)."""
+    base = getattr(trt.module, "IProgressMonitor", None)
+    if base is None:  # pragma: no cover - TensorRT < 10
+        return None
+
+    class CancellingMonitor(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            base.__init__(self)
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            pass
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return not cancel.is_set()
+
+        def phase_finish(self, phase_name: str) -> None:
+            pass
+
+    return CancellingMonitor()
 
 
 # ---------------------------------------------------------------------------------------------- write

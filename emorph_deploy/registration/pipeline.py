@@ -19,7 +19,6 @@ Nothing touches the disk until :meth:`Result.save`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
@@ -78,12 +77,16 @@ def output_targets(out: Path, *, labels: bool, voxel_flow: bool, qc_png: bool) -
 
 
 def refuse_existing(out: Path, targets: Iterable[Path], force: bool) -> None:
-    """Before any work: ``out`` must be a folder (or not exist yet); without ``force`` no target may exist."""
+    """Before any work: ``out`` must be a folder (or not exist yet) that can be written; without ``force``
+    no target and no output of an earlier run (:data:`OUTPUT_FILES`) may exist."""
+    from emorph_deploy.fileio import check_dir_writable
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"output: expected a folder, got the file {out}; fix: choose another --out")
+    check_dir_writable(out)
     if not force:
-        for p in targets:
+        for p in [*targets, *(out / name for name in OUTPUT_FILES.values())]:
             if p.exists():
                 raise OutputExistsError(f"output {p} already exists: pass --force to overwrite it")
 
@@ -149,24 +152,24 @@ class Result:
         voxel_flow: bool = False,
         qc_png: bool = True,
     ) -> dict[str, Path]:
-        """Write the outputs into ``out_dir`` all-or-nothing (temp files renamed at the end).
+        """Write the outputs into ``out_dir`` all-or-nothing (a temporary sibling folder swapped in at the
+        end, :func:`emorph_deploy.fileio.atomic_dir`).
 
-        Refuses to overwrite any existing output without ``force`` (checked before anything is written); on
-        any error no output file (and no folder this call created) is left behind.
+        Refuses to overwrite any existing output without ``force`` (checked before anything is written); with
+        ``force`` the earlier run's whole output set is replaced. On any error or interruption no output
+        file (and no folder, temporary or not) is left behind.
         """
-        from emorph_deploy.fileio import atomic_path, check_writable
+        from emorph_deploy.fileio import atomic_dir
 
         out = Path(out_dir)
         targets = output_targets(
             out, labels=self.warped_labels is not None, voxel_flow=voxel_flow, qc_png=qc_png
         )
         refuse_existing(out, targets.values(), force)
-        created = not out.exists()
-        check_writable(out / ".emorph-probe", force=True)
         times: dict[str, float] = {}
         try:
-            with contextlib.ExitStack() as stack:
-                tmp = {n: stack.enter_context(atomic_path(p, force=force)) for n, p in targets.items()}
+            with atomic_dir(out, owned=OUTPUT_FILES.values(), force=force) as staging:
+                tmp = {n: staging / p.name for n, p in targets.items()}
                 with stopwatch(times, "write_nifti"):
                     images = [(self.warped, tmp["warped"])]
                     if "warped_labels" in tmp:
@@ -184,14 +187,10 @@ class Result:
                 qc["outputs"] = {n: OUTPUT_FILES[n] for n in targets}
                 tmp["qc_json"].write_text(json.dumps(_jsonable(qc), indent=2) + "\n")
         except OSError as exc:
-            _cleanup_dir(out, created)
             raise ProcessingError(
                 f"output: expected to write {out}, got {type(exc).__name__}: {exc}; "
                 "fix: check free space and permissions"
             ) from exc
-        except BaseException:
-            _cleanup_dir(out, created)
-            raise
         self.qc["times_s"] = qc["times_s"]
         return targets
 
@@ -209,12 +208,6 @@ def _save_niis(images: list[tuple[nib.Nifti1Image, Path]]) -> None:
                 save_nifti_gz_many([(img, path)])
             except ValueError:
                 nib.save(img, str(path))
-
-
-def _cleanup_dir(out: Path, created: bool) -> None:
-    if created:
-        with contextlib.suppress(OSError):
-            out.rmdir()  # only if empty
 
 
 def _jsonable(obj: Any) -> Any:
@@ -297,6 +290,26 @@ class _ModelGridPair:
     moving: np.ndarray
     moving_unaligned: np.ndarray
     affine: np.ndarray
+
+
+#: Least fraction of the model grid where both images have signal for a registration to be meaningful.
+MIN_OVERLAP = 0.01
+
+
+def check_overlap(fixed: np.ndarray, moving: np.ndarray, affine: bool) -> float:
+    """The fraction of the model grid (both (D, H, W), normalised to [0, 1]) where both images are non-zero;
+    ProcessingError below :data:`MIN_OVERLAP` (the moving image lies outside the fixed field of view, or
+    is too small or empty there): a registration without overlap has nothing to align."""
+    both = np.count_nonzero((fixed > 0) & (moving > 0)) / fixed.size
+    if both < MIN_OVERLAP or float(moving.max()) == float(moving.min()):
+        fix = "check the headers (both in scanner/world mm) and the field of view" + (
+            "" if affine else ", or pass --affine"
+        )
+        raise ProcessingError(
+            f"registration: expected the moving image to overlap the fixed image, got {100 * both:.2f}% of "
+            f"the fixed field of view (at least {100 * MIN_OVERLAP:g}% needed); fix: {fix}"
+        )
+    return both
 
 
 class Registrar:
@@ -416,6 +429,7 @@ class Registrar:
                     pre, qc_affine = self._prealign(f_data, f_aff, m_data, m_aff)
             with stopwatch(times, "resample"):
                 pair = self._to_model_grid(fixed_img, f_data, f_aff, m_data, m_aff, pre)
+            check_overlap(pair.fixed, pair.moving, use_affine)
             with stopwatch(times, "infer"):
                 out, model_s = self._infer(pair, network)
             flow = self._checked_flow(out)

@@ -175,9 +175,17 @@ def build_eval_pairs(
     preset_spacing: bool = True,
 ) -> tuple[list[str], Any]:
     """(names, dataset) of evaluation pairs: consecutive subjects of a folder/CSV (``i → i+1``), explicit
-    CSV pairs, atlas → subject, or ``synthetic`` generated pairs with known deformations."""
+    CSV pairs, atlas → subject, or ``synthetic`` generated pairs with known deformations; at most
+    ``max_pairs`` of them (>= 1)."""
     from emorph_deploy.errors import InputError
 
+    if max_pairs is not None and max_pairs < 1:
+        raise InputError(
+            f"--max-pairs: expected a number of pairs >= 1, got {max_pairs}; fix: drop it to evaluate every "
+            "pair, or pass e.g. --max-pairs 10"
+        )
+    if synthetic is not None and max_pairs is not None:
+        synthetic = min(synthetic, max_pairs)
     if synthetic is not None:
         from emorph_deploy.data.synthetic import SyntheticPairs
         from emorph_deploy.train.loop import _SyntheticAdapter

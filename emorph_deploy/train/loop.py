@@ -402,7 +402,7 @@ class Trainer:
                 f"run folder {self.out} already holds a run ({existing[0].name}): expected an empty folder; "
                 f"fix: pass --resume to continue it, --force to overwrite it, or choose another --out"
             )
-        check_writable(self.out / "config.json", force=True)
+        check_writable(self.out / "config.json", force=True, create=True)
 
     def _save_config(self) -> None:
         if self.ctx.is_main:
