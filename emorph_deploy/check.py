@@ -34,6 +34,7 @@ from emorph_deploy.errors import ConfigMismatchError, InputError
 TOLERANCES: dict[str, dict[str, float]] = {
     Precision.fp32.value: {"max_flow_voxel": 1e-3},
     Precision.fp16.value: {"mean_flow_voxel": 0.05, "dice_delta": 0.002},
+    Precision.bf16.value: {"mean_flow_voxel": 0.05, "dice_delta": 0.002},
     Precision.int8.value: {"mean_flow_voxel": 0.2, "dice_delta": 0.01},
 }
 PRECISIONS: tuple[str, ...] = tuple(p.value for p in CheckPrecision)

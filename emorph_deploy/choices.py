@@ -12,6 +12,7 @@ from emorph_deploy.errors import InputError
 __all__ = [
     "Amp",
     "Backend",
+    "BuildTarget",
     "CalibrationKind",
     "CalibrationMethod",
     "CheckPrecision",
@@ -48,19 +49,23 @@ class Choice(str, Enum):
 
 
 class Backend(Choice):
-    """Inference backend of a runner; ``auto`` = TensorRT, then ONNX Runtime (GPU, then CPU), then torch."""
+    """Inference backend of a runner; ``auto`` = TensorRT, then OpenVINO (CPU), then ONNX Runtime (GPU, then
+    CPU), then torch (:func:`emorph_deploy.runners.resolve`)."""
 
     auto = "auto"
     tensorrt = "tensorrt"
     onnxruntime = "onnxruntime"
     torch = "torch"
+    openvino = "openvino"
 
 
 class Precision(Choice):
-    """Numeric precision of an exported graph or TensorRT engine."""
+    """Numeric precision of an exported graph, TensorRT engine or OpenVINO IR (bf16: OpenVINO on CPUs with
+    AVX512-BF16 or AMX)."""
 
     fp32 = "fp32"
     fp16 = "fp16"
+    bf16 = "bf16"
     int8 = "int8"
 
 
@@ -70,7 +75,15 @@ class CheckPrecision(Choice):
     auto = "auto"
     fp32 = Precision.fp32.value
     fp16 = Precision.fp16.value
+    bf16 = Precision.bf16.value
     int8 = Precision.int8.value
+
+
+class BuildTarget(Choice):
+    """What ``emorph build`` writes: a TensorRT engine or an OpenVINO IR (CPU)."""
+
+    tensorrt = "tensorrt"
+    openvino = "openvino"
 
 
 class Flavour(Choice):

@@ -2,7 +2,9 @@
 
 :func:`cpu_flags` reads the CPU's feature flags at run time (the machine may change between runs: never
 assume the last one); :func:`cpu_has_native_bf16` says whether bf16 arithmetic is native (AVX512-BF16 or AMX),
-which decides reduced precision (``emorph train --amp auto``).
+which decides reduced precision (``emorph train --amp auto``); :func:`cpu_has_int8_dot` whether int8 dot
+products accumulate in int32 without saturating (VNNI or AMX); :func:`missing_cpu_features` names what a
+precision lacks on this CPU.
 
 Inference on 3D volumes allocates and frees tensors of 50–500 MB per layer. glibc serves every allocation
 above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and returns it to the kernel on ``free``, so
@@ -27,7 +29,16 @@ import functools
 import os
 import platform
 
-__all__ = ["allocator_state", "cpu_flags", "cpu_has_native_bf16", "keep_freed_memory"]
+__all__ = [
+    "PRECISION_CPU_FEATURES",
+    "allocator_state",
+    "cpu_flags",
+    "cpu_has_int8_dot",
+    "cpu_has_native_bf16",
+    "cpu_model",
+    "keep_freed_memory",
+    "missing_cpu_features",
+]
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,9 +54,42 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (``model name`` in /proc/cpuinfo), else :func:`platform.processor`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+#: Reduced precision → the CPU flags of which one must be present for it to run natively (any of them).
+#: int8 without VNNI/AMX goes through 16-bit intermediate sums that saturate (``vpmaddubsw``).
+PRECISION_CPU_FEATURES: dict[str, frozenset[str]] = {
+    "bf16": frozenset({"avx512_bf16", "amx_bf16"}),
+    "int8": frozenset({"avx512_vnni", "avx_vnni", "amx_int8"}),
+}
+
+
 def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bf16 dot products natively (AVX512-BF16 or AMX-BF16)."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_flags() & PRECISION_CPU_FEATURES["bf16"])
+
+
+def cpu_has_int8_dot() -> bool:
+    """True when this CPU has int8 dot products accumulating in int32 (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
+    return bool(cpu_flags() & PRECISION_CPU_FEATURES["int8"])
+
+
+def missing_cpu_features(precision: str) -> frozenset[str]:
+    """The flags of which ``precision`` needs one, when this CPU has none of them; empty when it can run
+    (and for precisions without a requirement, e.g. fp32)."""
+    wanted = PRECISION_CPU_FEATURES.get(str(precision), frozenset())
+    return frozenset() if not wanted or cpu_flags() & wanted else wanted
 
 
 _M_TRIM_THRESHOLD = -1

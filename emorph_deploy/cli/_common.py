@@ -122,5 +122,8 @@ RefineSimilarityOption = Annotated[
 #: ``--backend`` shared by ``emorph register`` and ``emorph demo``.
 BackendOption = Annotated[
     Backend,
-    typer.Option("--backend", help="auto = TensorRT, then ONNX Runtime (GPU, then CPU), then torch."),
+    typer.Option(
+        "--backend",
+        help="auto = TensorRT, then OpenVINO (CPU), then ONNX Runtime (GPU, then CPU), then torch.",
+    ),
 ]

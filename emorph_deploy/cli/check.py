@@ -34,7 +34,11 @@ def check_command(
     ] = None,
     precision: Annotated[
         CheckPrecision,
-        typer.Option("--precision", help="Tolerance set; auto = the artifact's recorded precision."),
+        typer.Option(
+            "--precision",
+            help="Tolerance set; auto = the artifact's recorded precision. With --backend openvino also the "
+            "precision it runs at (fp32, bf16 or int8).",
+        ),
     ] = CheckPrecision.auto,
     backend: Annotated[
         Backend, typer.Option("--backend", help="Artifact backend (auto: by suffix).")
@@ -63,7 +67,9 @@ def check_command(
         check_writable(json_out, force=force)
     kwargs = {"threads": threads} if threads is not None else {}
     art_backend = backend_for(artifact, backend.value)
-    art_kwargs = kwargs if art_backend in ("torch", "onnxruntime") else {}  # CPU thread count
+    art_kwargs = kwargs if art_backend in ("torch", "onnxruntime", "openvino") else {}  # CPU thread count
+    if art_backend == "openvino" and precision is not CheckPrecision.auto:
+        art_kwargs = {**art_kwargs, "precision": precision.value}
     art = load_runner(artifact, art_backend, **art_kwargs)
     ref_path = resolve_reference(art.meta, reference)
     ref = load_runner(ref_path, "torch", **kwargs)

@@ -42,10 +42,10 @@ def _artifact(model: Path | None, onnx: Path | None, engine: Path | None) -> Pat
         return None
     name, path = given[0]
     backend = _ARTIFACT_OPTIONS[name]
-    if not is_artifact_of(path, backend):
+    if not is_artifact_of(path, backend) and not (name == "--engine" and path.suffix.lower() == ".xml"):
         raise InputError(
             f"{name}: expected a {'/'.join(ARTIFACT_SUFFIXES[backend])} file, got {path.name}; fix: pass the "
-            "right file to --model (checkpoint), --onnx (.onnx) or --engine (.plan/.engine)"
+            "right file to --model (checkpoint), --onnx (.onnx) or --engine (.plan/.engine, OpenVINO .xml)"
         )
     if not path.exists() and not (backend == "torch" and path.with_suffix(".safetensors").exists()):
         raise InputError(f"{name}: expected an existing file, got a missing path {path}; fix: check the path")
@@ -65,7 +65,10 @@ def register_command(
     onnx: Annotated[
         Path | None, typer.Option("--onnx", help="Exported ONNX graph (+ manifest .json).")
     ] = None,
-    engine: Annotated[Path | None, typer.Option("--engine", help="TensorRT engine (.plan/.engine).")] = None,
+    engine: Annotated[
+        Path | None,
+        typer.Option("--engine", help="TensorRT engine (.plan/.engine) or OpenVINO IR (.xml, emorph build)."),
+    ] = None,
     backend: BackendOption = Backend.auto,
     moving_labels: Annotated[
         Path | None,

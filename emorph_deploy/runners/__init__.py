@@ -7,7 +7,8 @@ torch, onnxruntime, tensorrt) are imported only when a runner is created.
 
 ``load_runner(artifact, backend)`` opens exactly that file with that backend (``"auto"``: by suffix);
 ``resolve(artifact, backend)`` is what registration uses: an explicit backend must be given its own kind of
-artifact, ``"auto"`` tries TensorRT, ONNX Runtime, then torch on the artifact or its same-stem siblings.
+artifact, ``"auto"`` tries TensorRT, OpenVINO (CPU, see :func:`openvino_auto_skip`), ONNX Runtime, then torch
+on the artifact or its same-stem siblings.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from emorph_deploy.runners.base import Runner
 
 if TYPE_CHECKING:
     from emorph_deploy.runners.onnxruntime import OnnxRuntimeRunner
+    from emorph_deploy.runners.openvino import OpenVinoRunner
     from emorph_deploy.runners.tensorrt import TensorRTRunner
     from emorph_deploy.runners.torch import TorchRunner
 
@@ -30,20 +32,27 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
     "torch": ("emorph_deploy.runners.torch", "TorchRunner", "train"),
     "onnxruntime": ("emorph_deploy.runners.onnxruntime", "OnnxRuntimeRunner", "onnx"),
     "tensorrt": ("emorph_deploy.runners.tensorrt", "TensorRTRunner", "tensorrt"),
+    "openvino": ("emorph_deploy.runners.openvino", "OpenVinoRunner", "cpu"),
 }
 #: backend name → the file suffixes of its artifacts
 ARTIFACT_SUFFIXES: dict[str, tuple[str, ...]] = {
     "tensorrt": (".plan", ".engine"),
     "onnxruntime": (".onnx",),
     "torch": (".json", ".safetensors"),
+    "openvino": (".xml", ".onnx"),  # its IR, or the ONNX export itself
 }
-SUFFIX_BACKEND: dict[str, str] = {s: b for b, suffixes in ARTIFACT_SUFFIXES.items() for s in suffixes}
+#: suffix → its backend in :func:`backend_for` (the first listed: ``.onnx`` → onnxruntime)
+SUFFIX_BACKEND: dict[str, str] = {}
+for _backend, _suffixes in ARTIFACT_SUFFIXES.items():
+    for _suffix in _suffixes:
+        SUFFIX_BACKEND.setdefault(_suffix, _backend)
 #: Order in which ``backend="auto"`` tries backends (each needs its artifact: the one given or a sibling).
-AUTO_ORDER: tuple[str, ...] = ("tensorrt", "onnxruntime", "torch")
+AUTO_ORDER: tuple[str, ...] = ("tensorrt", "openvino", "onnxruntime", "torch")
 _ARTIFACT_KINDS = {
     "tensorrt": "--engine FILE (.plan/.engine)",
     "onnxruntime": "--onnx FILE (.onnx)",
     "torch": "--model CHECKPOINT (.json/.safetensors)",
+    "openvino": "--onnx FILE (.onnx) or --engine FILE (.xml from 'emorph build --target openvino')",
 }
 _CLASS_TO_BACKEND = {cls: name for name, (_, cls, _) in BACKENDS.items()}
 
@@ -88,7 +97,7 @@ def backend_for(artifact: str | Path, backend: str = "auto") -> str:
         return "torch"
     raise InputError(
         f"cannot tell the backend of {artifact}: expected .safetensors/.json (checkpoint), .onnx or "
-        ".plan/.engine; fix: pass --backend or the right file"
+        ".plan/.engine/.xml; fix: pass --backend or the right file"
     )
 
 
@@ -115,8 +124,49 @@ def _is_checkpoint_json(path: Path) -> bool:
         return False
 
 
+def openvino_auto_skip(artifact: str | Path | None = None) -> str | None:
+    """Why ``backend="auto"`` passes over OpenVINO for ``artifact`` here, or None when it prefers it.
+
+    The rule, from ``benchmarks/openvino_latency.py`` (docs/cpu_backends.md): on x86-64 CPUs with AVX2 or
+    better, OpenVINO fp32 ran the exported graph faster than ONNX Runtime's CPU provider at both model grids,
+    so it goes first there. Elsewhere nothing was measured; where ONNX Runtime has a GPU provider, the GPU
+    goes first; and a QDQ graph (int8 ONNX) stays with ONNX Runtime, because OpenVINO's int8 of it falls
+    outside the int8 tolerance of ``emorph check`` (OpenVINO int8 comes from an NNCF IR instead).
+    """
+    import platform
+
+    from emorph_deploy.runtime import cpu_flags
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"not measured on {platform.machine()} CPUs (auto prefers it on x86-64 with AVX2)"
+    if "avx2" not in cpu_flags():
+        return "the CPU has no AVX2 (auto prefers OpenVINO only where it was measured faster)"
+    if (
+        artifact is not None
+        and Path(artifact).suffix.lower() == ".onnx"
+        and _recorded_precision(artifact) == "int8"
+    ):
+        return "a QDQ graph runs in ONNX Runtime under auto (OpenVINO int8 comes from an NNCF IR)"
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    from emorph_deploy.runners.onnxruntime import PREFERRED_PROVIDERS
+
+    available = onnxruntime.get_available_providers()
+    gpu = [p for p in PREFERRED_PROVIDERS if p in available and p != "CPUExecutionProvider"]
+    return f"onnxruntime has a GPU provider ({', '.join(gpu)})" if gpu else None
+
+
+def _recorded_precision(onnx: str | Path) -> str | None:
+    try:
+        return json.loads(Path(onnx).with_suffix(".json").read_text()).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_runner(artifact: str | Path, backend: str = "auto", **kwargs: Any) -> Runner:
-    """Create the runner for ``artifact`` (``backend`` "auto"|"torch"|"onnxruntime"|"tensorrt").
+    """Create the runner for ``artifact`` (``backend`` "auto"|"torch"|"onnxruntime"|"tensorrt"|"openvino").
 
     Also makes the process keep freed memory for reuse (:func:`emorph_deploy.runtime.keep_freed_memory`;
     ``EMORPH_MALLOC=system`` opts out): large per-layer tensors are then not page-faulted in afresh.
@@ -129,14 +179,16 @@ def load_runner(artifact: str | Path, backend: str = "auto", **kwargs: Any) -> R
 
 
 def resolve(artifact: str | Path, backend: str = "auto", notes: list[str] | None = None) -> Runner:
-    """The runner that registers with ``artifact`` on ``backend`` ("auto" | "tensorrt" | "onnxruntime" |
-    "torch").
+    """The runner that registers with ``artifact`` on ``backend`` ("auto" | "tensorrt" | "openvino" |
+    "onnxruntime" | "torch").
 
     An explicit backend needs its own kind of artifact (InputError naming the option to pass otherwise).
-    ``"auto"`` tries TensorRT, then ONNX Runtime (GPU providers first, then CPU), then torch, each with the
-    given artifact or a sibling of the same stem (``model.plan`` / ``model.onnx`` / ``model.json``), and falls
-    through when a backend is not installed or cannot run here (e.g. no GPU for an engine); what was skipped
-    and why is appended to ``notes``. A broken artifact the caller named is reported, not skipped.
+    ``"auto"`` tries TensorRT, then OpenVINO on the CPU (unless :func:`openvino_auto_skip` says why not),
+    then ONNX Runtime (GPU providers first, then CPU), then torch, each with the given artifact or a sibling
+    of the same stem (``model.plan`` / ``model.xml`` / ``model.onnx`` / ``model.json``), and falls through
+    when a backend is not installed or cannot run here (e.g. no GPU for an engine, no VNNI for an int8 graph
+    in OpenVINO); what was skipped and why is appended to ``notes``. A broken artifact the caller named is
+    reported, not skipped (OpenVINO, tried before ONNX Runtime on the same file, only notes it).
     """
     path = Path(artifact)
     notes = [] if notes is None else notes
@@ -157,11 +209,16 @@ def resolve(artifact: str | Path, backend: str = "auto", notes: list[str] | None
         cand = artifact_for(path, name)
         if cand is None:
             continue
+        skip = openvino_auto_skip(cand) if name == "openvino" else None
+        if skip is not None:
+            notes.append(f"openvino skipped: {skip}")
+            continue
         try:
             kwargs = {"providers": "auto"} if name == "onnxruntime" else {}
             runner = load_runner(cand, backend=name, **kwargs)
         except (EmorphError, ImportError, RuntimeError, OSError) as exc:
-            if cand == path and not isinstance(exc, ImportError | RuntimeError) and name != "tensorrt":
+            fallback = name in ("tensorrt", "openvino")
+            if cand == path and not isinstance(exc, ImportError | RuntimeError) and not fallback:
                 raise  # the artifact the user named is broken: say so, do not hide it behind a fallback
             notes.append(f"{name} skipped: {_one_line(exc)}")
             last = exc
@@ -172,7 +229,7 @@ def resolve(artifact: str | Path, backend: str = "auto", notes: list[str] | None
     if last is not None:
         raise last
     raise InputError(
-        f"model: expected a checkpoint (.json/.safetensors), .onnx or .plan/.engine, got {path.name}; "
+        f"model: expected a checkpoint (.json/.safetensors), .onnx, .plan/.engine or .xml, got {path.name}; "
         "fix: pass --model, --onnx or --engine"
     )
 
@@ -193,6 +250,7 @@ __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
     "OnnxRuntimeRunner",
+    "OpenVinoRunner",
     "Runner",
     "TensorRTRunner",
     "TorchRunner",
@@ -201,6 +259,7 @@ __all__ = [
     "check_backend",
     "is_artifact_of",
     "load_runner",
+    "openvino_auto_skip",
     "resolve",
     "runner_class",
 ]

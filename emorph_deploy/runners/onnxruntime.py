@@ -15,6 +15,7 @@ import numpy as np
 
 from emorph_deploy.errors import ConfigMismatchError, InputError, ProcessingError, require
 from emorph_deploy.runners.base import FLOW, INPUT_NAMES, WARPED, Runner
+from emorph_deploy.runtime import cpu_has_int8_dot
 
 PREFERRED_PROVIDERS: tuple[str, ...] = (
     "TensorrtExecutionProvider",
@@ -39,6 +40,50 @@ def select_providers(requested: str | Sequence[str] | None, available: Sequence[
     return wanted
 
 
+def read_checked_manifest(
+    artifact: Path, manifest: str | Path | None = None, verify: bool = True
+) -> tuple[dict[str, Any], tuple[int, int, int], tuple[str, ...]]:
+    """(manifest, grid (D, H, W), output names) of an exported ``.onnx``, checked against the graph.
+
+    ``manifest`` defaults to ``<artifact>.json``; ``verify`` runs the full ONNX checker on the file and
+    compares its sha256 with the manifest's ``sha256_onnx`` (a modified graph needs its manifest updated).
+    Shared by the runners that read ONNX (ONNX Runtime, OpenVINO).
+    """
+    from emorph_deploy.export.loaders import check_manifest_matches_graph, load_onnx_checked
+    from emorph_deploy.export.manifest import manifest_path_for, read_manifest
+    from emorph_deploy.fileio import sha256_file
+
+    if artifact.suffix != ".onnx":
+        raise InputError(f"expected an .onnx file, got {artifact.name}; fix: pass export/<name>.onnx")
+    meta = read_manifest(manifest or manifest_path_for(artifact))
+    if verify:
+        proto = load_onnx_checked(artifact)
+        check_manifest_matches_graph(meta, proto, artifact)
+        recorded = meta.get("sha256_onnx")
+        if recorded and sha256_file(artifact) != recorded:
+            raise ConfigMismatchError(
+                f"{artifact} does not match its manifest (sha256_onnx differs): the "
+                "graph was modified after export; fix: re-run 'emorph export' or update "
+                "the manifest"
+            )
+    elif not artifact.is_file():
+        raise InputError(f"ONNX file {artifact} not found; fix: run 'emorph export' first")
+    grid = tuple(int(s) for s in meta["grid_shape"])
+    names = tuple(o["name"] for o in meta["outputs"])
+    if names not in ((FLOW,), (FLOW, WARPED)):
+        raise ConfigMismatchError(
+            f"{artifact}: expected outputs ('flow',) or ('flow', 'warped'), got "
+            f"{names}; fix: re-run 'emorph export'"
+        )
+    expected_inputs = [{"name": n, "shape": [1, 1, *grid], "dtype": "float32"} for n in INPUT_NAMES]
+    if meta["inputs"] != expected_inputs:
+        raise ConfigMismatchError(
+            f"{artifact}: expected inputs {expected_inputs}, got {meta['inputs']}; "
+            "fix: re-run 'emorph export'"
+        )
+    return meta, grid, names  # type: ignore[return-value]
+
+
 class OnnxRuntimeRunner(Runner):
     """Run an exported graph with ONNX Runtime.
 
@@ -59,51 +104,16 @@ class OnnxRuntimeRunner(Runner):
     ) -> None:
         super().__init__()
         ort = require("onnxruntime", "onnx")
-        from emorph_deploy.export.loaders import check_manifest_matches_graph, load_onnx_checked
-        from emorph_deploy.export.manifest import manifest_path_for, read_manifest
-        from emorph_deploy.fileio import sha256_file
-
         self.artifact = Path(artifact)
-        if self.artifact.suffix != ".onnx":
-            raise InputError(
-                f"expected an .onnx file, got {self.artifact.name}; fix: pass export/<name>.onnx"
-            )
-        meta = read_manifest(manifest or manifest_path_for(self.artifact))
-        if verify:
-            proto = load_onnx_checked(self.artifact)
-            check_manifest_matches_graph(meta, proto, self.artifact)
-            recorded = meta.get("sha256_onnx")
-            if recorded and sha256_file(self.artifact) != recorded:
-                raise ConfigMismatchError(
-                    f"{self.artifact} does not match its manifest (sha256_onnx differs): the "
-                    "graph was modified after export; fix: re-run 'emorph export' or update "
-                    "the manifest"
-                )
-        elif not self.artifact.is_file():
-            raise InputError(f"ONNX file {self.artifact} not found; fix: run 'emorph export' first")
-
-        self._grid_shape = tuple(int(s) for s in meta["grid_shape"])  # type: ignore[assignment]
-        names = tuple(o["name"] for o in meta["outputs"])
-        if names not in ((FLOW,), (FLOW, WARPED)):
-            raise ConfigMismatchError(
-                f"{self.artifact}: expected outputs ('flow',) or ('flow', 'warped'), got "
-                f"{names}; fix: re-run 'emorph export'"
-            )
-        self._output_names = names
-        expected_inputs = [
-            {"name": n, "shape": [1, 1, *self._grid_shape], "dtype": "float32"} for n in INPUT_NAMES
-        ]
-        if meta["inputs"] != expected_inputs:
-            raise ConfigMismatchError(
-                f"{self.artifact}: expected inputs {expected_inputs}, got {meta['inputs']}; "
-                "fix: re-run 'emorph export'"
-            )
+        meta, self._grid_shape, self._output_names = read_checked_manifest(self.artifact, manifest, verify)
 
         opts = ort.SessionOptions()
-        # INT8 (QDQ) graphs: keep Q/DQ as explicit fake-quantisation (BASIC). At ENABLE_ALL ONNX Runtime fuses
-        # Q/DQ+MatMul into its own u8s8 kernels, which saturate on x86 without VNNI (measured: 14 % error on
-        # one MatMul vs 0.6 % unfused) and do not model what TensorRT computes from the same QDQ graph.
-        level = "ORT_ENABLE_BASIC" if meta.get("precision") == "int8" else "ORT_ENABLE_ALL"
+        # INT8 (QDQ) graphs on CPUs without VNNI/AMX: keep Q/DQ as explicit fake-quantisation (BASIC). At
+        # ENABLE_ALL ONNX Runtime fuses Q/DQ+MatMul into its own u8s8 kernels, which saturate on x86 without
+        # VNNI (measured: 14 % error on one MatMul vs 0.6 % unfused) and do not model what TensorRT computes
+        # from the same QDQ graph. With VNNI/AMX the int8 dot products accumulate in int32: fused.
+        unfused = meta.get("precision") == "int8" and not cpu_has_int8_dot()
+        level = "ORT_ENABLE_BASIC" if unfused else "ORT_ENABLE_ALL"
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         opts.log_severity_level = 3
         # No memory-pattern plan: ORT's planned block for all intermediates is what drove peak RSS to 2.96 GiB

@@ -78,7 +78,7 @@ def test_artifact_kinds_and_siblings(tmp_path):
 def test_resolve_explicit_backend_needs_its_artifact(ckpt):
     with pytest.raises(InputError, match=r"--onnx FILE \(.onnx\) or --backend auto"):
         resolve(ckpt, "onnxruntime")
-    with pytest.raises(InputError, match="expected one of auto, tensorrt, onnxruntime, torch"):
+    with pytest.raises(InputError, match="expected one of auto, tensorrt, openvino, onnxruntime, torch"):
         resolve(ckpt, "tflite")
     assert resolve(ckpt, "torch").name == "torch"
 

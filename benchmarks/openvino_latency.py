@@ -1,0 +1,226 @@
+"""CPU backends of an exported graph: OpenVINO fp32 / bf16 / int8 against ONNX Runtime (and torch), per grid.
+
+For each grid (the default model's 80×96×112 with its trained weights, and 160×192×224 with a seeded
+random-init ``em-23-hires`` whose flow is rescaled to 2 voxels RMS) the checkpoint is exported (gather warp,
+flow only), calibrated to a QDQ graph (``emorph calibrate``, synthetic template pairs) and quantised by NNCF
+into an OpenVINO IR (``emorph build --target openvino --precision int8 --nncf``). Each row then runs through
+the package's runner (``load_runner``) on one held-out synthetic pair: ``--warmup`` warm-up runs, then the
+median (min) of ``--runs`` timed runs of ``runner.infer`` (the runner's own ``last_latency_s``). Accuracy per
+row, against ONNX Runtime fp32 on the same graph: max / mean per-voxel |Δflow| (voxels) on that pair, and the
+worst |ΔDice| of labels warped by each flow over ``--dice-pairs`` synthetic labelled pairs (not real brains).
+
+Rows: ``ort-fp32`` (runner default), ``ort-int8`` (the QDQ graph; fused where the CPU has VNNI/AMX,
+unfused otherwise), ``ort-int8-basic`` (the QDQ graph unfused, the old setting), ``ov-fp32``, ``ov-bf16``,
+``ov-int8-qdq`` (the QDQ graph in OpenVINO), ``ov-int8-nncf`` (the NNCF IR), ``torch`` (the checkpoint, eager
+fast path). Rows whose precision the CPU lacks are skipped with the reason. All rows run in this process, one
+after another (each runner closed before the next).
+
+    python benchmarks/openvino_latency.py [--quick] [--threads 2] [--runs 5] [--grids 80x96x112,160x192x224]
+        [--calib-pairs 4] [--dice-pairs 2] [--only REGEX] [--force]
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C
+
+NAME = "openvino_latency"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "emorph_deploy" / "weights" / "default.json"
+QUICK_GRID = (16, 24, 32)
+
+
+def _args(argv: list[str] | None) -> Any:
+    ap = C.base_parser(__doc__ or NAME)
+    ap.add_argument("--grids", default=None, help="comma list of DxHxW (default 80x96x112,160x192x224)")
+    ap.add_argument("--calib-pairs", type=int, default=4, help="synthetic pairs for QDQ and NNCF calibration")
+    ap.add_argument("--dice-pairs", type=int, default=2, help="labelled synthetic pairs for |ΔDice|")
+    ap.add_argument("--only", default=None, help="regex of row ids to run (ort-fp32 always runs)")
+    ap.add_argument("--note", action="append", default=[], help="a note for the results (e.g. machine load)")
+    args = C.finish_args(ap.parse_args(argv), NAME)
+    if args.grids is None:
+        args.grids = C.fmt_size(QUICK_GRID) if args.quick else "80x96x112,160x192x224"
+    return args
+
+
+def _selected(rid: str, args: Any) -> bool:
+    """Whether a row (or any of a ``|`` list of rows) runs under ``--only``; ort-fp32 always does."""
+    ids = rid.split("|")
+    return "ort-fp32" in ids or not args.only or any(re.search(args.only, i) for i in ids)
+
+
+def _prepare(grid: tuple[int, int, int], tmp: Path, args: Any) -> dict[str, Any]:
+    """Checkpoint, flow-only gather export, QDQ graph and NNCF IR at ``grid``; seconds of each step."""
+    from emorph_deploy.calibration import calibrate
+    from emorph_deploy.engines.openvino import build_ir
+    from emorph_deploy.export import onnx_from_checkpoint
+
+    secs: dict[str, float] = {}
+    t = time.perf_counter()
+    if grid == C.DEFAULT_GRID and not args.quick:
+        ckpt, desc = DEFAULT_MODEL, "the packaged default model (trained weights)"
+    else:
+        small = {"patch_dim": 6, "embed_dims": (8, 16), "heads": (1, 2)} if args.quick else None
+        ckpt, desc = C.make_checkpoint(
+            tmp / "ckpt", grid, model="em-11-hires" if args.quick else "em-23-hires", overrides=small
+        )
+    onnx = Path(onnx_from_checkpoint(ckpt, tmp / f"m{C.fmt_size(grid)}.onnx", outputs="flow"))
+    secs["export"] = time.perf_counter() - t
+    qdq, nncf_ir, nncf_note = None, None, "not selected (--only)"
+    if _selected("ort-int8|ov-int8-qdq", args):
+        t = time.perf_counter()
+        qdq = calibrate(onnx, synthetic=args.calib_pairs, out_dir=tmp / "calib", progress=False).qdq_onnx
+        secs["calibrate_qdq"] = time.perf_counter() - t
+    if _selected("ov-int8-nncf", args):
+        t = time.perf_counter()
+        try:
+            nncf_ir = build_ir(onnx, "int8", out_dir=tmp / "ir", nncf_pairs=args.calib_pairs).xml
+        except ImportError as exc:
+            nncf_note = f"NNCF not available: {exc}"
+        secs["nncf_quantize"] = time.perf_counter() - t
+    return {"ckpt": ckpt, "desc": desc, "onnx": onnx, "qdq": qdq, "nncf": nncf_ir, "nncf_note": nncf_note,
+            "prepare_s": secs}  # fmt: skip
+
+
+def _rows(paths: dict[str, Any]) -> list[tuple[str, str, Any, dict[str, Any]]]:
+    """(row id, label, artifact, runner kwargs without threads) in run order; ``backend`` in kwargs."""
+    rows = [
+        ("ort-fp32", "ONNX Runtime fp32 (runner default)", paths["onnx"], {"backend": "onnxruntime"}),
+        ("ort-int8", "ONNX Runtime int8, QDQ graph (runner: fused with VNNI)", paths["qdq"],
+         {"backend": "onnxruntime"}),
+        ("ort-int8-basic", "ONNX Runtime int8, QDQ graph unfused (BASIC)", paths["qdq"],
+         {"backend": "onnxruntime", "_basic": True}),
+        ("ov-fp32", "OpenVINO fp32", paths["onnx"], {"backend": "openvino", "precision": "fp32"}),
+        ("ov-bf16", "OpenVINO bf16", paths["onnx"], {"backend": "openvino", "precision": "bf16"}),
+        ("ov-int8-qdq", "OpenVINO int8, the QDQ graph", paths["qdq"], {"backend": "openvino"}),
+        ("ov-int8-nncf", "OpenVINO int8, NNCF IR", paths["nncf"], {"backend": "openvino"}),
+        ("torch", "torch eager fast path (checkpoint)", paths["ckpt"], {"backend": "torch"}),
+    ]  # fmt: skip
+    return rows
+
+
+def _open(artifact: Path, kwargs: dict[str, Any], threads: int):
+    from emorph_deploy.runners import load_runner
+
+    kw = {k: v for k, v in kwargs.items() if not k.startswith("_") and k != "backend"}
+    if kwargs.get("_basic"):
+        import emorph_deploy.runners.onnxruntime as ortmod
+
+        saved = ortmod.cpu_has_int8_dot
+        ortmod.cpu_has_int8_dot = lambda: False  # the pre-VNNI-aware setting: Q/DQ kept unfused
+        try:
+            return load_runner(artifact, kwargs["backend"], threads=threads, **kw)
+        finally:
+            ortmod.cpu_has_int8_dot = saved
+    return load_runner(artifact, kwargs["backend"], threads=threads, **kw)
+
+
+def _feed(pair: Any) -> dict[str, Any]:
+    import numpy as np
+
+    return {k: getattr(pair, k)[None, None].astype(np.float32) for k in ("moving", "fixed")}
+
+
+def _run_grid(grid: tuple[int, int, int], args: Any, tmp: Path) -> dict[str, Any]:
+    import torch
+
+    from emorph_deploy.check import compare_pair, synthetic_pairs
+
+    torch.set_num_threads(args.threads)
+    C.log(f"[{C.fmt_size(grid)}] export, QDQ calibration, NNCF")
+    paths = _prepare(grid, tmp, args)
+    feed = _feed(next(synthetic_pairs(1, grid, seed=1000)))
+    dice_pairs = list(synthetic_pairs(args.dice_pairs, grid, seed=2000)) if args.dice_pairs else []
+    spacing = (2.0,) * 3 if grid == C.DEFAULT_GRID else (1.0,) * 3
+    ref: dict[str, Any] = {}
+    rows = []
+    for rid, label, artifact, kwargs in _rows(paths):
+        if not _selected(rid, args):
+            continue
+        row: dict[str, Any] = {"grid": C.fmt_size(grid), "id": rid, "label": label}
+        if artifact is None:
+            rows.append({**row, "skipped": paths["nncf_note"]})
+            continue
+        try:
+            t = time.perf_counter()
+            runner = _open(artifact, kwargs, args.threads)
+            row["load_s"] = time.perf_counter() - t
+        except Exception as exc:  # a precision this CPU lacks, a missing package: say why, keep going
+            rows.append({**row, "skipped": " ".join(str(exc).split())[:240]})
+            C.log(f"  {rid}: skipped ({row.get('skipped', exc)})")
+            continue
+        timing = C.time_call(lambda r=runner: r.infer(feed), runs=args.runs, warmup=args.warmup,
+                             timer=lambda r=runner: r.last_latency_s)  # fmt: skip
+        flow = runner.infer(feed)["flow"]
+        outs = [runner.infer(_feed(p)) for p in dice_pairs]
+        row.update(timing.to_dict(), precision=runner.precision, backend=runner.meta.get("backend", rid))
+        if rid == "ort-fp32":
+            ref = {"flow": flow, "outs": outs}
+        _, diff = C.flow_diff(flow, ref["flow"])
+        row["max_flow_voxel"], row["mean_flow_voxel"] = diff["max_dflow_voxel"], diff["mean_dflow_voxel"]
+        cmp = [compare_pair(o, r, p, spacing) for o, r, p in zip(outs, ref["outs"], dice_pairs, strict=True)]
+        row["dice_delta_max"] = max((c.get("dice_delta", 0.0) for c in cmp), default=None)
+        row["vs_ort_fp32"] = None
+        rows.append(row)
+        C.log(f"  {rid}: median {row['median_s']:.3f} s, mean |Δflow| {row['mean_flow_voxel']:.3g}")
+        runner.close()
+        del runner
+        gc.collect()
+    base = next(r["median_s"] for r in rows if r["id"] == "ort-fp32")
+    for r in rows:
+        if "median_s" in r:
+            r["vs_ort_fp32"] = base / r["median_s"]
+    return {"grid": C.fmt_size(grid), "model": paths["desc"], "prepare_s": paths["prepare_s"], "rows": rows}
+
+
+def _markdown(res: dict[str, Any]) -> str:
+    parts = []
+    for g in res["grids"]:
+        parts += [f"## {g['grid']} — {g['model']}", ""]
+        body = []
+        for r in g["rows"]:
+            if "median_s" not in r:
+                body.append([r["id"], r["label"], "skipped", "", "", "", "", r.get("skipped")])
+                continue
+            body.append([r["id"], r["label"], C.fmt(r["median_s"], ".3f"), C.fmt(r["min_s"], ".3f"),
+                         C.fmt(r["vs_ort_fp32"], ".2f"), C.fmt(r["max_flow_voxel"]),
+                         C.fmt(r["mean_flow_voxel"]), C.fmt(r["dice_delta_max"], ".4f")])  # fmt: skip
+        parts.append(C.md_table(["row", "configuration", "median s", "min s", "speed vs ORT fp32",
+                                 "max |Δflow| vox", "mean |Δflow| vox", "max |ΔDice|"], body))  # fmt: skip
+        prep = ", ".join(f"{k} {v:.1f} s" for k, v in g["prepare_s"].items())
+        parts += ["", f"Preparation: {prep}.", ""]
+    return C.markdown_document(res, "CPU backends: OpenVINO vs ONNX Runtime vs torch", "\n".join(parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    C.check_outputs_writable(args.out, args.force)
+    res = C.new_result(NAME, args, argv)
+    try:
+        import openvino
+
+        res["machine"]["openvino"] = openvino.__version__
+    except ImportError:
+        res["machine"]["openvino"] = None
+    res["machine"]["nncf"] = C._version("nncf")
+    res["notes"] += list(args.note)
+    res["grids"] = []
+    with tempfile.TemporaryDirectory(prefix="emorph-ovbench-") as tmp:
+        for i, size in enumerate(args.grids.split(",")):
+            grid = C.parse_size(size)
+            res["grids"].append(_run_grid(grid, args, Path(tmp) / f"g{i}"))
+    res["rows"] = [r for g in res["grids"] for r in g["rows"]]
+    C.publish(res, _markdown, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
