@@ -100,10 +100,28 @@ def register_command(
     ] = None,
     refine: RefineOption = 0,
     refine_similarity: RefineSimilarityOption = Similarity.auto,
+    # cohort batches (--pairs): where the pairs run, and picking up an interrupted run
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler",
+            help="Run the --pairs on Dask: local[:N] (N worker processes sharing the cores; default one per "
+            "two cores), slurm:N / pbs:N (N batch jobs via dask-jobqueue) or a running scheduler's address "
+            "tcp://HOST:PORT (docs/cluster.md). Needs emorph-deploy[dask].",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="With --pairs: skip pairs whose outputs are complete and valid, redo the others, rewrite "
+            "summary.csv.",
+        ),
+    ] = False,
 ) -> None:
     """Register MOVING to FIXED in native space (or every pair of --pairs) and write the standard outputs."""
     from emorph_deploy.refine import RefineConfig
-    from emorph_deploy.registration.batch import format_summary, read_pairs, run_batch
+    from emorph_deploy.registration.batch import read_pairs, run_batch
     from emorph_deploy.registration.pipeline import Registrar, load_inputs, output_targets, refuse_existing
 
     refine_cfg = RefineConfig.coerce(RefineConfig(steps=refine, similarity=refine_similarity.value))
@@ -111,6 +129,10 @@ def register_command(
     if pairs is not None and (fixed is not None or moving is not None or moving_labels is not None):
         raise InputError(
             "register: expected either FIXED MOVING or --pairs CSV, got both; fix: pass one of them"
+        )
+    if pairs is None and (scheduler is not None or resume):
+        raise InputError(
+            "register: expected --pairs CSV with --scheduler/--resume, got a single pair; fix: pass --pairs"
         )
     if pairs is None and (fixed is None or moving is None):
         raise InputError(
@@ -125,6 +147,24 @@ def register_command(
         targets = output_targets(out, labels=moving_labels is not None, voxel_flow=voxel_flow, qc_png=qc_png)
         refuse_existing(out, targets.values(), force)
 
+    if batch is not None and scheduler is not None:
+        from emorph_deploy.registration.batch import PairOptions
+        from emorph_deploy.registration.cluster import run_batch_dask
+
+        options = PairOptions(force, None, voxel_flow, qc_png, refine_cfg, resume)
+        rows = run_batch_dask(
+            batch,
+            out,
+            scheduler,
+            artifact=artifact,
+            backend=backend.value,
+            affine=affine,
+            options=options,
+            threads=threads,
+            echo=lambda line: typer.echo(line, err=True),
+        )
+        _report_batch(rows, out)
+        return
     inputs = load_inputs(fixed, moving, moving_labels) if batch is None else None  # fail fast on bad input
     reg = Registrar.load(artifact, backend=backend.value, affine=affine)
     for note in reg.backend_notes:
@@ -145,11 +185,9 @@ def register_command(
             qc_png=qc_png,
             progress=True,
             refine=refine_cfg,
+            resume=resume,
         )
-        typer.echo(format_summary(rows))
-        typer.echo(f"summary: {out / 'summary.csv'}")
-        if any(r["status"] != "ok" for r in rows):
-            raise typer.Exit(1)
+        _report_batch(rows, out)
         return
 
     assert inputs is not None
@@ -168,6 +206,16 @@ def register_command(
     )
     for path in written.values():
         typer.echo(str(path))
+
+
+def _report_batch(rows: list[dict], out: Path) -> None:
+    """Print the batch summary; exit 1 when any pair failed."""
+    from emorph_deploy.registration.batch import format_summary
+
+    typer.echo(format_summary(rows))
+    typer.echo(f"summary: {out / 'summary.csv'}")
+    if any(r["status"] == "failed" for r in rows):
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

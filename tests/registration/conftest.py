@@ -34,3 +34,43 @@ class StubRunner(Runner):
 def stub_runner():
     """Factory ``stub_runner(flow, spacing=3.0, pre_grid=None)`` -> :class:`StubRunner`."""
     return StubRunner
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory, tiny_em):
+    """A tiny torch checkpoint (16³ model grid at 4 mm) and three pairs of smooth-noise volumes (~20³ voxels
+    at ~3 mm, the first with a label map): ``{"ckpt", "csv", "dir", "fixed", "moving": [...], "labels"}``.
+    The CSV names the pairs ``p0``–``p2`` by relative paths."""
+    import nibabel as nib
+    from scipy.ndimage import gaussian_filter
+
+    from emorph_deploy.data.preprocess import Preprocessing
+    from emorph_deploy.train.checkpoint import save_checkpoint
+
+    def blob(shape, seed):
+        v = gaussian_filter(np.random.default_rng(seed).random(shape), 1.5).astype(np.float32)
+        return (v - v.min()) / (v.max() - v.min())
+
+    d = tmp_path_factory.mktemp("cohort")
+    grid = (16, 16, 16)
+    save_checkpoint(
+        tiny_em(grid), d / "tiny", preprocessing=Preprocessing(grid_shape=grid, spacing_mm=(4.0,) * 3)
+    )
+    fixed = d / "fixed.nii.gz"
+    nib.save(nib.Nifti1Image(blob((20, 22, 18), 0), np.diag([3.0, 3.0, 3.0, 1.0])), str(fixed))
+    moving = []
+    for i in range(3):
+        path = d / f"moving{i}.nii.gz"
+        nib.save(nib.Nifti1Image(blob((18, 20, 22), i + 1), np.diag([-3.2, 3.0, 2.8, 1.0])), str(path))
+        moving.append(path)
+    labels = d / "labels0.nii.gz"
+    seg = (blob((18, 20, 22), 1) > 0.5).astype(np.uint8) * 5
+    nib.save(nib.Nifti1Image(seg, np.diag([-3.2, 3.0, 2.8, 1.0])), str(labels))
+    csv = d / "cohort.csv"
+    csv.write_text(
+        "fixed,moving,moving_labels,id\n"
+        "fixed.nii.gz,moving0.nii.gz,labels0.nii.gz,p0\n"
+        "fixed.nii.gz,moving1.nii.gz,,p1\n"
+        "fixed.nii.gz,moving2.nii.gz,,p2\n"
+    )
+    return {"ckpt": d / "tiny.json", "csv": csv, "dir": d, "fixed": fixed, "moving": moving, "labels": labels}

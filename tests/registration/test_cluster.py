@@ -1,0 +1,156 @@
+"""Batch registration on Dask: scheduler parsing, a 2-worker LocalCluster on tiny images, ``--resume``."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("torch", reason="torch is needed for the model")
+
+from emorph_deploy.cli.app import app
+from emorph_deploy.errors import InputError
+from emorph_deploy.registration.batch import PairOptions, read_pairs
+from emorph_deploy.registration.cluster import SchedulerSpec, available_cores, parse_scheduler
+
+
+def _invoke(args):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    return res, (res.stderr if res.stderr_bytes is not None else "")
+
+
+def test_parse_scheduler():
+    assert parse_scheduler("local:3") == SchedulerSpec("local", 3)
+    assert parse_scheduler("local") == SchedulerSpec("local", max(1, available_cores() // 2))
+    assert parse_scheduler("slurm:8") == SchedulerSpec("slurm", 8)
+    assert parse_scheduler(" tcp://10.0.0.5:8786 ") == SchedulerSpec("address", address="tcp://10.0.0.5:8786")
+    assert not parse_scheduler("tls://head:8786").local
+    for bad in ("local:0", "local:x", "slurm:0", "10.0.0.5:8786", "slurm", "sge:2", ""):
+        with pytest.raises(InputError, match="--scheduler"):
+            parse_scheduler(bad)
+
+
+def test_jobqueue_needs_dask_jobqueue(monkeypatch):
+    """Without dask-jobqueue, ``--scheduler slurm:N`` says what to install (one line, exit 2)."""
+    import sys
+
+    from emorph_deploy.errors import MissingDependencyError
+    from emorph_deploy.registration.cluster import jobqueue_cluster
+
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)  # import fails as if not installed
+    with pytest.raises(MissingDependencyError, match=r"dask-jobqueue.*emorph-deploy\[jobqueue\]") as err:
+        jobqueue_cluster("slurm", 2)
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+
+
+def test_scheduler_and_resume_need_pairs(tiny_cohort, tmp_path):
+    single = ["register", tiny_cohort["fixed"], tiny_cohort["moving"][0], "--model", tiny_cohort["ckpt"]]
+    for extra in (["--scheduler", "local:2"], ["--resume"]):
+        res, err = _invoke([*single, "--out", tmp_path / "o", *extra])
+        assert res.exit_code == 2 and "--pairs" in err, err
+    res, err = _invoke(
+        ["register", "--pairs", tiny_cohort["csv"], "--out", tmp_path / "o", "--scheduler", "yarn"]
+    )
+    assert res.exit_code == 2 and "--scheduler" in err and not (tmp_path / "o").exists()
+
+
+@pytest.fixture()
+def cohort_with_failure(tiny_cohort, tmp_path):
+    """The tiny cohort plus a fourth pair whose moving image does not exist."""
+    d = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort["dir"], d)
+    with open(d / "cohort.csv", "a") as f:
+        f.write("fixed.nii.gz,missing.nii.gz,,bad\n")
+    return {"csv": d / "cohort.csv", "ckpt": d / "tiny.json"}
+
+
+def _by_id(rows):
+    return {r["id"]: r for r in rows}
+
+
+def test_local_cluster_two_workers_matches_in_process_batch(cohort_with_failure, tmp_path):
+    """Two in-process Dask workers (quick to start on 2 cores): same QC as the in-process batch, the
+    failing pair reported without stopping the others, torch pinned per worker, then a resumed run."""
+    pytest.importorskip("distributed", reason="needs the dask extra: pip install 'emorph-deploy[dask]'")
+    import torch
+
+    from emorph_deploy.registration import Registrar
+    from emorph_deploy.registration.batch import run_batch
+    from emorph_deploy.registration.cluster import run_batch_dask
+
+    pairs = read_pairs(cohort_with_failure["csv"])
+    ckpt = cohort_with_failure["ckpt"]
+    threads_before = torch.get_num_threads()
+    lines: list[str] = []
+    try:
+        torch.set_num_threads(2)  # the workers must pin their own share (1), whatever this process uses
+        rows = run_batch_dask(
+            pairs,
+            tmp_path / "dask",
+            "local:2",
+            artifact=ckpt,
+            backend="torch",
+            options=PairOptions(qc_png=False),
+            threads=1,
+            progress=False,
+            echo=lines.append,
+            dashboard_address=":0",
+            processes=False,
+        )
+        torch.set_num_threads(1)
+        ref = _by_id(run_batch(Registrar.load(ckpt, backend="torch"), pairs, tmp_path / "ref", qc_png=False))
+        resumed = run_batch_dask(
+            pairs,
+            tmp_path / "dask",
+            "local:2",
+            artifact=ckpt,
+            backend="torch",
+            options=PairOptions(qc_png=False, resume=True),
+            threads=1,
+            progress=False,
+            echo=lines.append,
+            dashboard_address=":0",
+            processes=False,
+        )
+    finally:
+        torch.set_num_threads(threads_before)
+
+    assert [r["id"] for r in rows] == ["p0", "p1", "p2", "bad"]  # CSV order, whatever finished first
+    assert lines and lines[0].startswith("local cluster: 2 worker threads") and "dashboard" in lines[0]
+    got = _by_id(rows)
+    assert got["bad"]["status"] == "failed" and "missing.nii.gz" in got["bad"]["error"]
+    for pid in ("p0", "p1", "p2"):
+        assert got[pid]["status"] == "ok", got[pid]
+        assert got[pid]["threads"] == 1
+        for key in ("ncc_before", "ncc_after", "frac_jac_nonpos", "sdlogj"):
+            assert got[pid][key] == pytest.approx(ref[pid][key], rel=1e-5, abs=1e-6)
+        assert (tmp_path / "dask" / pid / "warped.nii.gz").is_file()
+    assert (tmp_path / "dask" / "p0" / "warped_labels.nii.gz").is_file()
+    assert len({r["worker"] for r in rows if "worker" in r}) >= 1
+
+    with open(tmp_path / "dask" / "summary.csv", newline="") as f:
+        summary = list(csv.DictReader(f))
+    assert [(r["id"], r["status"]) for r in summary] == [
+        ("p0", "skipped"),
+        ("p1", "skipped"),
+        ("p2", "skipped"),
+        ("bad", "failed"),
+    ]
+    assert [r["status"] for r in resumed] == ["skipped", "skipped", "skipped", "failed"]
+
+
+@pytest.mark.slow
+def test_cli_local_cluster_worker_processes(cohort_with_failure, tmp_path):
+    """``emorph register --scheduler local:2``: two worker processes (spawned: each imports torch and loads
+    the model), the dashboard address printed, exit 1 for the failing pair."""
+    pytest.importorskip("distributed", reason="needs the dask extra: pip install 'emorph-deploy[dask]'")
+    out = tmp_path / "out"
+    args = ["register", "--pairs", cohort_with_failure["csv"], "--model", cohort_with_failure["ckpt"]]
+    res, err = _invoke([*args, "--out", out, "--scheduler", "local:2", "--no-qc-png"])
+    assert res.exit_code == 1, err + res.stdout
+    assert "local cluster: 2 worker processes" in err and "dashboard" in err
+    assert "3/4 pairs registered, 1 failed" in res.stdout
+    with open(out / "summary.csv", newline="") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["ok", "ok", "ok", "failed"]
