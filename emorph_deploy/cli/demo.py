@@ -56,7 +56,7 @@ def demo_command(
         import torch
 
         torch.set_num_threads(threads)
-    outputs = output_targets(out, labels=False, voxel_flow=False, qc_png=qc_png)
+    outputs = output_targets(out, labels=False, voxel_flow=False, qc_png=qc_png, affine=affine)
     refuse_existing(out, [*(out / f for f in INPUT_FILES.values()), *outputs.values()], force)
     if model is not None:
         if not model.exists() and not model.with_suffix(".safetensors").exists():
