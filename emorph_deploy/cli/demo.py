@@ -55,7 +55,7 @@ def demo_command(
 
     set_threads(threads)
     RefineConfig.coerce(refine)  # a bad --refine fails before any work
-    outputs = output_targets(out, labels=False, voxel_flow=False, qc_png=qc_png)
+    outputs = output_targets(out, labels=False, voxel_flow=False, qc_png=qc_png, affine=affine)
     refuse_existing(out, [*(out / f for f in INPUT_FILES.values()), *outputs.values()], force)
     if model is not None:
         if not model.exists() and not model.with_suffix(".safetensors").exists():

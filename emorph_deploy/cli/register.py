@@ -144,7 +144,9 @@ def register_command(
     artifact = _artifact(model, onnx, engine)
     batch = read_pairs(pairs) if pairs is not None else None
     if batch is None:  # fail before any work on a bad or existing output
-        targets = output_targets(out, labels=moving_labels is not None, voxel_flow=voxel_flow, qc_png=qc_png)
+        targets = output_targets(
+            out, labels=moving_labels is not None, voxel_flow=voxel_flow, qc_png=qc_png, affine=affine
+        )
         refuse_existing(out, targets.values(), force)
 
     if batch is not None and scheduler is not None:

@@ -28,6 +28,7 @@ __all__ = [
     "as_image",
     "as_label_image",
     "check_affine",
+    "header_codes",
     "label_dtype",
     "load_label_map",
     "load_volume",
@@ -37,7 +38,19 @@ __all__ = [
 #: Anything accepted where an image is expected: a path, a nibabel image, or an ``(array, affine)`` pair.
 ImageLike = Any
 
-_NIFTI_TYPES = (nib.Nifti1Pair, nib.Nifti2Pair)  # Nifti1Image / Nifti2Image are subclasses
+_NIFTI_TYPES = (nib.Nifti1Pair, nib.Nifti2Pair)
+#: Header fields an input's in-memory image keeps (the geometry codes are carried by :func:`header_codes`).
+_KEPT_HEADER_KEYS = (
+    "xyzt_units",
+    "descrip",
+    "intent_code",
+    "intent_name",
+    "intent_p1",
+    "intent_p2",
+    "intent_p3",
+    "cal_min",
+    "cal_max",
+)  # Nifti1Image / Nifti2Image are subclasses
 #: Largest voxel data (bytes) read by the one-call ``.nii.gz`` decoder; bigger files stream through nibabel.
 FAST_READ_MAX_BYTES = 1 << 30
 #: Largest voxel data (bytes) a header may declare: far above any 3D scan (a 0.25 mm whole head in float32 is
@@ -293,16 +306,27 @@ def _header_for(
     hdr = nib.Nifti1Header()
     if header is not None:
         try:
-            for key in ("xyzt_units", "descrip", "intent_code", "intent_name"):
+            for key in _KEPT_HEADER_KEYS:
                 if key in header:
                     hdr[key] = header[key]
         except Exception:  # foreign header types: keep the default
             pass
     hdr.set_data_shape(data.shape)
     hdr.set_data_dtype(disk_dtype if disk_dtype is not None else data.dtype)
-    hdr.set_qform(affine, code=1)
-    hdr.set_sform(affine, code=1)
+    qcode, scode = header_codes(header)
+    hdr.set_qform(affine, code=qcode)
+    hdr.set_sform(affine, code=scode)
     return hdr
+
+
+def header_codes(header: Any) -> tuple[int, int]:
+    """``(qform_code, sform_code)`` of a NIfTI header, each at least 1 (scanner); ``(1, 1)`` for other
+    headers. The meaning of the world space (2 aligned, 3 Talairach, 4 MNI, 5 template) travels with it."""
+    try:
+        q, s = int(header["qform_code"]), int(header["sform_code"])
+    except Exception:  # None or a foreign header type
+        return 1, 1
+    return max(1, q), max(1, s)
 
 
 def _make_image(

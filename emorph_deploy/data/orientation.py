@@ -23,8 +23,10 @@ __all__ = [
     "grid_coordinates",
     "index_map",
     "is_ras_aligned",
+    "itk_params_to_ras",
     "lps_to_ras_points",
     "model_grid_affine",
+    "ras_to_itk_params",
     "ras_to_lps_points",
     "ras_to_lps_vectors",
     "reorient_array_to_ras",
@@ -215,3 +217,32 @@ def world_flow_to_voxel(disp: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """World displacement (3, ...) in RAS mm -> voxel displacement (3, ...) of the grid with ``affine``."""
     inv = np.linalg.inv(np.asarray(affine, dtype=np.float64)[:3, :3])
     return np.einsum("ab,b...->a...", inv, np.asarray(disp, dtype=np.float64))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ITK/ANTs affine transforms
+# ------------------------------------------------------------------------------------------------------------
+def ras_to_itk_params(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A 4x4 point map in RAS mm (e.g. fixed world -> moving world) as ITK ``AffineTransform`` parameters:
+    ``(parameters (12,), fixed parameters (3,))`` in LPS mm — the 3x3 matrix row by row, then the
+    translation; the centre (fixed parameters) is the origin, so the translation is the offset.
+
+    ITK/ANTs transforms map points of the output (fixed) space to the input (moving) space, which is the
+    direction of a pull-back registration map; the same matrix therefore serves both."""
+    lps = RAS_TO_LPS @ np.asarray(matrix, dtype=np.float64) @ RAS_TO_LPS
+    return np.concatenate([lps[:3, :3].ravel(), lps[:3, 3]]), np.zeros(3)
+
+
+def itk_params_to_ras(params: np.ndarray, fixed: np.ndarray | None = None) -> np.ndarray:
+    """ITK ``AffineTransform`` parameters (12,) and centre (3,) in LPS mm -> 4x4 RAS point map (float64).
+
+    ITK: ``T(x) = A (x - c) + c + t``, so the offset is ``t + c - A c``."""
+    p = np.asarray(params, dtype=np.float64).ravel()
+    if p.size != 12:
+        raise ValueError(f"expected 12 affine parameters (3x3 matrix + translation), got {p.size}")
+    c = np.zeros(3) if fixed is None else np.asarray(fixed, dtype=np.float64).ravel()[:3]
+    a = p[:9].reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = a
+    lps[:3, 3] = p[9:] + c - a @ c
+    return RAS_TO_LPS @ lps @ RAS_TO_LPS

@@ -31,7 +31,16 @@ from emorph_deploy.data.orientation import RAS_TO_LPS, axis_map, index_map
 from emorph_deploy.data.resample import separable_lerp
 from emorph_deploy.sampling import c_order_view, grid_sample_3d, index_to_grid
 
-__all__ = ["NativeWarp", "itk_displacement_image", "voxel_flow", "voxel_flow_image", "warp_to_native"]
+__all__ = [
+    "NativeWarp",
+    "inverse_displacement",
+    "invert_grid_flow",
+    "itk_displacement_image",
+    "jacobian_determinant_native",
+    "voxel_flow",
+    "voxel_flow_image",
+    "warp_to_native",
+]
 
 #: Voxels per slab: bounds the temporaries (~24 MB per (N, 3) float32 tensor).
 _SLAB_VOXELS = 1 << 21
@@ -250,9 +259,105 @@ def warp_to_native(
     return NativeWarp(warped=warped, displacement_lps=disp, warped_labels=lab)
 
 
-def itk_displacement_image(displacement_lps: np.ndarray, fixed_affine: np.ndarray):
-    """ITK/ANTs displacement field: 5D (X, Y, Z, 1, 3) float32 NIfTI, intent "vector", LPS mm, fixed grid."""
+@torch.inference_mode()
+def invert_grid_flow(
+    flow: np.ndarray | torch.Tensor, *, iterations: int = 50, tol: float = 1e-2
+) -> torch.Tensor:
+    """Inverse of the model-grid map ``x -> x + u(x)`` by fixed-point iteration ``w <- -u(x + w)``.
+
+    ``flow`` (3, D, H, W) (or (1, 3, D, H, W)) float32 voxels; returns ``w`` (1, 3, D, H, W) float32 voxels
+    with ``x + w(x) + u(x + w(x)) = x`` (``u`` trilinear, border-extended as in :func:`warp_to_native`).
+    The iteration contracts wherever ``|grad u| < 1``, i.e. for any folding-free field; it stops when no
+    voxel moves by more than ``tol`` voxels."""
+    u = torch.as_tensor(flow, dtype=torch.float32)
+    u = (u if u.ndim == 5 else u[None]).contiguous()
+    shape = tuple(int(s) for s in u.shape[2:])
+    n = torch.as_tensor(index_to_grid(shape)[:3, :3].diagonal().copy(), dtype=torch.float32)  # per (x, y, z)
+    base = torch.stack(
+        torch.meshgrid(*[torch.linspace(-1.0, 1.0, s) for s in shape], indexing="ij")[::-1], dim=-1
+    )[None]  # (1, D, H, W, 3) normalised (x, y, z)
+    w = -u
+    for _ in range(iterations):
+        g = base + w.permute(0, 2, 3, 4, 1).flip(-1) * n
+        w_new = -grid_sample_3d(u, g, mode="bilinear", padding_mode="border")
+        delta = float((w_new - w).abs().max())
+        w = w_new
+        if delta < tol:
+            break
+    return w
+
+
+@torch.inference_mode()
+def inverse_displacement(
+    flow: np.ndarray | torch.Tensor,
+    grid_affine: np.ndarray,
+    moving_shape: tuple[int, int, int],
+    moving_affine: np.ndarray,
+    *,
+    pre_affine: np.ndarray | None = None,
+    polish: int = 1,
+) -> np.ndarray:
+    """The exact inverse of :func:`warp_to_native`'s map as an ITK displacement on the moving grid.
+
+    The forward map is ``p -> T(p + u(p))`` (fixed world -> moving world); for every moving voxel at world
+    ``q`` this returns ``v(q) = T^-1(q) + w(T^-1(q)) - q`` in LPS mm, ``w`` the model-grid inverse of ``u``
+    (:func:`invert_grid_flow`, then ``polish`` fixed-point steps at each moving voxel's own position, so
+    the result inverts the trilinear forward map rather than an interpolated inverse): ITK/ANTs resample
+    the fixed image onto the moving grid with it. ``flow``
+    (3, d, h, w) model-grid voxels; returns (I, J, K, 3) float32 LPS mm, Fortran order (the moving grid's).
+    """
+    u = torch.as_tensor(flow, dtype=torch.float32)
+    u = (u if u.ndim == 5 else u[None]).contiguous()
+    w = invert_grid_flow(u)
+    grid_shape = tuple(int(s) for s in w.shape[2:])
+    big_i, big_j, big_k = (int(s) for s in moving_shape)
+    a_g = np.asarray(grid_affine, dtype=np.float64)
+    t_inv = np.eye(4) if pre_affine is None else np.linalg.inv(np.asarray(pre_affine, dtype=np.float64))
+    q = np.zeros((4, 4))
+    q[0, 2] = q[1, 1] = q[2, 0] = q[3, 3] = 1.0  # o = (k, j, i) -> native (i, j, k)
+    q_of_o = np.asarray(moving_affine, dtype=np.float64) @ q  # o -> moving world
+    g_w = (index_to_grid(grid_shape) @ np.linalg.inv(a_g) @ t_inv @ q_of_o)[:3]  # o -> normalised model grid
+    aff_v = _LPS @ ((t_inv - np.eye(4)) @ q_of_o)[:3]  # S (T^-1 q - q)
+    lin_v = _LPS @ a_g[:3, :3]  # model voxels -> LPS mm
+    n_xyz = torch.as_tensor(index_to_grid(grid_shape)[:3, :3].diagonal().copy(), dtype=torch.float32)[:, None]
+    out = torch.empty((3, big_k, big_j, big_i), dtype=torch.float32)
+    step = max(1, _SLAB_VOXELS // max(big_j * big_i, 1))
+    for k0 in range(0, big_k, step):
+        k1 = min(big_k, k0 + step)
+        n = k1 - k0
+        o0 = torch.arange(k0, k1, dtype=torch.float32)
+        g = _affine_coords_cf(g_w, o0, (big_j, big_i))
+        wv = grid_sample_3d(w, _channel_last(g, n, big_j, big_i), mode="bilinear", padding_mode="border")
+        for _ in range(polish):  # the same fixed point at this voxel's own position, from w's estimate
+            gp = g + wv.reshape(3, -1).flip(0) * n_xyz
+            wv = -grid_sample_3d(
+                u, _channel_last(gp, n, big_j, big_i), mode="bilinear", padding_mode="border"
+            )
+        slab = out[:, k0:k1].view(3, -1)
+        _affine_coords_cf(aff_v, o0, (big_j, big_i), out=slab)
+        _add_matvec(slab, lin_v, wv.reshape(3, -1), accumulate=True)
+    return out.numpy().transpose(3, 2, 1, 0)
+
+
+def jacobian_determinant_native(displacement_lps: np.ndarray, fixed_affine: np.ndarray) -> np.ndarray:
+    """det of the Jacobian of ``p -> p + d(p)`` on the fixed grid, (I, J, K) float32 Fortran order.
+
+    ``d`` (I, J, K, 3) LPS mm; the determinant is that of ``I + dv/do`` with ``v`` the displacement in fixed
+    voxels (similar matrices: the same determinant as in world mm), central differences inside."""
+    from emorph_deploy.qc import jacobian_determinant_fast
+
+    v = voxel_flow(displacement_lps, fixed_affine)  # (I, J, K, 3), Fortran order
+    # channels reordered (k, j, i) to match the spatial axes (K, J, I): rows and columns permuted alike
+    det = jacobian_determinant_fast(np.ascontiguousarray(v.transpose(3, 2, 1, 0)[::-1]))
+    return det.T
+
+
+def itk_displacement_image(displacement_lps: np.ndarray, fixed_affine: np.ndarray, header=None):
+    """ITK/ANTs displacement field: 5D (X, Y, Z, 1, 3) float32 NIfTI, intent "vector", LPS mm, on the grid
+    ``fixed_affine``, with the qform/sform codes of ``header`` (the grid image's; default 1/1)."""
     import nibabel as nib
+
+    from emorph_deploy.data.nifti import header_codes
 
     i, j, k = displacement_lps.shape[:3]
     data = np.reshape(displacement_lps, (i, j, k, 1, 3), order="F")  # a view for Fortran-ordered input
@@ -261,8 +366,9 @@ def itk_displacement_image(displacement_lps: np.ndarray, fixed_affine: np.ndarra
     hdr.set_intent("vector", (), name="")
     hdr.set_xyzt_units("mm", "sec")
     hdr.set_data_dtype(np.float32)
-    img.set_qform(fixed_affine, code=1)
-    img.set_sform(fixed_affine, code=1)
+    qcode, scode = header_codes(header)
+    img.set_qform(fixed_affine, code=qcode)
+    img.set_sform(fixed_affine, code=scode)
     hdr["descrip"] = b"emorph ITK displacement (LPS mm)"
     return img
 

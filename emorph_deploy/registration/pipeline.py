@@ -63,15 +63,30 @@ OUTPUT_FILES = {
     "warped": "warped.nii.gz",
     "warped_labels": "warped_labels.nii.gz",
     "displacement": "displacement.nii.gz",
+    "inverse_displacement": "inverse_displacement.nii.gz",
+    "jacobian": "jacobian.nii.gz",
+    "affine": "affine.mat",
     "voxel_flow": "voxel_flow.nii.gz",
     "qc_json": "qc.json",
     "qc_png": "qc.png",
 }
 
 
-def output_targets(out: Path, *, labels: bool, voxel_flow: bool, qc_png: bool) -> dict[str, Path]:
-    """The files :meth:`Result.save` writes into ``out`` (name → path), in writing order."""
-    names = ["warped", *(["warped_labels"] if labels else []), "displacement", "qc_json"]
+def output_targets(
+    out: Path,
+    *,
+    labels: bool,
+    voxel_flow: bool,
+    qc_png: bool,
+    affine: bool = False,
+    inverse: bool = True,
+    jacobian: bool = True,
+) -> dict[str, Path]:
+    """The files :meth:`Result.save` writes into ``out`` (name → path), in writing order (``affine``: the
+    pre-alignment ran; ``inverse``/``jacobian``: the result carries them)."""
+    names = ["warped", *(["warped_labels"] if labels else []), "displacement"]
+    names += [*(["inverse_displacement"] if inverse else []), *(["jacobian"] if jacobian else [])]
+    names += [*(["affine"] if affine else []), "qc_json"]
     names += [*(["voxel_flow"] if voxel_flow else []), *(["qc_png"] if qc_png else [])]
     return {n: Path(out) / OUTPUT_FILES[n] for n in names}
 
@@ -113,6 +128,8 @@ class Result:
     ``warped_labels``: moving labels (nearest, original values and on-disk dtype) or ``None``.
     ``qc``: stage times, backend, precision, Jacobian statistics, NCC before/after.
     ``pre_affine``: the affine pre-alignment (fixed world → moving world, RAS mm) or ``None``.
+    ``inverse_displacement``: the inverse ITK displacement on the moving grid (LPS mm, 5D, moving header
+    codes) or ``None``; ``jacobian``: det of the full transform's Jacobian on the fixed grid or ``None``.
     """
 
     warped: nib.Nifti1Image
@@ -120,6 +137,8 @@ class Result:
     warped_labels: nib.Nifti1Image | None
     qc: dict[str, Any]
     pre_affine: np.ndarray | None = None
+    inverse_displacement: nib.Nifti1Image | None = None
+    jacobian: nib.Nifti1Image | None = None
     qc_slices: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def displacement_lps(self) -> np.ndarray:
@@ -163,7 +182,13 @@ class Result:
 
         out = Path(out_dir)
         targets = output_targets(
-            out, labels=self.warped_labels is not None, voxel_flow=voxel_flow, qc_png=qc_png
+            out,
+            labels=self.warped_labels is not None,
+            voxel_flow=voxel_flow,
+            qc_png=qc_png,
+            affine=self.pre_affine is not None,
+            inverse=self.inverse_displacement is not None,
+            jacobian=self.jacobian is not None,
         )
         refuse_existing(out, targets.values(), force)
         times: dict[str, float] = {}
@@ -175,9 +200,16 @@ class Result:
                     if "warped_labels" in tmp:
                         images.append((self.warped_labels, tmp["warped_labels"]))
                     images.append((self.displacement, tmp["displacement"]))
+                    for name in ("inverse_displacement", "jacobian"):
+                        if name in tmp:
+                            images.append((getattr(self, name), tmp[name]))
                     if "voxel_flow" in tmp:
                         images.append((self.voxel_flow(), tmp["voxel_flow"]))
                     _save_niis(images)
+                    if "affine" in tmp:
+                        from emorph_deploy.data.transforms import write_itk_affine
+
+                        write_itk_affine(tmp["affine"], self.pre_affine)
                 if "qc_png" in tmp:
                     with stopwatch(times, "write_png"):
                         tmp["qc_png"].write_bytes(self.qc_png())
@@ -413,7 +445,12 @@ class Registrar:
         — the ablation rows of ``benchmarks/validation_suite.py``.
         """
         from emorph_deploy.refine import RefineConfig
-        from emorph_deploy.registration.native import warp_to_native
+        from emorph_deploy.registration.native import (
+            inverse_displacement,
+            itk_displacement_image,
+            jacobian_determinant_native,
+            warp_to_native,
+        )
 
         refine_cfg = RefineConfig.coerce(refine)  # a bad value fails before any work on the pair
         use_affine = self.affine if affine is None else affine
@@ -452,8 +489,14 @@ class Registrar:
                 )
             with stopwatch(times, "qc"):
                 ncc_before, ncc_after, stats, slices = self._quality(pair, flow, out.get("warped"))
+            with stopwatch(times, "inverse"):
+                inv_lps = inverse_displacement(flow, pair.affine, m_data.shape, m_aff, pre_affine=pre)
+            with stopwatch(times, "jacobian"):
+                jac = jacobian_determinant_native(nw.displacement_lps, f_aff)
             with stopwatch(times, "package"):
                 warped_img, disp_img, labels_out = _package(nw, fixed_img, labels_img)
+                inv_img = itk_displacement_image(inv_lps, m_aff, header=moving_img.header)
+                jac_img = _like_fixed(jac, fixed_img, np.float32, "emorph Jacobian determinant")
         qc = RegistrationQC(
             backend=self.backend,
             precision=self.precision,
@@ -477,6 +520,8 @@ class Registrar:
             warped_labels=labels_out,
             qc=qc.to_dict(),
             pre_affine=pre,
+            inverse_displacement=inv_img,
+            jacobian=jac_img,
             qc_slices=slices,
         )
 
@@ -622,19 +667,25 @@ class Registrar:
 
 
 def _package(
-    nw: NativeWarp, fixed_img: nib.Nifti1Image, labels_img: nib.Nifti1Image | None
+    nw: NativeWarp,
+    fixed_img: nib.Nifti1Image,
+    labels_img: nib.Nifti1Image | None,
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image, nib.Nifti1Image | None]:
     """The native-grid outputs as NIfTI images with the fixed image's header: warped, ITK displacement,
     warped labels (or None)."""
     from emorph_deploy.registration.native import itk_displacement_image
 
     f_aff = np.asarray(fixed_img.affine, dtype=np.float64)
-    warped_img = _like_fixed(nw.warped, fixed_img, np.float32, "emorph warped moving")
-    disp_img = itk_displacement_image(nw.displacement_lps, f_aff)
+    warped_img = _like_fixed(nw.warped, fixed_img, np.float32, "emorph warped moving", intensity=True)
+    disp_img = itk_displacement_image(nw.displacement_lps, f_aff, header=fixed_img.header)
     labels_out = None
     if labels_img is not None and nw.warped_labels is not None:
         labels_out = _like_fixed(
-            nw.warped_labels, fixed_img, _ras_label_dtype(labels_img), "emorph warped labels"
+            nw.warped_labels,
+            fixed_img,
+            _ras_label_dtype(labels_img),
+            "emorph warped labels",
+            intent=labels_img.header,
         )
     return warped_img, disp_img, labels_out
 
@@ -656,13 +707,33 @@ def load_inputs(fixed: Any, moving: Any, labels: Any = None) -> tuple[nib.Nifti1
     return fixed_img, moving_img, (rest[0] if rest else None)
 
 
-def _like_fixed(data: np.ndarray, fixed_img: nib.Nifti1Image, dtype: Any, descrip: str) -> nib.Nifti1Image:
+def _like_fixed(
+    data: np.ndarray,
+    fixed_img: nib.Nifti1Image,
+    dtype: Any,
+    descrip: str,
+    *,
+    intensity: bool = False,
+    intent: Any = None,
+) -> nib.Nifti1Image:
+    """``data`` on the fixed grid with the fixed header: its qform/sform codes (the world's meaning),
+    its intent and ``cal_min``/``cal_max`` when ``intensity`` (an image of the fixed's kind), else the
+    intent of the header ``intent`` (e.g. a label map's) or none, and no display range."""
+    from emorph_deploy.data.nifti import header_codes
+
     hdr = fixed_img.header.copy()
     img = nib.Nifti1Image(data, fixed_img.affine, hdr)
     img.header.set_data_dtype(np.dtype(dtype))
     img.header.set_slope_inter(None, None)
-    img.header.set_intent("none", ())
+    if not intensity:
+        img.header.set_intent("none", ())
+        img.header["cal_min"] = img.header["cal_max"] = 0.0
+    if intent is not None:
+        with contextlib.suppress(Exception):  # a foreign header type: no intent to carry
+            for key in ("intent_code", "intent_name", "intent_p1", "intent_p2", "intent_p3"):
+                img.header[key] = intent[key]
     img.header["descrip"] = descrip.encode()[:79]
-    img.set_qform(fixed_img.affine, code=1)
-    img.set_sform(fixed_img.affine, code=1)
+    qcode, scode = header_codes(fixed_img.header)
+    img.set_qform(fixed_img.affine, code=qcode)
+    img.set_sform(fixed_img.affine, code=scode)
     return img

@@ -95,6 +95,8 @@ def test_register_writes_outputs(files, tmp_path):
         "warped.nii.gz",
         "warped_labels.nii.gz",
         "displacement.nii.gz",
+        "inverse_displacement.nii.gz",
+        "jacobian.nii.gz",
         "voxel_flow.nii.gz",
         "qc.json",
         "qc.png",

@@ -134,7 +134,8 @@ def test_qc_keys_and_stage_times(pair, stub):
     ]  # fmt: skip
     assert qc["format"] == RegistrationQC.FORMAT and qc["backend"] == "stub"
     assert qc["model_grid"] == list(GRID)
-    stages = ["load", "resample", "infer", "refine", "resample_back", "qc", "package", "total"]
+    stages = ["load", "resample", "infer", "refine", "resample_back", "qc", "inverse", "jacobian"]
+    stages += ["package", "total"]
     assert list(qc["times_s"]) == stages
     assert RegistrationQC.__dataclass_params__.frozen
 
@@ -244,6 +245,8 @@ def test_save_is_all_or_nothing(tmp_path, pair, monkeypatch, stub):
         "warped.nii.gz",
         "warped_labels.nii.gz",
         "displacement.nii.gz",
+        "inverse_displacement.nii.gz",
+        "jacobian.nii.gz",
         "qc.json",
         "qc.png",
     }
