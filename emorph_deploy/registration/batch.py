@@ -182,8 +182,9 @@ def completed_row(pair: Pair, out_dir: str | Path, options: PairOptions) -> dict
         if not set(targets) <= set(qc.get("outputs") or {}) or qc.get("inputs") != input_record(pair):
             return None
         fixed_shape = tuple(qc["fixed_shape"])
-        for path in targets.values():
-            if path.name.endswith(".nii.gz") and not _nifti_readable(path, fixed_shape):
+        for name, path in targets.items():
+            shape = None if name == "inverse_displacement" else fixed_shape  # that one is on the moving grid
+            if path.name.endswith(".nii.gz") and not _nifti_readable(path, shape):
                 return None
         if "qc_png" in targets and not _png_complete(targets["qc_png"]):
             return None
@@ -194,14 +195,15 @@ def completed_row(pair: Pair, out_dir: str | Path, options: PairOptions) -> dict
     return {**row, "status": "skipped", "error": ""}
 
 
-def _nifti_readable(path: Path, fixed_shape: tuple[int, ...]) -> bool:
-    """True when ``path`` is a NIfTI on the fixed grid whose data decode in full."""
+def _nifti_readable(path: Path, fixed_shape: tuple[int, ...] | None) -> bool:
+    """True when ``path`` is a NIfTI (on the fixed grid unless ``fixed_shape`` is None) whose data decode in
+    full."""
     import nibabel as nib
     import numpy as np
 
     try:
         img = nib.load(str(path))
-        if tuple(img.shape[:3]) != fixed_shape:
+        if fixed_shape is not None and tuple(img.shape[:3]) != fixed_shape:
             return False
         np.asanyarray(img.dataobj)  # reads to the end: a truncated gzip stream raises here
     except Exception:  # any reader error means "not a valid output"

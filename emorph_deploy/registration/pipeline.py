@@ -19,6 +19,7 @@ Nothing touches the disk until :meth:`Result.save`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading

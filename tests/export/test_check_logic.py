@@ -26,8 +26,9 @@ def test_evaluate_gates_the_worst_pair():
     checks, passed = evaluate([{"max_flow_voxel": 0.0, "mean_flow_voxel": 0.01}], "fp16")
     assert passed is True and [c["ok"] for c in checks] == [True, None]  # Dice not measured without labels
     assert evaluate([{"max_flow_voxel": float("nan")}], "fp32")[1] is False
+    assert evaluate([ok, bad], "bf16")[1] is False  # bf16 gates like fp16
     with pytest.raises(InputError):
-        evaluate([ok], "bf16")
+        evaluate([ok], "fp8")
 
 
 def test_pairs_csv_errors(tmp_path):

@@ -81,7 +81,13 @@ def test_force_replaces_the_whole_output_set(files, runner, tmp_path: Path) -> N
     res = _register(runner, files, out, "--no-qc-png")
     assert res.exit_code == 2 and "--force" in res.stderr  # an earlier run's set is never mixed in silently
     assert _register(runner, files, out, "--force", "--no-qc-png").exit_code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["displacement.nii.gz", "qc.json", "warped.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "displacement.nii.gz",
+        "inverse_displacement.nii.gz",
+        "jacobian.nii.gz",
+        "qc.json",
+        "warped.nii.gz",
+    ]
     _no_hidden_leftovers(tmp_path)
 
 
@@ -92,6 +98,8 @@ def test_force_in_a_shared_folder_keeps_other_files(files, runner, tmp_path: Pat
     assert _register(runner, files, out, "--force", "--no-qc-png").exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "displacement.nii.gz",
+        "inverse_displacement.nii.gz",
+        "jacobian.nii.gz",
         "notes.txt",
         "qc.json",
         "warped.nii.gz",
