@@ -497,11 +497,7 @@ def _read_dicom_series(folder: Path, what: str) -> tuple[np.ndarray, np.ndarray]
     if not series:
         entries = list(folder.iterdir())
         n_files = sum(1 for e in entries if e.is_file())
-        got = (
-            "an empty folder"
-            if not entries
-            else f"a folder of {n_files} file{'s' if n_files != 1 else ''} none of which is DICOM"
-        )
+        got = "an empty folder" if not entries else f"a folder of {_files(n_files)} none of which is DICOM"
         subdirs = [e.name for e in entries if e.is_dir()]
         hint = f" (it has subfolders, e.g. {_clip(subdirs[0], 40)}: pass one of them)" if subdirs else ""
         raise InputError(
@@ -511,7 +507,7 @@ def _read_dicom_series(folder: Path, what: str) -> tuple[np.ndarray, np.ndarray]
     files_of = {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in series}
     if len(series) > 1:
         listed = ", ".join(
-            f"{uid or '(no UID)'} ({len(files_of[uid])} files)" for uid in series[:_SERIES_SHOWN]
+            f"{uid or '(no UID)'} ({_files(len(files_of[uid]))})" for uid in series[:_SERIES_SHOWN]
         )
         more = f" and {len(series) - _SERIES_SHOWN} more" if len(series) > _SERIES_SHOWN else ""
         raise InputError(
@@ -524,6 +520,10 @@ def _read_dicom_series(folder: Path, what: str) -> tuple[np.ndarray, np.ndarray]
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     return _from_sitk(sitk, reader.Execute(), what)
+
+
+def _files(n: int) -> str:
+    return f"{n} file{'s' if n != 1 else ''}"
 
 
 def _check_series(sitk: Any, files: list[str], what: str) -> None:
@@ -559,8 +559,8 @@ def _check_series(sitk: Any, files: list[str], what: str) -> None:
         gaps = np.diff(pos)
         if np.ptp(gaps) > 1e-2 * max(float(np.abs(gaps).max()), 1e-6):
             raise InputError(
-                f"{what}: expected evenly spaced DICOM slices, got slice gaps from {np.abs(gaps).min():.4g} "
-                f"to {np.abs(gaps).max():.4g} mm (missing or duplicate slices?); fix: check that the folder "
+                f"{what}: expected evenly spaced DICOM slices, got slice gaps from {gaps.min():.4g} "
+                f"to {gaps.max():.4g} mm (missing or duplicate slices?); fix: check that the folder "
                 "holds the complete series"
             )
     item = _itemsize(sitk, pid0) * comp0
