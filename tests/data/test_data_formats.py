@@ -89,12 +89,13 @@ def write_dicom_series(image, folder: Path, uid: str) -> Path:
 
 
 def write_all_formats(folder: Path, data: np.ndarray, affine: np.ndarray, uid: str) -> dict[str, Path]:
-    """The image as NIfTI, then converted: MGZ (nibabel), NRRD/NHDR/MHA/MHD and a DICOM series (SimpleITK
-    reading the NIfTI)."""
+    """The image as NIfTI-1 and NIfTI-2, then converted: MGZ (nibabel), NRRD/NHDR/MHA/MHD and a DICOM series
+    (SimpleITK reading the NIfTI)."""
     folder.mkdir(parents=True, exist_ok=True)
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # MetaImage notes on NIfTI-only header fields
-    paths = {"nii": folder / "img.nii.gz", "mgz": folder / "img.mgz"}
+    paths = {"nii": folder / "img.nii.gz", "nii2": folder / "img2.nii", "mgz": folder / "img.mgz"}
     nib.save(nib.Nifti1Image(data, affine), str(paths["nii"]))
+    nib.save(nib.Nifti2Image(data, affine), str(paths["nii2"]))
     nib.save(nib.MGHImage(data, affine), str(paths["mgz"]))
     image = sitk.ReadImage(str(paths["nii"]))
     for key, name, compress in (
@@ -109,7 +110,7 @@ def write_all_formats(folder: Path, data: np.ndarray, affine: np.ndarray, uid: s
     return paths
 
 
-FORMATS = ("mgz", "nrrd", "nhdr", "mha", "mhd", "dicom")
+FORMATS = ("nii2", "mgz", "nrrd", "nhdr", "mha", "mhd", "dicom")
 FIXED_SHAPE = (20, 18, 14)
 MOVING_SHAPE = (18, 20, 16)
 
@@ -141,9 +142,11 @@ def test_same_voxels_and_affine_as_the_nifti(images, fmt: str) -> None:
         atol = DICOM_ATOL if fmt == "dicom" else AFFINE_ATOL
         np.testing.assert_allclose(img.affine, ref.affine, rtol=0, atol=atol)
         assert np.asanyarray(img.dataobj).dtype == np.float32
-        # a fresh NIfTI header for outputs: world = scanner coordinates, units mm
-        assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
-        assert img.header.get_xyzt_units()[0] == "mm"
+        codes = (int(img.header["sform_code"]), int(img.header["qform_code"]))
+        if fmt == "nii2":  # NIfTI keeps the meaning of its world (nibabel writes sform "aligned", 2)
+            assert codes == (int(ref.header["sform_code"]), int(ref.header["qform_code"]))
+        else:  # a fresh NIfTI header for outputs: world = scanner coordinates, units mm
+            assert codes == (1, 1) and img.header.get_xyzt_units()[0] == "mm"
 
 
 @pytest.mark.parametrize("fmt", ["nrrd", "dicom"])
