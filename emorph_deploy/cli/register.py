@@ -57,10 +57,19 @@ def register_command(
     fixed: Annotated[
         Path | None,
         typer.Argument(
-            help="Fixed image (NIfTI); its grid and header define the outputs.", show_default=False
+            help="Fixed image: NIfTI-1/2 (.nii/.nii.gz), MGH (.mgh/.mgz), NRRD (.nrrd/.nhdr), MetaImage "
+            "(.mha/.mhd) or a folder holding one DICOM series; its grid (and NIfTI header) define the "
+            "outputs, which are NIfTI.",
+            show_default=False,
         ),
     ] = None,
-    moving: Annotated[Path | None, typer.Argument(help="Moving image (NIfTI).", show_default=False)] = None,
+    moving: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Moving image: NIfTI-1/2, MGH/MGZ, NRRD, MHA/MHD or a folder holding one DICOM series.",
+            show_default=False,
+        ),
+    ] = None,
     model: Annotated[Path | None, typer.Option("--model", help="Checkpoint (.json/.safetensors).")] = None,
     onnx: Annotated[
         Path | None, typer.Option("--onnx", help="Exported ONNX graph (+ manifest .json).")

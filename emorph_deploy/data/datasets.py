@@ -1,11 +1,12 @@
 """Datasets of NIfTI volumes for training/evaluation.
 
 Sources (:func:`discover`):
-- a folder: every ``*.nii``/``*.nii.gz``; label maps are matched by name — ``images/`` + ``labels/``
-  sub-folders with the same file names, or ``<stem>_seg``/``_label``/``_labels``/``_aseg`` next to ``<stem>``;
+- a folder: every ``*.nii``/``*.nii.gz`` (and ``.mgh``/``.mgz``/``.nrrd``/``.nhdr``/``.mha``/``.mhd``); label
+  maps are matched by name — ``images/`` + ``labels/`` sub-folders with the same file names, or
+  ``<stem>_seg``/``_label``/``_labels``/``_aseg`` next to ``<stem>``;
 - a CSV with columns ``image[,label]`` (subjects), or a pairs CSV
   ``fixed,moving[,fixed_labels,moving_labels]`` (explicit pairs; :mod:`emorph_deploy.data.pairs`). Relative
-  paths are relative to the CSV's folder.
+  paths are relative to the CSV's folder; a cell may name a folder holding one DICOM series.
 
 Pairs: ``"inter"`` (inter-subject: each subject is the fixed image once per epoch, its moving partner drawn
 deterministically from ``(seed, epoch)``), ``"atlas"`` (atlas-to-subject: the atlas is the moving image, each
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from emorph_deploy.choices import Choice
+from emorph_deploy.data.imageio_formats import IMAGE_SUFFIXES, image_suffix
 from emorph_deploy.data.nifti import as_image
 from emorph_deploy.data.pairs import (
     PAIR_COLUMNS,
@@ -87,13 +89,15 @@ class PairSpec:
 
 
 def _is_nifti(p: Path) -> bool:
-    return p.is_file() and (p.name.endswith(".nii") or p.name.endswith(".nii.gz"))
+    """An image file of a format ``load_volume`` reads (NIfTI, MGH/MGZ, NRRD, MetaImage)."""
+    return p.is_file() and image_suffix(p) in IMAGE_SUFFIXES
 
 
 def _check_file(p: Path, what: str) -> Path:
-    if not p.is_file():
+    if not (p.is_file() or p.is_dir()):  # a folder: a DICOM series
         raise InputError(
-            f"{what} {p}: expected an existing NIfTI file, got a missing path; fix: correct the path"
+            f"{what} {p}: expected an existing image file or DICOM series folder, got a missing path; "
+            "fix: correct the path"
         )
     return p
 
@@ -181,7 +185,7 @@ def discover(source: str | os.PathLike) -> tuple[list[Subject], list[PairSpec]]:
         )
     if not subjects and not pairs:
         raise InputError(
-            f"dataset {src}: expected NIfTI volumes (.nii/.nii.gz), got none; "
+            f"dataset {src}: expected image volumes (.nii/.nii.gz, .mgz, .nrrd, .mha, ...), got none; "
             "fix: point to the folder holding the volumes or list them in a CSV"
         )
     return subjects, pairs

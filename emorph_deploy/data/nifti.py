@@ -86,8 +86,10 @@ def check_affine(affine: Any, what: str = "image") -> np.ndarray:
         )
     lin = a[:3, :3]
     scale = float(np.abs(lin).max())
-    det = float(np.linalg.det(lin))
-    if scale == 0.0 or abs(det) <= 1e-9 * scale**3:
+    with np.errstate(over="ignore"):  # text headers (NRRD, DICOM) can hold 1e308: det is then inf
+        det = float(np.linalg.det(lin))
+    # relative to the scale (not det <= 1e-9 * scale**3, which overflows for such headers)
+    if scale == 0.0 or abs(float(np.linalg.det(lin / scale))) <= 1e-9:
         raise InputError(
             f"{what}: expected an invertible affine, got a singular voxel-to-world matrix "
             f"(det {det:.3g}); fix: repair the header (sform/qform, pixdim) of the file"
@@ -176,12 +178,18 @@ def _read_nii_gz_fast(p: Path) -> tuple[nib.spatialimages.SpatialImage, np.ndarr
 
 
 def _load_nifti(path: str | os.PathLike, what: str) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
-    """Open a NIfTI file and read its (scaled) voxel array, mapping every failure to InputError."""
+    """Open a NIfTI file (or another format / a DICOM folder, see :mod:`emorph_deploy.data.imageio_formats`)
+    and read its (scaled) voxel array, mapping every failure to InputError."""
+    from emorph_deploy.data.imageio_formats import FORMATS_HINT, is_foreign, read_foreign
+
     p = Path(path)
     if not p.exists():
-        raise InputError(f"{what}: expected an existing NIfTI file, got a missing path; fix: check the path")
-    if p.is_dir():
-        raise InputError(f"{what}: expected a NIfTI file, got a directory; fix: pass a .nii or .nii.gz file")
+        raise InputError(
+            f"{what}: expected an existing image file ({FORMATS_HINT}), got a missing path; "
+            "fix: check the path"
+        )
+    if is_foreign(p):  # MGH/NRRD/MetaImage file or DICOM folder: same guarantees, own header checks
+        return read_foreign(p, what)
     _check_header(p, what)
     fast = _read_nii_gz_fast(p)
     if fast is not None:
@@ -190,7 +198,7 @@ def _load_nifti(path: str | os.PathLike, what: str) -> tuple[nib.spatialimages.S
         img = nib.load(str(p))
     except nib.filebasedimages.ImageFileError as exc:
         raise InputError(
-            f"{what}: expected a NIfTI file (.nii/.nii.gz), got a file nibabel cannot read as an "
+            f"{what}: expected an image file ({FORMATS_HINT}), got a file nibabel cannot read as an "
             f"image ({_short(exc)}); fix: convert it to NIfTI (e.g. dcm2niix, mri_convert)"
         ) from exc
     except Exception as exc:  # gzip/zlib/EOF/header errors
@@ -200,8 +208,8 @@ def _load_nifti(path: str | os.PathLike, what: str) -> tuple[nib.spatialimages.S
         ) from exc
     if not isinstance(img, _NIFTI_TYPES):
         raise InputError(
-            f"{what}: expected a NIfTI file, got {type(img).__name__}; fix: convert it to NIfTI "
-            "(e.g. mri_convert in.mgz out.nii.gz)"
+            f"{what}: expected an image file ({FORMATS_HINT}), got {type(img).__name__}; fix: convert it to "
+            "NIfTI (e.g. mri_convert in.img out.nii.gz)"
         )
     try:
         data = np.asanyarray(img.dataobj)

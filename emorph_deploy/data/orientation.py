@@ -23,6 +23,7 @@ __all__ = [
     "grid_coordinates",
     "index_map",
     "is_ras_aligned",
+    "itk_geometry_to_ras",
     "itk_params_to_ras",
     "lps_to_ras_points",
     "model_grid_affine",
@@ -116,6 +117,19 @@ def ras_to_lps_points(points: np.ndarray) -> np.ndarray:
 
 
 lps_to_ras_points = ras_to_lps_points
+
+
+def itk_geometry_to_ras(direction: Any, spacing: Any, origin: Any) -> np.ndarray:
+    """The voxel-to-RAS affine (4x4 float64) of an ITK/SimpleITK image given its LPS geometry: ``direction``
+    (3x3, columns = array axes x, y, z, or its 9 values row by row), ``spacing`` (3,) mm and ``origin`` (3,)
+    LPS mm. ITK index (x, y, z) is NIfTI voxel (i, j, k); ``GetArrayFromImage`` gives (z, y, x), so its
+    transpose is indexed by this affine."""
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(direction, dtype=np.float64).reshape(3, 3) * np.asarray(
+        spacing, dtype=np.float64
+    )
+    lps[:3, 3] = np.asarray(origin, dtype=np.float64)
+    return RAS_TO_LPS @ lps
 
 
 def ras_to_lps_vectors(vectors: np.ndarray, axis: int = 0) -> np.ndarray:

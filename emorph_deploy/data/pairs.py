@@ -6,8 +6,8 @@ Column vocabulary (header names are matched case-insensitively; cells are stripp
 ==================  =================================  ============================================
 column              also accepted as                   meaning
 ==================  =================================  ============================================
-``fixed``                                              fixed image (NIfTI), required
-``moving``                                             moving image (NIfTI), required
+``fixed``                                              fixed image (NIfTI, MGZ, NRRD, MHA, DICOM), required
+``moving``                                             moving image (same formats), required
 ``fixed_labels``    ``fixed_label``                    fixed label map, optional
 ``moving_labels``   ``moving_label``                   moving label map, optional
 ``id``                                                 name of the pair (``register``: output folder)

@@ -46,9 +46,6 @@ def _make_bad(tmp: Path, kind: str) -> Path:
     if kind == "not_nifti":
         (tmp / "notes.nii").write_text("hello world " * 40)
         return tmp / "notes.nii"
-    if kind == "mgh":
-        nib.save(nib.MGHImage(VOL, np.eye(4)), str(tmp / "x.mgz"))
-        return tmp / "x.mgz"
     if kind == "not_gzip":
         (tmp / "plain.nii.gz").write_text("hello")
         return tmp / "plain.nii.gz"
@@ -90,9 +87,8 @@ def _make_bad(tmp: Path, kind: str) -> Path:
 
 BAD_CASES = {
     "missing": "missing",
-    "directory": "directory",
+    "directory": "none of which is DICOM",  # a folder is read as a DICOM series
     "not_nifti": "NIfTI",
-    "mgh": "NIfTI",
     "not_gzip": "NIfTI",
     "corrupt_gzip": "corrupt",
     "truncated_gzip": "truncated",
