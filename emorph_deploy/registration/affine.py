@@ -499,8 +499,12 @@ def affine_prealign(
     import time
 
     cfg = config or AffineConfig()
+    inside = None
     if fixed_mask is not None:
         fixed = np.where(np.asarray(fixed_mask) != 0, fixed, 0).astype(np.float32, copy=False)
+        # in the masked image's memory order: both pool into the same axis order (see c_order_view)
+        f_order = fixed.flags.f_contiguous and not fixed.flags.c_contiguous
+        inside = (np.asfortranarray if f_order else np.ascontiguousarray)(np.asarray(fixed_mask) != 0)
     if moving_mask is not None:
         moving = np.where(np.asarray(moving_mask) != 0, moving, 0).astype(np.float32, copy=False)
     metric = AffineMetric(cfg.metric).value
@@ -514,10 +518,8 @@ def affine_prealign(
     fixed_levels = _pyramid(fixed, fixed_affine, cfg.spacing_mm, levels)
     moving_levels = _pyramid(moving, moving_affine, cfg.spacing_mm, levels)
     inside_levels: list[Any] = [None] * levels
-    if fixed_mask is not None:
-        inside_levels = [
-            t for t, _ in _pyramid(np.asarray(fixed_mask) != 0, fixed_affine, cfg.spacing_mm, levels)
-        ]
+    if inside is not None:
+        inside_levels = [t for t, _ in _pyramid(inside, fixed_affine, cfg.spacing_mm, levels)]
     start = "identity" if initial is None else "initial"
     start_values: dict[str, float] = {}
     level_fit: _Level | None = None
