@@ -193,6 +193,11 @@ def register_command(
         raise InputError(
             "register: expected --pairs CSV with --scheduler/--resume, got a single pair; fix: pass --pairs"
         )
+    if fixed_labels is not None and moving_labels is None:
+        raise InputError(
+            "--fixed-labels: expected --moving-labels too (Dice compares the two), got only --fixed-labels; "
+            "fix: add --moving-labels SEG or drop --fixed-labels"
+        )
     if pairs is None and (fixed is None or moving is None):
         raise InputError(
             "register: expected FIXED and MOVING images (or --pairs CSV), got "

@@ -189,13 +189,18 @@ def test_masks_labels_and_qc_region(runner, files, tmp_path):
     assert json.loads((tmp_path / "p" / "qc.json").read_text())["qc_region"] == "fixed-foreground"
     assert plain.exit_code == 0
 
-    for flag, path, needle in (
-        ("--fixed-mask", files["small_mask"], "fixed mask: expected the fixed image's grid"),
-        ("--moving-mask", files["fixed_mask"], "moving mask: expected the moving image's grid"),
-        ("--fixed-labels", files["moving_labels"], "fixed labels: expected the fixed image's grid"),
+    lone = _register(runner, files, tmp_path / "bad", "--fixed-labels", files["fixed_labels"])
+    assert lone.exit_code == 2 and "expected --moving-labels too" in lone.stderr
+    for extra, needle in (
+        (["--fixed-mask", files["small_mask"]], "fixed mask: expected the fixed image's grid"),
+        (["--moving-mask", files["fixed_mask"]], "moving mask: expected the moving image's grid"),
+        (
+            ["--fixed-labels", files["moving_labels"], "--moving-labels", files["moving_labels"]],
+            "fixed labels: expected the fixed image's grid",
+        ),
     ):
-        bad = _register(runner, files, tmp_path / "bad", flag, path)
-        assert bad.exit_code == 2, (flag, bad.stderr)
+        bad = _register(runner, files, tmp_path / "bad", *extra)
+        assert bad.exit_code == 2, (extra, bad.stderr)
         assert len(bad.stderr.strip().splitlines()) == 1 and needle in bad.stderr, bad.stderr
         assert not (tmp_path / "bad").exists()
 
