@@ -252,6 +252,13 @@ class MINDSSCLoss(nn.Module):
         diff = da - db
         return (diff * diff).mean()
 
+    @staticmethod
+    def distance_map(da: torch.Tensor, db: torch.Tensor) -> torch.Tensor:
+        """Per-voxel mean squared difference of two descriptors → (B, 1, D, H, W) (its mean is
+        :meth:`distance`)."""
+        diff = da - db
+        return (diff * diff).mean(dim=1, keepdim=True)
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.shape != b.shape:
             raise InputError(
@@ -291,18 +298,22 @@ class NGFLoss(nn.Module):
         gw = (xp[:, :, 1:-1, 1:-1, 2:] - xp[:, :, 1:-1, 1:-1, :-2]) * 0.5
         return torch.cat([gd, gh, gw], dim=1)
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def cos2(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The per-voxel squared cosine of the two (B, 1, D, H, W) images' gradients → (B, 1, D, H, W)."""
         if a.shape != b.shape or a.dim() != 5 or a.shape[1] != 1:
             raise InputError(
                 f"NGFLoss: expected two (B, 1, D, H, W) images of equal shape, got {tuple(a.shape)} and "
                 f"{tuple(b.shape)}; fix: pass images on the same grid"
             )
         ga, gb = self.gradient(a), self.gradient(b)
-        na, nb = (ga * ga).sum(dim=1), (gb * gb).sum(dim=1)
+        na, nb = (ga * ga).sum(dim=1, keepdim=True), (gb * gb).sum(dim=1, keepdim=True)
         ea = (self.eta * (na + 1e-12).sqrt().mean()) ** 2 + 1e-12  # sqrt(0)' = inf: NaN in flat areas
         eb = (self.eta * (nb + 1e-12).sqrt().mean()) ** 2 + 1e-12
-        dot = (ga * gb).sum(dim=1)
-        return 1.0 - (dot * dot / ((na + ea) * (nb + eb))).mean()
+        dot = (ga * gb).sum(dim=1, keepdim=True)
+        return dot * dot / ((na + ea) * (nb + eb))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return 1.0 - self.cos2(a, b).mean()
 
 
 class DiffusionLoss(nn.Module):

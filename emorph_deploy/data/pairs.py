@@ -10,16 +10,19 @@ column              also accepted as                   meaning
 ``moving``                                             moving image (same formats), required
 ``fixed_labels``    ``fixed_label``                    fixed label map, optional
 ``moving_labels``   ``moving_label``                   moving label map, optional
+``fixed_mask``                                         mask on the fixed grid, optional
+``moving_mask``                                        mask on the moving grid, optional
 ``id``                                                 name of the pair (``register``: output folder)
 ==================  =================================  ============================================
 
-Columns may come in any order; other columns are ignored. Each command reads the columns it uses
-(``register`` ignores ``fixed_labels``; ``calibrate`` reads only the images; ``check`` takes both label
-columns or neither). The file is UTF-8 with or without a byte-order mark; empty lines and lines starting with
-``#`` are skipped, and so are rows whose cells are all empty. An empty optional cell means "none". Paths may
-start with ``~``; relative paths are resolved against the CSV's folder. A calibration list may also have no
-header at all: then every line is ``moving,fixed``. The subject lists of ``train``/``evaluate``
-(``image[,label]``, :mod:`emorph_deploy.data.datasets`) follow the same rules through :func:`read_table`.
+Columns may come in any order; other columns are ignored. Each command reads the columns it uses (``register``
+all of them, ``fixed_labels`` for QC Dice; ``calibrate`` reads only the images; ``check`` takes both label
+columns or neither, and no masks). The file is UTF-8 with or without a byte-order mark; empty lines and lines
+starting with ``#`` are skipped, and so are rows whose cells are all empty. An empty optional cell means
+"none". Paths may start with ``~``; relative paths are resolved against the CSV's folder. A calibration list
+may also have no header at all: then every line is ``moving,fixed``. The subject lists of
+``train``/``evaluate`` (``image[,label]``, :mod:`emorph_deploy.data.datasets`) follow the same rules through
+:func:`read_table`.
 
 Errors are one :class:`~emorph_deploy.errors.InputError` line naming the file, the line and the fix.
 """
@@ -55,10 +58,12 @@ PAIR_COLUMNS: dict[str, tuple[str, ...]] = {
     "moving": (),
     "fixed_labels": ("fixed_label",),
     "moving_labels": ("moving_label",),
+    "fixed_mask": (),
+    "moving_mask": (),
     "id": (),
 }
 _REQUIRED_PAIR = ("fixed", "moving")
-_HEADER_HINT = "fixed,moving[,fixed_labels,moving_labels,id]"
+_HEADER_HINT = "fixed,moving[,fixed_labels,moving_labels,fixed_mask,moving_mask,id]"
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class PairRow:
     id: str | None = None
     line: int = 0
     index: int = 0
+    fixed_mask: Path | None = None
+    moving_mask: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -227,17 +234,15 @@ def require_cells(path: Path, row: TableRow, columns: Sequence[str]) -> None:
 def _pair(path: Path, row: TableRow) -> PairRow:
     require_cells(path, row, _REQUIRED_PAIR)
     c = row.cells
-    fixed_labels, moving_labels = (
-        resolve_path(c[col], path) if c.get(col) else None for col in ("fixed_labels", "moving_labels")
-    )
+    optional = ("fixed_labels", "moving_labels", "fixed_mask", "moving_mask")
+    paths = {col: resolve_path(c[col], path) if c.get(col) else None for col in optional}
     return PairRow(
         fixed=resolve_path(c["fixed"], path),
         moving=resolve_path(c["moving"], path),
-        fixed_labels=fixed_labels,
-        moving_labels=moving_labels,
         id=c.get("id") or None,
         line=row.line,
         index=row.index,
+        **paths,
     )
 
 

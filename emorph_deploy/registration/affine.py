@@ -16,6 +16,11 @@ and 0.25 mm).
 
 ``T`` composes into the outputs: the moving image is resampled for the model with ``T`` folded into its affine
 (``T^-1 @ A_moving``, no data copy), and the displacement written is ``d(p) = T(p + u(p)) - p``.
+
+Masks (``--fixed-mask``/``--moving-mask``, on the images' own grids, nonzero = inside) restrict the fit: the
+similarity is measured at the fixed points inside the fixed mask only, and the moving image is zero outside
+its mask (intensity scaling and centres of mass too). An ``initial`` transform (``--initial-affine``) replaces
+the centre-of-mass start and the multi-start, and is what the check falls back to instead of the identity.
 """
 
 from __future__ import annotations
@@ -128,7 +133,8 @@ class AffineResult:
 def rejection_warning(qc: dict[str, Any]) -> str | None:
     """The CLI's one-line warning for a ``qc`` whose affine pre-alignment was rejected, else None."""
     if qc.get("affine_accepted") is False:
-        return f"warning: affine pre-alignment rejected, identity kept: {qc.get('affine_reason')}"
+        kept = "initial affine" if qc.get("affine_source") == "initial+fit" else "identity"
+        return f"warning: affine pre-alignment rejected, {kept} kept: {qc.get('affine_reason')}"
     return None
 
 
@@ -455,10 +461,16 @@ def _linear_ok(m_lin: np.ndarray, max_scale_change: float) -> bool:
     )
 
 
-def _level_points(fx: torch.Tensor, fx_aff: np.ndarray, max_points: int, seed: int):
-    """Fixed foreground points (world mm, (N, 3)) and their values at one level."""
+def _level_points(
+    fx: torch.Tensor, fx_aff: np.ndarray, max_points: int, seed: int, inside: torch.Tensor | None = None
+):
+    """Fixed foreground points (world mm, (N, 3)) and their values at one level; ``inside``: the fixed mask's
+    share of each voxel at this level (the points are then the voxels at least half inside)."""
     fvals = fx.reshape(-1)
-    flat = (fvals > 0.02).nonzero()[:, 0]  # foreground of the fixed image (plus a margin of blur)
+    if inside is None:
+        flat = (fvals > 0.02).nonzero()[:, 0]  # foreground of the fixed image (plus a margin of blur)
+    else:
+        flat = (inside.reshape(-1) >= 0.5).nonzero()[:, 0]
     if flat.numel() <= 64:
         flat = torch.arange(fvals.numel())
     if flat.numel() > max_points:
@@ -473,14 +485,28 @@ def affine_prealign(
     moving: np.ndarray,
     moving_affine: np.ndarray,
     config: AffineConfig | None = None,
+    *,
+    fixed_mask: np.ndarray | None = None,
+    moving_mask: np.ndarray | None = None,
+    initial: np.ndarray | None = None,
 ) -> AffineResult:
     """Fit ``T`` (fixed world → moving world) so that ``moving(T p) ≈ fixed(p)``; see the module docstring.
 
-    Never silently harmful: when the fit fails the check (see the module docstring) the identity is
-    returned with ``accepted=False`` and the reason."""
+    ``fixed_mask``/``moving_mask``: arrays of the fixed/moving image's shape, nonzero = inside (the fit
+    looks only there); ``initial``: a (4, 4) fixed world → moving world start (RAS mm), e.g. an earlier fit.
+    Never silently harmful: when the fit fails the check (see the module docstring) the start (the identity,
+    or ``initial``) is returned with ``accepted=False`` and the reason."""
     import time
 
     cfg = config or AffineConfig()
+    inside = None
+    if fixed_mask is not None:
+        fixed = np.where(np.asarray(fixed_mask) != 0, fixed, 0).astype(np.float32, copy=False)
+        # in the masked image's memory order: both pool into the same axis order (see c_order_view)
+        f_order = fixed.flags.f_contiguous and not fixed.flags.c_contiguous
+        inside = (np.asfortranarray if f_order else np.ascontiguousarray)(np.asarray(fixed_mask) != 0)
+    if moving_mask is not None:
+        moving = np.where(np.asarray(moving_mask) != 0, moving, 0).astype(np.float32, copy=False)
     metric = AffineMetric(cfg.metric).value
     fit_metric = "mi" if metric == "auto" else metric  # auto: MI for the pose, then see below
     auto_trace: dict[str, float] = {}
@@ -491,7 +517,10 @@ def affine_prealign(
     iters = tuple(cfg.iterations) + (cfg.iterations[-1],) * max(0, levels - len(cfg.iterations))
     fixed_levels = _pyramid(fixed, fixed_affine, cfg.spacing_mm, levels)
     moving_levels = _pyramid(moving, moving_affine, cfg.spacing_mm, levels)
-    start = "identity"
+    inside_levels: list[Any] = [None] * levels
+    if inside is not None:
+        inside_levels = [t for t, _ in _pyramid(inside, fixed_affine, cfg.spacing_mm, levels)]
+    start = "identity" if initial is None else "initial"
     start_values: dict[str, float] = {}
     level_fit: _Level | None = None
     for level in range(levels):
@@ -502,7 +531,12 @@ def affine_prealign(
             com_f, com_m = _com(fx, fx_aff), _com(mv, mv_aff)
             c = com_f
             theta[9:] = com_m - com_f
-        pts, fvals = _level_points(fx, fx_aff, cfg.max_points, level)
+            if initial is not None:  # T p = M p + b = (I + lin)(p - c) + c + t
+                m_init = np.asarray(initial, dtype=np.float64)
+                theta[:9] = (m_init[:3, :3] - np.eye(3)).reshape(-1)
+                theta[9:] = m_init[:3, :3] @ c + m_init[:3, 3] - c
+            theta_start = theta.copy()
+        pts, fvals = _level_points(fx, fx_aff, cfg.max_points, level, inside_levels[level])
         p_c = pts - torch.as_tensor(c, dtype=torch.float32)
         level_fit = _Level(mv, mv_aff, p_c, fvals, c, cfg.bins)
 
@@ -511,7 +545,9 @@ def affine_prealign(
 
         adapt = fit_metric == "mi"
 
-        if level == 0 and len(cfg.starts) > 1:  # multi-start: a few steps from each gross orientation
+        if initial is not None:
+            pass  # the given start replaces the gross orientations
+        elif level == 0 and len(cfg.starts) > 1:  # multi-start: a few steps from each gross orientation
             fits = {}
             for name in cfg.starts:
                 th = theta.copy()
@@ -542,8 +578,11 @@ def affine_prealign(
         theta, _, _ = _fit_level(evaluate, theta, iters[level], cfg.tolerance, adapt)
     assert c is not None and level_fit is not None
 
-    # the check, on the finest level: the fit against the identity (the headers as given)
-    theta_id = np.zeros(12)  # T p = p
+    # the check, on the finest level: the fit against the identity (the headers as given) or the initial
+    theta_id = np.zeros(12) if initial is None else theta_start  # T p = p, or the given start
+    start_name = "identity" if initial is None else "the initial affine"
+    # a start that is already the optimum (e.g. an earlier run's affine.mat) may end a rounding error lower
+    slack = 0.0 if initial is None else cfg.tolerance
     value_init = level_fit.evaluate(fit_metric, theta_id, derivatives=False)[0]
     value_final = level_fit.evaluate(fit_metric, theta, derivatives=False)[0]
     ncc_init = level_fit.ncc(theta_id, derivatives=False)[0] if fit_metric != "ncc" else value_init
@@ -559,9 +598,9 @@ def affine_prealign(
     if not _linear_ok(m_lin, cfg.max_scale_change):
         sv = np.linalg.svd(m_lin, compute_uv=False)
         reason = f"degenerate linear part (singular values {sv.min():.2f}-{sv.max():.2f})"
-    elif cfg.check and not value_final >= value_init:
-        reason = f"the fit ended worse than identity ({fit_metric} {value_init:.4f} -> {value_final:.4f})"
-    elif cfg.check and fit_metric != "mi" and not mi_final >= mi_init:
+    elif cfg.check and not value_final >= value_init - slack:
+        reason = f"the fit ended worse than {start_name} ({fit_metric} {value_init:.4f} -> {value_final:.4f})"
+    elif cfg.check and fit_metric != "mi" and not mi_final >= mi_init - slack:
         reason = f"mutual information fell ({mi_init:.4f} -> {mi_final:.4f})"
     elif cfg.check and not mi_final > cfg.chance_factor * mi_chance:
         reason = (
@@ -569,7 +608,7 @@ def affine_prealign(
             f"{mi_chance:.4f})"
         )
     accepted = not reason
-    out = np.eye(4)
+    out = np.eye(4) if initial is None else np.asarray(initial, dtype=np.float64).copy()
     if accepted:
         out[:3, :3] = m_lin
         out[:3, 3] = c + theta[9:] - m_lin @ c

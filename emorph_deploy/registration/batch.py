@@ -1,4 +1,5 @@
-"""Batch registration from a CSV of pairs: ``fixed,moving[,moving_labels][,id]``.
+"""Batch registration from a CSV of pairs:
+``fixed,moving[,moving_labels,fixed_labels,fixed_mask,moving_mask][,id]``.
 
 The CSV is read by :func:`emorph_deploy.data.pairs.read_pairs` (relative paths are resolved against the CSV's
 folder). Each pair goes to ``<out>/<id>/`` (``id`` column, or ``<row number>_<moving stem>``). A failing
@@ -24,6 +25,7 @@ from typing import Any
 from emorph_deploy.data.pairs import nifti_stem
 from emorph_deploy.data.pairs import read_pairs as read_pairs_csv
 from emorph_deploy.errors import EmorphError, InputError
+from emorph_deploy.registration.defaults import DEFAULTS
 
 __all__ = [
     "Pair",
@@ -57,6 +59,13 @@ class Pair:
     fixed: Path
     moving: Path
     moving_labels: Path | None = None
+    fixed_labels: Path | None = None  # QC Dice (with moving_labels)
+    fixed_mask: Path | None = None
+    moving_mask: Path | None = None
+
+
+#: the optional files of a pair besides ``moving_labels`` (Registrar.register keywords of the same names)
+PAIR_EXTRAS = ("fixed_labels", "fixed_mask", "moving_mask")
 
 
 def read_pairs(csv_path: str | Path) -> list[Pair]:
@@ -73,7 +82,9 @@ def read_pairs(csv_path: str | Path) -> list[Pair]:
                 "fix: make the id column unique"
             )
         seen.add(pid)
-        pairs.append(Pair(pid, row.fixed, row.moving, row.moving_labels))
+        pairs.append(
+            Pair(pid, row.fixed, row.moving, row.moving_labels, *(getattr(row, k) for k in PAIR_EXTRAS))
+        )
     return pairs
 
 
@@ -81,17 +92,18 @@ def read_pairs(csv_path: str | Path) -> list[Pair]:
 class PairOptions:
     """How each pair of a batch is registered and written (the same for the in-process and the Dask paths).
 
-    ``affine`` None = the registrar's setting; ``refine`` steps or a
-    :class:`~emorph_deploy.refine.RefineConfig`; ``resume``: a pair whose complete output set validates
+    Defaults from :data:`~emorph_deploy.registration.defaults.DEFAULTS`. ``affine`` None = the registrar's
+    setting; ``refine`` None (the defaults), steps or a :class:`~emorph_deploy.refine.RefineConfig`;
+    ``resume``: a pair whose complete output set validates
     (:func:`completed_row`) is skipped, any other pair is registered again, replacing what an interrupted run
     left in its folder.
     """
 
     force: bool = False
     affine: bool | None = None
-    voxel_flow: bool = False
-    qc_png: bool = True
-    refine: Any = 0
+    voxel_flow: bool = DEFAULTS.voxel_flow
+    qc_png: bool = DEFAULTS.qc_png
+    refine: Any = None
     resume: bool = False
 
 
@@ -99,7 +111,9 @@ def input_record(pair: Pair) -> dict[str, Any]:
     """The identity of a pair's input files (path, size in bytes, modification time in ns), kept in the pair's
     ``qc.json`` as ``inputs`` so that ``--resume`` only keeps outputs made from the same files."""
     rec: dict[str, Any] = {}
-    for role, path in (("fixed", pair.fixed), ("moving", pair.moving), ("moving_labels", pair.moving_labels)):
+    extras = [(k, getattr(pair, k)) for k in PAIR_EXTRAS if getattr(pair, k) is not None]  # only when given
+    roles = [("fixed", pair.fixed), ("moving", pair.moving), ("moving_labels", pair.moving_labels), *extras]
+    for role, path in roles:
         if path is None:
             rec[role] = None
             continue
@@ -138,7 +152,12 @@ def register_pair(registrar: Any, pair: Pair, out_dir: str | Path, options: Pair
         if done is not None:
             return {**row, **done}
         res = registrar.register(
-            pair.fixed, pair.moving, labels=pair.moving_labels, affine=options.affine, refine=options.refine
+            pair.fixed,
+            pair.moving,
+            labels=pair.moving_labels,
+            affine=options.affine,
+            refine=options.refine,
+            **{k: getattr(pair, k) for k in PAIR_EXTRAS},
         )
         res.qc["inputs"] = input_record(pair)
         res.save(
@@ -223,10 +242,10 @@ def run_batch(
     *,
     force: bool = False,
     affine: bool | None = None,
-    voxel_flow: bool = False,
-    qc_png: bool = True,
+    voxel_flow: bool = DEFAULTS.voxel_flow,
+    qc_png: bool = DEFAULTS.qc_png,
     progress: bool = True,
-    refine: Any = 0,
+    refine: Any = None,
     resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Register every pair into ``out_dir/<id>/`` in this process; never stops on a failing pair. Returns the

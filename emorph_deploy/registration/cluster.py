@@ -35,6 +35,7 @@ from emorph_deploy.registration.batch import (
     progress_bar,
     write_summary,
 )
+from emorph_deploy.registration.defaults import DEFAULTS
 
 __all__ = [
     "JOBQUEUE_CLUSTERS",
@@ -103,7 +104,7 @@ def run_batch_dask(
     *,
     artifact: str | Path | None = None,
     backend: str = "auto",
-    affine: bool = False,
+    affine: bool = DEFAULTS.affine,
     options: PairOptions | None = None,
     threads: int | None = None,
     progress: bool = True,
@@ -151,10 +152,8 @@ def run_batch_dask(
 
 
 def _absolute(pair: Pair) -> Pair:
-    labels = pair.moving_labels.absolute() if pair.moving_labels is not None else None
-    return dataclasses.replace(
-        pair, fixed=pair.fixed.absolute(), moving=pair.moving.absolute(), moving_labels=labels
-    )
+    paths = {f.name: getattr(pair, f.name) for f in dataclasses.fields(pair) if f.name != "id"}
+    return dataclasses.replace(pair, **{k: p.absolute() for k, p in paths.items() if p is not None})
 
 
 @contextlib.contextmanager

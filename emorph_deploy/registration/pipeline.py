@@ -4,15 +4,19 @@ Pipeline per pair (times of each stage go to ``qc["times_s"]``):
 
 1. ``load``: validate both images (paths, nibabel images or ``(array, affine)`` pairs;
    :mod:`emorph_deploy.data`).
-2. ``affine`` (optional): :func:`~emorph_deploy.registration.affine.affine_prealign` on a ~4 mm pair
-   (identity kept, ``qc["affine_accepted"]`` False and ``qc["affine_reason"]`` when the fit fails its check).
+2. ``affine`` (on by default, :data:`~emorph_deploy.registration.defaults.DEFAULTS`):
+   :func:`~emorph_deploy.registration.affine.affine_prealign` on a ~4 mm pair, inside the masks when given,
+   from ``initial_affine`` when given (the start kept, ``qc["affine_accepted"]`` False and
+   ``qc["affine_reason"]`` when the fit fails its check); without it, ``initial_affine`` is the pre-alignment.
 3. ``resample``: intensity normalisation on the native voxels and trilinear resampling in world coordinates
    onto the model grid (RAS, the artifact's :class:`~emorph_deploy.data.Preprocessing`, centred on the
    fixed FOV).
 4. ``infer``: the runner (TensorRT / ONNX Runtime / torch), under a lock — one warm engine, many threads.
 5. ``resample_back``: :func:`~emorph_deploy.registration.native.warp_to_native` — the original moving image
    (and labels) sampled on the fixed native grid at ``T(p + u(p))``; the ITK displacement ``d(p)``.
-6. ``qc``: Jacobian statistics and NCC before/after (model grid), centre slices for ``qc.png``.
+6. ``qc``: Jacobian statistics and NCC before/after (model grid, inside the fixed mask or the fixed image's
+   foreground: ``qc["qc_region"]``), Dice before/after with ``fixed_labels`` and moving labels (fixed native
+   grid), centre slices for ``qc.png``.
 
 Nothing touches the disk until :meth:`Result.save`.
 """
@@ -39,6 +43,7 @@ from emorph_deploy.errors import (
     OutputExistsError,
     ProcessingError,
 )
+from emorph_deploy.registration.defaults import DEFAULTS
 from emorph_deploy.timing import stopwatch
 
 if TYPE_CHECKING:
@@ -53,7 +58,9 @@ __all__ = [
     "Registrar",
     "RegistrationQC",
     "Result",
+    "check_prefix",
     "default_artifact",
+    "load_extras",
     "load_inputs",
     "output_targets",
     "refuse_existing",
@@ -73,6 +80,22 @@ OUTPUT_FILES = {
 }
 
 
+def check_prefix(prefix: str) -> str:
+    """``prefix`` if it can start a file name in the output folder (no folder separators, not hidden);
+    InputError otherwise."""
+    if any(c in prefix for c in ("/", "\\", "\0")) or prefix.startswith(".") or prefix.strip() != prefix:
+        raise InputError(
+            f"--prefix: expected the start of a file name (no folders, spaces at the ends or leading dot), "
+            f"got {prefix!r}; fix: pass e.g. --prefix sub01_ and choose the folder with --out"
+        )
+    return prefix
+
+
+def output_names(prefix: str = "") -> dict[str, str]:
+    """:data:`OUTPUT_FILES` with ``prefix`` before every file name."""
+    return {n: f"{check_prefix(prefix)}{name}" for n, name in OUTPUT_FILES.items()}
+
+
 def output_targets(
     out: Path,
     *,
@@ -82,19 +105,21 @@ def output_targets(
     affine: bool = False,
     inverse: bool = True,
     jacobian: bool = True,
+    prefix: str = "",
 ) -> dict[str, Path]:
     """The files :meth:`Result.save` writes into ``out`` (name → path), in writing order (``affine``: the
-    pre-alignment ran; ``inverse``/``jacobian``: the result carries them)."""
+    pre-alignment ran; ``inverse``/``jacobian``: the result carries them; ``prefix`` starts every name)."""
     names = ["warped", *(["warped_labels"] if labels else []), "displacement"]
     names += [*(["inverse_displacement"] if inverse else []), *(["jacobian"] if jacobian else [])]
     names += [*(["affine"] if affine else []), "qc_json"]
     names += [*(["voxel_flow"] if voxel_flow else []), *(["qc_png"] if qc_png else [])]
-    return {n: Path(out) / OUTPUT_FILES[n] for n in names}
+    files = output_names(prefix)
+    return {n: Path(out) / files[n] for n in names}
 
 
-def refuse_existing(out: Path, targets: Iterable[Path], force: bool) -> None:
+def refuse_existing(out: Path, targets: Iterable[Path], force: bool, prefix: str = "") -> None:
     """Before any work: ``out`` must be a folder (or not exist yet) that can be written; without ``force``
-    no target and no output of an earlier run (:data:`OUTPUT_FILES`) may exist."""
+    no target and no output of an earlier run with the same ``prefix`` (:data:`OUTPUT_FILES`) may exist."""
     from emorph_deploy.fileio import check_dir_writable
 
     out = Path(out)
@@ -102,7 +127,7 @@ def refuse_existing(out: Path, targets: Iterable[Path], force: bool) -> None:
         raise InputError(f"output: expected a folder, got the file {out}; fix: choose another --out")
     check_dir_writable(out)
     if not force:
-        for p in [*targets, *(out / name for name in OUTPUT_FILES.values())]:
+        for p in [*targets, *(out / name for name in output_names(prefix).values())]:
             if p.exists():
                 raise OutputExistsError(f"output {p} already exists: pass --force to overwrite it")
 
@@ -169,15 +194,16 @@ class Result:
         out_dir: str | os.PathLike,
         force: bool = False,
         *,
-        voxel_flow: bool = False,
-        qc_png: bool = True,
+        voxel_flow: bool = DEFAULTS.voxel_flow,
+        qc_png: bool = DEFAULTS.qc_png,
+        prefix: str = "",
     ) -> dict[str, Path]:
         """Write the outputs into ``out_dir`` all-or-nothing (a temporary sibling folder swapped in at the
-        end, :func:`emorph_deploy.fileio.atomic_dir`).
+        end, :func:`emorph_deploy.fileio.atomic_dir`), each file name starting with ``prefix``.
 
         Refuses to overwrite any existing output without ``force`` (checked before anything is written); with
-        ``force`` the earlier run's whole output set is replaced. On any error or interruption no output
-        file (and no folder, temporary or not) is left behind.
+        ``force`` the earlier run's whole output set (same ``prefix``) is replaced, and no other file. On
+        any error or interruption no output file (and no folder, temporary or not) is left behind.
         """
         from emorph_deploy.fileio import atomic_dir
 
@@ -190,11 +216,12 @@ class Result:
             affine=self.pre_affine is not None,
             inverse=self.inverse_displacement is not None,
             jacobian=self.jacobian is not None,
+            prefix=prefix,
         )
-        refuse_existing(out, targets.values(), force)
+        refuse_existing(out, targets.values(), force, prefix)
         times: dict[str, float] = {}
         try:
-            with atomic_dir(out, owned=OUTPUT_FILES.values(), force=force) as staging:
+            with atomic_dir(out, owned=output_names(prefix).values(), force=force) as staging:
                 tmp = {n: staging / p.name for n, p in targets.items()}
                 with stopwatch(times, "write_nifti"):
                     images = [(self.warped, tmp["warped"])]
@@ -217,7 +244,7 @@ class Result:
                 qc = dict(self.qc)
                 qc["times_s"] = {**self.qc.get("times_s", {}), **times}
                 qc["times_s"]["write"] = sum(times.values())
-                qc["outputs"] = {n: OUTPUT_FILES[n] for n in targets}
+                qc["outputs"] = {n: p.name for n, p in targets.items()}
                 tmp["qc_json"].write_text(json.dumps(_jsonable(qc), indent=2) + "\n")
         except OSError as exc:
             raise ProcessingError(
@@ -264,10 +291,14 @@ class RegistrationQC:
     """The registration's quality record, written as ``qc.json`` (:meth:`to_dict`, keys in file order).
 
     Shapes are (D, H, W) / (I, J, K) voxel counts; ``model_spacing_mm`` in mm. ``affine`` holds the affine
-    pre-alignment's keys (``affine_matrix``, ``affine_accepted``, ...; empty without it); ``deformation`` the
-    Jacobian statistics on the model grid (:func:`emorph_deploy.qc.deformation_stats`); ``refine`` the
-    refinement settings and the similarity used, or None; ``times_s`` the stage seconds (the dict is
-    shared with the caller, which adds the writing times).
+    pre-alignment's keys (``affine_matrix``, ``affine_source``, ``affine_accepted``, ...; empty without it);
+    ``ncc_before``/``ncc_after`` are measured inside ``qc_region`` ("fixed-mask", "fixed-foreground" or
+    "volume" when the fixed image has no usable foreground); ``masks`` which masks were given;
+    ``label_overlap`` Dice before/after with fixed labels (:func:`emorph_deploy.qc.label_overlap`; empty
+    without); ``deformation`` the Jacobian statistics on the model grid
+    (:func:`emorph_deploy.qc.deformation_stats`); ``refine`` the refinement settings and the similarity
+    used, or None; ``times_s`` the stage seconds (the dict is shared with the caller, which adds the
+    writing times).
     """
 
     backend: str
@@ -280,6 +311,9 @@ class RegistrationQC:
     affine: dict[str, Any]
     ncc_before: float
     ncc_after: float
+    qc_region: str
+    masks: dict[str, bool]
+    label_overlap: dict[str, Any]
     deformation: dict[str, Any]
     model_latency_s: float | None
     network: bool
@@ -302,6 +336,9 @@ class RegistrationQC:
             **self.affine,
             "ncc_before": self.ncc_before,
             "ncc_after": self.ncc_after,
+            "qc_region": self.qc_region,
+            "masks": dict(self.masks),
+            **self.label_overlap,
             **self.deformation,
             "jacobian_grid": "model",
             "model_latency_s": self.model_latency_s,
@@ -316,13 +353,15 @@ class _ModelGridPair:
     """Both images normalised to [0, 1] and resampled onto the model grid: (D, H, W) float32 each.
 
     ``moving`` is after the affine pre-alignment; ``moving_unaligned`` without any registration (the same
-    array when there is no pre-alignment); ``affine`` the grid's voxel → world (RAS mm) map.
+    array when there is no pre-alignment); ``affine`` the grid's voxel → world (RAS mm) map;
+    ``fixed_mask`` the fixed mask's share of each voxel (float32 in [0, 1]) or None.
     """
 
     fixed: np.ndarray
     moving: np.ndarray
     moving_unaligned: np.ndarray
     affine: np.ndarray
+    fixed_mask: np.ndarray | None = None
 
 
 #: Least fraction of the model grid where both images have signal for a registration to be meaningful.
@@ -336,7 +375,7 @@ def check_overlap(fixed: np.ndarray, moving: np.ndarray, affine: bool) -> float:
     both = np.count_nonzero((fixed > 0) & (moving > 0)) / fixed.size
     if both < MIN_OVERLAP or float(moving.max()) == float(moving.min()):
         fix = "check the headers (both in scanner/world mm) and the field of view" + (
-            "" if affine else ", or pass --affine"
+            "" if affine else ", or run the affine pre-alignment (drop --no-affine)"
         )
         raise ProcessingError(
             f"registration: expected the moving image to overlap the fixed image, got {100 * both:.2f}% of "
@@ -358,7 +397,7 @@ class Registrar:
         runner: Runner,
         preprocessing: Preprocessing | dict[str, Any] | None = None,
         *,
-        affine: bool = False,
+        affine: bool = DEFAULTS.affine,
         affine_config: AffineConfig | None = None,
         warmup: bool = True,
     ) -> None:
@@ -404,7 +443,8 @@ class Registrar:
     ) -> Registrar:
         """Open ``artifact`` (checkpoint ``.json``/``.safetensors``, ``.onnx`` + manifest, ``.plan`` /
         ``.engine``) with ``backend`` ("auto" | "tensorrt" | "onnxruntime" | "torch"); ``None`` = the packaged
-        default model. ``kwargs`` go to :class:`Registrar` (``affine``, ``affine_config``, ``warmup``)."""
+        default model. ``kwargs`` go to :class:`Registrar` (``affine`` (default
+        :data:`~emorph_deploy.registration.defaults.DEFAULTS`), ``affine_config``, ``warmup``)."""
         from emorph_deploy.runners import resolve
 
         path = Path(artifact) if artifact is not None else default_artifact()
@@ -427,25 +467,36 @@ class Registrar:
         *,
         affine: bool | None = None,
         validate: bool = True,
-        refine: int | RefineConfig = 0,
+        refine: int | RefineConfig | None = None,
         network: bool = True,
+        fixed_mask: Any = None,
+        moving_mask: Any = None,
+        fixed_labels: Any = None,
+        initial_affine: Any = None,
     ) -> Result:
         """Register ``moving`` to ``fixed``; ``labels`` (moving label map) are warped with nearest neighbour.
 
         Inputs: paths, nibabel images or ``(array, affine)`` pairs. Returns a :class:`Result` on the fixed
         grid.
+        ``affine``: run the affine pre-alignment (None = this registrar's setting, by default on).
         ``validate=False`` skips re-validating nibabel images that already come from
         :func:`emorph_deploy.data.load_volume` / :func:`~emorph_deploy.data.load_label_map` (see
         :func:`load_inputs`).
-        ``refine=N`` (> 0) or a :class:`~emorph_deploy.refine.RefineConfig`: N test-time Adam steps on the
-        displacement (default: at half resolution, see :func:`emorph_deploy.refine.refine_flow`; the training
-        loss), starting from the network's flow. Runs outside the runner lock (per-call data only); the
-        network is untouched.
+        ``refine``: None = the defaults (:meth:`RegistrationDefaults.refine_config
+        <emorph_deploy.registration.defaults.RegistrationDefaults.refine_config>`), ``N`` = the defaults
+        with N steps, or a :class:`~emorph_deploy.refine.RefineConfig`: test-time Adam steps on the
+        displacement (see :func:`emorph_deploy.refine.refine_flow`), starting from the network's flow. Runs
+        outside the runner lock (per-call data only); the network is untouched.
         ``network=False`` skips the network: the flow starts at zero (the identity after the affine
         pre-alignment), so ``refine=N`` is refinement alone and ``refine=0`` the affine (or no) registration
         — the ablation rows of ``benchmarks/validation_suite.py``.
+        ``fixed_mask``/``moving_mask``: masks on the fixed/moving image's grid (nonzero = inside) that
+        restrict the affine fit, weight the refinement's similarity (fixed mask) and bound the QC NCC (fixed
+        mask). ``fixed_labels``: a label map on the fixed grid; with ``labels`` the QC gets Dice before/after.
+        ``initial_affine``: an ITK affine file (``.mat``/``.txt``, as ``affine.mat``) or a (4, 4) fixed world
+        → moving world RAS matrix: the start of the affine fit, or the pre-alignment itself with
+        ``affine=False``; composed into every output like a fitted one.
         """
-        from emorph_deploy.refine import RefineConfig
         from emorph_deploy.registration.native import (
             inverse_displacement,
             itk_displacement_image,
@@ -453,21 +504,33 @@ class Registrar:
             warp_to_native,
         )
 
-        refine_cfg = RefineConfig.coerce(refine)  # a bad value fails before any work on the pair
+        refine_cfg = _refine_config(refine)  # a bad value fails before any work on the pair
         use_affine = self.affine if affine is None else affine
+        initial = _initial_matrix(initial_affine)
         times: dict[str, float] = {}
         with stopwatch(times, "total"):
             with stopwatch(times, "load"):
                 fixed_img, moving_img, labels_img = self._load(fixed, moving, labels, validate)
+                extras = load_extras(
+                    fixed_img,
+                    moving_img,
+                    fixed_mask=fixed_mask,
+                    moving_mask=moving_mask,
+                    fixed_labels=fixed_labels,
+                )
             f_data, f_aff = np.asanyarray(fixed_img.dataobj), np.asarray(fixed_img.affine, dtype=np.float64)
             m_data, m_aff = np.asanyarray(moving_img.dataobj), np.asarray(moving_img.affine, dtype=np.float64)
-            pre, qc_affine = None, {}
+            pre, qc_affine = initial, {}
             if use_affine:
                 with stopwatch(times, "affine"):
-                    pre, qc_affine = self._prealign(f_data, f_aff, m_data, m_aff)
+                    pre, qc_affine = self._prealign(f_data, f_aff, m_data, m_aff, extras, initial)
+            elif initial is not None:
+                qc_affine = {"affine_matrix": initial.tolist(), "affine_source": "initial"}
             with stopwatch(times, "resample"):
-                pair = self._to_model_grid(fixed_img, f_data, f_aff, m_data, m_aff, pre)
-            check_overlap(pair.fixed, pair.moving, use_affine)
+                pair = self._to_model_grid(
+                    fixed_img, f_data, f_aff, m_data, m_aff, pre, extras.get("fixed_mask")
+                )
+            check_overlap(pair.fixed, pair.moving, pre is not None)
             with stopwatch(times, "infer"):
                 out, model_s = self._infer(pair, network)
             flow = self._checked_flow(out)
@@ -489,7 +552,8 @@ class Registrar:
                     labels_affine=labels_img.affine if labels_img is not None else None,
                 )
             with stopwatch(times, "qc"):
-                ncc_before, ncc_after, stats, slices = self._quality(pair, flow, out.get("warped"))
+                ncc_before, ncc_after, region, stats, slices = self._quality(pair, flow, out.get("warped"))
+                overlap = _label_overlap(extras.get("fixed_labels"), labels_img, nw, fixed_img)
             with stopwatch(times, "inverse"):
                 inv_lps = inverse_displacement(flow, pair.affine, m_data.shape, m_aff, pre_affine=pre)
             with stopwatch(times, "jacobian"):
@@ -509,6 +573,9 @@ class Registrar:
             affine=qc_affine,
             ncc_before=ncc_before,
             ncc_after=ncc_after,
+            qc_region=region,
+            masks={"fixed": fixed_mask is not None, "moving": moving_mask is not None},
+            label_overlap=overlap,
             deformation=stats,
             model_latency_s=model_s,
             network=bool(network),
@@ -541,15 +608,31 @@ class Registrar:
         return fixed, moving, as_label_image(labels, name="moving labels")
 
     def _prealign(
-        self, f_data: np.ndarray, f_aff: np.ndarray, m_data: np.ndarray, m_aff: np.ndarray
+        self,
+        f_data: np.ndarray,
+        f_aff: np.ndarray,
+        m_data: np.ndarray,
+        m_aff: np.ndarray,
+        extras: dict[str, np.ndarray],
+        initial: np.ndarray | None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """The affine pre-alignment (4, 4) fixed world → moving world (RAS mm; the identity when the fit is
-        rejected) and its qc.json keys."""
+        """The affine pre-alignment (4, 4) fixed world → moving world (RAS mm; the identity, or ``initial``,
+        when the fit is rejected) and its qc.json keys."""
         from emorph_deploy.registration.affine import affine_prealign
 
-        fit = affine_prealign(f_data, f_aff, m_data, m_aff, self.affine_config)
+        fit = affine_prealign(
+            f_data,
+            f_aff,
+            m_data,
+            m_aff,
+            self.affine_config,
+            fixed_mask=extras.get("fixed_mask"),
+            moving_mask=extras.get("moving_mask"),
+            initial=initial,
+        )
+        source = "fit" if initial is None else "initial+fit"
         # fit.qc(): affine_ncc_init/final, _metric, _value_init/final, _accepted, _start, _reason, _mi_*
-        return fit.matrix, {"affine_matrix": fit.matrix.tolist(), **fit.qc()}
+        return fit.matrix, {"affine_matrix": fit.matrix.tolist(), "affine_source": source, **fit.qc()}
 
     def _to_model_grid(
         self,
@@ -559,9 +642,11 @@ class Registrar:
         m_data: np.ndarray,
         m_aff: np.ndarray,
         pre: np.ndarray | None,
+        fixed_mask: np.ndarray | None = None,
     ) -> _ModelGridPair:
         """Intensity normalisation on the native voxels, then trilinear resampling onto the model grid
-        (centred on the fixed FOV; the moving image through the pre-alignment ``pre``), clipped to [0, 1]."""
+        (centred on the fixed FOV; the moving image through the pre-alignment ``pre``), clipped to [0, 1];
+        the fixed mask (native grid) resampled as the share of each model voxel inside it."""
         from emorph_deploy.data.resample import resample_to_grid
 
         prep = self.preprocessing
@@ -581,7 +666,17 @@ class Registrar:
         if pre is not None:  # for "NCC before": the moving image without any registration
             moving_id = resample_to_grid(m_norm, m_aff, shape, grid, order=1, cval=0.0)
             np.clip(moving_id, 0.0, 1.0, out=moving_id)
-        return _ModelGridPair(fixed=fixed_m, moving=moving_m, moving_unaligned=moving_id, affine=grid)
+        mask_m = None
+        if fixed_mask is not None:
+            mask_m = resample_to_grid(fixed_mask.astype(np.float32), f_aff, shape, grid, order=1, cval=0.0)
+            if not np.count_nonzero(mask_m >= 0.5):
+                raise InputError(
+                    "fixed mask: expected voxels inside the model's field of view (centred on the fixed "
+                    "image), got none; fix: pass the mask of this fixed image"
+                )
+        return _ModelGridPair(
+            fixed=fixed_m, moving=moving_m, moving_unaligned=moving_id, affine=grid, fixed_mask=mask_m
+        )
 
     def _infer(self, pair: _ModelGridPair, network: bool) -> tuple[dict[str, np.ndarray], float | None]:
         """The runner's outputs (``flow`` (1, 3, D, H, W), maybe ``warped``) and its latency in seconds;
@@ -628,24 +723,31 @@ class Registrar:
 
         from emorph_deploy.refine import refine_flow
 
+        mask = None if pair.fixed_mask is None else torch.from_numpy(pair.fixed_mask)[None, None]
         return refine_flow(
             torch.from_numpy(pair.moving)[None, None],
             torch.from_numpy(pair.fixed)[None, None],
             torch.from_numpy(flow)[None],
             **cfg.to_dict(),
             info=info,
+            fixed_mask=mask,
         )[0].numpy()
 
     def _quality(
         self, pair: _ModelGridPair, flow: np.ndarray, warped: np.ndarray | None
-    ) -> tuple[float, float, dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-        """NCC before/after, Jacobian statistics and the centre slices for ``qc.png``, all on the model grid.
-        ``warped`` is the network's warped moving image (1, 1, D, H, W) when it returned one for this
-        ``flow``; otherwise the moving image is warped here."""
+    ) -> tuple[float, float, str, dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+        """NCC before/after inside the QC region (and its name), Jacobian statistics and the centre slices
+        for ``qc.png``, all on the model grid. ``warped`` is the network's warped moving image
+        (1, 1, D, H, W) when it returned one for this ``flow``; otherwise the moving image is warped here."""
         import torch
 
-        from emorph_deploy.metrics import ncc_global_float32
-        from emorph_deploy.qc import deformation_stats, jacobian_determinant_fast, orthogonal_slices
+        from emorph_deploy.qc import (
+            deformation_stats,
+            fixed_foreground,
+            jacobian_determinant_fast,
+            orthogonal_slices,
+            region_ncc,
+        )
 
         shape = self.grid_shape
         if warped is not None and np.shape(warped) == (1, 1, *shape):
@@ -658,10 +760,15 @@ class Registrar:
                 warped_m = warp(moving_t, torch.from_numpy(flow)[None]).numpy()[0, 0]
         jac = jacobian_determinant_fast(flow)
         stats = deformation_stats(jac)
-        ncc_before = ncc_global_float32(pair.fixed, pair.moving_unaligned)
-        ncc_after = ncc_global_float32(pair.fixed, warped_m)
+        if pair.fixed_mask is not None:
+            region, name = pair.fixed_mask >= 0.5, "fixed-mask"
+        else:
+            region = fixed_foreground(pair.fixed)
+            name = "volume" if region is None else "fixed-foreground"
+        ncc_before = region_ncc(pair.fixed, pair.moving_unaligned, region)
+        ncc_after = region_ncc(pair.fixed, warped_m, region)
         slices = orthogonal_slices(pair.fixed, pair.moving_unaligned, warped_m, flow, jac)
-        return ncc_before, ncc_after, stats, slices
+        return ncc_before, ncc_after, name, stats, slices
 
     def __repr__(self) -> str:
         return f"Registrar(backend={self.backend!r}, precision={self.precision!r}, grid={self.grid_shape})"
@@ -689,6 +796,91 @@ def _package(
             intent=labels_img.header,
         )
     return warped_img, disp_img, labels_out
+
+
+def _refine_config(refine: int | RefineConfig | None) -> RefineConfig:
+    """``refine`` of :meth:`Registrar.register` as a config: None = the defaults, N = the defaults with N
+    steps; InputError on a bad value."""
+    from emorph_deploy.refine import RefineConfig
+
+    if isinstance(refine, RefineConfig):
+        return RefineConfig.coerce(refine)
+    return DEFAULTS.refine_config(steps=refine)
+
+
+def _initial_matrix(initial: Any) -> np.ndarray | None:
+    """``initial_affine`` as a (4, 4) float64 RAS matrix (an ITK affine file is read); InputError when it
+    is neither a readable file nor an invertible 4x4 affine."""
+    if initial is None:
+        return None
+    if isinstance(initial, str | os.PathLike):
+        from emorph_deploy.data.transforms import read_itk_affine
+
+        return read_itk_affine(initial, name="initial affine")
+    m = np.asarray(initial, dtype=np.float64)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)) or abs(np.linalg.det(m[:3, :3])) < 1e-9:
+        raise InputError(
+            f"initial affine: expected an invertible (4, 4) matrix or an ITK affine file, got shape "
+            f"{m.shape}; fix: pass the affine.mat of an earlier run"
+        )
+    return m
+
+
+def load_extras(
+    fixed_img: nib.Nifti1Image,
+    moving_img: nib.Nifti1Image,
+    *,
+    fixed_mask: Any = None,
+    moving_mask: Any = None,
+    fixed_labels: Any = None,
+) -> dict[str, np.ndarray]:
+    """The optional inputs on the fixed/moving grids, validated (paths, nibabel images or ``(array,
+    affine)`` pairs): ``fixed_mask``/``moving_mask`` as boolean arrays (nonzero = inside; integer-valued
+    maps), ``fixed_labels`` as the label array. Only the given ones are keys. InputError when one is not
+    on its image's grid (same shape and voxel-to-world affine)."""
+    from emorph_deploy.data.nifti import as_label_image
+
+    out: dict[str, np.ndarray] = {}
+    for key, x, ref, role in (
+        ("fixed_mask", fixed_mask, fixed_img, "fixed"),
+        ("moving_mask", moving_mask, moving_img, "moving"),
+        ("fixed_labels", fixed_labels, fixed_img, "fixed"),
+    ):
+        if x is None:
+            continue
+        what = key.replace("_", " ")
+        img = as_label_image(x, name=what)
+        aff, ref_aff = np.asarray(img.affine, float), np.asarray(ref.affine, float)
+        same_affine = np.allclose(aff, ref_aff, rtol=0.0, atol=1e-3)
+        if img.shape[:3] != ref.shape[:3] or not same_affine:
+            raise InputError(
+                f"{what}: expected the {role} image's grid (shape {tuple(ref.shape[:3])}, same "
+                f"voxel-to-world affine), got shape {tuple(img.shape[:3])}"
+                f"{'' if same_affine else ' and another affine'}; "
+                f"fix: pass the {what.split()[-1]} made on this {role} image (or resample it onto it)"
+            )
+        data = np.asanyarray(img.dataobj)
+        out[key] = data != 0 if key.endswith("mask") else data
+    return out
+
+
+def _label_overlap(
+    fixed_labels: np.ndarray | None,
+    labels_img: nib.Nifti1Image | None,
+    nw: NativeWarp,
+    fixed_img: nib.Nifti1Image,
+) -> dict[str, Any]:
+    """Dice before/after (:func:`emorph_deploy.qc.label_overlap`) when both label maps are given: the moving
+    labels on the fixed grid without registration (nearest, world coordinates) and warped."""
+    if fixed_labels is None or labels_img is None or nw.warped_labels is None:
+        return {}
+    from emorph_deploy.data.resample import resample_to_grid
+    from emorph_deploy.qc import label_overlap
+
+    before = resample_to_grid(
+        np.asanyarray(labels_img.dataobj), labels_img.affine, fixed_img.shape[:3], fixed_img.affine, order=0
+    )
+    return label_overlap(fixed_labels, before, nw.warped_labels)
 
 
 def load_inputs(fixed: Any, moving: Any, labels: Any = None) -> tuple[nib.Nifti1Image, nib.Nifti1Image, Any]:

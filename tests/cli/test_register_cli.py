@@ -97,6 +97,7 @@ def test_register_writes_outputs(files, tmp_path):
         "displacement.nii.gz",
         "inverse_displacement.nii.gz",
         "jacobian.nii.gz",
+        "affine.mat",  # the pre-alignment is on by default
         "voxel_flow.nii.gz",
         "qc.json",
         "qc.png",
@@ -248,7 +249,7 @@ def test_batch_continues_after_a_failing_pair(files, bad_files, tmp_path):
         f"{d / 'fixed.nii.gz'},moving.nii.gz,\n".replace("moving.nii.gz,\n", f"{d / 'moving.nii.gz'},\n")
     )
     out = tmp_path / "batch"
-    res, err = _invoke(["register", "--pairs", csv, "--model", files["ckpt"], "--out", out])
+    res, err = _invoke(["register", "--pairs", csv, "--model", files["ckpt"], "--out", out, "--no-affine"])
     assert res.exit_code == 1, err + res.stdout
     assert "2/3 pairs registered, 1 failed" in res.stdout
     assert "NaN" in res.stdout
@@ -271,6 +272,7 @@ def test_refine_similarity_option_reaches_qc(files, tmp_path):
         "--out",
         out,
         "--no-qc-png",
+        "--no-affine",
         "--refine",
         "2",
         "--refine-similarity",

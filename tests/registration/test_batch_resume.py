@@ -36,6 +36,7 @@ def cohort(tiny_cohort, tmp_path):
 def test_resume_skips_complete_pairs_and_redoes_broken_ones(cohort, tmp_path):
     out = tmp_path / "out"
     base = ["register", "--pairs", cohort["csv"], "--model", cohort["ckpt"], "--out", out, "--threads", "1"]
+    base.append("--no-affine")  # the cohort shares one space
     res, err = _invoke(base)
     assert res.exit_code == 0, err + res.stdout
     first = _summary(out)
@@ -70,7 +71,7 @@ def test_completed_row_checks_inputs_outputs_and_qc(cohort, tmp_path):
 
     out = tmp_path / "out"
     pairs = read_pairs(cohort["csv"])[1:2]
-    reg = Registrar.load(cohort["ckpt"], backend="torch")
+    reg = Registrar.load(cohort["ckpt"], backend="torch", affine=False)
     rows = run_batch(reg, pairs, out, qc_png=False, progress=False)
     assert rows[0]["status"] == "ok"
     pair, opts = pairs[0], PairOptions(qc_png=False)

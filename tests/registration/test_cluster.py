@@ -92,6 +92,7 @@ def test_local_cluster_two_workers_matches_in_process_batch(cohort_with_failure,
             "local:2",
             artifact=ckpt,
             backend="torch",
+            affine=False,
             options=PairOptions(qc_png=False),
             threads=1,
             progress=False,
@@ -100,13 +101,15 @@ def test_local_cluster_two_workers_matches_in_process_batch(cohort_with_failure,
             processes=False,
         )
         torch.set_num_threads(1)
-        ref = _by_id(run_batch(Registrar.load(ckpt, backend="torch"), pairs, tmp_path / "ref", qc_png=False))
+        reg = Registrar.load(ckpt, backend="torch", affine=False)
+        ref = _by_id(run_batch(reg, pairs, tmp_path / "ref", qc_png=False))
         resumed = run_batch_dask(
             pairs,
             tmp_path / "dask",
             "local:2",
             artifact=ckpt,
             backend="torch",
+            affine=False,
             options=PairOptions(qc_png=False, resume=True),
             threads=1,
             progress=False,
@@ -148,7 +151,7 @@ def test_cli_local_cluster_worker_processes(cohort_with_failure, tmp_path):
     pytest.importorskip("distributed", reason="needs the dask extra: pip install 'emorph-deploy[dask]'")
     out = tmp_path / "out"
     args = ["register", "--pairs", cohort_with_failure["csv"], "--model", cohort_with_failure["ckpt"]]
-    res, err = _invoke([*args, "--out", out, "--scheduler", "local:2", "--no-qc-png"])
+    res, err = _invoke([*args, "--out", out, "--scheduler", "local:2", "--no-qc-png", "--no-affine"])
     assert res.exit_code == 1, err + res.stdout
     assert "local cluster: 2 worker processes" in err and "dashboard" in err
     assert "3/4 pairs registered, 1 failed" in res.stdout

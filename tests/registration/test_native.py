@@ -125,12 +125,12 @@ def test_qc_keys_and_stage_times(pair, stub):
 
     fixed, moving, _ = pair
     a = AFFINES["ras_iso"](fixed.shape)
-    qc = Registrar(stub(), warmup=False).register((fixed, a), (moving, a), refine=1).qc
+    qc = Registrar(stub(), affine=False, warmup=False).register((fixed, a), (moving, a), refine=1).qc
     stats = list(deformation_stats(np.ones((4, 4, 4), np.float32)))
     assert list(qc) == [
         "format", "backend", "precision", "model_grid", "model_spacing_mm", "fixed_shape", "moving_shape",
-        "affine_prealignment", "ncc_before", "ncc_after", *stats, "jacobian_grid", "model_latency_s",
-        "network", "refine", "times_s",
+        "affine_prealignment", "ncc_before", "ncc_after", "qc_region", "masks", *stats, "jacobian_grid",
+        "model_latency_s", "network", "refine", "times_s",
     ]  # fmt: skip
     assert qc["format"] == RegistrationQC.FORMAT and qc["backend"] == "stub"
     assert qc["model_grid"] == list(GRID)
@@ -221,7 +221,7 @@ def test_deformation_stats_match_float64_numpy(folds):
 def test_save_is_all_or_nothing(tmp_path, pair, monkeypatch, stub):
     fixed, moving, labels = pair
     a = AFFINES["ras_iso"](fixed.shape)
-    res = Registrar(stub(), warmup=False).register((fixed, a), (moving, a), labels=(labels, a))
+    res = Registrar(stub(), affine=False, warmup=False).register((fixed, a), (moving, a), labels=(labels, a))
     out = tmp_path / "o"
     import emorph_deploy.registration.niftiio as niftiio
 

@@ -21,7 +21,7 @@ def reg(tmp_path_factory, tiny_em):
     folder = tmp_path_factory.mktemp("tiny")
     pre = Preprocessing(grid_shape=GRID, spacing_mm=(4.0, 4.0, 4.0))
     save_checkpoint(model, folder / "tiny", preprocessing=pre)
-    r = Registrar.load(folder / "tiny.json", backend="torch")
+    r = Registrar.load(folder / "tiny.json", backend="torch", affine=False)  # pairs in one space
     calls = []
     infer = r.runner.infer
     r.runner.infer = lambda feed: (calls.append(1), infer(feed))[1]

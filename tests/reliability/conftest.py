@@ -1,18 +1,9 @@
-"""Fixtures of the reliability tests: a CliRunner with stderr apart, smooth random volumes."""
+"""Fixtures of the reliability tests: smooth random volumes (``runner``: tests/conftest.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 always separates stderr
-        return CliRunner()
 
 
 def smooth_volume(shape: tuple[int, int, int], seed: int) -> np.ndarray:

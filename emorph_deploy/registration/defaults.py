@@ -1,0 +1,60 @@
+"""The registration defaults, in one place: ``emorph register``/``emorph demo``'s options, batch mode and the
+embeddable :class:`~emorph_deploy.registration.Registrar` all take their default values from
+:data:`DEFAULTS`, so the command line and the API cannot drift apart.
+
+Torch- and numpy-free: the CLI imports it at start-up to show the defaults in ``--help``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from emorph_deploy.choices import Similarity
+
+if TYPE_CHECKING:
+    from emorph_deploy.refine import RefineConfig
+
+__all__ = ["DEFAULTS", "RegistrationDefaults"]
+
+
+@dataclass(frozen=True)
+class RegistrationDefaults:
+    """Every user-facing registration default.
+
+    ``affine``: the affine pre-alignment runs first (``--no-affine`` only for inputs already in one space).
+    ``refine_steps`` (``--refine``): test-time refinement steps; ``refine_similarity``, ``refine_levels`` and
+    ``refine_full_steps``: how they run (:class:`~emorph_deploy.refine.RefineConfig`, whose own defaults are
+    these). ``qc_png`` / ``voxel_flow``: the optional outputs written by default.
+    """
+
+    affine: bool = True
+    refine_steps: int = (
+        0  # chosen by measurement (benchmarks/validation_suite.py): the one constant to change
+    )
+    refine_similarity: Similarity = Similarity.auto
+    refine_levels: int = 2  # 2: the steps at half resolution first (a coarse step costs ~1/8 of a full one)
+    refine_full_steps: int | None = 0  # with levels=2: steps at full resolution (None = refine_steps)
+    qc_png: bool = True
+    voxel_flow: bool = False
+
+    def refine_config(
+        self, steps: int | None = None, similarity: Any = None, **overrides: Any
+    ) -> RefineConfig:
+        """The :class:`~emorph_deploy.refine.RefineConfig` of these defaults (``steps``/``similarity``/any
+        other field overridden when given); imports torch."""
+        from emorph_deploy.refine import RefineConfig
+
+        return RefineConfig.coerce(
+            RefineConfig(
+                steps=self.refine_steps if steps is None else int(steps),
+                similarity=self.refine_similarity if similarity is None else similarity,
+                levels=self.refine_levels,
+                full_steps=self.refine_full_steps,
+                **overrides,
+            )
+        )
+
+
+#: The defaults every entry point uses.
+DEFAULTS = RegistrationDefaults()
