@@ -149,12 +149,15 @@ def openvino_auto_skip(artifact: str | Path | None = None) -> str | None:
     better, OpenVINO fp32 ran the exported graph faster than ONNX Runtime's CPU provider at both model grids,
     so it goes first there. Elsewhere nothing was measured; where ONNX Runtime has a GPU provider, the GPU
     goes first; and a QDQ graph (int8 ONNX) stays with ONNX Runtime, because OpenVINO's int8 of it falls
-    outside the int8 tolerance of ``emorph check`` (OpenVINO int8 comes from an NNCF IR instead).
+    outside the int8 tolerance of ``emorph check`` (OpenVINO int8 comes from an NNCF IR instead). An IR
+    (``.xml``) is never passed over: only OpenVINO runs it.
     """
     import platform
 
     from emorph_deploy.runtime import cpu_flags
 
+    if artifact is not None and Path(artifact).suffix.lower() == ".xml":
+        return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not measured on {platform.machine()} CPUs (auto prefers it on x86-64 with AVX2)"
     if "avx2" not in cpu_flags():

@@ -196,35 +196,46 @@ def test_auto_leaves_qdq_graphs_and_missing_cpu_features_to_onnxruntime(exported
 
 
 AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
-AMX = AVX2_ONLY | {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}
-AMX = AMX | {"amx_int8"}
+AMX = AVX2_ONLY | {
+    *("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"),
+    *("amx_tile", "amx_bf16", "amx_int8"),
+}
 #: what ``--backend auto`` runs per artifact on each CPU kind: (backend, precision), or the error it raises
 AUTO_PICKS: dict[str, dict[str, tuple[str, str] | str]] = {
     "avx2-only": {
         "fp32-onnx": ("openvino", "fp32"),
+        "fp32-ir": ("openvino", "fp32"),
         "bf16-ir": "openvino bf16: expected a CPU with amx_bf16 or avx512_bf16",
         "qdq-onnx": ("onnxruntime", "int8"),
         "int8-ir": "openvino int8: expected a CPU with amx_int8 or avx512_vnni or avx_vnni",
     },
     "amx": {
         "fp32-onnx": ("openvino", "fp32"),
+        "fp32-ir": ("openvino", "fp32"),
         "bf16-ir": ("openvino", "bf16"),
         "qdq-onnx": ("onnxruntime", "int8"),
         "int8-ir": ("openvino", "int8"),
     },
-    "no-avx2": {"fp32-onnx": ("onnxruntime", "fp32"), "qdq-onnx": ("onnxruntime", "int8")},
+    "no-avx2": {
+        "fp32-onnx": ("onnxruntime", "fp32"),
+        "fp32-ir": ("openvino", "fp32"),  # an IR runs only in OpenVINO: not passed over
+        "bf16-ir": "openvino bf16: expected a CPU with amx_bf16 or avx512_bf16",
+        "qdq-onnx": ("onnxruntime", "int8"),
+        "int8-ir": "openvino int8: expected a CPU with amx_int8 or avx512_vnni or avx_vnni",
+    },
 }
 CPU_FLAGS = {"avx2-only": AVX2_ONLY, "amx": AMX, "no-avx2": frozenset({"sse4_2"})}
 
 
 @pytest.fixture(scope="module")
 def auto_artifacts(exported, qdq, tmp_path_factory) -> dict[str, Path]:
-    """The four kinds of CPU artifact: the fp32 export, its bf16 IR, the QDQ graph and the QDQ graph's IR."""
+    """The kinds of CPU artifact: the fp32 export, its fp32 and bf16 IRs, the QDQ graph and its int8 IR."""
     from emorph_deploy.engines.openvino import build_ir
 
     d = tmp_path_factory.mktemp("ir")
     return {
         "fp32-onnx": exported["onnx"],
+        "fp32-ir": build_ir(exported["onnx"], "fp32", out_dir=d).xml,
         "bf16-ir": build_ir(exported["onnx"], "bf16", out_dir=d).xml,
         "qdq-onnx": qdq,
         "int8-ir": build_ir(qdq, "int8", out_dir=d).xml,
@@ -235,7 +246,8 @@ def auto_artifacts(exported, qdq, tmp_path_factory) -> dict[str, Path]:
 def test_auto_rule_per_cpu_kind(cpu, auto_artifacts, monkeypatch):
     """``--backend auto`` on a mocked x86-64 CPU (the flags :func:`emorph_deploy.runtime.cpu_flags` reports;
     no GPU provider): OpenVINO for float graphs where there is AVX2, at the artifact's precision; QDQ graphs
-    on ONNX Runtime (fused only with VNNI/AMX); a bf16 or int8 IR the CPU cannot run is one clear error."""
+    on ONNX Runtime (fused only with VNNI/AMX); an IR always in OpenVINO, one clear error when the CPU cannot
+    run its precision."""
     import platform
 
     import onnxruntime as ort
