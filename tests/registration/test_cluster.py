@@ -72,7 +72,7 @@ def _by_id(rows):
     return {r["id"]: r for r in rows}
 
 
-def test_local_cluster_two_workers_matches_in_process_batch(cohort_with_failure, tmp_path):
+def test_local_cluster_two_workers_matches_in_process_batch(cohort_with_failure, tmp_path, restore_threads):
     """Two in-process Dask workers (quick to start on 2 cores): same QC as the in-process batch, the
     failing pair reported without stopping the others, torch pinned per worker, the workers' settings in
     batch.json, then a resumed run, and one refused for changed settings."""
@@ -85,54 +85,30 @@ def test_local_cluster_two_workers_matches_in_process_batch(cohort_with_failure,
 
     pairs = read_pairs(cohort_with_failure["csv"])
     ckpt = cohort_with_failure["ckpt"]
-    threads_before = torch.get_num_threads()
     lines: list[str] = []
-    try:
-        torch.set_num_threads(2)  # the workers must pin their own share (1), whatever this process uses
-        rows = run_batch_dask(
+
+    def on_dask(options: PairOptions) -> list[dict]:  # two in-process workers, 1 thread each
+        return run_batch_dask(
             pairs,
             tmp_path / "dask",
             "local:2",
             artifact=ckpt,
             backend="torch",
-            options=PairOptions(qc_png=False),
+            options=options,
             threads=1,
             progress=False,
             echo=lines.append,
             dashboard_address=":0",
             processes=False,
         )
-        torch.set_num_threads(1)
-        ref = _by_id(run_batch(Registrar.load(ckpt, backend="torch"), pairs, tmp_path / "ref", qc_png=False))
-        resumed = run_batch_dask(
-            pairs,
-            tmp_path / "dask",
-            "local:2",
-            artifact=ckpt,
-            backend="torch",
-            options=PairOptions(qc_png=False, resume=True),
-            threads=1,
-            progress=False,
-            echo=lines.append,
-            dashboard_address=":0",
-            processes=False,
-        )
-        with pytest.raises(InputError, match=r"^--resume .*got changed qc_png False -> True; fix"):
-            run_batch_dask(
-                pairs,
-                tmp_path / "dask",
-                "local:2",
-                artifact=ckpt,
-                backend="torch",
-                options=PairOptions(qc_png=True, resume=True),
-                threads=1,
-                progress=False,
-                echo=lines.append,
-                dashboard_address=":0",
-                processes=False,
-            )
-    finally:
-        torch.set_num_threads(threads_before)
+
+    torch.set_num_threads(2)  # the workers must pin their own share (1), whatever this process uses
+    rows = on_dask(PairOptions(qc_png=False))
+    torch.set_num_threads(1)
+    ref = _by_id(run_batch(Registrar.load(ckpt, backend="torch"), pairs, tmp_path / "ref", qc_png=False))
+    resumed = on_dask(PairOptions(qc_png=False, resume=True))
+    with pytest.raises(InputError, match=r"^--resume .*got changed qc_png False -> True; fix"):
+        on_dask(PairOptions(qc_png=True, resume=True))
 
     settings = json.loads((tmp_path / "dask" / "batch.json").read_text())["settings"]
     assert (settings["backend"], settings["precision"], settings["qc_png"]) == ("torch", "fp32", False)
@@ -224,6 +200,7 @@ def test_worker_pins_the_runner_threads(tiny_onnx_export, backend, restore_threa
             # OpenVINO caps the threads it runs at the cores it may use
             got = int(runner._compiled.get_property("INFERENCE_NUM_THREADS"))
             assert got == min(expected, available_cores())
+        runner.close()
 
 
 def test_workers_with_different_settings_are_refused():
