@@ -88,13 +88,14 @@ def record_batch_settings(out_dir: str | Path, settings: dict[str, Any], options
         if not isinstance(recorded, dict):
             raise InputError(
                 f"--resume: expected the settings of the earlier run in {path}, got an unreadable file; "
-                "fix: use a new --out, or --force to redo every pair"
+                "fix: use a new --out, or --force instead of --resume to redo every pair"
             )
         changed = _changed(recorded, settings)
         if changed:
             raise InputError(
                 f"--resume {out_dir}: expected the settings of the run that wrote it, got changed "
-                f"{', '.join(changed)}; fix: use a new --out, or --force to redo every pair"
+                f"{', '.join(changed)}; fix: use a new --out, or --force instead of --resume to redo every "
+                "pair"
             )
         return path
     return write_json_atomic(path, {"format": BATCH_FORMAT, "settings": settings}, force=True)
