@@ -78,8 +78,9 @@ def interrupts_raise() -> Iterator[None]:
 
 
 def set_threads(threads: int | None) -> None:
-    """Apply ``--threads`` to torch, bounded to 1..4x the CPU count: far more threads than cores only slows
-    a run down, and the OpenMP runtime fails (or crashes) at tens of thousands. InputError outside."""
+    """Apply ``--threads`` to torch and to the ONNX Runtime / OpenVINO runners created after it, bounded to
+    1..4x the CPU count: far more threads than cores only slows a run down, and the OpenMP runtime fails (or
+    crashes) at tens of thousands. InputError outside."""
     if threads is None:
         return
     import os
@@ -92,7 +93,10 @@ def set_threads(threads: int | None) -> None:
         )
     import torch
 
+    from emorph_deploy.runners import set_default_threads
+
     torch.set_num_threads(threads)
+    set_default_threads(threads)
 
 
 #: ``--refine N`` shared by ``emorph register`` and ``emorph demo``.

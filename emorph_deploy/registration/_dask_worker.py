@@ -16,26 +16,31 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from emorph_deploy.registration.batch import Pair, PairOptions, failed_row, register_pair
 
-__all__ = ["PLUGIN_NAME", "RegistrarPlugin", "pin_threads", "register_pair_task"]
+__all__ = ["PLUGIN_NAME", "RegistrarPlugin", "pin_threads", "register_pair_task", "worker_settings"]
 
 PLUGIN_NAME = "emorph-registrar"
 
 
 def pin_threads(threads: int) -> None:
-    """Use ``threads`` CPU threads for torch's intra-op pool in this process (one worker's share of the
-    cores)."""
+    """Use ``threads`` CPU threads in this process (one worker's share of the cores): torch's intra-op pool,
+    and the ONNX Runtime / OpenVINO runners loaded after this call (their pools are per session and default
+    to every core, whatever OMP_NUM_THREADS says)."""
     import torch
 
+    from emorph_deploy.runners import set_default_threads
+
     torch.set_num_threads(int(threads))
+    set_default_threads(int(threads))
 
 
 class RegistrarPlugin(WorkerPlugin):
     """Loads one :class:`~emorph_deploy.registration.Registrar` per worker at start-up and pins its threads.
 
     ``artifact``: model path as the workers see it (None = the packaged default model of the worker's own
-    install); ``threads``: torch threads of each worker (None = the worker's Dask thread count). A worker
-    registers one pair at a time (:attr:`lock`), so a worker started with ``--nthreads T`` runs one pair on T
-    torch threads rather than T pairs on T threads each.
+    install); ``threads``: CPU threads of each worker for torch, ONNX Runtime and OpenVINO
+    (:func:`pin_threads`; None = the worker's Dask thread count). A worker registers one pair at a time
+    (:attr:`lock`), so a worker started with ``--nthreads T`` runs one pair on T threads rather than T pairs
+    on T threads each.
     """
 
     name = PLUGIN_NAME
@@ -63,7 +68,7 @@ class RegistrarPlugin(WorkerPlugin):
 
 def register_pair_task(pair: Pair, out_dir: str, options: PairOptions) -> dict[str, Any]:
     """One Dask task: :func:`~emorph_deploy.registration.batch.register_pair` with this worker's registrar;
-    the row also names the ``worker`` and its torch ``threads`` (not columns of ``summary.csv``). A worker
+    the row also names the ``worker`` and its pinned ``threads`` (not columns of ``summary.csv``). A worker
     whose model failed to load reports the pair as failed."""
     worker = get_worker()
     plugin = worker.plugins.get(PLUGIN_NAME)
@@ -78,3 +83,14 @@ def register_pair_task(pair: Pair, out_dir: str, options: PairOptions) -> dict[s
     with plugin.lock:
         row = register_pair(plugin.registrar, pair, Path(out_dir), options)
     return {**row, "worker": worker.address, "threads": torch.get_num_threads()}
+
+
+def worker_settings(options: PairOptions, dask_worker: Any = None) -> dict[str, Any] | None:
+    """The batch settings (:func:`~emorph_deploy.registration.batch_manifest.batch_settings`) of this worker's
+    registrar, None when its model did not load; ``Client.run`` passes ``dask_worker``."""
+    from emorph_deploy.registration.batch_manifest import batch_settings
+
+    plugin = (dask_worker or get_worker()).plugins.get(PLUGIN_NAME)
+    if plugin is None or plugin.registrar is None:
+        return None
+    return batch_settings(plugin.registrar, options)

@@ -4,7 +4,9 @@
 The CSV is read by :func:`emorph_deploy.data.pairs.read_pairs` (relative paths are resolved against the CSV's
 folder). Each pair goes to ``<out>/<id>/`` (``id`` column, or ``<row number>_<moving stem>``). A failing
 pair is recorded with its one-line error and the rest continue; ``<out>/summary.csv`` lists every pair's
-status (ok, failed, or skipped by ``resume``), NCC before/after, J ≤ 0, SDlogJ and seconds.
+status (ok, failed, or skipped by ``resume``), NCC before/after, J ≤ 0, SDlogJ and seconds;
+``<out>/batch.json`` the settings it ran with (:mod:`emorph_deploy.registration.batch_manifest`), which
+``resume`` must match.
 
 :func:`run_batch` registers in this process; :mod:`emorph_deploy.registration.cluster` runs the same
 :func:`register_pair` as Dask tasks.
@@ -252,6 +254,9 @@ def run_batch(
     summary rows (also written to ``out_dir/summary.csv``). ``resume``: see :class:`PairOptions`."""
     options = PairOptions(force, affine, voxel_flow, qc_png, refine, resume)
     summary_path = prepare_summary(out_dir, options)
+    from emorph_deploy.registration.batch_manifest import batch_settings, record_batch_settings
+
+    record_batch_settings(out_dir, batch_settings(registrar, options), options)
     rows: list[dict[str, Any]] = []
     with progress_bar(len(pairs), progress) as tick:
         for pair in pairs:

@@ -1,12 +1,13 @@
 """Batch registration as Dask tasks: a local cluster on this machine, a batch system, or a running scheduler.
 
 ``--scheduler local[:N]`` starts a ``LocalCluster`` of N worker processes (default: one per two cores, at
-least one), one Dask thread each, with torch, OpenMP and BLAS pinned to ``cores // N`` threads so the N
-workers share the cores instead of each using all of them. ``--scheduler slurm:N`` / ``pbs:N`` submits N
-batch jobs through ``dask-jobqueue`` (configured in ``~/.config/dask/jobqueue.yaml``), and ``--scheduler
-tcp://HOST:PORT`` (or any address a Dask ``Client`` takes) uses a running cluster (``docs/cluster.md``). On
-those each worker pins torch to its own Dask thread count unless ``threads`` is given, and the workers must
-see the input and output paths (a shared filesystem).
+least one), one Dask thread each, with torch, ONNX Runtime, OpenVINO, OpenMP and BLAS pinned to
+``cores // N`` threads so the N workers share the cores instead of each using all of them.
+``--scheduler slurm:N`` / ``pbs:N`` submits N batch jobs through ``dask-jobqueue`` (configured in
+``~/.config/dask/jobqueue.yaml``), and ``--scheduler tcp://HOST:PORT`` (or any address a Dask ``Client``
+takes) uses a running cluster (``docs/cluster.md``). On those each worker pins its threads to its own Dask
+thread count unless ``threads`` is given, and the workers must see the input and output paths (a shared
+filesystem).
 
 Each worker loads the model once (:class:`~emorph_deploy.registration._dask_worker.RegistrarPlugin`) and
 runs :func:`~emorph_deploy.registration.batch.register_pair`, the function of the in-process batch, so
@@ -117,13 +118,15 @@ def run_batch_dask(
     (also written to ``out_dir/summary.csv``). Never stops on a failing pair, nor on a worker lost mid-pair.
 
     ``artifact``/``backend``/``affine`` say how each worker builds its Registrar (``artifact`` None: the
-    packaged default model); ``threads``: torch threads per worker (default: see the module docstring);
+    packaged default model); ``threads``: CPU threads per worker (default: see the module docstring);
     ``echo`` receives the cluster's description and dashboard address. An artifact the workers cannot load
     raises its error before any pair runs. ``processes=False`` runs a local cluster's workers as threads of
     this process (quick to start, no ``__main__`` guard needed, but torch's thread setting is then shared by
     the process); worker processes are started with ``spawn``, so a script that calls this with a local
     cluster needs the usual ``if __name__ == "__main__":`` guard. ``timings`` receives the seconds of
     ``cluster`` (start or connect), ``model_load`` (every worker loading the model) and ``pairs`` (the tasks).
+    The workers' settings are recorded in (``resume``: checked against) ``out_dir/batch.json`` before any
+    pair runs (:mod:`emorph_deploy.registration.batch_manifest`).
     """
     spec = parse_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
     options = options or PairOptions()
@@ -134,6 +137,7 @@ def run_batch_dask(
         raise InputError(f"--threads: expected >= 1, got {threads}; fix: pass e.g. --threads 2")
     require("distributed", "dask")
     from emorph_deploy.registration._dask_worker import RegistrarPlugin, register_pair_task
+    from emorph_deploy.registration.batch_manifest import record_batch_settings
 
     if spec.local and threads is None:
         threads = max(1, available_cores() // spec.workers)
@@ -144,6 +148,7 @@ def run_batch_dask(
         times["cluster"] = time.perf_counter() - t0
         _register_plugin(client, RegistrarPlugin(artifact_s, backend, affine, threads))
         times["model_load"] = time.perf_counter() - t0 - times["cluster"]
+        record_batch_settings(out, _workers_settings(client, options), options)
         futures = client.map(register_pair_task, pairs, out_dir=str(out), options=options, pure=False)
         rows = _gather(futures, pairs, progress)
         times["pairs"] = time.perf_counter() - t0 - times["cluster"] - times["model_load"]
@@ -185,7 +190,7 @@ def _client(
     if spec.local:
         cluster = _local_cluster(spec.workers, threads, dashboard_address, processes)
         kind = "processes" if processes else "threads"
-        what = f"local cluster: {spec.workers} worker {kind}, torch pinned to {threads} thread(s) each"
+        what = f"local cluster: {spec.workers} worker {kind}, pinned to {threads} thread(s) each"
     else:
         cluster = jobqueue_cluster(spec.kind, spec.workers)
         what = f"{spec.kind} cluster: {spec.workers} job(s) submitted, scheduler {cluster.scheduler_address}"
@@ -261,6 +266,31 @@ def _register_plugin(client: Any, plugin: Any) -> None:
             f"workers: expected each to load the model, got {type(exc).__name__}: {exc}; "
             "fix: check the artifact path is visible to the workers and loads with `emorph register`"
         ) from exc
+
+
+def _workers_settings(client: Any, options: PairOptions) -> dict[str, Any]:
+    """The batch settings of the workers' registrars (waiting for a first worker to join); ProcessingError
+    when none loaded the model or when they differ (e.g. ``--backend auto`` resolving to another backend on
+    some workers), since the batch would then mix settings."""
+    from emorph_deploy.registration._dask_worker import worker_settings
+
+    client.wait_for_workers(1)
+    answers = {w: s for w, s in client.run(worker_settings, options).items() if s is not None}
+    if not answers:
+        raise ProcessingError(
+            "workers: expected each to load the model, got none loaded; fix: see the workers' logs and "
+            "check the artifact loads with `emorph register`"
+        )
+    (first_worker, first), *rest = answers.items()
+    for worker, got in rest:
+        diff = sorted(k for k in {*first, *got} if k != "artifact" and first.get(k) != got.get(k))
+        if diff:
+            raise ProcessingError(
+                f"workers: expected the same model settings on every worker, got {', '.join(diff)} differing "
+                f"between {first_worker} and {worker}; fix: install the same backends on every worker or "
+                "pass --backend explicitly"
+            )
+    return first
 
 
 def _gather(futures: list[Any], pairs: list[Pair], progress: bool) -> list[dict[str, Any]]:

@@ -55,6 +55,24 @@ _ARTIFACT_KINDS = {
     "openvino": "--onnx FILE (.onnx) or --engine FILE (.xml from 'emorph build --target openvino')",
 }
 _CLASS_TO_BACKEND = {cls: name for name, (_, cls, _) in BACKENDS.items()}
+#: backends whose runner takes ``threads`` (torch's pool is process-wide: ``torch.set_num_threads``)
+THREADED_BACKENDS: tuple[str, ...] = ("onnxruntime", "openvino")
+_default_threads: int | None = None
+
+
+def set_default_threads(threads: int | None) -> None:
+    """CPU threads of the ONNX Runtime and OpenVINO runners created from now on in this process when the
+    caller passes no ``threads`` (None: each library's default, all cores). A Dask worker sets its share of
+    the cores here, so N workers on one machine do not each start a pool as wide as the machine."""
+    if threads is not None and int(threads) < 1:
+        raise InputError(f"threads: expected >= 1 (or None), got {threads}; fix: pass e.g. 1")
+    global _default_threads
+    _default_threads = None if threads is None else int(threads)
+
+
+def default_threads() -> int | None:
+    """The thread count of :func:`set_default_threads` (None: the libraries' defaults)."""
+    return _default_threads
 
 
 def runner_class(backend: str) -> type[Runner]:
@@ -131,12 +149,15 @@ def openvino_auto_skip(artifact: str | Path | None = None) -> str | None:
     better, OpenVINO fp32 ran the exported graph faster than ONNX Runtime's CPU provider at both model grids,
     so it goes first there. Elsewhere nothing was measured; where ONNX Runtime has a GPU provider, the GPU
     goes first; and a QDQ graph (int8 ONNX) stays with ONNX Runtime, because OpenVINO's int8 of it falls
-    outside the int8 tolerance of ``emorph check`` (OpenVINO int8 comes from an NNCF IR instead).
+    outside the int8 tolerance of ``emorph check`` (OpenVINO int8 comes from an NNCF IR instead). An IR
+    (``.xml``) is never passed over: only OpenVINO runs it.
     """
     import platform
 
     from emorph_deploy.runtime import cpu_flags
 
+    if artifact is not None and Path(artifact).suffix.lower() == ".xml":
+        return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not measured on {platform.machine()} CPUs (auto prefers it on x86-64 with AVX2)"
     if "avx2" not in cpu_flags():
@@ -168,13 +189,16 @@ def _recorded_precision(onnx: str | Path) -> str | None:
 def load_runner(artifact: str | Path, backend: str = "auto", **kwargs: Any) -> Runner:
     """Create the runner for ``artifact`` (``backend`` "auto"|"torch"|"onnxruntime"|"tensorrt"|"openvino").
 
-    Also makes the process keep freed memory for reuse (:func:`emorph_deploy.runtime.keep_freed_memory`;
+    ONNX Runtime and OpenVINO runners get :func:`default_threads` unless ``threads`` is passed. Also makes
+    the process keep freed memory for reuse (:func:`emorph_deploy.runtime.keep_freed_memory`;
     ``EMORPH_MALLOC=system`` opts out): large per-layer tensors are then not page-faulted in afresh.
     """
     from emorph_deploy.runtime import keep_freed_memory
 
     keep_freed_memory()
     name = backend_for(artifact, backend)
+    if name in THREADED_BACKENDS and default_threads() is not None:
+        kwargs.setdefault("threads", default_threads())
     return runner_class(name)(artifact, **kwargs)
 
 
@@ -257,9 +281,11 @@ __all__ = [
     "artifact_for",
     "backend_for",
     "check_backend",
+    "default_threads",
     "is_artifact_of",
     "load_runner",
     "openvino_auto_skip",
     "resolve",
     "runner_class",
+    "set_default_threads",
 ]

@@ -52,7 +52,8 @@ def runnable_precision(requested: str | None, graph_precision: str, artifact: Pa
     if missing:
         raise ConfigMismatchError(
             f"openvino {precision}: expected a CPU with {' or '.join(sorted(missing))}, got {cpu_model()} "
-            "without them; fix: use --precision fp32 (or run on a CPU that has them)"
+            "without them; fix: run the fp32 export or IR (emorph check: --precision fp32), or use a CPU "
+            "that has them"
         )
     return precision
 

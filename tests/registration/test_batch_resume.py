@@ -87,3 +87,57 @@ def test_completed_row_checks_inputs_outputs_and_qc(cohort, tmp_path):
     qc_path.write_text(qc_text)
     pair.moving.write_bytes(pair.moving.read_bytes() + b"\0")  # the input changed since
     assert completed_row(pair, out, opts) is None
+
+
+def test_resume_refuses_other_settings(cohort, tmp_path):
+    """``batch.json`` keeps the first run's settings; ``--resume`` with other settings or another model is one
+    line, exit 2, naming what changed, and touches nothing; the same model under another path resumes."""
+    import torch
+
+    from emorph_deploy.train.checkpoint import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "out"
+    args = ["register", "--pairs", cohort["csv"], "--out", out, "--threads", "1", "--no-qc-png"]
+    res, err = _invoke([*args, "--model", cohort["ckpt"]])
+    assert res.exit_code == 0, err + res.stdout
+    manifest = json.loads((out / "batch.json").read_text())
+    s = manifest["settings"]
+    assert manifest["format"] == "emorph-batch/1"
+    assert (s["backend"], s["precision"], s["affine"], s["voxel_flow"], s["qc_png"]) == (
+        "torch",
+        "fp32",
+        False,
+        False,
+        False,
+    )
+    assert s["refine"]["steps"] == 0 and len(s["artifact_sha256"]) == 64
+    assert s["artifact"] == str(cohort["ckpt"].resolve())
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    res, err = _invoke([*args, "--model", cohort["ckpt"], "--resume", "--refine", "2", "--voxel-flow"])
+    assert res.exit_code == 2, err + res.stdout
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --resume"), err
+    line = errors[0]
+    assert "refine.steps 0 -> 2" in line and "voxel_flow False -> True" in line
+    assert "affine" not in line and "model" not in line  # only what changed is listed
+    assert "new --out" in line and "--force" in line
+
+    # another model: same architecture, other weights
+    model, meta = load_checkpoint(cohort["ckpt"])
+    with torch.no_grad():
+        next(model.parameters()).add_(0.5)
+    other = save_checkpoint(model, tmp_path / "other" / "tiny", preprocessing=meta["preprocessing"])
+    res, err = _invoke([*args, "--model", other.meta, "--resume"])
+    assert res.exit_code == 2 and "model tiny.json (" in err and "-> tiny.json (" in err, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # refused before any work
+
+    # a plain re-run of an interrupted batch (no summary.csv yet) is refused with the way forward
+    (out / "summary.csv").unlink()
+    res, err = _invoke([*args, "--model", cohort["ckpt"]])
+    assert res.exit_code == 2 and "--resume to continue it" in err, err
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cohort["ckpt"].parent, copy)  # the same model under another path
+    res, err = _invoke([*args, "--model", copy / "tiny.json", "--resume"])
+    assert res.exit_code == 0 and "0/3 pairs registered, 0 failed, 3 skipped" in res.stdout, err

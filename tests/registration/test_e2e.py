@@ -162,9 +162,13 @@ def test_torch_and_onnxruntime_agree(mni_pair, registrar, tiny_checkpoint, tmp_p
     assert d_vox < 1e-3
     assert w_diff < 1e-3
     assert lab_diff < 1e-3
-    # auto picks a CPU backend for an .onnx artifact: OpenVINO when installed (runners.AUTO_ORDER), else ORT
+    # auto picks a CPU backend for an .onnx artifact: OpenVINO when installed and its rule allows it on this
+    # CPU (runners.AUTO_ORDER, openvino_auto_skip), else ORT
+    from emorph_deploy.runners import openvino_auto_skip
+
     auto = Registrar.load(onnx_path)
-    expected = "openvino" if importlib.util.find_spec("openvino") is not None else "onnxruntime"
+    ov = importlib.util.find_spec("openvino") is not None and openvino_auto_skip(onnx_path) is None
+    expected = "openvino" if ov else "onnxruntime"
     assert auto.backend == expected
 
 

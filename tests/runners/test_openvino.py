@@ -195,6 +195,86 @@ def test_auto_leaves_qdq_graphs_and_missing_cpu_features_to_onnxruntime(exported
         load_runner(qdq, "openvino")
 
 
+AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
+AMX = AVX2_ONLY | {
+    *("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"),
+    *("amx_tile", "amx_bf16", "amx_int8"),
+}
+#: what ``--backend auto`` runs per artifact on each CPU kind: (backend, precision), or the error it raises
+AUTO_PICKS: dict[str, dict[str, tuple[str, str] | str]] = {
+    "avx2-only": {
+        "fp32-onnx": ("openvino", "fp32"),
+        "fp32-ir": ("openvino", "fp32"),
+        "bf16-ir": "openvino bf16: expected a CPU with amx_bf16 or avx512_bf16",
+        "qdq-onnx": ("onnxruntime", "int8"),
+        "int8-ir": "openvino int8: expected a CPU with amx_int8 or avx512_vnni or avx_vnni",
+    },
+    "amx": {
+        "fp32-onnx": ("openvino", "fp32"),
+        "fp32-ir": ("openvino", "fp32"),
+        "bf16-ir": ("openvino", "bf16"),
+        "qdq-onnx": ("onnxruntime", "int8"),
+        "int8-ir": ("openvino", "int8"),
+    },
+    "no-avx2": {
+        "fp32-onnx": ("onnxruntime", "fp32"),
+        "fp32-ir": ("openvino", "fp32"),  # an IR runs only in OpenVINO: not passed over
+        "bf16-ir": "openvino bf16: expected a CPU with amx_bf16 or avx512_bf16",
+        "qdq-onnx": ("onnxruntime", "int8"),
+        "int8-ir": "openvino int8: expected a CPU with amx_int8 or avx512_vnni or avx_vnni",
+    },
+}
+CPU_FLAGS = {"avx2-only": AVX2_ONLY, "amx": AMX, "no-avx2": frozenset({"sse4_2"})}
+
+
+@pytest.fixture(scope="module")
+def auto_artifacts(exported, qdq, tmp_path_factory) -> dict[str, Path]:
+    """The kinds of CPU artifact: the fp32 export, its fp32 and bf16 IRs, the QDQ graph and its int8 IR."""
+    from emorph_deploy.engines.openvino import build_ir
+
+    d = tmp_path_factory.mktemp("ir")
+    return {
+        "fp32-onnx": exported["onnx"],
+        "fp32-ir": build_ir(exported["onnx"], "fp32", out_dir=d).xml,
+        "bf16-ir": build_ir(exported["onnx"], "bf16", out_dir=d).xml,
+        "qdq-onnx": qdq,
+        "int8-ir": build_ir(qdq, "int8", out_dir=d).xml,
+    }
+
+
+@pytest.mark.parametrize("cpu", list(AUTO_PICKS))
+def test_auto_rule_per_cpu_kind(cpu, auto_artifacts, monkeypatch):
+    """``--backend auto`` on a mocked x86-64 CPU (the flags :func:`emorph_deploy.runtime.cpu_flags` reports;
+    no GPU provider): OpenVINO for float graphs where there is AVX2, at the artifact's precision; QDQ graphs
+    on ONNX Runtime (fused only with VNNI/AMX); an IR always in OpenVINO, one clear error when the CPU cannot
+    run its precision."""
+    import platform
+
+    import onnxruntime as ort
+
+    import emorph_deploy.runtime as rt
+
+    monkeypatch.setattr(rt, "cpu_flags", lambda: CPU_FLAGS[cpu])
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    for kind, expected in AUTO_PICKS[cpu].items():
+        notes: list[str] = []
+        if isinstance(expected, str):
+            with pytest.raises(ConfigMismatchError, match=expected):
+                resolve(auto_artifacts[kind], "auto", notes)
+            continue
+        runner = resolve(auto_artifacts[kind], "auto", notes)
+        assert (runner.name, runner.precision) == expected, (kind, notes)
+        if kind == "qdq-onnx":
+            assert any("a QDQ graph runs in ONNX Runtime" in n for n in notes) or cpu == "no-avx2"
+            level = runner._session.get_session_options().graph_optimization_level
+            fused = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            assert (level == fused) == (cpu == "amx"), level  # u8s8 kernels only where they cannot saturate
+        if expected[0] == "onnxruntime" and cpu == "no-avx2":
+            assert any(n.startswith("openvino skipped: the CPU has no AVX2") for n in notes), notes
+        runner.close()
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def _cli() -> CliRunner:
     try:
@@ -203,15 +283,21 @@ def _cli() -> CliRunner:
         return CliRunner()
 
 
+def _nifti_pair(folder: Path) -> list[Path]:
+    """Fixed and moving NIfTI images (18×22×26 noise at 4 mm) in ``folder``."""
+    rng = np.random.default_rng(0)
+    paths = [folder / "fixed.nii.gz", folder / "moving.nii.gz"]
+    for path in paths:
+        img = rng.random((18, 22, 26)).astype(np.float32)
+        nib.save(nib.Nifti1Image(img, np.diag([4.0, 4.0, 4.0, 1.0])), str(path))
+    return paths
+
+
 def test_cli_register_and_check_with_openvino(exported, tmp_path):
     from emorph_deploy.cli.app import app
 
-    rng = np.random.default_rng(0)
-    for name in ("fixed", "moving"):
-        img = rng.random((18, 22, 26)).astype(np.float32)
-        nib.save(nib.Nifti1Image(img, np.diag([4.0, 4.0, 4.0, 1.0])), str(tmp_path / f"{name}.nii.gz"))
     out = tmp_path / "out"
-    args = ["register", tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz", "--onnx", exported["onnx"]]
+    args = ["register", *_nifti_pair(tmp_path), "--onnx", exported["onnx"]]
     res = _cli().invoke(app, [str(a) for a in [*args, "--backend", "openvino", "--out", out, "--no-qc-png"]])
     assert res.exit_code == 0, res.output
     assert "backend: openvino (fp32)" in res.stderr
@@ -222,3 +308,37 @@ def test_cli_register_and_check_with_openvino(exported, tmp_path):
     assert "openvino" in res.stdout and "PASS" in res.stdout
     res = _cli().invoke(app, ["check", str(exported["onnx"]), "--backend", "openvino", "--precision", "fp16"])
     assert res.exit_code == 2 and "expected one of fp32, bf16, int8" in res.stderr
+
+
+def test_cli_build_openvino_then_register_and_check(exported, tmp_path):
+    """``emorph build --target openvino``: IR (.xml + .bin) + manifest; ``register --engine X.xml`` and
+    ``check X.xml`` run it (auto picks OpenVINO by the suffix); a second build without --force is refused."""
+    from emorph_deploy.cli.app import app
+
+    build = ["build", str(exported["onnx"]), "--target", "openvino", "--out", str(tmp_path / "engines")]
+    res = _cli().invoke(app, build)
+    assert res.exit_code == 0, res.output
+    first, bin_line, man_line = res.stdout.splitlines()[:3]  # "<xml>  (fp32, OpenVINO …)", .bin, .json
+    xml, bin_, man = Path(first.split("  (")[0]), Path(bin_line), Path(man_line)
+    assert (
+        xml.suffix == ".xml"
+        and xml.name.startswith("tiny-fp32-openvino")
+        and "(fp32, OpenVINO " in res.stdout
+    )
+    assert xml.is_file() and bin_ == xml.with_suffix(".bin") and bin_.stat().st_size > 0
+    m = json.loads(man.read_text())
+    assert (m["format"], m["precision"], m["grid_shape"]) == ("emorph-openvino/1", "fp32", list(GRID))
+    assert m["source"]["onnx"] == str(exported["onnx"].resolve()) and m["source_checkpoint"]
+
+    out = tmp_path / "out"
+    args = ["register", *_nifti_pair(tmp_path), "--engine", xml, "--out", out, "--no-qc-png"]
+    res = _cli().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    assert "backend: openvino (fp32)" in res.stderr and (out / "displacement.nii.gz").is_file()
+
+    res = _cli().invoke(app, ["check", str(xml), "--synthetic", "1"])
+    assert res.exit_code == 0, res.output
+    assert "openvino" in res.stdout and "PASS" in res.stdout
+
+    res = _cli().invoke(app, build)
+    assert res.exit_code == 2 and "already exists" in res.stderr, res.output
