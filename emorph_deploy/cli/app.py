@@ -43,6 +43,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "export",
     "check",
     "register",
+    "apply",
     "train",
     "evaluate",
     "build",
