@@ -89,7 +89,7 @@ def calibrate(
             f"calibrate: expected the FP32 export, got a {precision} graph {onnx_path}; "
             "fix: calibrate the ONNX written by 'emorph export'"
         )
-    meta = read_onnx_manifest(onnx_path)
+    meta = read_onnx_manifest(onnx_path, model)
     grid = _graph_grid(model)
     name = str((meta or {}).get("name") or onnx_path.stem)
     paths = output_paths(name, out_dir)
@@ -151,9 +151,12 @@ def calibrate(
     w.writerow(["moving", "fixed"])
     for src in calib.sources:
         w.writerow([src.moving, src.fixed])
-    qdq_bytes = qdq.SerializeToString()
     from emorph_deploy import __version__
-    from emorph_deploy.export.onnx_io import derived_onnx_manifest
+    from emorph_deploy.export.onnx_io import derived_onnx_manifest, embed_metadata
+
+    if meta:  # the QDQ graph carries the source's model config and preprocessing too
+        embed_metadata(qdq, meta)
+    qdq_bytes = qdq.SerializeToString()
 
     manifest = derived_onnx_manifest(
         meta,

@@ -35,6 +35,7 @@ from emorph_deploy.errors import InputError, ProcessingError, interrupts_deferre
 from emorph_deploy.export.manifest import manifest_path_for
 from emorph_deploy.export.onnx_io import (
     derived_onnx_manifest,
+    embed_metadata,
     graph_precision,
     io_spec,
     load_onnx_hashed,
@@ -167,7 +168,7 @@ class SourceGraph:
     @classmethod
     def read(cls, path: Path) -> SourceGraph:
         model, sha = load_onnx_hashed(path)
-        meta = read_onnx_manifest(path)
+        meta = read_onnx_manifest(path, model)
         name = str((meta or {}).get("name") or path.stem)
         return cls(path, model, sha, meta, name, graph_precision(model))
 
@@ -241,6 +242,8 @@ def graph_to_build(
 
     say("converting to mixed FP16/FP32 (AutoCast; LayerNorm, Softmax, flow head, warp kept FP32)")
     fp16_model, summary = convert_fp16(source.model)
+    if source.meta:  # the derived graph carries the source's model config and preprocessing too
+        embed_metadata(fp16_model, source.meta)
     fp16_bytes = fp16_model.SerializeToString()  # TensorRT parses the file; hash and copy from memory
     fp16_tmp.write_bytes(fp16_bytes)
     return GraphToBuild(fp16_tmp, fp16_bytes, summary)

@@ -178,7 +178,7 @@ def build_ir(
             f"--target openvino --precision {precision}: expected a {want_src} graph, got a {src_precision} "
             f"graph {onnx}; fix: {fix}"
         )
-    onnx_meta = read_onnx_manifest(onnx) or {}
+    onnx_meta = read_onnx_manifest(onnx, proto) or {}
     inputs, outputs = io_spec(proto)
     del proto
     name = str(onnx_meta.get("name") or onnx.stem)

@@ -365,6 +365,7 @@ def onnx_from_checkpoint(
     import torch
 
     from emorph_deploy import __version__
+    from emorph_deploy.export.onnx_io import embed_metadata
 
     model, meta = load_model_from_checkpoint(checkpoint)
     grid = grid_shape_of(model)
@@ -402,15 +403,27 @@ def onnx_from_checkpoint(
                 trt_report = tensorrt_op_report(proto, trt_version)
             proto.producer_name = "emorph"
             proto.producer_version = __version__
+            preprocessing = meta.get("preprocessing")
+            model_config = config_dict_of(model, meta, _SAMPLER_FOR_MODE[grid_sample])
+            # the graph carries what running it needs, so it still runs when its .json is lost
+            embed_metadata(
+                proto,
+                {
+                    "format": MANIFEST_FORMAT,
+                    "name": onnx_path.stem,
+                    "model": model_config,
+                    "preprocessing": preprocessing,
+                    "grid_sample": grid_sample,
+                },
+            )
             onnx.save(proto, str(tmp_onnx))
 
             inputs_io, outputs_io = graph_io(proto)
-            preprocessing = meta.get("preprocessing")
             spacing, orientation = spacing_and_orientation(preprocessing)
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "name": onnx_path.stem,
-                "model": config_dict_of(model, meta, _SAMPLER_FOR_MODE[grid_sample]),
+                "model": model_config,
                 "preprocessing": preprocessing,
                 "grid_shape": list(grid),
                 "spacing_mm": spacing,
