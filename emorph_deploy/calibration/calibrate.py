@@ -23,8 +23,8 @@ from emorph_deploy.calibration.pairs import CalibrationSet, make_reader
 from emorph_deploy.calibration.quantize import QuantizeOptions, quantize_qdq, trt_calibration_cache
 from emorph_deploy.choices import CalibrationKind
 from emorph_deploy.errors import ConfigMismatchError, InputError
-from emorph_deploy.export.manifest import manifest_path_for
-from emorph_deploy.fileio import check_writable, write_bytes_atomic, write_json_atomic
+from emorph_deploy.export.manifest import PATH_KEYS, manifest_path_for
+from emorph_deploy.fileio import check_writable, write_bytes_atomic, write_json_atomic, write_manifest_atomic
 
 
 @dataclass
@@ -182,5 +182,5 @@ def calibrate(
     write_json_atomic(paths["stats"], stats, force=force)
     write_bytes_atomic(paths["cache"], trt_calibration_cache(scales).encode(), force=force)
     write_bytes_atomic(paths["onnx"], qdq_bytes, force=force)
-    write_json_atomic(paths["manifest"], manifest, force=force)
+    write_manifest_atomic(paths["manifest"], manifest, PATH_KEYS, force=force)
     return CalibrationResult(paths["onnx"], paths["manifest"], list(paths.values()), stats)

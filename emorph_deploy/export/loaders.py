@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from emorph_deploy.errors import ConfigMismatchError, EmorphError, InputError, ProcessingError, require
 from emorph_deploy.export.manifest import (
     MANIFEST_FORMAT,
+    PATH_KEYS,
     io_entry,
     manifest_path_for,
     spacing_and_orientation,
@@ -339,7 +340,7 @@ def onnx_from_checkpoint(
     files are written atomically; an existing output is only replaced with ``force``; a failure leaves
     nothing behind. Returns the ONNX path.
     """
-    from emorph_deploy.fileio import atomic_path, check_writable, sha256_file, write_json_atomic
+    from emorph_deploy.fileio import atomic_path, check_writable, sha256_file, write_manifest_atomic
 
     onnx_path = Path(out_path)
     if onnx_path.suffix != ".onnx":
@@ -444,7 +445,7 @@ def onnx_from_checkpoint(
                 "onnx_version": onnx.__version__,
                 "source_checkpoint": str(meta_file.resolve()),
             }
-            write_json_atomic(json_path, manifest, force=force)
+            write_manifest_atomic(json_path, manifest, PATH_KEYS, force=force)
             json_written = True
     except BaseException:
         if json_written:  # the .onnx rename failed after the manifest landed: leave nothing

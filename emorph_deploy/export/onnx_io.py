@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emorph_deploy.errors import InputError
-from emorph_deploy.export.manifest import MANIFEST_FORMAT, manifest_path_for
+from emorph_deploy.export.manifest import MANIFEST_FORMAT, PATH_KEYS, manifest_path_for
 from emorph_deploy.fileio import read_manifest_json
 
 if TYPE_CHECKING:
@@ -52,7 +52,12 @@ def read_onnx_manifest(onnx_path: Path, model: onnx.ModelProto | None = None) ->
     if not path.is_file():
         return manifest_from_metadata(model) if model is not None else None
     return read_manifest_json(
-        path, kind="ONNX manifest", fmt=MANIFEST_FORMAT, required=(), fix="re-run 'emorph export'"
+        path,
+        kind="ONNX manifest",
+        fmt=MANIFEST_FORMAT,
+        required=(),
+        fix="re-run 'emorph export'",
+        path_keys=PATH_KEYS,
     )
 
 

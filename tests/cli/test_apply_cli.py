@@ -7,26 +7,15 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 pytest.importorskip("torch", reason="torch runs the tiny model of the registration")
 
-from emorph_deploy.cli.app import app
 
 GRID = (16, 16, 16)
 
 
-def _invoke(args):
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 always separates stderr
-        runner = CliRunner()
-    res = runner.invoke(app, [str(a) for a in args])
-    return res, (res.stderr if res.stderr_bytes is not None else "")
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_em):
+def run(tmp_path_factory, tiny_em, cli):
     from scipy.ndimage import gaussian_filter
 
     from emorph_deploy.data.preprocess import Preprocessing
@@ -50,8 +39,8 @@ def run(tmp_path_factory, tiny_em):
     labels = (np.digitize(moving, [0.35, 0.6]) * 2).astype(np.uint8)  # 0, 2, 4
     nib.save(nib.Nifti1Image(labels, m_aff), d / "labels.nii.gz")
     out = d / "out"
-    res, err = _invoke(
-        [
+    res, err = cli(
+        *[
             *("register", d / "fixed.nii.gz", d / "moving.nii.gz", "--model", d / "tiny.json", "--affine"),
             *("--moving-labels", d / "labels.nii.gz", "--out", out, "--no-qc-png"),
         ]
@@ -61,19 +50,19 @@ def run(tmp_path_factory, tiny_em):
     return {"dir": d, "out": out}
 
 
-def test_apply_reproduces_warped_and_warped_labels(run, tmp_path):
+def test_apply_reproduces_warped_and_warped_labels(run, cli, tmp_path):
     d, out = run["dir"], run["out"]
     base = ["apply", out / "displacement.nii.gz"]
-    res, err = _invoke(
-        [*base, d / "moving.nii.gz", "--reference", d / "fixed.nii.gz", "--out", tmp_path / "w.nii.gz"]
+    res, err = cli(
+        *[*base, d / "moving.nii.gz", "--reference", d / "fixed.nii.gz", "--out", tmp_path / "w.nii.gz"]
     )
     assert res.exit_code == 0, err
     got = nib.load(tmp_path / "w.nii.gz").get_fdata()
     want = nib.load(out / "warped.nii.gz").get_fdata()
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
-    res, err = _invoke(
-        [
+    res, err = cli(
+        *[
             *base,
             d / "labels.nii.gz",
             "-r",
@@ -90,12 +79,12 @@ def test_apply_reproduces_warped_and_warped_labels(run, tmp_path):
     assert np.mean(np.asanyarray(got_l.dataobj) == np.asanyarray(want_l.dataobj)) >= 0.999
 
 
-def test_inverse_takes_labels_back_to_the_moving_grid(run, tmp_path):
+def test_inverse_takes_labels_back_to_the_moving_grid(run, cli, tmp_path):
     """Moving labels forward onto the fixed grid, then through inverse_displacement back onto the moving
     grid: they land (mostly) on themselves."""
     d, out = run["dir"], run["out"]
-    res, err = _invoke(
-        [
+    res, err = cli(
+        *[
             *("apply", out / "inverse_displacement.nii.gz", out / "warped_labels.nii.gz"),
             *("-r", d / "moving.nii.gz", "--interp", "label", "-o", tmp_path / "back.nii.gz"),
         ]
@@ -107,16 +96,16 @@ def test_inverse_takes_labels_back_to_the_moving_grid(run, tmp_path):
     assert np.mean(np.asanyarray(back.dataobj)[orig > 0] == orig[orig > 0]) > 0.9
 
 
-def test_no_overwrite_without_force_and_one_line_errors(run, tmp_path):
+def test_no_overwrite_without_force_and_one_line_errors(run, cli, tmp_path):
     d, out = run["dir"], run["out"]
     target = tmp_path / "w.nii.gz"
     args = ["apply", out / "affine.mat", d / "moving.nii.gz", "-r", d / "fixed.nii.gz", "-o", target]
-    assert _invoke(args)[0].exit_code == 0
+    assert cli(*args)[0].exit_code == 0
     before = target.read_bytes()
-    res, err = _invoke(args)
+    res, err = cli(*args)
     assert res.exit_code == 2 and "--force" in err and len(err.strip().splitlines()) == 1
     assert target.read_bytes() == before
-    res, err = _invoke([*args, "--force"])
+    res, err = cli(*[*args, "--force"])
     assert res.exit_code == 0, err
 
     bad = [
@@ -131,7 +120,7 @@ def test_no_overwrite_without_force_and_one_line_errors(run, tmp_path):
     for i, (cmd, match) in enumerate(bad):
         dest = tmp_path / f"bad{i}.nii.gz"
         ref = tmp_path / "far.nii.gz" if match == "--reference" else d / "fixed.nii.gz"
-        res, err = _invoke([*cmd, "-r", ref, "-o", dest])
+        res, err = cli(*[*cmd, "-r", ref, "-o", dest])
         assert res.exit_code == 2, (cmd, err)
         assert match in err and len(err.strip().splitlines()) == 1, err
         assert not dest.exists() and not list(tmp_path.glob(f".bad{i}*"))

@@ -9,8 +9,6 @@ transform lists as the references.
 
 from __future__ import annotations
 
-import warnings
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -23,57 +21,38 @@ from emorph_deploy.registration.apply import apply_transforms
 GRID = (24, 28, 24)
 
 
-def _rigid(angle_deg: float, shift: tuple[float, float, float]) -> np.ndarray:
-    a = np.deg2rad(angle_deg)
-    t = np.eye(4)
-    t[:3, :3] = [[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]
-    t[:3, 3] = shift
-    return t
-
-
-TRUE_T = _rigid(6.0, (4.0, -3.0, 2.0))  # fixed world -> moving world
-
-
 class _KnownAffine(Registrar):
-    """The pre-alignment is :data:`TRUE_T` (no fit)."""
+    """The pre-alignment is the pair's true rigid transform (no fit)."""
 
     def _prealign(self, *args):
+        from test_itk_outputs import TRUE_T
+
         return TRUE_T.copy(), {"affine_matrix": TRUE_T.tolist(), "affine_accepted": True}
 
 
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory, stub_runner):
-    datasets = pytest.importorskip("nilearn.datasets", reason="nilearn ships the MNI152 template")
+    from test_itk_outputs import write_mni_pair
     from test_native import smooth_flow
 
-    from emorph_deploy.data.resample import resample_to_grid
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        t = datasets.load_mni152_template(resolution=2)
-    data = np.asanyarray(t.dataobj, dtype=np.float32)[::2, ::2, ::2].copy()
-    data /= data.max()
-    f_aff = t.affine.copy()
-    f_aff[:3, :3] *= 2.0
-    m_aff = _rigid(20.0, (0, 0, 0)) @ np.diag([3.5, 3.5, 3.5, 1.0])
-    m_aff[:3, 3] = voxel_to_world(f_aff, (np.array(data.shape) - 1) / 2) - m_aff[:3, :3] @ [24, 26, 24]
-    m_shape = (49, 53, 49)
-    moving = resample_to_grid(data, TRUE_T @ f_aff, m_shape, m_aff, order=1)
-    labels = np.digitize(moving, [0.2, 0.5]).astype(np.int16) * np.int16(3)  # 0, 3, 6
     d = tmp_path_factory.mktemp("apply")
-    fixed_img = nib.Nifti1Image(data, f_aff)
-    fixed_img.set_qform(f_aff, code=2)
-    fixed_img.set_sform(f_aff, code=4)
-    fixed_img.header["cal_min"], fixed_img.header["cal_max"] = 0.0, 0.8
-    nib.save(fixed_img, d / "fixed.nii.gz")
-    nib.save(nib.Nifti1Image(moving, m_aff), d / "moving.nii.gz")
-    nib.save(nib.Nifti1Image(labels, m_aff), d / "labels.nii.gz")
+    pair = write_mni_pair(d)
+    labels = np.digitize(pair["moving"], [0.2, 0.5]).astype(np.int16) * np.int16(3)  # 0, 3, 6
+    nib.save(nib.Nifti1Image(labels, pair["m_aff"]), d / "labels.nii.gz")
     runner = stub_runner(smooth_flow(GRID, amp=0.8), spacing=7.0)
     res = _KnownAffine(runner, affine=True, warmup=False).register(
         d / "fixed.nii.gz", d / "moving.nii.gz", d / "labels.nii.gz"
     )
     res.save(d / "out", qc_png=False)
-    return {"dir": d, "out": d / "out", "fixed": data, "f_aff": f_aff, "m_aff": m_aff, "brain": data > 0.3}
+    data = pair["fixed"]
+    return {
+        "dir": d,
+        "out": d / "out",
+        "fixed": data,
+        "f_aff": pair["f_aff"],
+        "m_aff": pair["m_aff"],
+        "brain": data > 0.3,
+    }
 
 
 def _files(reg, *names):
