@@ -222,3 +222,27 @@ def test_cli_register_and_check_with_openvino(exported, tmp_path):
     assert "openvino" in res.stdout and "PASS" in res.stdout
     res = _cli().invoke(app, ["check", str(exported["onnx"]), "--backend", "openvino", "--precision", "fp16"])
     assert res.exit_code == 2 and "expected one of fp32, bf16, int8" in res.stderr
+
+
+def test_ir_manifest_follows_its_folder(exported, tmp_path):
+    """IR and source graph moved together: the IR manifest's relative source path leads to the moved graph
+    (a change to it is seen as stale), and the IR still runs."""
+    from emorph_deploy.engines.openvino import build_ir, read_ir_manifest
+
+    project = tmp_path / "project"
+    project.mkdir()
+    src = project / "src.onnx"
+    shutil.copy(exported["onnx"], src)
+    shutil.copy(exported["onnx"].with_suffix(".json"), src.with_suffix(".json"))
+    built = build_ir(src, "fp32", out_dir=project / "engines")
+    assert json.loads(built.manifest_path.read_text())["source"]["onnx"] == "../src.onnx"
+    moved = tmp_path / "moved"
+    shutil.move(project, moved)
+    xml = moved / "engines" / built.xml.name
+    m = read_ir_manifest(xml.with_suffix(".json"))
+    assert m["source"]["onnx"] == str(moved / "src.onnx") and m["out_dir"] == str(moved / "engines")
+    assert load_runner(xml, "openvino", threads=1).infer(_feed(1))["flow"].shape == (1, 3, *GRID)
+    with (moved / "src.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ConfigMismatchError, match="is stale"):
+        load_runner(xml, "openvino")
