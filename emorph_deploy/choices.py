@@ -23,6 +23,7 @@ __all__ = [
     "Fp16Mode",
     "GridPreset",
     "GridSampleMode",
+    "Interp",
     "Precision",
     "Quantizer",
     "Similarity",
@@ -161,6 +162,16 @@ class GridSampleMode(Choice):
 
     gather = "gather"
     native = "native"
+
+
+class Interp(Choice):
+    """Sampling of ``emorph apply``: ``linear`` (trilinear, float32 out), ``nearest`` (nearest voxel, values
+    and dtype kept) or ``label`` (ANTs' GenericLabel: the label with the largest trilinear weight among the 8
+    surrounding voxels, values and dtype kept)."""
+
+    linear = "linear"
+    nearest = "nearest"
+    label = "label"
 
 
 class ExportTarget(Choice):

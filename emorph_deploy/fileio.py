@@ -188,6 +188,65 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, force: bool = False) ->
     return write_bytes_atomic(path, text.encode(), force=force)
 
 
+#: A path value's place in a manifest: its keys from the top, e.g. ``("onnx", "source")``.
+PathKey = tuple[str, ...]
+
+
+#: Where a manifest was written (absolute folder): the fallback for its relative paths when the manifest
+#: alone was moved away from the files it names.
+WRITTEN_IN_KEY = "written_in"
+
+
+def write_manifest_atomic(
+    path: str | os.PathLike, meta: dict[str, Any], path_keys: Collection[PathKey], force: bool = False
+) -> Path:
+    """:func:`write_json_atomic` of a manifest whose path values (at ``path_keys``) are stored relative to the
+    manifest's own folder, so the folder tree can be moved, plus :data:`WRITTEN_IN_KEY`; ``meta`` itself is
+    not changed."""
+    out = manifest_paths(meta, path_keys, Path(path), relative=True)
+    out[WRITTEN_IN_KEY] = str(Path(path).resolve().parent)
+    return write_json_atomic(path, out, force=force)
+
+
+def manifest_paths(
+    meta: dict[str, Any], path_keys: Collection[PathKey], manifest: str | os.PathLike, *, relative: bool
+) -> dict[str, Any]:
+    """A copy of ``meta`` with the path values at ``path_keys`` made relative to the folder of ``manifest``
+    (POSIX separators; a relative value is taken as relative to the working directory, as a writer got it;
+    kept absolute when no relative path exists, e.g. another drive) or, ``relative=False``, absolute again:
+    relative ones joined to that folder, or to the folder the manifest was written in when only that path
+    exists (the manifest alone was moved); absolute ones, as older manifests store, kept."""
+    folder = Path(manifest).absolute().parent
+    written_in = meta.get(WRITTEN_IN_KEY)
+    out = dict(meta)
+    for keys in path_keys:
+        node = out
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                break
+            node[key] = node = dict(node[key])  # copy each nested level before changing it
+        else:
+            value = node.get(keys[-1])
+            if not isinstance(value, str | os.PathLike) or not str(value):
+                continue
+            if relative:
+                node[keys[-1]] = _relative_to(Path(value), folder)
+                continue
+            here = os.path.normpath(folder / value)
+            there = os.path.normpath(Path(written_in) / value) if written_in else here
+            node[keys[-1]] = there if not os.path.exists(here) and os.path.exists(there) else here
+    return out
+
+
+def _relative_to(path: Path, folder: Path) -> str:
+    """``path`` (absolute, or relative to the working directory as a writer got it) from ``folder``."""
+    path, folder = path.resolve(), folder.resolve()
+    try:
+        return Path(os.path.relpath(path, folder)).as_posix()
+    except ValueError:  # another drive (Windows): only an absolute path reaches it
+        return str(path)
+
+
 def _json_default(obj: Any) -> Any:
     import numpy as np
 
@@ -211,9 +270,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def read_manifest_json(
-    path: str | os.PathLike, *, kind: str, fmt: str, required: tuple[str, ...] | list[str], fix: str
+    path: str | os.PathLike,
+    *,
+    kind: str,
+    fmt: str,
+    required: tuple[str, ...] | list[str],
+    fix: str,
+    path_keys: Collection[PathKey] = (),
 ) -> dict[str, Any]:
-    """Read a JSON manifest and validate its ``format`` and required keys.
+    """Read a JSON manifest and validate its ``format`` and required keys; the path values at ``path_keys``
+    come back absolute (stored relative to the manifest's folder, or absolute by older versions).
 
     Missing/corrupt file or missing keys → :class:`InputError`; another format → :class:`ConfigMismatchError`.
     ``kind`` names the manifest in messages (e.g. "engine manifest"); ``fix`` is the remedy shown.
@@ -233,4 +299,4 @@ def read_manifest_json(
     missing = [k for k in required if k not in meta]
     if missing:
         raise InputError(f"{kind} {path} lacks keys {missing}; fix: {fix}")
-    return meta
+    return manifest_paths(meta, path_keys, path, relative=False) if path_keys else meta

@@ -49,3 +49,22 @@ def runner():
         return CliRunner(mix_stderr=False)
     except TypeError:  # click >= 8.2 always separates stderr
         return CliRunner()
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """``cli(*args) -> (result, stderr)``: ``emorph ARGS...`` (any path-like arguments) under a CliRunner
+    that keeps stderr apart."""
+    from typer.testing import CliRunner
+
+    from emorph_deploy.cli.app import app
+
+    def invoke(*args):
+        try:
+            runner = CliRunner(mix_stderr=False)
+        except TypeError:  # click >= 8.2 always separates stderr
+            runner = CliRunner()
+        res = runner.invoke(app, [str(a) for a in args])
+        return res, (res.stderr if res.stderr_bytes is not None else "")
+
+    return invoke

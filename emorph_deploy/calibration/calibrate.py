@@ -23,8 +23,8 @@ from emorph_deploy.calibration.pairs import CalibrationSet, make_reader
 from emorph_deploy.calibration.quantize import QuantizeOptions, quantize_qdq, trt_calibration_cache
 from emorph_deploy.choices import CalibrationKind
 from emorph_deploy.errors import ConfigMismatchError, InputError
-from emorph_deploy.export.manifest import manifest_path_for
-from emorph_deploy.fileio import check_writable, write_bytes_atomic, write_json_atomic
+from emorph_deploy.export.manifest import PATH_KEYS, manifest_path_for
+from emorph_deploy.fileio import check_writable, write_bytes_atomic, write_json_atomic, write_manifest_atomic
 
 
 @dataclass
@@ -89,7 +89,7 @@ def calibrate(
             f"calibrate: expected the FP32 export, got a {precision} graph {onnx_path}; "
             "fix: calibrate the ONNX written by 'emorph export'"
         )
-    meta = read_onnx_manifest(onnx_path)
+    meta = read_onnx_manifest(onnx_path, model)
     grid = _graph_grid(model)
     name = str((meta or {}).get("name") or onnx_path.stem)
     paths = output_paths(name, out_dir)
@@ -151,9 +151,12 @@ def calibrate(
     w.writerow(["moving", "fixed"])
     for src in calib.sources:
         w.writerow([src.moving, src.fixed])
-    qdq_bytes = qdq.SerializeToString()
     from emorph_deploy import __version__
-    from emorph_deploy.export.onnx_io import derived_onnx_manifest
+    from emorph_deploy.export.onnx_io import derived_onnx_manifest, embed_metadata
+
+    if meta:  # the QDQ graph carries the source's model config and preprocessing too
+        embed_metadata(qdq, meta)
+    qdq_bytes = qdq.SerializeToString()
 
     manifest = derived_onnx_manifest(
         meta,
@@ -179,5 +182,5 @@ def calibrate(
     write_json_atomic(paths["stats"], stats, force=force)
     write_bytes_atomic(paths["cache"], trt_calibration_cache(scales).encode(), force=force)
     write_bytes_atomic(paths["onnx"], qdq_bytes, force=force)
-    write_json_atomic(paths["manifest"], manifest, force=force)
+    write_manifest_atomic(paths["manifest"], manifest, PATH_KEYS, force=force)
     return CalibrationResult(paths["onnx"], paths["manifest"], list(paths.values()), stats)

@@ -44,6 +44,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "export",
     "check",
     "register",
+    "apply",
     "train",
     "evaluate",
     "build",

@@ -30,17 +30,20 @@ from pathlib import Path
 from typing import Any
 
 from emorph_deploy.engines.manifest import AOT_GPU, ENGINE_FORMAT, engine_stem, rebuild_command
+from emorph_deploy.engines.manifest import PATH_KEYS as ENGINE_PATH_KEYS
 from emorph_deploy.engines.trt import TensorRT, detect_gpu, load_tensorrt, make_logger
 from emorph_deploy.errors import InputError, ProcessingError, interrupts_deferred
+from emorph_deploy.export.manifest import PATH_KEYS as ONNX_PATH_KEYS
 from emorph_deploy.export.manifest import manifest_path_for
 from emorph_deploy.export.onnx_io import (
     derived_onnx_manifest,
+    embed_metadata,
     graph_precision,
     io_spec,
     load_onnx_hashed,
     read_onnx_manifest,
 )
-from emorph_deploy.fileio import check_writable, write_bytes_atomic, write_json_atomic
+from emorph_deploy.fileio import check_writable, write_bytes_atomic, write_manifest_atomic
 
 PRECISIONS = ("fp32", "fp16", "int8")
 FP16_MODES = ("graph", "flag")
@@ -124,7 +127,7 @@ def build_engine(
             built = write_outputs(source, graph, paths, engine, setup, options)
         seconds = {"build": build_s, "total": time.perf_counter() - t0, "conversion": convert_s}
         manifest = engine_manifest(source, plan, trt, gpu_info, graph, built, setup, options, seconds)
-        write_json_atomic(paths.manifest, manifest, force=options.force)
+        write_manifest_atomic(paths.manifest, manifest, ENGINE_PATH_KEYS, force=options.force)
     return BuildResult(paths.engine, paths.manifest, manifest, built.graph, built.extra)
 
 
@@ -167,7 +170,7 @@ class SourceGraph:
     @classmethod
     def read(cls, path: Path) -> SourceGraph:
         model, sha = load_onnx_hashed(path)
-        meta = read_onnx_manifest(path)
+        meta = read_onnx_manifest(path, model)
         name = str((meta or {}).get("name") or path.stem)
         return cls(path, model, sha, meta, name, graph_precision(model))
 
@@ -241,6 +244,8 @@ def graph_to_build(
 
     say("converting to mixed FP16/FP32 (AutoCast; LayerNorm, Softmax, flow head, warp kept FP32)")
     fp16_model, summary = convert_fp16(source.model)
+    if source.meta:  # the derived graph carries the source's model config and preprocessing too
+        embed_metadata(fp16_model, source.meta)
     fp16_bytes = fp16_model.SerializeToString()  # TensorRT parses the file; hash and copy from memory
     fp16_tmp.write_bytes(fp16_bytes)
     return GraphToBuild(fp16_tmp, fp16_bytes, summary)
@@ -588,7 +593,7 @@ def write_outputs(
             fp16_conversion=graph.fp16_summary or {},
         )
         write_bytes_atomic(paths.fp16_onnx, graph.fp16_bytes, force=options.force)
-        write_json_atomic(paths.fp16_manifest, fp16_meta, force=options.force)
+        write_manifest_atomic(paths.fp16_manifest, fp16_meta, ONNX_PATH_KEYS, force=options.force)
         extra += [paths.fp16_onnx, paths.fp16_manifest]
     write_bytes_atomic(paths.engine, engine, force=options.force)
     if setup.timing_cache is not None and setup.timing_cache_path is not None:
@@ -646,7 +651,7 @@ def engine_manifest(
         "conversion_seconds": round(seconds["conversion"], 3) if plan.convert_fp16 else None,
         "engine_bytes": built.engine_bytes,
         "engine_sha256": built.engine_sha256,
-        "out_dir": str(Path(options.out_dir)),
+        "out_dir": str(Path(options.out_dir).resolve()),
         "package_version": __version__,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -17,6 +17,9 @@ from emorph_deploy.errors import ConfigMismatchError
 ENGINE_FORMAT = "emorph-engine/1"
 AOT_GPU = "AOT/CPU"
 REQUIRED = ("format", "name", "precision", "tensorrt", "gpu", "onnx", "inputs", "outputs")
+#: Paths an engine manifest records, stored relative to its folder (read back absolute; older manifests store
+#: absolute paths): the source graph, the graph built (maybe its FP16 conversion), their manifest, the folder.
+PATH_KEYS = (("onnx", "source"), ("onnx", "path"), ("onnx", "manifest"), ("out_dir",))
 
 
 def engine_stem(name: str, precision: str, gpu_tag: str, trt_tag: str) -> str:
@@ -58,6 +61,7 @@ def read_engine_manifest(path: str | Path) -> dict[str, Any]:
         fmt=ENGINE_FORMAT,
         required=REQUIRED,
         fix="rebuild the engine with 'emorph build'",
+        path_keys=PATH_KEYS,
     )
 
 

@@ -47,6 +47,11 @@ _FROM_ONNX_MANIFEST = (
 )
 
 
+#: Paths an IR manifest records, stored relative to its folder (read back absolute; older manifests store
+#: absolute paths).
+IR_PATH_KEYS = (("source", "onnx"), ("source_checkpoint",), ("out_dir",))
+
+
 @dataclass(frozen=True)
 class OpenVinoBuild:
     """What ``emorph build --target openvino`` wrote."""
@@ -83,6 +88,7 @@ def read_ir_manifest(path: str | Path) -> dict[str, Any]:
         fmt=OPENVINO_FORMAT,
         required=REQUIRED,
         fix="rebuild with 'emorph build ONNX --target openvino'",
+        path_keys=IR_PATH_KEYS,
     )
 
 
@@ -151,7 +157,7 @@ def build_ir(
     """
     ov = require("openvino", "cpu")
     from emorph_deploy.export.onnx_io import graph_precision, io_spec, load_onnx_hashed, read_onnx_manifest
-    from emorph_deploy.fileio import atomic_path, check_writable, sha256_file, write_json_atomic
+    from emorph_deploy.fileio import atomic_path, check_writable, sha256_file, write_manifest_atomic
     from emorph_deploy.runtime import PRECISION_CPU_FEATURES, cpu_flags, cpu_model
 
     say = say or (lambda _m: None)
@@ -178,7 +184,7 @@ def build_ir(
             f"--target openvino --precision {precision}: expected a {want_src} graph, got a {src_precision} "
             f"graph {onnx}; fix: {fix}"
         )
-    onnx_meta = read_onnx_manifest(onnx) or {}
+    onnx_meta = read_onnx_manifest(onnx, proto) or {}
     inputs, outputs = io_spec(proto)
     del proto
     name = str(onnx_meta.get("name") or onnx.stem)
@@ -222,8 +228,8 @@ def build_ir(
         "grid_shape": onnx_meta.get("grid_shape") or list(grid),
         "inputs": inputs,
         "outputs": outputs,
-        "out_dir": str(out_dir),
+        "out_dir": str(Path(out_dir).resolve()),
         "build_seconds": round(time.perf_counter() - t0, 2),
     }
-    write_json_atomic(man, manifest, force=force)
+    write_manifest_atomic(man, manifest, IR_PATH_KEYS, force=force)
     return OpenVinoBuild(xml, bin_, man, manifest)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from emorph_deploy.errors import ConfigMismatchError, EmorphError, InputError, ProcessingError, require
 from emorph_deploy.export.manifest import (
     MANIFEST_FORMAT,
+    PATH_KEYS,
     io_entry,
     manifest_path_for,
     spacing_and_orientation,
@@ -339,7 +340,7 @@ def onnx_from_checkpoint(
     files are written atomically; an existing output is only replaced with ``force``; a failure leaves
     nothing behind. Returns the ONNX path.
     """
-    from emorph_deploy.fileio import atomic_path, check_writable, sha256_file, write_json_atomic
+    from emorph_deploy.fileio import atomic_path, check_writable, sha256_file, write_manifest_atomic
 
     onnx_path = Path(out_path)
     if onnx_path.suffix != ".onnx":
@@ -365,6 +366,7 @@ def onnx_from_checkpoint(
     import torch
 
     from emorph_deploy import __version__
+    from emorph_deploy.export.onnx_io import embed_metadata
 
     model, meta = load_model_from_checkpoint(checkpoint)
     grid = grid_shape_of(model)
@@ -402,15 +404,27 @@ def onnx_from_checkpoint(
                 trt_report = tensorrt_op_report(proto, trt_version)
             proto.producer_name = "emorph"
             proto.producer_version = __version__
+            preprocessing = meta.get("preprocessing")
+            model_config = config_dict_of(model, meta, _SAMPLER_FOR_MODE[grid_sample])
+            # the graph carries what running it needs, so it still runs when its .json is lost
+            embed_metadata(
+                proto,
+                {
+                    "format": MANIFEST_FORMAT,
+                    "name": onnx_path.stem,
+                    "model": model_config,
+                    "preprocessing": preprocessing,
+                    "grid_sample": grid_sample,
+                },
+            )
             onnx.save(proto, str(tmp_onnx))
 
             inputs_io, outputs_io = graph_io(proto)
-            preprocessing = meta.get("preprocessing")
             spacing, orientation = spacing_and_orientation(preprocessing)
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "name": onnx_path.stem,
-                "model": config_dict_of(model, meta, _SAMPLER_FOR_MODE[grid_sample]),
+                "model": model_config,
                 "preprocessing": preprocessing,
                 "grid_shape": list(grid),
                 "spacing_mm": spacing,
@@ -431,7 +445,7 @@ def onnx_from_checkpoint(
                 "onnx_version": onnx.__version__,
                 "source_checkpoint": str(meta_file.resolve()),
             }
-            write_json_atomic(json_path, manifest, force=force)
+            write_manifest_atomic(json_path, manifest, PATH_KEYS, force=force)
             json_written = True
     except BaseException:
         if json_written:  # the .onnx rename failed after the manifest landed: leave nothing

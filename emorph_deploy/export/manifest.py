@@ -5,7 +5,7 @@ exported), ``preprocessing`` (Preprocessing dict), ``grid_shape``, ``spacing_mm`
 ``opset``, ``exporter``, ``grid_sample`` ("native"|"gather"), ``target``, ``precision``,
 ``inputs``/``outputs`` (name, shape, dtype), ``sha256_weights`` (sha256 of the source checkpoint's
 ``.safetensors`` file), ``sha256_onnx`` (sha256 of the ``.onnx`` file), ``package_version``,
-``source_checkpoint`` (absolute path of the checkpoint's ``.json``), plus ``simplifier``, ``ops``,
+``source_checkpoint`` (the checkpoint's ``.json``), plus ``simplifier``, ``ops``,
 ``tensorrt_check`` and ``onnx_version``.
 """
 
@@ -16,6 +16,15 @@ from typing import Any
 
 MANIFEST_FORMAT = "emorph-onnx/1"
 REQUIRED_KEYS = ("format", "model", "grid_shape", "inputs", "outputs", "precision")
+#: Paths an ONNX manifest records, stored relative to its folder (read back absolute; older manifests store
+#: absolute paths): the checkpoint, the graph a derived one came from, the calibration records.
+PATH_KEYS = (
+    ("source_checkpoint",),
+    ("derived_from", "onnx"),
+    ("calibration", "pairs"),
+    ("calibration", "stats"),
+    ("calibration", "cache"),
+)
 
 
 def manifest_path_for(artifact: str | Path) -> Path:
@@ -45,6 +54,7 @@ def read_manifest(path: str | Path, expected_format: str = MANIFEST_FORMAT) -> d
         fmt=expected_format,
         required=REQUIRED_KEYS,
         fix="re-run 'emorph export' or pass the matching manifest",
+        path_keys=PATH_KEYS,
     )
 
 

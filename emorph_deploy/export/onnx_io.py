@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emorph_deploy.errors import InputError
-from emorph_deploy.export.manifest import MANIFEST_FORMAT, manifest_path_for
+from emorph_deploy.export.manifest import MANIFEST_FORMAT, PATH_KEYS, manifest_path_for
 from emorph_deploy.fileio import read_manifest_json
 
 if TYPE_CHECKING:
@@ -45,14 +45,80 @@ def load_onnx_hashed(path: Path) -> tuple[onnx.ModelProto, str]:
     return model, hashlib.sha256(data).hexdigest()
 
 
-def read_onnx_manifest(onnx_path: Path) -> dict[str, Any] | None:
-    """The ONNX manifest beside the graph (``x.onnx`` -> ``x.json``), or None when there is none."""
+def read_onnx_manifest(onnx_path: Path, model: onnx.ModelProto | None = None) -> dict[str, Any] | None:
+    """The ONNX manifest beside the graph (``x.onnx`` -> ``x.json``); without one, the manifest rebuilt from
+    ``model``'s metadata (:func:`manifest_from_metadata`, when ``model`` is given); else None."""
     path = manifest_path_for(onnx_path)
     if not path.is_file():
-        return None
+        return manifest_from_metadata(model) if model is not None else None
     return read_manifest_json(
-        path, kind="ONNX manifest", fmt=MANIFEST_FORMAT, required=(), fix="re-run 'emorph export'"
+        path,
+        kind="ONNX manifest",
+        fmt=MANIFEST_FORMAT,
+        required=(),
+        fix="re-run 'emorph export'",
+        path_keys=PATH_KEYS,
     )
+
+
+#: ``metadata_props`` keys of an exported graph: the manifest entries a graph needs to be run without its
+#: sidecar ``.json`` (model config and preprocessing as JSON strings).
+METADATA_KEYS = {
+    "format": "emorph.format",
+    "name": "emorph.name",
+    "model": "emorph.model",
+    "preprocessing": "emorph.preprocessing",
+    "grid_sample": "emorph.grid_sample",
+}
+_JSON_ENTRIES = ("model", "preprocessing")
+
+
+def embed_metadata(model: onnx.ModelProto, manifest: dict[str, Any]) -> onnx.ModelProto:
+    """Write the manifest's :data:`METADATA_KEYS` entries into ``model.metadata_props`` (in place, replacing
+    earlier ``emorph.*`` values; dicts as JSON strings); returns ``model``."""
+    import json
+
+    wanted = {
+        key: (json.dumps(manifest[name], sort_keys=True) if name in _JSON_ENTRIES else str(manifest[name]))
+        for name, key in METADATA_KEYS.items()
+        if manifest.get(name) is not None
+    }
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in wanted]
+    del model.metadata_props[:]
+    for key, value in [*kept, *wanted.items()]:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    return model
+
+
+def manifest_from_metadata(model: onnx.ModelProto) -> dict[str, Any] | None:
+    """An ONNX manifest rebuilt from the graph alone: :data:`METADATA_KEYS` from ``metadata_props`` plus the
+    graph's I/O, grid and precision; None when the graph carries no ``emorph.format``. It has no
+    ``sha256_onnx`` (a graph cannot hold its own hash) and records ``"manifest": "onnx metadata_props"``."""
+    import json
+
+    from emorph_deploy.export.manifest import spacing_and_orientation
+
+    props = {p.key: p.value for p in model.metadata_props}
+    if props.get(METADATA_KEYS["format"]) != MANIFEST_FORMAT:
+        return None
+    meta: dict[str, Any] = {"format": MANIFEST_FORMAT}
+    for name, key in METADATA_KEYS.items():
+        if name == "format" or key not in props:
+            continue
+        try:
+            meta[name] = json.loads(props[key]) if name in _JSON_ENTRIES else props[key]
+        except ValueError as exc:
+            raise InputError(
+                f"ONNX metadata {key}: expected a JSON object, got {props[key][:40]!r}; fix: re-run "
+                "'emorph export'"
+            ) from exc
+    meta["inputs"], meta["outputs"] = io_spec(model)
+    meta["grid_shape"] = list(meta["inputs"][0]["shape"][2:]) if meta["inputs"] else None
+    meta["spacing_mm"], meta["orientation"] = spacing_and_orientation(meta.get("preprocessing"))
+    meta["precision"] = graph_precision(model)
+    meta["manifest"] = "onnx metadata_props"
+    return meta
 
 
 def graph_precision(model: onnx.ModelProto) -> str:

@@ -55,7 +55,11 @@ def read_checked_manifest(
 
     if artifact.suffix != ".onnx":
         raise InputError(f"expected an .onnx file, got {artifact.name}; fix: pass export/<name>.onnx")
-    meta = read_manifest(manifest or manifest_path_for(artifact))
+    sidecar = Path(manifest) if manifest is not None else manifest_path_for(artifact)
+    if manifest is None and not sidecar.is_file() and artifact.is_file():
+        meta = _manifest_from_graph(artifact, sidecar)  # the .json is lost: the graph's own metadata
+    else:
+        meta = read_manifest(sidecar)
     if verify:
         proto = load_onnx_checked(artifact)
         check_manifest_matches_graph(meta, proto, artifact)
@@ -82,6 +86,21 @@ def read_checked_manifest(
             "fix: re-run 'emorph export'"
         )
     return meta, grid, names  # type: ignore[return-value]
+
+
+def _manifest_from_graph(artifact: Path, sidecar: Path) -> dict[str, Any]:
+    """The manifest an export embeds in its ``metadata_props``; InputError naming the missing sidecar when
+    the graph carries none (an ONNX not written by ``emorph export``)."""
+    from emorph_deploy.export.loaders import load_onnx_checked
+    from emorph_deploy.export.onnx_io import manifest_from_metadata
+
+    meta = manifest_from_metadata(load_onnx_checked(artifact))
+    if meta is None:
+        raise InputError(
+            f"manifest {sidecar}: expected the manifest beside the graph or emorph metadata inside it, got "
+            "neither; fix: re-run 'emorph export' (or pass the matching manifest)"
+        )
+    return meta
 
 
 class OnnxRuntimeRunner(Runner):

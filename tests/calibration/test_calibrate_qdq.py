@@ -238,3 +238,16 @@ def test_modelopt_quantizer(tiny_onnx, tmp_path):
     assert res.report["quantizer"] == "modelopt"
     assert inspect_qdq(model)["problems"] == []
     assert not set(res.report["quantized_nodes"]) & (regions.warp | regions.input_convs)
+
+
+def test_qdq_graph_carries_the_source_metadata(qdq_default, tiny_onnx):
+    """The QDQ graph embeds the source manifest's model config and preprocessing (its own manifest may be
+    lost): the manifest rebuilt from the graph alone matches them."""
+    import onnx
+
+    from emorph_deploy.export.onnx_io import manifest_from_metadata
+
+    source = json.loads(tiny_onnx.with_suffix(".json").read_text())
+    meta = manifest_from_metadata(onnx.load(str(qdq_default.qdq_onnx)))
+    assert meta is not None and meta["precision"] == "int8"
+    assert meta["model"] == source["model"] and meta["preprocessing"] == source["preprocessing"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +40,16 @@ def test_build_fp32_engine_and_manifest(tiny_onnx, rtx, tmp_path):
     assert res.engine.name == f"tiny-fp32-aot-tensorrt-rtx{rtx.version}.plan"
     assert res.engine.stat().st_size > 10_000
     m = read_engine_manifest(res.manifest_path)
-    assert m == json.loads(res.manifest_path.read_text())
+    raw = json.loads(res.manifest_path.read_text())
+    # paths are stored relative to the manifest's folder and read back absolute
+    assert (
+        raw["onnx"]["source"] == raw["onnx"]["path"] == Path(os.path.relpath(tiny_onnx, tmp_path)).as_posix()
+    )
+    assert raw["out_dir"] == "." and m["out_dir"] == str(tmp_path)
+    assert m["onnx"]["source"] == m["onnx"]["path"] == str(tiny_onnx.resolve())
+    assert {k: v for k, v in m.items() if k not in ("onnx", "out_dir")} == {
+        k: v for k, v in raw.items() if k not in ("onnx", "out_dir")
+    }
     assert m["precision"] == "fp32"
     assert m["tensorrt"] == {"flavour": "tensorrt-rtx", "module": "tensorrt_rtx", "version": rtx.version}
     assert m["gpu"]["name"] == "AOT/CPU"
@@ -208,7 +220,7 @@ def test_cli_int8_with_synthetic_calibration(tiny_onnx, rtx, tmp_path):
     assert (cal / "tiny-int8.onnx").is_file() and len(list(eng.glob("tiny-int8-aot-*.plan"))) == 1
     meta = json.loads(next(eng.glob("tiny-int8-aot-*.json")).read_text())
     assert meta["calibration"]["n_pairs"] == 2
-    assert meta["onnx"]["source"] == str((cal / "tiny-int8.onnx").resolve())
+    assert meta["onnx"]["source"] == "../calibration/tiny-int8.onnx"  # relative to the engine manifest
     # --calibration given a QDQ graph of another export is refused
     qmeta = json.loads((cal / "tiny-int8.json").read_text())
     qmeta["derived_from"]["sha256"] = "0" * 64
@@ -267,3 +279,28 @@ def test_fp16_flag_mode_pins_fp32_layers_and_is_refused_on_strongly_typed(tiny_o
     assert flags == ["FP16", "OBEY"]
     assert [ly.precision for ly in layers] == [f32, None, f32, None, f32]
     assert layers[0].types == {0: f32} and layers[3].types == {}
+
+
+def test_moved_folder_keeps_engine_manifest_paths(tiny_onnx, rtx, tmp_path):
+    """The ONNX and the engine built from it, moved together to another place: the engine manifest's paths
+    (stored relative to it) lead to the moved files; an older manifest's absolute paths are still read."""
+    project = tmp_path / "project"
+    shutil.copytree(tiny_onnx.parent, project / "export")
+    onnx_path = project / "export" / tiny_onnx.name
+    res = build_engine(onnx_path, BuildOptions(precision="fp32", out_dir=str(project / "engines")), trt=rtx)
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.move(project, moved)
+    manifest = moved / "engines" / res.manifest_path.name
+    m = read_engine_manifest(manifest)
+    assert (
+        m["onnx"]["source"] == str(moved / "export" / tiny_onnx.name) and Path(m["onnx"]["source"]).is_file()
+    )
+    assert m["out_dir"] == str(moved / "engines")
+    assert sha256_file(m["onnx"]["path"]) == m["onnx"]["sha256"]
+    from emorph_deploy.engines.manifest import rebuild_command
+
+    assert str(moved / "export" / tiny_onnx.name) in rebuild_command(m)
+    raw = json.loads(manifest.read_text())
+    raw["onnx"]["source"] = str(moved / "export" / tiny_onnx.name)  # as older versions wrote it
+    manifest.write_text(json.dumps(raw))
+    assert read_engine_manifest(manifest)["onnx"]["source"] == raw["onnx"]["source"]

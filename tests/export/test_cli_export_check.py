@@ -114,9 +114,18 @@ def test_check_cli_grid_mismatch(exports, make_ckpt, tmp_path):
     assert res.exit_code == 2 and "grid mismatch" in _stderr(res)
 
 
-def test_check_cli_missing_artifact_and_manifest(exports, tmp_path):
+def test_check_cli_missing_artifact_and_manifest(exports, tiny_ckpt, tmp_path):
+    import onnx
+
     assert _run("check", tmp_path / "nope.onnx", "--synthetic", "1").exit_code == 2
+    # without its .json an export still runs from its metadata_props, but names no reference checkpoint
     lone = tmp_path / "lone.onnx"
     shutil.copy(exports["native"], lone)
     res = _run("check", lone, "--synthetic", "1")
+    assert res.exit_code == 2 and "--reference" in _stderr(res)
+    assert _run("check", lone, "--synthetic", "1", "--reference", tiny_ckpt).exit_code == 0
+    model = onnx.load(str(lone))
+    del model.metadata_props[:]  # neither a manifest nor emorph metadata
+    onnx.save(model, str(tmp_path / "bare.onnx"))
+    res = _run("check", tmp_path / "bare.onnx", "--synthetic", "1")
     assert res.exit_code == 2 and "manifest" in _stderr(res)

@@ -29,11 +29,14 @@ def _rigid(angle_deg: float, shift: tuple[float, float, float]) -> np.ndarray:
     return t
 
 
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory, stub_runner):
-    datasets = pytest.importorskip("nilearn.datasets", reason="nilearn ships the MNI152 template")
-    from test_native import smooth_flow
+#: The pair's rigid transform, fixed world -> moving world.
+TRUE_T = _rigid(6.0, (4.0, -3.0, 2.0))
 
+
+def write_mni_pair(folder) -> dict:
+    """``folder``/fixed.nii.gz (MNI152 at 4 mm, codes 2/4, cal_max 0.8) and ``folder``/moving.nii.gz (it under
+    :data:`TRUE_T` on an oblique 3.5 mm grid): ``{"fixed": array, "moving": array, "f_aff", "m_aff"}``."""
+    datasets = pytest.importorskip("nilearn.datasets", reason="nilearn ships the MNI152 template")
     from emorph_deploy.data.resample import resample_to_grid
 
     with warnings.catch_warnings():
@@ -46,19 +49,33 @@ def registered(tmp_path_factory, stub_runner):
     m_aff = _rigid(20.0, (0, 0, 0)) @ np.diag([3.5, 3.5, 3.5, 1.0])
     m_aff[:3, 3] = voxel_to_world(f_aff, (np.array(data.shape) - 1) / 2) - m_aff[:3, :3] @ [24, 26, 24]
     m_shape = (49, 53, 49)
-    true_t = _rigid(6.0, (4.0, -3.0, 2.0))  # fixed world -> moving world
-    moving = resample_to_grid(data, true_t @ f_aff, m_shape, m_aff, order=1)
-    tmp = tmp_path_factory.mktemp("itk")
+    moving = resample_to_grid(data, TRUE_T @ f_aff, m_shape, m_aff, order=1)
     fixed_img = nib.Nifti1Image(data, f_aff)
     fixed_img.set_qform(f_aff, code=2)
     fixed_img.set_sform(f_aff, code=4)
     fixed_img.header["cal_min"], fixed_img.header["cal_max"] = 0.0, 0.8
-    nib.save(fixed_img, tmp / "fixed.nii.gz")
-    nib.save(nib.Nifti1Image(moving, m_aff), tmp / "moving.nii.gz")
+    nib.save(fixed_img, folder / "fixed.nii.gz")
+    nib.save(nib.Nifti1Image(moving, m_aff), folder / "moving.nii.gz")
+    return {"fixed": data, "moving": moving, "f_aff": f_aff, "m_aff": m_aff}
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, stub_runner):
+    from test_native import smooth_flow
+
+    tmp = tmp_path_factory.mktemp("itk")
+    pair = write_mni_pair(tmp)
     runner = stub_runner(smooth_flow(GRID, amp=0.8), spacing=7.0)
     res = Registrar(runner, affine=True, warmup=False).register(tmp / "fixed.nii.gz", tmp / "moving.nii.gz")
     res.save(tmp / "out")
-    return {"dir": tmp, "out": tmp / "out", "res": res, "fixed": data, "f_aff": f_aff, "m_aff": m_aff}
+    return {
+        "dir": tmp,
+        "out": tmp / "out",
+        "res": res,
+        "fixed": pair["fixed"],
+        "f_aff": pair["f_aff"],
+        "m_aff": pair["m_aff"],
+    }
 
 
 def _brain_points(reg, n: int = 3000) -> np.ndarray:

@@ -224,7 +224,7 @@ def test_build_failure_on_a_full_disk_is_one_line_and_leaves_nothing(
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(builder, "write_json_atomic", full)  # the engine is written, its manifest is not
+    monkeypatch.setattr(builder, "write_manifest_atomic", full)  # the engine is written, its manifest is not
     out = tmp_path / "engines"
     res = runner.invoke(app, ["build", str(tiny_onnx), "--out", str(out), "--flavour", "tensorrt-rtx"])
     assert res.exit_code == 1, res.stderr

@@ -326,9 +326,11 @@ def test_cli_build_openvino_then_register_and_check(exported, tmp_path):
         and "(fp32, OpenVINO " in res.stdout
     )
     assert xml.is_file() and bin_ == xml.with_suffix(".bin") and bin_.stat().st_size > 0
-    m = json.loads(man.read_text())
+    from emorph_deploy.engines.openvino import read_ir_manifest
+
+    m = read_ir_manifest(man)  # paths resolved against the manifest's folder
     assert (m["format"], m["precision"], m["grid_shape"]) == ("emorph-openvino/1", "fp32", list(GRID))
-    assert m["source"]["onnx"] == str(exported["onnx"].resolve()) and m["source_checkpoint"]
+    assert Path(m["source"]["onnx"]).resolve() == exported["onnx"].resolve() and m["source_checkpoint"]
 
     out = tmp_path / "out"
     args = ["register", *_nifti_pair(tmp_path), "--engine", xml, "--out", out, "--no-qc-png"]
@@ -342,3 +344,27 @@ def test_cli_build_openvino_then_register_and_check(exported, tmp_path):
 
     res = _cli().invoke(app, build)
     assert res.exit_code == 2 and "already exists" in res.stderr, res.output
+
+
+def test_ir_manifest_follows_its_folder(exported, tmp_path):
+    """IR and source graph moved together: the IR manifest's relative source path leads to the moved graph
+    (a change to it is seen as stale), and the IR still runs."""
+    from emorph_deploy.engines.openvino import build_ir, read_ir_manifest
+
+    project = tmp_path / "project"
+    project.mkdir()
+    src = project / "src.onnx"
+    shutil.copy(exported["onnx"], src)
+    shutil.copy(exported["onnx"].with_suffix(".json"), src.with_suffix(".json"))
+    built = build_ir(src, "fp32", out_dir=project / "engines")
+    assert json.loads(built.manifest_path.read_text())["source"]["onnx"] == "../src.onnx"
+    moved = tmp_path / "moved"
+    shutil.move(project, moved)
+    xml = moved / "engines" / built.xml.name
+    m = read_ir_manifest(xml.with_suffix(".json"))
+    assert m["source"]["onnx"] == str(moved / "src.onnx") and m["out_dir"] == str(moved / "engines")
+    assert load_runner(xml, "openvino", threads=1).infer(_feed(1))["flow"].shape == (1, 3, *GRID)
+    with (moved / "src.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ConfigMismatchError, match="is stale"):
+        load_runner(xml, "openvino")
