@@ -13,6 +13,7 @@ pytest.importorskip("torch", reason="torch is needed for the model")
 
 from emorph_deploy.cli.app import app
 from emorph_deploy.registration.batch import PairOptions, completed_row, read_pairs
+from emorph_deploy.registration.defaults import DEFAULTS
 
 
 def _invoke(args):
@@ -106,20 +107,21 @@ def test_resume_refuses_other_settings(cohort, tmp_path):
     assert (s["backend"], s["precision"], s["affine"], s["voxel_flow"], s["qc_png"]) == (
         "torch",
         "fp32",
-        False,
+        DEFAULTS.affine,
         False,
         False,
     )
-    assert s["refine"]["steps"] == 0 and len(s["artifact_sha256"]) == 64
+    assert s["refine"]["steps"] == DEFAULTS.refine_steps and len(s["artifact_sha256"]) == 64
     assert s["artifact"] == str(cohort["ckpt"].resolve())
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
 
-    res, err = _invoke([*args, "--model", cohort["ckpt"], "--resume", "--refine", "2", "--voxel-flow"])
+    steps = DEFAULTS.refine_steps + 2
+    res, err = _invoke([*args, "--model", cohort["ckpt"], "--resume", "--refine", str(steps), "--voxel-flow"])
     assert res.exit_code == 2, err + res.stdout
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: --resume"), err
     line = errors[0]
-    assert "refine.steps 0 -> 2" in line and "voxel_flow False -> True" in line
+    assert f"refine.steps {DEFAULTS.refine_steps} -> {steps}" in line and "voxel_flow False -> True" in line
     assert "affine" not in line and "model" not in line  # only what changed is listed
     assert "new --out" in line and "--force" in line
 
