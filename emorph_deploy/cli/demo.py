@@ -118,7 +118,7 @@ def demo_command(
         f"QC: NCC {q['ncc_before']:.4f} -> {q['ncc_after']:.4f} | J<=0 {100 * q['frac_jac_nonpos']:.4f}% | "
         f"SDlogJ {q['sdlogj']:.4f} | {t['total']:.2f} s registration ("
         + ", ".join(f"{k} {t[k]:.2f} s" for k in ("affine", "infer", "refine") if k in t)
-        + f") + {t.get('write', 0.0):.2f} s writing"
+        + f") + {t.get('inverse', 0.0) + t.get('write', 0.0):.2f} s inverse warp and writing"
     )
 
 

@@ -292,7 +292,7 @@ def register_command(
     typer.echo(
         f"NCC ({q['qc_region']}) {q['ncc_before']:.4f} -> {q['ncc_after']:.4f} | {dice}"
         f"J<=0 {100 * q['frac_jac_nonpos']:.4f}% | SDlogJ {q['sdlogj']:.4f} | total "
-        f"{t['total'] + t.get('write', 0.0):.2f} s (infer {t['infer']:.2f} s)"
+        f"{t['total'] + t.get('inverse', 0.0) + t.get('write', 0.0):.2f} s (infer {t['infer']:.2f} s)"
     )
     for path in written.values():
         typer.echo(str(path))

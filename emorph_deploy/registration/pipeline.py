@@ -155,7 +155,9 @@ class Result:
     ``qc``: stage times, backend, precision, Jacobian statistics, NCC before/after.
     ``pre_affine``: the affine pre-alignment (fixed world → moving world, RAS mm) or ``None``.
     ``inverse_displacement``: the inverse ITK displacement on the moving grid (LPS mm, 5D, moving header
-    codes) or ``None``; ``jacobian``: det of the full transform's Jacobian on the fixed grid or ``None``.
+    codes) or ``None``, computed on first use (by :meth:`save` or an access; a fixed-point inversion on the
+    moving grid, the slowest stage of a 1 mm pair, so in-process callers that never need it do not pay for
+    it) and kept; ``jacobian``: det of the full transform's Jacobian on the fixed grid or ``None``.
     """
 
     warped: nib.Nifti1Image
@@ -163,9 +165,22 @@ class Result:
     warped_labels: nib.Nifti1Image | None
     qc: dict[str, Any]
     pre_affine: np.ndarray | None = None
-    inverse_displacement: nib.Nifti1Image | None = None
     jacobian: nib.Nifti1Image | None = None
     qc_slices: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+    #: the inverse image, or a zero-argument function computing it (see ``inverse_displacement``)
+    _inverse: Any = field(default=None, repr=False)
+    _inverse_lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def inverse_displacement(self) -> nib.Nifti1Image | None:
+        if callable(self._inverse):
+            with self._inverse_lock:  # one computation when several threads ask at once
+                if callable(self._inverse):
+                    times: dict[str, float] = {}
+                    with stopwatch(times, "inverse"):
+                        self._inverse = self._inverse()
+                    self.qc.setdefault("times_s", {})["inverse"] = times["inverse"]
+        return self._inverse
 
     def displacement_lps(self) -> np.ndarray:
         """The displacement as (X, Y, Z, 3) float32 LPS mm (a view)."""
@@ -214,7 +229,7 @@ class Result:
             voxel_flow=voxel_flow,
             qc_png=qc_png,
             affine=self.pre_affine is not None,
-            inverse=self.inverse_displacement is not None,
+            inverse=self._inverse is not None,  # computed below, after the output checks
             jacobian=self.jacobian is not None,
             prefix=prefix,
         )
@@ -498,8 +513,6 @@ class Registrar:
         ``affine=False``; composed into every output like a fitted one.
         """
         from emorph_deploy.registration.native import (
-            inverse_displacement,
-            itk_displacement_image,
             jacobian_determinant_native,
             warp_to_native,
         )
@@ -554,13 +567,11 @@ class Registrar:
             with stopwatch(times, "qc"):
                 ncc_before, ncc_after, region, stats, slices = self._quality(pair, flow, out.get("warped"))
                 overlap = _label_overlap(extras.get("fixed_labels"), labels_img, nw, fixed_img)
-            with stopwatch(times, "inverse"):
-                inv_lps = inverse_displacement(flow, pair.affine, m_data.shape, m_aff, pre_affine=pre)
+            inverse = _lazy_inverse(flow, pair.affine, m_data.shape, m_aff, pre, moving_img.header)
             with stopwatch(times, "jacobian"):
                 jac = jacobian_determinant_native(nw.displacement_lps, f_aff)
             with stopwatch(times, "package"):
                 warped_img, disp_img, labels_out = _package(nw, fixed_img, labels_img)
-                inv_img = itk_displacement_image(inv_lps, m_aff, header=moving_img.header)
                 jac_img = _like_fixed(jac, fixed_img, np.float32, "emorph Jacobian determinant")
         qc = RegistrationQC(
             backend=self.backend,
@@ -588,8 +599,8 @@ class Registrar:
             warped_labels=labels_out,
             qc=qc.to_dict(),
             pre_affine=pre,
-            inverse_displacement=inv_img,
             jacobian=jac_img,
+            _inverse=inverse,
             qc_slices=slices,
         )
 
@@ -772,6 +783,25 @@ class Registrar:
 
     def __repr__(self) -> str:
         return f"Registrar(backend={self.backend!r}, precision={self.precision!r}, grid={self.grid_shape})"
+
+
+def _lazy_inverse(
+    flow: np.ndarray,
+    grid_affine: np.ndarray,
+    moving_shape: tuple[int, ...],
+    moving_affine: np.ndarray,
+    pre: np.ndarray | None,
+    header: Any,
+) -> Any:
+    """A function computing the inverse displacement image (ITK, LPS mm on the moving grid) of ``flow``."""
+
+    def compute() -> nib.Nifti1Image:
+        from emorph_deploy.registration.native import inverse_displacement, itk_displacement_image
+
+        inv_lps = inverse_displacement(flow, grid_affine, moving_shape, moving_affine, pre_affine=pre)
+        return itk_displacement_image(inv_lps, moving_affine, header=header)
+
+    return compute
 
 
 def _package(

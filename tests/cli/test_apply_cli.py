@@ -41,7 +41,16 @@ def run(tmp_path_factory, tiny_em, cli):
     out = d / "out"
     res, err = cli(
         *[
-            *("register", d / "fixed.nii.gz", d / "moving.nii.gz", "--model", d / "tiny.json", "--affine"),
+            *(
+                "register",
+                d / "fixed.nii.gz",
+                d / "moving.nii.gz",
+                "--model",
+                d / "tiny.json",
+                "--affine",
+                "--refine",
+                "0",
+            ),
             *("--moving-labels", d / "labels.nii.gz", "--out", out, "--no-qc-png"),
         ]
     )

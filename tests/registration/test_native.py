@@ -90,7 +90,7 @@ def test_warp_matches_reference_resampler(pair, stub):
     a_m = AFFINES["permuted_rotated"](moving.shape)
     runner = stub()
     reg = Registrar(runner, warmup=False)
-    res = reg.register((fixed, a_f), (moving, a_m), labels=(labels, a_m))
+    res = reg.register((fixed, a_f), (moving, a_m), labels=(labels, a_m), refine=0)
     grid = reg.preprocessing.grid_affine((fixed, a_f))
     disp = model_flow_to_native(runner.flow, grid, fixed.shape, a_f)  # (3, ...) RAS mm
     ref = warp_world(moving, a_m, fixed.shape, a_f, disp, order=1, padding="border", method="scipy")
@@ -111,7 +111,9 @@ def test_warp_matches_reference_resampler(pair, stub):
 def test_zero_flow_same_grid_is_identity(pair, stub):
     _, moving, labels = pair
     a = AFFINES["flipped_permuted_rot"](moving.shape)
-    res = Registrar(stub(zero=True), warmup=False).register((moving, a), (moving, a), labels=(labels, a))
+    res = Registrar(stub(zero=True), warmup=False).register(
+        (moving, a), (moving, a), labels=(labels, a), refine=0
+    )
     # float32 coordinate arithmetic: identity up to ~1e-6 of the intensity range; labels exactly
     assert np.abs(np.asanyarray(res.warped.dataobj) - moving).max() < 1e-5
     assert np.array_equal(np.asanyarray(res.warped_labels.dataobj), labels)
@@ -125,7 +127,8 @@ def test_qc_keys_and_stage_times(pair, stub):
 
     fixed, moving, _ = pair
     a = AFFINES["ras_iso"](fixed.shape)
-    qc = Registrar(stub(), affine=False, warmup=False).register((fixed, a), (moving, a), refine=1).qc
+    res = Registrar(stub(), affine=False, warmup=False).register((fixed, a), (moving, a), refine=1)
+    qc = res.qc
     stats = list(deformation_stats(np.ones((4, 4, 4), np.float32)))
     assert list(qc) == [
         "format", "backend", "precision", "model_grid", "model_spacing_mm", "fixed_shape", "moving_shape",
@@ -134,9 +137,12 @@ def test_qc_keys_and_stage_times(pair, stub):
     ]  # fmt: skip
     assert qc["format"] == RegistrationQC.FORMAT and qc["backend"] == "stub"
     assert qc["model_grid"] == list(GRID)
-    stages = ["load", "resample", "infer", "refine", "resample_back", "qc", "inverse", "jacobian"]
-    stages += ["package", "total"]
+    stages = ["load", "resample", "infer", "refine", "resample_back", "qc", "jacobian", "package", "total"]
     assert list(qc["times_s"]) == stages
+    # the inverse warp is computed on first use (save() or an access), then kept and timed
+    inv = res.inverse_displacement
+    assert inv is not None and res.inverse_displacement is inv
+    assert list(qc["times_s"]) == [*stages, "inverse"] and qc["times_s"]["inverse"] >= 0.0
     assert RegistrationQC.__dataclass_params__.frozen
 
 
@@ -152,7 +158,9 @@ def test_simpleitk_reproduces_warped(tmp_path, pair, kind, stub):
         img.set_qform(aff, code=1)
         img.set_sform(aff, code=1)
         nib.save(img, tmp_path / f"{name}.nii.gz")
-    res = Registrar(stub(), warmup=False).register(tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz")
+    res = Registrar(stub(), warmup=False).register(
+        tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz", refine=0
+    )
     res.save(tmp_path / "out", qc_png=False)
     disp = sitk.ReadImage(str(tmp_path / "out" / "displacement.nii.gz"), sitk.sitkVectorFloat64)
     assert disp.GetNumberOfComponentsPerPixel() == 3 and disp.GetSize() == fixed.shape
@@ -175,7 +183,7 @@ def test_simpleitk_reproduces_warped(tmp_path, pair, kind, stub):
 def test_itk_header_and_voxel_flow(tmp_path, pair, stub):
     fixed, moving, _ = pair
     a_f = AFFINES["permuted_rotated"](fixed.shape)
-    res = Registrar(stub(), warmup=False).register((fixed, a_f), (moving, a_f))
+    res = Registrar(stub(), warmup=False).register((fixed, a_f), (moving, a_f), refine=0)
     paths = res.save(tmp_path / "o", voxel_flow=True, qc_png=False)
     d = nib.load(paths["displacement"])
     assert d.shape == (*fixed.shape, 1, 3)
@@ -221,7 +229,9 @@ def test_deformation_stats_match_float64_numpy(folds):
 def test_save_is_all_or_nothing(tmp_path, pair, monkeypatch, stub):
     fixed, moving, labels = pair
     a = AFFINES["ras_iso"](fixed.shape)
-    res = Registrar(stub(), affine=False, warmup=False).register((fixed, a), (moving, a), labels=(labels, a))
+    res = Registrar(stub(), affine=False, warmup=False).register(
+        (fixed, a), (moving, a), labels=(labels, a), refine=0
+    )
     out = tmp_path / "o"
     import emorph_deploy.registration.niftiio as niftiio
 
@@ -292,7 +302,7 @@ def test_affine_prealignment_recovers_known_affine(stub):
         fixed, np.linalg.inv(t_true) @ a_f, ms, a_m, order=1
     )  # moving(y) = fixed(t_true y)
     reg = Registrar(stub(spacing=8.0, zero=True), warmup=False)
-    res = reg.register((fixed, a_f), (moving, a_m), affine=True)
+    res = reg.register((fixed, a_f), (moving, a_m), affine=True, refine=0)
     expected = np.linalg.inv(t_true)  # T (fixed world -> moving world) with moving(T p) = fixed(p)
     err_lin = np.abs(res.pre_affine[:3, :3] - expected[:3, :3]).max()
     err_t = np.abs(res.pre_affine[:3, 3] - expected[:3, 3]).max()

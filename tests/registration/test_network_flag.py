@@ -41,7 +41,7 @@ def _pair():
 def test_no_network_no_refine_is_identity(reg) -> None:
     fixed, moving = _pair()
     n = len(reg._calls)
-    res = reg.register(fixed, moving, network=False)
+    res = reg.register(fixed, moving, network=False, refine=0)
     assert len(reg._calls) == n  # the network was not run
     assert res.qc["network"] is False and res.qc["model_latency_s"] is None
     assert float(np.abs(np.asanyarray(res.displacement.dataobj)).max()) == 0.0
