@@ -111,6 +111,18 @@ RefineOption = Annotated[
 ]
 
 
+#: ``--refine-full-steps`` of ``emorph register``.
+RefineFullStepsOption = Annotated[
+    int,
+    typer.Option(
+        "--refine-full-steps",
+        min=0,
+        help="With --refine N: K more steps at the model grid's full resolution after the N half-resolution "
+        "ones (more accurate, ~8x the cost of a half-resolution step, and more folding; see the model card).",
+    ),
+]
+
+
 #: ``--refine-similarity`` of ``emorph register``.
 RefineSimilarityOption = Annotated[
     Similarity,

@@ -19,6 +19,7 @@ import typer
 from emorph_deploy.cli._common import (
     Backend,
     BackendOption,
+    RefineFullStepsOption,
     RefineOption,
     RefineSimilarityOption,
     handle_errors,
@@ -152,6 +153,7 @@ def register_command(
     ] = None,
     refine: RefineOption = DEFAULTS.refine_steps,
     refine_similarity: RefineSimilarityOption = DEFAULTS.refine_similarity,
+    refine_full_steps: RefineFullStepsOption = DEFAULTS.refine_full_steps or 0,
     # cohort batches (--pairs): where the pairs run, and picking up an interrupted run
     scheduler: Annotated[
         str | None,
@@ -182,7 +184,9 @@ def register_command(
         refuse_existing,
     )
 
-    refine_cfg = DEFAULTS.refine_config(steps=refine, similarity=refine_similarity.value)
+    refine_cfg = DEFAULTS.refine_config(
+        steps=refine, similarity=refine_similarity.value, full_steps=refine_full_steps
+    )
     check_prefix(prefix)
     per_pair = {
         "--moving-labels": moving_labels,

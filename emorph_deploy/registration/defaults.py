@@ -45,15 +45,14 @@ class RegistrationDefaults:
         other field overridden when given); imports torch."""
         from emorph_deploy.refine import RefineConfig
 
-        return RefineConfig.coerce(
-            RefineConfig(
-                steps=self.refine_steps if steps is None else int(steps),
-                similarity=self.refine_similarity if similarity is None else similarity,
-                levels=self.refine_levels,
-                full_steps=self.refine_full_steps,
-                **overrides,
-            )
-        )
+        fields: dict[str, Any] = {
+            "steps": self.refine_steps if steps is None else int(steps),
+            "similarity": self.refine_similarity if similarity is None else similarity,
+            "levels": self.refine_levels,
+            "full_steps": self.refine_full_steps,
+        }
+        fields.update(overrides)  # e.g. full_steps from --refine-full-steps
+        return RefineConfig.coerce(RefineConfig(**fields))
 
 
 #: The defaults every entry point uses.

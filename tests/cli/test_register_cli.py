@@ -284,3 +284,20 @@ def test_refine_similarity_option_reaches_qc(files, tmp_path):
     assert refine["steps"] == 2 and refine["similarity"] == refine["similarity_requested"] == "mind"
     bad, _ = _invoke([*args[:-1], "nmi", "--force"])
     assert bad.exit_code == 2  # Typer rejects a value outside the enum
+
+
+def test_refine_full_steps_option_reaches_qc(files, tmp_path):
+    """``--refine-full-steps K`` adds K full-resolution steps after the --refine N half-resolution ones; the
+    default adds none."""
+    out = tmp_path / "out"
+    args = ["register", files["fixed"], files["moving"], "--model", files["ckpt"], "--out", out]
+    args += ["--no-qc-png", "--no-affine", "--refine", "2"]
+    res, err = _invoke([*args, "--refine-full-steps", "1"])
+    assert res.exit_code == 0, err + res.stdout
+    refine = json.loads((out / "qc.json").read_text())["refine"]
+    assert (refine["steps"], refine["levels"], refine["full_steps"]) == (2, 2, 1)
+    res, err = _invoke([*args, "--force"])
+    assert res.exit_code == 0, err + res.stdout
+    assert json.loads((out / "qc.json").read_text())["refine"]["full_steps"] == 0
+    bad, _ = _invoke([*args, "--refine-full-steps", "-1", "--force"])
+    assert bad.exit_code == 2
