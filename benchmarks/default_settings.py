@@ -162,6 +162,15 @@ def starts_of(regs: dict[str, Any], prep: dict[str, Any]) -> dict[str, tuple[Any
     return out
 
 
+def cases(starts: dict[str, tuple[Any, Any]], settings: list[tuple[int, int]]) -> Iterator[tuple]:
+    """(start name, registrar, initial flow, half steps, full steps) for every row of a pair; the zero flow
+    without refinement is skipped (= the affine alone: validation_suite's "affine" row)."""
+    for name, (reg, flow0) in starts.items():
+        for half, full in settings:
+            if not (name == ZERO and half == 0):
+                yield name, reg, flow0, half, full
+
+
 def refined(reg: Any, prep: dict[str, Any], flow0: Any, half: int, full: int, info: dict[str, Any]) -> Any:
     from emorph_deploy.refine import RefineConfig
 
@@ -186,25 +195,20 @@ def run_pair(
         "resample_s": prep["times"]["resample"],
     }
     rows = []
-    for name, (reg, flow0) in starts_of(regs, prep).items():
-        for half, full in settings:
-            if name == ZERO and half == 0:
-                continue  # = the affine alone: validation_suite's "affine" row
-            info: dict[str, Any] = {}
-            flow = refined(reg, prep, flow0, half, full, info)
-            row = {
-                **base,
-                "model": name,
-                "setting": setting_name(half, full),
-                "half_steps": half,
-                "full_steps": full,
-                "similarity": info.get("similarity"),
-                **score_flow(prep, flow, fixed_labels, tissue),
-            }
-            rows.append(row)
-            C.log(
-                f"[{pair['name']}] {name} · {row['setting']}: Dice {row['dice']:.3f}, sim {row['similarity']}"
-            )
+    for name, reg, flow0, half, full in cases(starts_of(regs, prep), settings):
+        info: dict[str, Any] = {}
+        flow = refined(reg, prep, flow0, half, full, info)
+        row = {
+            **base,
+            "model": name,
+            "setting": setting_name(half, full),
+            "half_steps": half,
+            "full_steps": full,
+            "similarity": info.get("similarity"),
+            **score_flow(prep, flow, fixed_labels, tissue),
+        }
+        rows.append(row)
+        C.log(f"[{pair['name']}] {name} · {row['setting']}: Dice {row['dice']:.3f}, sim {row['similarity']}")
     return rows
 
 
@@ -215,34 +219,33 @@ def time_pair(
     first = next(iter(regs.values()))
     prep = prepare(first, pair)
     rows = []
-    for name, (reg, flow0) in starts_of(regs, prep).items():
-        net_s = 0.0
-        if name != ZERO:
-            net_s = median_wall(lambda reg=reg: reg._infer(prep["grid"], True), args.runs, args.warmup)
-        for half, full in settings:
-            if name == ZERO and half == 0:
-                continue
-            info: dict[str, Any] = {}
-            ref_s = 0.0
-            if half:
-                ref_s = median_wall(
-                    functools.partial(refined, reg, prep, flow0, half, full, info), args.runs, args.warmup
-                )
-            rows.append(
-                {
-                    "pair": pair["name"],
-                    "group": pair["group"],
-                    "model": name,
-                    "setting": setting_name(half, full),
-                    "similarity": info.get("similarity"),
-                    "network_s": net_s,
-                    "refine_s": ref_s,
-                    "seconds": net_s + ref_s,
-                    "threads": args.threads,
-                    "load_avg": C.load_avg(),
-                }
+    net_s = {
+        name: median_wall(functools.partial(reg._infer, prep["grid"], True), args.runs, args.warmup)
+        for name, reg in regs.items()
+    }
+    net_s[ZERO] = 0.0
+    for name, reg, flow0, half, full in cases(starts_of(regs, prep), settings):
+        info: dict[str, Any] = {}
+        ref_s = 0.0
+        if half:
+            ref_s = median_wall(
+                functools.partial(refined, reg, prep, flow0, half, full, info), args.runs, args.warmup
             )
-            C.log(f"[timing {pair['name']}] {name} · {rows[-1]['setting']}: {rows[-1]['seconds']:.3f} s")
+        rows.append(
+            {
+                "pair": pair["name"],
+                "group": pair["group"],
+                "model": name,
+                "setting": setting_name(half, full),
+                "similarity": info.get("similarity"),
+                "network_s": net_s[name],
+                "refine_s": ref_s,
+                "seconds": net_s[name] + ref_s,
+                "threads": args.threads,
+                "load_avg": C.load_avg(),
+            }
+        )
+        C.log(f"[timing {pair['name']}] {name} · {rows[-1]['setting']}: {rows[-1]['seconds']:.3f} s")
     return rows
 
 

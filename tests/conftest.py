@@ -40,8 +40,7 @@ def tiny_em():
     return make
 
 
-@pytest.fixture
-def runner():
+def _stderr_runner():
     """A Typer ``CliRunner`` that keeps stderr apart from stdout (``result.stderr``)."""
     from typer.testing import CliRunner
 
@@ -51,20 +50,20 @@ def runner():
         return CliRunner()
 
 
+@pytest.fixture
+def runner():
+    """A Typer ``CliRunner`` that keeps stderr apart from stdout (``result.stderr``)."""
+    return _stderr_runner()
+
+
 @pytest.fixture(scope="session")
 def cli():
     """``cli(*args) -> (result, stderr)``: ``emorph ARGS...`` (any path-like arguments) under a CliRunner
     that keeps stderr apart."""
-    from typer.testing import CliRunner
-
     from emorph_deploy.cli.app import app
 
     def invoke(*args):
-        try:
-            runner = CliRunner(mix_stderr=False)
-        except TypeError:  # click >= 8.2 always separates stderr
-            runner = CliRunner()
-        res = runner.invoke(app, [str(a) for a in args])
+        res = _stderr_runner().invoke(app, [str(a) for a in args])
         return res, (res.stderr if res.stderr_bytes is not None else "")
 
     return invoke

@@ -194,7 +194,7 @@ def apply_transforms(
     InputError for a bad transform, image or reference, or a displacement field sampled mostly off its grid
     (the wrong ``reference``)."""
     from emorph_deploy.data.nifti import as_image, label_dtype
-    from emorph_deploy.registration.pipeline import _like_fixed
+    from emorph_deploy.registration.pipeline import like_fixed
 
     interp = Interp.coerce(interp, "interp")
     if not transforms:
@@ -207,8 +207,8 @@ def apply_transforms(
     img, keep_values = _load_image(image, interp)
     data = _warp(chain, ref_img.shape[:3], ref_img.affine, np.asanyarray(img.dataobj), img.affine, interp)
     if keep_values:
-        return _like_fixed(data, ref_img, label_dtype(img), "emorph apply", intent=img.header)
-    return _like_fixed(data, ref_img, np.float32, "emorph apply", intensity=True)
+        return like_fixed(data, ref_img, label_dtype(img), "emorph apply", intent=img.header)
+    return like_fixed(data, ref_img, np.float32, "emorph apply", intensity=True)
 
 
 def _as_matrix(t: Any) -> np.ndarray | FieldTransform:

@@ -572,7 +572,7 @@ class Registrar:
                 jac = jacobian_determinant_native(nw.displacement_lps, f_aff)
             with stopwatch(times, "package"):
                 warped_img, disp_img, labels_out = _package(nw, fixed_img, labels_img)
-                jac_img = _like_fixed(jac, fixed_img, np.float32, "emorph Jacobian determinant")
+                jac_img = like_fixed(jac, fixed_img, np.float32, "emorph Jacobian determinant")
         qc = RegistrationQC(
             backend=self.backend,
             precision=self.precision,
@@ -814,11 +814,11 @@ def _package(
     from emorph_deploy.registration.native import itk_displacement_image
 
     f_aff = np.asarray(fixed_img.affine, dtype=np.float64)
-    warped_img = _like_fixed(nw.warped, fixed_img, np.float32, "emorph warped moving", intensity=True)
+    warped_img = like_fixed(nw.warped, fixed_img, np.float32, "emorph warped moving", intensity=True)
     disp_img = itk_displacement_image(nw.displacement_lps, f_aff, header=fixed_img.header)
     labels_out = None
     if labels_img is not None and nw.warped_labels is not None:
-        labels_out = _like_fixed(
+        labels_out = like_fixed(
             nw.warped_labels,
             fixed_img,
             _ras_label_dtype(labels_img),
@@ -930,7 +930,7 @@ def load_inputs(fixed: Any, moving: Any, labels: Any = None) -> tuple[nib.Nifti1
     return fixed_img, moving_img, (rest[0] if rest else None)
 
 
-def _like_fixed(
+def like_fixed(
     data: np.ndarray,
     fixed_img: nib.Nifti1Image,
     dtype: Any,

@@ -337,21 +337,8 @@ def ckpt(tmp_path_factory, tiny_em):
     return d / "tiny.json"
 
 
-def _invoke(args):
-    from typer.testing import CliRunner
-
-    from emorph_deploy.cli.app import app
-
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 always separates stderr
-        runner = CliRunner()
-    res = runner.invoke(app, [str(a) for a in args])
-    return res, (res.stderr if res.stderr_bytes is not None else "")
-
-
 @pytest.mark.slow
-def test_register_gives_the_nifti_result_for_every_format(images, ckpt, tmp_path) -> None:
+def test_register_gives_the_nifti_result_for_every_format(images, ckpt, tmp_path, cli) -> None:
     """``emorph register`` on MGZ/NRRD/MHA/DICOM inputs, one pair at a time and in a pairs CSV, writes the
     same warped.nii.gz, on the same grid, as on the NIfTI inputs (the moving image is resampled through
     both images' world geometry, so a wrong orientation shows)."""
@@ -360,8 +347,8 @@ def test_register_gives_the_nifti_result_for_every_format(images, ckpt, tmp_path
     results = {}
     for fixed_fmt, moving_fmt in (("nii", "nii"), ("mgz", "nrrd")):
         out = tmp_path / f"{fixed_fmt}_{moving_fmt}"
-        res, err = _invoke(
-            ["register", images["fixed"][fixed_fmt], images["moving"][moving_fmt], *options, "--out", out]
+        res, err = cli(
+            *["register", images["fixed"][fixed_fmt], images["moving"][moving_fmt], *options, "--out", out]
         )
         assert res.exit_code == 0, err + res.stdout
         results[(fixed_fmt, moving_fmt)] = nib.load(out / "warped.nii.gz")
@@ -371,7 +358,7 @@ def test_register_gives_the_nifti_result_for_every_format(images, ckpt, tmp_path
         "fixed,moving,id\n"
         + "".join(f"{images['fixed'][f]},{images['moving'][m]},{f}_{m}\n" for f, m in batch)
     )
-    res, err = _invoke(["register", "--pairs", csv, *options, "--out", tmp_path / "batch"])
+    res, err = cli("register", "--pairs", csv, *options, "--out", tmp_path / "batch")
     assert res.exit_code == 0, err + res.stdout
     results.update({(f, m): nib.load(tmp_path / "batch" / f"{f}_{m}" / "warped.nii.gz") for f, m in batch})
     ref = results.pop(("nii", "nii"))
@@ -386,11 +373,9 @@ def test_register_gives_the_nifti_result_for_every_format(images, ckpt, tmp_path
         assert int(img.header["sform_code"]) == 1  # a fresh NIfTI header: scanner coordinates
 
 
-def test_cli_two_series_folder_is_exit_2_naming_both(images, ckpt, tmp_path) -> None:
+def test_cli_two_series_folder_is_exit_2_naming_both(images, ckpt, tmp_path, cli) -> None:
     folder = _two_series(images, images["root"])
-    res, err = _invoke(
-        ["register", folder, images["moving"]["nii"], "--model", ckpt, "--out", tmp_path / "o"]
-    )
+    res, err = cli("register", folder, images["moving"]["nii"], "--model", ckpt, "--out", tmp_path / "o")
     assert res.exit_code == 2, err + res.stdout
     assert len(err.strip().splitlines()) == 1
     assert "1.2.826.0.1.3680043.9.7" in err and "1.2.826.0.1.3680043.9.8" in err
