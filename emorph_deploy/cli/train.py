@@ -155,7 +155,11 @@ def train_command(
     ] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out (same step and lr).")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out (same step and lr; --lr/--lr-min/--t-max start a new phase).",
+        ),
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run in --out.")] = False,
     as_json: Annotated[

@@ -51,6 +51,10 @@ RESUMABLE_OVERRIDES: frozenset[str] = frozenset(
         "max_minutes",
         "val_every",
         "amp",
+        # a new learning-rate phase: the cosine restarts at the resumed epoch (see Trainer.load_resume)
+        "lr",
+        "lr_min",
+        "t_max",
     }
 )
 

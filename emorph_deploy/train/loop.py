@@ -409,6 +409,28 @@ class Trainer:
             write_json_atomic(self.out / "config.json", self.cfg.to_dict(), force=True)
 
     # ------------------------------------------------------------------ resume
+    def _maybe_start_lr_phase(self) -> None:
+        """Restart the cosine at the resumed epoch when ``--lr/--lr-min/--t-max`` differ from the saved one.
+
+        The saved scheduler keeps the run's schedule; a resume that asks for another one (e.g. a decay phase
+        from ``lr`` down to ``lr_min`` over ``t_max`` epochs) starts that cosine from its top at the current
+        epoch. Later resumes without these options load the new schedule unchanged.
+        """
+        cfg, sched = self.cfg, self.sched
+        saved = (float(sched.base_lrs[0]), float(sched.eta_min), int(sched.T_max))
+        wanted = (float(cfg.lr), float(cfg.lr_min), int(cfg.t_max))
+        if all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved, wanted, strict=True)):
+            return
+        for group in self.opt.param_groups:
+            group["lr"] = group["initial_lr"] = cfg.lr
+        sched.base_lrs = [cfg.lr for _ in self.opt.param_groups]
+        sched.eta_min, sched.T_max, sched.last_epoch = cfg.lr_min, cfg.t_max, 0
+        sched._last_lr = [cfg.lr for _ in self.opt.param_groups]
+        self.echo(
+            f"new learning-rate phase at epoch {self.epoch}: cosine from {cfg.lr:.3g} to {cfg.lr_min:.3g} "
+            f"over {cfg.t_max} epochs (was {saved[0]:.3g} to {saved[1]:.3g} over {saved[2]})"
+        )
+
     def load_resume(self) -> None:
         path = self.out / "last"
         model, _ = load_checkpoint(
@@ -438,6 +460,7 @@ class Trainer:
         )
         if rng is not None:
             _set_rng_state(rng)
+        self._maybe_start_lr_phase()
         if self.ctx.is_main:
             rows = _read_csv(self.out / "train_log.csv")
             self.train_rows = [r for r in rows if r.get("step", 0) <= self.step]

@@ -90,11 +90,28 @@ def test_resume_config_mismatch(tmp_path, tiny_overrides):
     cfg = _cfg(tmp_path, tiny_overrides, "c", epochs=1, steps_per_epoch=1, val_pairs=0)
     Trainer(cfg, force=True).fit()
     with pytest.raises(ConfigMismatchError) as e:
-        resolve_resume_config(tmp_path / "c", {"lr": 1e-2})
-    assert "lr" in str(e.value) and "\n" not in str(e.value)
-    ok = resolve_resume_config(tmp_path / "c", {"epochs": 3, "lr": cfg.lr})
+        resolve_resume_config(tmp_path / "c", {"ncc_window": 5})
+    assert "ncc_window" in str(e.value) and "\n" not in str(e.value)
+    ok = resolve_resume_config(tmp_path / "c", {"epochs": 3, "ncc_window": cfg.ncc_window})
     assert ok.epochs == 3
     assert torch.get_num_threads() == 1
+
+
+def test_resume_with_new_schedule_starts_a_cosine_phase(tmp_path, tiny_overrides):
+    cfg = _cfg(tmp_path, tiny_overrides, "p", epochs=2, steps_per_epoch=1, val_pairs=0, lr=1e-3, t_max=100)
+    Trainer(cfg, force=True).fit()
+    # a decay phase: cosine from 4e-4 to 1e-5 over 2 epochs, starting at the resumed epoch (2)
+    cfg_p = resolve_resume_config(tmp_path / "p", {"epochs": 4, "lr": 4e-4, "lr_min": 1e-5, "t_max": 2})
+    phase = Trainer(cfg_p, resume=True)
+    phase.load_resume()
+    assert phase.opt.param_groups[0]["lr"] == pytest.approx(4e-4, rel=1e-12)
+    res = phase.fit()
+    assert res.epoch == 4 and res.lr == pytest.approx(1e-5, rel=1e-9)  # the end of the new cosine
+    # a later plain resume keeps the new schedule (no second restart)
+    again = Trainer(resolve_resume_config(tmp_path / "p", {"epochs": 5}), resume=True)
+    again.load_resume()
+    assert again.opt.param_groups[0]["lr"] == pytest.approx(1e-5, rel=1e-9)
+    assert again.sched.T_max == 2 and again.sched.base_lrs == [pytest.approx(4e-4)]
 
 
 def test_batch_of_two_and_label_union(tmp_path, tiny_overrides):
