@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from locale_guard import restoring_locale
 
 sitk = pytest.importorskip("SimpleITK", reason="SimpleITK reads NRRD/MetaImage/DICOM")
 
@@ -63,6 +64,12 @@ def write_dicom_series(image, folder: Path, uid: str) -> Path:
     """Write the SimpleITK 3D ``image`` as a DICOM series, one file per slice, with the geometry tags
     (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness, InstanceNumber)."""
     folder.mkdir(parents=True, exist_ok=True)
+    with restoring_locale():  # GDCM's writer leaves the C locale at "C"
+        _write_dicom_slices(image, folder, uid)
+    return folder
+
+
+def _write_dicom_slices(image, folder: Path, uid: str) -> None:
     d = np.asarray(image.GetDirection()).reshape(3, 3)
     sx, sy, sz = image.GetSpacing()
     writer = sitk.ImageFileWriter()
@@ -85,7 +92,6 @@ def write_dicom_series(image, folder: Path, uid: str) -> Path:
             sl.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
         writer.Execute(sl)
-    return folder
 
 
 def write_all_formats(folder: Path, data: np.ndarray, affine: np.ndarray, uid: str) -> dict[str, Path]:

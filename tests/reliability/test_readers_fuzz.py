@@ -309,12 +309,14 @@ def _dicom_series(dtype: str) -> tuple[bytes, ...]:
     """The files of a small valid DICOM series (4 slices of 6 x 5, oblique), written once by SimpleITK."""
     import tempfile
 
+    from locale_guard import restoring_locale
+
     sitk = pytest.importorskip("SimpleITK", reason="SimpleITK reads DICOM series")
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     data = (np.random.default_rng(0).random((4, 5, 6)) * 100).astype(dtype)
     uid = "1.2.826.0.1.3680043.9.99"
     files = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, restoring_locale():  # GDCM's writer leaves the locale at "C"
         writer = sitk.ImageFileWriter()
         writer.KeepOriginalImageUIDOn()
         for z in range(data.shape[0]):
