@@ -64,8 +64,16 @@ def _describe(name: str, source: object) -> str:
     return f"{name} {source}" if isinstance(source, str | os.PathLike) else name
 
 
+#: voxel sizes (mm, the column norms of the affine) outside this range are a corrupt header, not a scan:
+#: 0.1 µm (beyond any microscopy registered with a 3D brain model) to 10 m
+VOXEL_MM_RANGE = (1e-4, 1e4)
+#: world coordinates of the first voxel beyond ±1 km are a corrupt header (scanner coordinates are metres)
+MAX_ORIGIN_MM = 1e6
+
+
 def check_affine(affine: Any, what: str = "image") -> np.ndarray:
-    """Return ``affine`` as a float64 (4, 4) array, or raise InputError if it is non-finite or singular."""
+    """Return ``affine`` as a float64 (4, 4) array, or raise InputError if it is non-finite, singular, has
+    voxel sizes outside :data:`VOXEL_MM_RANGE` or an origin beyond :data:`MAX_ORIGIN_MM`."""
     try:
         a = np.asarray(affine, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -93,6 +101,22 @@ def check_affine(affine: Any, what: str = "image") -> np.ndarray:
         raise InputError(
             f"{what}: expected an invertible affine, got a singular voxel-to-world matrix "
             f"(det {det:.3g}); fix: repair the header (sform/qform, pixdim) of the file"
+        )
+    with np.errstate(over="ignore"):
+        voxel_mm = np.sqrt((lin**2).sum(axis=0))
+    lo, hi = VOXEL_MM_RANGE
+    if not np.all((voxel_mm >= lo) & (voxel_mm <= hi)):
+        sizes = " x ".join(f"{v:.3g}" for v in voxel_mm)
+        raise InputError(
+            f"{what}: expected voxel sizes between {lo:g} and {hi:g} mm, got {sizes} mm in the "
+            "voxel-to-world matrix; fix: repair the header (sform/qform, pixdim) of the file"
+        )
+    origin = a[:3, 3]
+    if np.abs(origin).max() > MAX_ORIGIN_MM:
+        where = ", ".join(f"{v:.3g}" for v in origin)
+        raise InputError(
+            f"{what}: expected the first voxel within {MAX_ORIGIN_MM:g} mm of the world origin, got "
+            f"({where}) mm; fix: repair the header (sform/qform offsets) of the file"
         )
     return a
 

@@ -82,6 +82,13 @@ def _make_bad(tmp: Path, kind: str) -> Path:
         return _save(tmp / "const.nii.gz", np.full_like(VOL, 7.0))
     if kind == "singular":
         return _singular(tmp / "sing.nii.gz")
+    if kind in ("huge_voxels", "tiny_voxels", "far_origin"):
+        aff = {
+            "huge_voxels": np.diag([1e30, 1e30, 1e30, 1.0]),  # invertible and finite in float32, absurd
+            "tiny_voxels": np.diag([1e-7, 1.0, 1.0, 1.0]),
+            "far_origin": np.array([[1.0, 0, 0, 5e9], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]),
+        }[kind]
+        return _save(tmp / f"{kind}.nii.gz", VOL, aff)
     raise AssertionError(kind)
 
 
@@ -101,6 +108,9 @@ BAD_CASES = {
     "zero": "all-zero",
     "constant": "constant",
     "singular": "singular",
+    "huge_voxels": "voxel sizes between",
+    "tiny_voxels": "voxel sizes between",
+    "far_origin": "of the world origin",
 }
 
 
