@@ -545,6 +545,15 @@ def matmul_peak(n: int = 2048, threads: int = 2, runs: int = 5, warmup: int = 2)
     }
 
 
+def checkpoint_config(checkpoint: str | os.PathLike) -> Any:
+    """The ``ModelConfig`` a checkpoint (``.json``/``.safetensors``) records, without loading its weights."""
+    from emorph_deploy.models import ModelConfig
+    from emorph_deploy.train.checkpoint import load_checkpoint_meta
+
+    meta, _ = load_checkpoint_meta(checkpoint)
+    return ModelConfig.from_dict(meta["model"])
+
+
 def model_gflop(config: Any) -> float:
     """GFLOP of one forward (batch 1): ``torch.utils.flop_counter.FlopCounterMode`` on the meta device.
 

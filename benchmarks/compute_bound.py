@@ -38,11 +38,7 @@ def compute(
 
     peak = C.matmul_peak(n=n, threads=threads, runs=runs, warmup=max(1, warmup))
     if checkpoint:
-        from emorph_deploy.models import ModelConfig
-        from emorph_deploy.train.checkpoint import load_checkpoint_meta
-
-        meta, _ = load_checkpoint_meta(checkpoint)
-        base = ModelConfig.from_dict(meta["model"])
+        base = C.checkpoint_config(checkpoint)
     else:
         base = get_config(model, **(overrides or {}))
     rows = []

@@ -16,9 +16,9 @@ so the backend's flow is what is scored), GM/WM Dice of the warped tissue labels
 
 Compute bound: the fp32 matmul peak of this CPU is measured in the same run (``torch.mm`` 2048², the
 ``--threads`` threads, before the first grid and again after the last; the faster of the two medians is used,
-so a row is never flattered by a slow peak run)
-and each grid's model GFLOP (``benchmarks/compute_bound.py``'s count) gives the fp32 bound in seconds; every
-row states its median as a multiple of that bound ("× fp32 bound").
+so a row is never flattered by a slow peak run), and each grid's model GFLOP (the count of
+``benchmarks/compute_bound.py``) gives the fp32 bound in seconds; every row states its median as a multiple
+of that bound ("× fp32 bound").
 
 Rows: ``ort-fp32`` (runner default), ``ort-int8`` (the QDQ graph; fused where the CPU has VNNI/AMX,
 unfused otherwise), ``ort-int8-basic`` (the QDQ graph unfused, the old setting), ``ov-fp32``, ``ov-bf16``,
@@ -181,15 +181,6 @@ def _real_dice(runner: Any, pairs: list[Any]) -> list[float]:
     return out
 
 
-def _gflop(grid: tuple[int, int, int], ckpt: Path) -> float:
-    """The model's GFLOP for one forward at ``grid`` (the count of ``benchmarks/compute_bound.py``)."""
-    from emorph_deploy.models import ModelConfig
-    from emorph_deploy.train.checkpoint import load_checkpoint_meta
-
-    meta, _ = load_checkpoint_meta(ckpt)
-    return C.model_gflop(ModelConfig.from_dict(meta["model"]).replace(img_size=tuple(grid)))
-
-
 def _apply_bound(g: dict[str, Any], peak: dict[str, Any]) -> None:
     """Add the fp32 bound of grid result ``g`` at the matmul ``peak`` and each row's multiple of it."""
     bound_s = g["gflop"] / peak["gflops_median"]
@@ -260,7 +251,7 @@ def _run_grid(grid: tuple[int, int, int], args: Any, tmp: Path) -> dict[str, Any
         "model": paths["desc"],
         "prepare_s": paths["prepare_s"],
         "rows": rows,
-        "gflop": _gflop(grid, Path(paths["ckpt"])),
+        "gflop": C.model_gflop(C.checkpoint_config(paths["ckpt"]).replace(img_size=tuple(grid))),
         "real_pairs": [p.name for p in real],
         "real_pairs_note": real_note,
     }
@@ -270,7 +261,6 @@ def _markdown(res: dict[str, Any]) -> str:
     parts = []
     for g in res["grids"]:
         parts += [f"## {g['grid']} — {g['model']}", ""]
-        body = []
         b = g.get("compute_bound") or {}
         if b:
             parts += [

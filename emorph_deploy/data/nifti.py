@@ -102,8 +102,10 @@ def check_affine(affine: Any, what: str = "image") -> np.ndarray:
             f"{what}: expected an invertible affine, got a singular voxel-to-world matrix "
             f"(det {det:.3g}); fix: repair the header (sform/qform, pixdim) of the file"
         )
+    from emorph_deploy.data.orientation import voxel_sizes
+
     with np.errstate(over="ignore"):
-        voxel_mm = np.sqrt((lin**2).sum(axis=0))
+        voxel_mm = voxel_sizes(a)
     lo, hi = VOXEL_MM_RANGE
     if not np.all((voxel_mm >= lo) & (voxel_mm <= hi)):
         sizes = " x ".join(f"{v:.3g}" for v in voxel_mm)
