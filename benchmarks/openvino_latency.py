@@ -113,9 +113,12 @@ def _prepare(grid: tuple[int, int, int], tmp: Path, args: Any) -> dict[str, Any]
 
 def _rows(paths: dict[str, Any]) -> list[tuple[str, str, Any, dict[str, Any]]]:
     """(row id, label, artifact, runner kwargs without threads) in run order; ``backend`` in kwargs."""
+    from emorph_deploy.runtime import cpu_has_int8_dot
+
+    fused = "fused: this CPU has VNNI/AMX" if cpu_has_int8_dot() else "unfused: this CPU has no VNNI/AMX"
     rows = [
         ("ort-fp32", "ONNX Runtime fp32 (runner default)", paths["onnx"], {"backend": "onnxruntime"}),
-        ("ort-int8", "ONNX Runtime int8, QDQ graph (runner: fused with VNNI)", paths["qdq"],
+        ("ort-int8", f"ONNX Runtime int8, QDQ graph (runner default, {fused})", paths["qdq"],
          {"backend": "onnxruntime"}),
         ("ort-int8-basic", "ONNX Runtime int8, QDQ graph unfused (BASIC)", paths["qdq"],
          {"backend": "onnxruntime", "_basic": True}),

@@ -138,6 +138,24 @@ def test_openvino_latency_quick_states_the_fp32_bound(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_openvino_int8_novnni_quick_compares_overflow_fix_modes(tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason="the [cpu] extra (openvino) is not installed")
+    pytest.importorskip("nncf", reason="the [cpu] extra (nncf) is not installed")
+    mod = _load("openvino_int8_novnni")
+    out = tmp_path / "int8"
+    assert mod.main(["--quick", "--threads", "1", "--runs", "1", "--pairs", "1", "--out", str(out)]) == 0
+    data = _result(out)
+    rows = {r["id"]: r for r in data["rows"]}
+    assert set(rows) == {"ov-fp32", *(f"ov-int8-nncf-{m}" for m in mod.MODES)}
+    assert rows["ov-fp32"]["max_flow_voxel"] == 0 and rows["ov-fp32"]["vs_fp32"] == 1.0
+    for r in rows.values():
+        assert r["median_s"] > 0 and r["vs_fp32"] == pytest.approx(rows["ov-fp32"]["median_s"] / r["median_s"])
+    assert isinstance(data["summary"]["int8_dot"], bool)
+    with pytest.raises(SystemExit):  # no pairs is bad input
+        mod.main(["--quick", "--pairs", "0", "--out", str(tmp_path / "bad")])
+
+
+@pytest.mark.slow
 def test_model_latency_quick(tmp_path: Path) -> None:
     mod = _load("model_latency")
     out = tmp_path / "ml"
