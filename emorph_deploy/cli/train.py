@@ -75,6 +75,13 @@ def train_command(
             help="brains: grow deformation/affine ranges from 40 % to 100 % over N epochs (default 0)."
         ),
     ] = None,
+    synth_fine_disp_mm: Annotated[
+        float | None,
+        typer.Option(
+            help="brains: add a fine-scale (6-12 mm control spacing) deformation of up to this many mm per "
+            "subject, the gyral-scale differences between brains (default 0 = off; may change on --resume)."
+        ),
+    ] = None,
     atlas: Annotated[str | None, typer.Option(help="Atlas (moving) for atlas-to-subject pairs.")] = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Model variant (see 'emorph models').")
@@ -195,6 +202,7 @@ def train_command(
         "atlas": atlas,
         "synthetic_kind": synthetic_kind.value if synthetic_kind else None,
         "synth_ramp_epochs": synth_ramp_epochs,
+        "synth_fine_disp_mm": synth_fine_disp_mm,
         "ncc_weight": ncc_weight,
         "bidirectional": bidirectional,
         "epochs": epochs,

@@ -53,6 +53,10 @@ class BrainSynthConfig:
     parcel_scale_mm: float = 40.0  # control spacing of the parcel noise
     max_disp_mm: float = 15.0  # largest displacement of one subject's nonlinear deformation
     velocity_spacing_mm: tuple[float, float] = (16.0, 48.0)  # range of the velocity control spacing
+    # a second, fine-scale deformation (gyral scale: what distinct brains differ by after a smooth warp);
+    # 0 = off, the generator then draws exactly the pairs it drew before this option existed
+    fine_disp_mm: float = 0.0
+    fine_spacing_mm: tuple[float, float] = (6.0, 12.0)
     rotation_deg: float = 6.0  # residual affine per subject: uniform ± per axis
     scale: float = 0.06  # ± relative, per axis
     shear: float = 0.03  # ± per off-diagonal term
@@ -140,22 +144,44 @@ def _warp(src: torch.Tensor, disp: torch.Tensor, mode: str, padding: str) -> tor
     return _sample(src, _identity(tuple(disp.shape[2:])) + disp, mode, padding)
 
 
+def _svf_displacement(
+    g: torch.Generator,
+    shape: tuple[int, int, int],
+    spacing_mm: float,
+    control_spacing_mm: tuple[float, float],
+    max_disp_mm: float,
+    min_downsample: int = 1,
+    steps: int = 6,
+) -> torch.Tensor:
+    """(1, 3, D, H, W) displacement in voxels of a random diffeomorphism: a smooth stationary velocity
+    (control spacing uniform in ``control_spacing_mm``, largest displacement uniform in 0..``max_disp_mm``)
+    integrated by ``steps`` of scaling and squaring on a grid ``min_downsample``x coarser or more."""
+    lo, hi = control_spacing_mm
+    ctrl_vox = float(_uniform(g, lo, hi)) / spacing_mm
+    # build and integrate the velocity on a grid ~4x coarser than its control spacing allows
+    ds = max(min_downsample, int(ctrl_vox // 4))
+    small = tuple(max(2, math.ceil((s - 1) / ds) + 1) for s in shape)
+    vel = _smooth_field(g, small, 3, ctrl_vox / ds)
+    norm = vel.pow(2).sum(1).sqrt().amax()
+    disp_vox = float(_uniform(g, 0.0, max_disp_mm)) / spacing_mm
+    vel = vel * (disp_vox / ds / max(float(norm), 1e-6))
+    disp = _integrate(vel, steps) * ds  # → fine voxels
+    return F.interpolate(disp, size=shape, mode="trilinear", align_corners=True)
+
+
 def _subject_map(
     g: torch.Generator, shape: tuple[int, int, int], spacing_mm: float, cfg: BrainSynthConfig
 ) -> torch.Tensor:
     """Voxel coordinates (1, 3, D, H, W) in template space of one random subject: ``A x + t + u(x)``."""
     amp = cfg.amplitude
-    lo, hi = cfg.velocity_spacing_mm
-    ctrl_vox = float(_uniform(g, lo, hi)) / spacing_mm
-    # build and integrate the velocity on a grid ~4x coarser than its control spacing allows
-    ds = max(1, int(ctrl_vox // 4))
-    small = tuple(max(2, math.ceil((s - 1) / ds) + 1) for s in shape)
-    vel = _smooth_field(g, small, 3, ctrl_vox / ds)
-    norm = vel.pow(2).sum(1).sqrt().amax()
-    disp_vox = float(_uniform(g, 0.0, cfg.max_disp_mm * amp)) / spacing_mm
-    vel = vel * (disp_vox / ds / max(float(norm), 1e-6))
-    disp = _integrate(vel) * ds  # → fine voxels
-    disp = F.interpolate(disp, size=shape, mode="trilinear", align_corners=True)
+    disp = _svf_displacement(g, shape, spacing_mm, cfg.velocity_spacing_mm, cfg.max_disp_mm * amp)
+    if cfg.fine_disp_mm > 0:  # compose: u(x) = u_fine(x) + u_coarse(x + u_fine(x))
+        # integrated at half resolution with 4 squarings: a few voxels of displacement need no more, and a
+        # full-resolution integration would double the cost of a pair
+        fine = _svf_displacement(
+            g, shape, spacing_mm, cfg.fine_spacing_mm, cfg.fine_disp_mm * amp, min_downsample=2, steps=4
+        )
+        disp = fine + _warp(disp, fine, "bilinear", "border")
 
     deg = math.radians(cfg.rotation_deg * amp)
     angles = _uniform(g, -deg, deg, 3).tolist()

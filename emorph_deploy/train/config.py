@@ -55,6 +55,8 @@ RESUMABLE_OVERRIDES: frozenset[str] = frozenset(
         "lr",
         "lr_min",
         "t_max",
+        # a change of training data within the same generator (the held-out validation pairs do not change)
+        "synth_fine_disp_mm",
     }
 )
 
@@ -77,6 +79,7 @@ class TrainConfig:
     synthetic_kind: str = "mix"  # a SyntheticKind value
     synthetic_max_disp: float = 4.0  # largest true displacement of synth/template pairs, in voxels
     synth_ramp_epochs: int = 0  # brains: deformation/affine ranges grow from 40 % to 100 % over N epochs
+    synth_fine_disp_mm: float = 0.0  # brains: largest fine-scale (gyral, 6-12 mm) displacement; 0 = off
     # schedule
     epochs: int = 200
     # iterations per epoch (each = both directions, 2 optimizer steps); None = 100 for synthetic data, one
@@ -142,6 +145,7 @@ class TrainConfig:
             "val_pairs",
             "ncc_weight",
             "synth_ramp_epochs",
+            "synth_fine_disp_mm",
         ):
             pos(n, allow_zero=True)
         if self.max_minutes is not None and not self.max_minutes > 0:

@@ -242,13 +242,14 @@ def build_datasets(cfg: TrainConfig, pre: Any, world_size: int = 1) -> tuple[Any
 
 def _brain_datasets(cfg: TrainConfig, pre: Any, world_size: int) -> tuple[Any, Any]:
     """SynthMorph-style brain pairs; validation = held-out pairs, half same contrast, half different."""
-    from emorph_deploy.data.brainsynth import BrainSynthPairs, heldout_pairs
+    from emorph_deploy.data.brainsynth import BrainSynthConfig, BrainSynthPairs, heldout_pairs
 
     shape = tuple(pre.grid_shape)
     spacing = float(pre.spacing_mm[0]) if cfg.grid_shape is None else None  # test grids fit the brain
     n_train = cfg.steps_per_epoch * cfg.batch_size * world_size
+    synth = BrainSynthConfig(fine_disp_mm=cfg.synth_fine_disp_mm)
     train_ds = BrainSynthPairs(
-        n_train, shape, seed=cfg.seed, spacing_mm=spacing, ramp_epochs=cfg.synth_ramp_epochs
+        n_train, shape, seed=cfg.seed, spacing_mm=spacing, config=synth, ramp_epochs=cfg.synth_ramp_epochs
     )
     n_val = max(cfg.val_pairs, 1)
     val = heldout_pairs((n_val + 1) // 2, shape, spacing, "same") + heldout_pairs(

@@ -94,6 +94,40 @@ def test_same_t1_contrast_keeps_intensity_order():
         assert float(img[lab == 3].mean()) > float(img[lab == 2].mean()) + 0.1
 
 
+def _jacobian_det(disp: torch.Tensor) -> np.ndarray:
+    """det(I + grad u) of a (1, 3, D, H, W) voxel displacement, by central differences."""
+    grads = np.stack(np.gradient(disp[0].numpy(), axis=(1, 2, 3)), 1)  # (3 comps, 3 axes, D, H, W)
+    jac = grads + np.eye(3)[:, :, None, None, None]
+    return np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
+
+
+def test_svf_displacement_is_bounded_and_invertible():
+    g = torch.Generator().manual_seed(4)
+    shape = (40, 48, 56)
+    for kw in ({}, {"min_downsample": 2, "steps": 4}):
+        disp = bs._svf_displacement(g, shape, 2.0, (6.0, 12.0), 3.0, **kw)
+        assert disp.shape == (1, 3, *shape)
+        # at most 3 mm = 1.5 voxels (scaling and squaring of a field scaled to that norm: within 20 %)
+        assert 0.0 < float(disp.pow(2).sum(1).sqrt().max()) <= 1.5 * 1.2
+        assert float(_jacobian_det(disp).min()) > 0.0  # a diffeomorphism: no folding
+
+
+def test_fine_deformation_moves_labels_at_small_scale_only():
+    rigid = dict(p_head=0.0, parcels=1, max_disp_mm=0.0, rotation_deg=0.0, scale=0.0, shear=0.0)
+    rigid["translation_mm"] = 0.0
+    from emorph_deploy.metrics import mean_dice
+
+    # 4 mm voxels, so that the 6-12 mm fine control spacing is resolved
+    def dice(seed: int, fine_mm: float) -> float:
+        p = brain_pair((40, 48, 40), seed, 4.0, BrainSynthConfig(**rigid, fine_disp_mm=fine_mm))
+        return mean_dice(p["moving_labels"].numpy(), p["fixed_labels"].numpy())
+
+    assert dice(24, 0.0) == pytest.approx(1.0)  # no deformation of any kind: identical subjects
+    moved = [dice(seed, 16.0) for seed in (24, 25, 26)]
+    # boundaries moved by a voxel or two, the anatomy kept
+    assert all(0.8 < d < 0.99 for d in moved) and np.mean(moved) < 0.95
+
+
 def test_integrate_zero_velocity_and_identity_sampling():
     v = torch.zeros(1, 3, 8, 9, 10)
     assert torch.equal(bs._integrate(v), v)

@@ -114,6 +114,23 @@ def test_resume_with_new_schedule_starts_a_cosine_phase(tmp_path, tiny_overrides
     assert again.sched.T_max == 2 and again.sched.base_lrs == [pytest.approx(4e-4)]
 
 
+def test_resume_may_add_fine_deformations_to_brain_pairs(tmp_path, tiny_overrides):
+    from types import SimpleNamespace
+
+    from emorph_deploy.train.loop import _brain_datasets
+
+    cfg = _cfg(tmp_path, tiny_overrides, "f", epochs=1, steps_per_epoch=1, val_pairs=2)
+    Trainer(cfg, force=True).fit()
+    resumed = resolve_resume_config(tmp_path / "f", {"synth_fine_disp_mm": 8.0})
+    assert resumed.synth_fine_disp_mm == 8.0
+    pre = SimpleNamespace(grid_shape=(16, 16, 16), spacing_mm=(2.0, 2.0, 2.0))
+    train_ds, val = _brain_datasets(resumed, pre, 1)
+    assert train_ds.config.fine_disp_mm == 8.0
+    # the held-out validation pairs are those of a run without fine deformations (one comparable curve)
+    _, val_before = _brain_datasets(cfg, pre, 1)
+    assert all(torch.equal(a["moving"], b["moving"]) for a, b in zip(val, val_before, strict=True))
+
+
 def test_batch_of_two_and_label_union(tmp_path, tiny_overrides):
     # batch 2 mixes a SynthMorph pair (16 labels) and a template pair (4 labels): Dice over the label union
     cfg = _cfg(
