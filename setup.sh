@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up for emorph on a fresh machine.
 #   bash setup.sh          -> the package with ONNX Runtime (the user install)
-#   bash setup.sh --dev    -> the same plus TensorRT-RTX (CPU-only engine builds) and the test tools
+#   bash setup.sh --dev    -> the same plus TensorRT-RTX (CPU-only engine builds), OpenVINO + NNCF (the [cpu]
+#                             extra, so the OpenVINO tests run) and the test tools
 #   bash setup.sh --suite  -> the user install plus the validation suite (ANTs, greedy, pydeface's mean head;
 #                             ITK's example T1 from Debian's insighttoolkit5-examples where apt-get is usable)
 # torch is installed first as the CPU build 2.13.0 only when no torch is importable: an existing
@@ -17,7 +18,7 @@ else
 fi
 extras="onnx"
 if [[ "${1:-}" == "--dev" ]]; then
-    extras="onnx,tensorrt,dev"
+    extras="onnx,tensorrt,cpu,dev"
 elif [[ "${1:-}" == "--suite" ]]; then
     extras="onnx,peers,realbrains"
     if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == "0" ]]; then
