@@ -165,7 +165,8 @@ def train_command(
         bool,
         typer.Option(
             "--resume",
-            help="Continue the run in --out (same step and lr; --lr/--lr-min/--t-max start a new phase).",
+            help="Continue the run in --out (same step and lr; --lr/--lr-min/--t-max start a new phase; "
+            "loss weights and --synth-fine-disp-mm may change too, everything else must match).",
         ),
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run in --out.")] = False,

@@ -57,6 +57,10 @@ RESUMABLE_OVERRIDES: frozenset[str] = frozenset(
         "t_max",
         # a change of training data within the same generator (the held-out validation pairs do not change)
         "synth_fine_disp_mm",
+        # loss weights: a fine-tuning phase may re-balance them (e.g. less smoothing); the model is the same
+        "reg_weight",
+        "ncc_weight",
+        "dice_weight",
     }
 )
 

@@ -100,8 +100,8 @@ def test_cli_train_resume_and_guards(trained, tmp_path):
     assert res.exit_code == 2 and "--resume" in _error_line(err)
     assert (out / "last.json").read_bytes() == before
     # resume with a changed structural option: refused
-    res, _, err = _invoke(["train", "-o", out, "--resume", "--reg-weight", "0.5"])
-    assert res.exit_code == 2 and "reg_weight" in _error_line(err)
+    res, _, err = _invoke(["train", "-o", out, "--resume", "--batch-size", "2"])
+    assert res.exit_code == 2 and "batch_size" in _error_line(err)
     # resume for one more epoch continues at iteration 2
     res, _, err = _invoke(["train", "-o", out, "--resume", "--epochs", "2", "--no-progress"])
     assert res.exit_code == 0, err

@@ -121,8 +121,8 @@ def test_resume_may_add_fine_deformations_to_brain_pairs(tmp_path, tiny_override
 
     cfg = _cfg(tmp_path, tiny_overrides, "f", epochs=1, steps_per_epoch=1, val_pairs=2)
     Trainer(cfg, force=True).fit()
-    resumed = resolve_resume_config(tmp_path / "f", {"synth_fine_disp_mm": 8.0})
-    assert resumed.synth_fine_disp_mm == 8.0
+    resumed = resolve_resume_config(tmp_path / "f", {"synth_fine_disp_mm": 8.0, "reg_weight": 0.5})
+    assert resumed.synth_fine_disp_mm == 8.0 and resumed.reg_weight == 0.5  # a new loss balance may start
     pre = SimpleNamespace(grid_shape=(16, 16, 16), spacing_mm=(2.0, 2.0, 2.0))
     train_ds, val = _brain_datasets(resumed, pre, 1)
     assert train_ds.config.fine_disp_mm == 8.0
