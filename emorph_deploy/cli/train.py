@@ -82,6 +82,13 @@ def train_command(
             "subject, the gyral-scale differences between brains (default 0 = off; may change on --resume)."
         ),
     ] = None,
+    synth_affine_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="brains: scale the residual-affine ranges (±6°, ±6 %, ±3 % shear, ±6 mm) by this factor; "
+            "< 1 trains on pairs as affine pre-alignment leaves them (default 1; may change on --resume)."
+        ),
+    ] = None,
     atlas: Annotated[str | None, typer.Option(help="Atlas (moving) for atlas-to-subject pairs.")] = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Model variant (see 'emorph models').")
@@ -166,7 +173,7 @@ def train_command(
         typer.Option(
             "--resume",
             help="Continue the run in --out (same step and lr; --lr/--lr-min/--t-max start a new phase; "
-            "loss weights and --synth-fine-disp-mm may change too, everything else must match).",
+            "loss weights and the --synth-* data options may change too, everything else must match).",
         ),
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run in --out.")] = False,
@@ -204,6 +211,7 @@ def train_command(
         "synthetic_kind": synthetic_kind.value if synthetic_kind else None,
         "synth_ramp_epochs": synth_ramp_epochs,
         "synth_fine_disp_mm": synth_fine_disp_mm,
+        "synth_affine_fraction": synth_affine_fraction,
         "ncc_weight": ncc_weight,
         "bidirectional": bidirectional,
         "epochs": epochs,

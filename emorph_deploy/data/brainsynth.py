@@ -61,6 +61,9 @@ class BrainSynthConfig:
     scale: float = 0.06  # ± relative, per axis
     shear: float = 0.03  # ± per off-diagonal term
     translation_mm: float = 6.0  # ± per axis
+    # scales the four affine ranges above only: < 1 gives pairs as emorph's affine pre-alignment leaves them
+    # (a small relative affine), so training spends itself on the nonlinear part
+    affine_fraction: float = 1.0
     p_head: float = 0.5  # pairs with skull and scalp shells around the brain (else skull-stripped)
     p_same_contrast: float = 0.5
     p_t1_given_same: float = 0.6  # same-contrast pairs that keep the template's own T1 contrast
@@ -183,6 +186,7 @@ def _subject_map(
         )
         disp = fine + _warp(disp, fine, "bilinear", "border")
 
+    amp = amp * cfg.affine_fraction  # the affine's own range (the deformations above keep `amplitude`)
     deg = math.radians(cfg.rotation_deg * amp)
     angles = _uniform(g, -deg, deg, 3).tolist()
     rot = np.eye(3)

@@ -57,6 +57,7 @@ RESUMABLE_OVERRIDES: frozenset[str] = frozenset(
         "t_max",
         # a change of training data within the same generator (the held-out validation pairs do not change)
         "synth_fine_disp_mm",
+        "synth_affine_fraction",
         # loss weights: a fine-tuning phase may re-balance them (e.g. less smoothing); the model is the same
         "reg_weight",
         "ncc_weight",
@@ -84,6 +85,7 @@ class TrainConfig:
     synthetic_max_disp: float = 4.0  # largest true displacement of synth/template pairs, in voxels
     synth_ramp_epochs: int = 0  # brains: deformation/affine ranges grow from 40 % to 100 % over N epochs
     synth_fine_disp_mm: float = 0.0  # brains: largest fine-scale (gyral, 6-12 mm) displacement; 0 = off
+    synth_affine_fraction: float = 1.0  # brains: scales the residual-affine ranges (< 1: pre-aligned pairs)
     # schedule
     epochs: int = 200
     # iterations per epoch (each = both directions, 2 optimizer steps); None = 100 for synthetic data, one
@@ -150,6 +152,7 @@ class TrainConfig:
             "ncc_weight",
             "synth_ramp_epochs",
             "synth_fine_disp_mm",
+            "synth_affine_fraction",
         ):
             pos(n, allow_zero=True)
         if self.max_minutes is not None and not self.max_minutes > 0:

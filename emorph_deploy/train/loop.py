@@ -247,7 +247,7 @@ def _brain_datasets(cfg: TrainConfig, pre: Any, world_size: int) -> tuple[Any, A
     shape = tuple(pre.grid_shape)
     spacing = float(pre.spacing_mm[0]) if cfg.grid_shape is None else None  # test grids fit the brain
     n_train = cfg.steps_per_epoch * cfg.batch_size * world_size
-    synth = BrainSynthConfig(fine_disp_mm=cfg.synth_fine_disp_mm)
+    synth = BrainSynthConfig(fine_disp_mm=cfg.synth_fine_disp_mm, affine_fraction=cfg.synth_affine_fraction)
     train_ds = BrainSynthPairs(
         n_train, shape, seed=cfg.seed, spacing_mm=spacing, config=synth, ramp_epochs=cfg.synth_ramp_epochs
     )

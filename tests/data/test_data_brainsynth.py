@@ -128,6 +128,21 @@ def test_fine_deformation_moves_labels_at_small_scale_only():
     assert all(0.8 < d < 0.99 for d in moved) and np.mean(moved) < 0.95
 
 
+def test_affine_fraction_scales_only_the_residual_affine():
+    from emorph_deploy.metrics import mean_dice
+
+    def dice(**kw: float) -> float:
+        cfg = BrainSynthConfig(**{"p_head": 0.0, "parcels": 1, "max_disp_mm": 0.0, **kw})
+        p = brain_pair((40, 48, 40), 31, 4.0, cfg)
+        return mean_dice(p["moving_labels"].numpy(), p["fixed_labels"].numpy())
+
+    assert dice(affine_fraction=0.0) == pytest.approx(1.0)  # no deformation, no affine: identical subjects
+    full, small = dice(), dice(affine_fraction=0.25)
+    assert full < small < 1.0  # a quarter of the affine ranges leaves a smaller relative pose
+    # the deformation is not scaled: with the affine off the subjects still differ
+    assert dice(affine_fraction=0.0, max_disp_mm=15.0) < 0.99
+
+
 def test_integrate_zero_velocity_and_identity_sampling():
     v = torch.zeros(1, 3, 8, 9, 10)
     assert torch.equal(bs._integrate(v), v)

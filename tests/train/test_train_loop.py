@@ -121,11 +121,12 @@ def test_resume_may_add_fine_deformations_to_brain_pairs(tmp_path, tiny_override
 
     cfg = _cfg(tmp_path, tiny_overrides, "f", epochs=1, steps_per_epoch=1, val_pairs=2)
     Trainer(cfg, force=True).fit()
-    resumed = resolve_resume_config(tmp_path / "f", {"synth_fine_disp_mm": 8.0, "reg_weight": 0.5})
+    changes = {"synth_fine_disp_mm": 8.0, "synth_affine_fraction": 0.25, "reg_weight": 0.5}
+    resumed = resolve_resume_config(tmp_path / "f", changes)
     assert resumed.synth_fine_disp_mm == 8.0 and resumed.reg_weight == 0.5  # a new loss balance may start
     pre = SimpleNamespace(grid_shape=(16, 16, 16), spacing_mm=(2.0, 2.0, 2.0))
     train_ds, val = _brain_datasets(resumed, pre, 1)
-    assert train_ds.config.fine_disp_mm == 8.0
+    assert train_ds.config.fine_disp_mm == 8.0 and train_ds.config.affine_fraction == 0.25
     # the held-out validation pairs are those of a run without fine deformations (one comparable curve)
     _, val_before = _brain_datasets(cfg, pre, 1)
     assert all(torch.equal(a["moving"], b["moving"]) for a, b in zip(val, val_before, strict=True))
