@@ -180,6 +180,10 @@ def test_brains_one_direction_run_logs_contrast_groups(tmp_path, tiny_overrides)
     assert 0.0 < val["dice_same"] <= 1.0 and 0.0 < val["dice_diff"] <= 1.0
     assert val["dice"] == pytest.approx((val["dice_same"] + val["dice_diff"]) / 2)
     assert all(math.isfinite(r["dice_loss"]) for r in trainer.train_rows)
+    # the same pairs without residual affines, reported apart: closer to begin with
+    assert 0.0 < val["dice_aligned"] <= 1.0 and val["dice_aligned_init"] > val["dice_init"]
+    logged = (tmp_path / "brains" / "val_log.csv").read_text().splitlines()[0].split(",")
+    assert {"dice_aligned", "dice_aligned_init"} <= set(logged)
 
 
 def test_ncc_is_gated_by_same_contrast(tmp_path, tiny_overrides):
