@@ -572,6 +572,21 @@ def model_gflop(config: Any) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
+#: The packaged default model (trained at ``DEFAULT_GRID``).
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "emorph_deploy" / "weights" / "default.json"
+
+
+def grid_checkpoint(folder: str | os.PathLike, grid: Sequence[int], quick: bool) -> tuple[Path, str]:
+    """``(checkpoint, description)`` for a backend benchmark at ``grid``: the packaged default model at its
+    own grid, else a seeded random-init ``em-23-hires`` written into ``folder`` (``quick``: a tiny
+    ``em-11-hires``, also at the default grid)."""
+    if tuple(grid) == DEFAULT_GRID and not quick:
+        return DEFAULT_MODEL, "the packaged default model (trained weights)"
+    small = {"patch_dim": 6, "embed_dims": (8, 16), "heads": (1, 2)} if quick else None
+    model = "em-11-hires" if quick else "em-23-hires"
+    return make_checkpoint(Path(folder) / "ckpt", grid, model=model, overrides=small)
+
+
 def make_checkpoint(
     folder: str | os.PathLike,
     size: Sequence[int],

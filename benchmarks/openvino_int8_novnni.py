@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
 NAME = "openvino_int8_novnni"
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "emorph_deploy" / "weights" / "default.json"
 QUICK_GRID = (16, 24, 32)
 MODES = ("disable", "first_layer_only", "enable")
 
@@ -47,28 +46,21 @@ def _args(argv: list[str] | None) -> Any:
 def _export(grid: tuple[int, int, int], tmp: Path, quick: bool) -> Path:
     from emorph_deploy.export import onnx_from_checkpoint
 
-    if grid == C.DEFAULT_GRID and not quick:
-        ckpt = DEFAULT_MODEL
-    else:
-        small = {"patch_dim": 6, "embed_dims": (8, 16), "heads": (1, 2)} if quick else None
-        model = "em-11-hires" if quick else "em-23-hires"
-        ckpt, _ = C.make_checkpoint(tmp / "ckpt", grid, model=model, overrides=small)
+    ckpt, _ = C.grid_checkpoint(tmp, grid, quick)
     return Path(onnx_from_checkpoint(ckpt, tmp / "m.onnx", outputs="flow"))
 
 
-def _quantised(ov: Any, onnx: Path, mode: str, grid: tuple[int, int, int], pairs: int) -> Any:
+def _quantised(model: Any, mode: str, calib_feeds: list[dict[str, Any]]) -> Any:
+    """``model`` (an ``openvino.Model``) quantised by NNCF with ``overflow_fix`` = ``mode``."""
     import nncf
 
-    from emorph_deploy.calibration.pairs import CalibrationSet
-
-    calib = CalibrationSet.synthetic(pairs, grid, progress=False)
     params = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix(mode))
-    model = ov.Core().read_model(str(onnx))
-    return nncf.quantize(model, nncf.Dataset(calib.feeds), subset_size=len(calib), advanced_parameters=params)
+    data = nncf.Dataset(calib_feeds)
+    return nncf.quantize(model, data, subset_size=len(calib_feeds), advanced_parameters=params)
 
 
-def _measure(ov: Any, model: Any, feeds: list[dict[str, Any]], args: Any) -> tuple[C.Timing, list[Any]]:
-    compiled = ov.Core().compile_model(
+def _measure(core: Any, model: Any, feeds: list[dict[str, Any]], args: Any) -> tuple[C.Timing, list[Any]]:
+    compiled = core.compile_model(
         model,
         "CPU",
         {
@@ -90,9 +82,12 @@ def _run(args: Any, tmp: Path) -> list[dict[str, Any]]:
     import numpy as np
     import openvino as ov
 
+    from emorph_deploy.calibration.pairs import CalibrationSet
     from emorph_deploy.check import synthetic_pairs
 
     onnx = _export(args.grid, tmp, args.quick)
+    core = ov.Core()
+    calib_feeds = list(CalibrationSet.synthetic(args.calib_pairs, args.grid, progress=False).feeds)
     feeds = [
         {k: getattr(p, k)[None, None].astype(np.float32) for k in ("moving", "fixed")}
         for p in synthetic_pairs(args.pairs, args.grid, seed=1000)
@@ -101,12 +96,10 @@ def _run(args: Any, tmp: Path) -> list[dict[str, Any]]:
     ref: list[Any] = []
     for rid, mode in [("ov-fp32", None)] + [(f"ov-int8-nncf-{m}", m) for m in MODES]:
         C.log(f"  {rid}")
-        model = (
-            ov.Core().read_model(str(onnx))
-            if mode is None
-            else _quantised(ov, onnx, mode, args.grid, args.calib_pairs)
-        )
-        timing, flows = _measure(ov, model, feeds, args)
+        model = core.read_model(str(onnx))  # fresh per row: NNCF transforms the model it is given
+        if mode is not None:
+            model = _quantised(model, mode, calib_feeds)
+        timing, flows = _measure(core, model, feeds, args)
         ref = ref or flows
         diffs = [C.flow_diff(f, r)[1] for f, r in zip(flows, ref, strict=True)]
         rows.append(

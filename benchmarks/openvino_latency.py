@@ -45,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
 NAME = "openvino_latency"
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "emorph_deploy" / "weights" / "default.json"
 QUICK_GRID = (16, 24, 32)
 
 
@@ -86,13 +85,7 @@ def _prepare(grid: tuple[int, int, int], tmp: Path, args: Any) -> dict[str, Any]
 
     secs: dict[str, float] = {}
     t = time.perf_counter()
-    if grid == C.DEFAULT_GRID and not args.quick:
-        ckpt, desc = DEFAULT_MODEL, "the packaged default model (trained weights)"
-    else:
-        small = {"patch_dim": 6, "embed_dims": (8, 16), "heads": (1, 2)} if args.quick else None
-        ckpt, desc = C.make_checkpoint(
-            tmp / "ckpt", grid, model="em-11-hires" if args.quick else "em-23-hires", overrides=small
-        )
+    ckpt, desc = C.grid_checkpoint(tmp, grid, args.quick)
     onnx = Path(onnx_from_checkpoint(ckpt, tmp / f"m{C.fmt_size(grid)}.onnx", outputs="flow"))
     secs["export"] = time.perf_counter() - t
     qdq, nncf_ir, nncf_note = None, None, "not selected (--only)"

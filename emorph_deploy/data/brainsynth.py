@@ -186,7 +186,8 @@ def _subject_map(
         )
         disp = fine + _warp(disp, fine, "bilinear", "border")
 
-    amp = amp * cfg.affine_fraction  # the affine's own range (the deformations above keep `amplitude`)
+    # the affine's own range: `affine_fraction` scales it, the deformations above keep `amplitude` only
+    amp = cfg.amplitude * cfg.affine_fraction
     deg = math.radians(cfg.rotation_deg * amp)
     angles = _uniform(g, -deg, deg, 3).tolist()
     rot = np.eye(3)

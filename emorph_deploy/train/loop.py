@@ -265,16 +265,14 @@ def _brain_datasets(cfg: TrainConfig, pre: Any, world_size: int) -> tuple[Any, A
         n_train, shape, seed=cfg.seed, spacing_mm=spacing, config=synth, ramp_epochs=cfg.synth_ramp_epochs
     )
     n_val = max(cfg.val_pairs, 1)
-    val = heldout_pairs((n_val + 1) // 2, shape, spacing, "same") + heldout_pairs(
-        n_val // 2, shape, spacing, "different"
-    )
-    # the same subjects and contrasts without residual affines, after the main set (validate() reports them
-    # apart)
-    flat = BrainSynthConfig(affine_fraction=0.0)
-    aligned = heldout_pairs((n_val + 1) // 2, shape, spacing, "same", config=flat) + heldout_pairs(
-        n_val // 2, shape, spacing, "different", config=flat
-    )
-    return train_ds, val + [{**item, "aligned": True} for item in aligned]
+
+    def heldout(config: BrainSynthConfig | None = None) -> list[dict[str, Any]]:
+        same = heldout_pairs((n_val + 1) // 2, shape, spacing, "same", config=config)
+        return same + heldout_pairs(n_val // 2, shape, spacing, "different", config=config)
+
+    # then the same subjects and contrasts without residual affines (validate() reports them apart)
+    aligned = [{**item, "aligned": True} for item in heldout(BrainSynthConfig(affine_fraction=0.0))]
+    return train_ds, heldout() + aligned
 
 
 class _SyntheticAdapter(torch.utils.data.Dataset):
@@ -661,7 +659,6 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Mean validation metrics over the validation pairs (sharded over ranks, then averaged)."""
         from emorph_deploy import metrics as M
-        from emorph_deploy.models.warp import warp
 
         if self.val_ds is None:
             return {}
@@ -670,10 +667,10 @@ class Trainer:
         core.eval()
         rows = []
         n = len(self.val_ds)
-        main = min(n, max(self.cfg.val_pairs, 1))
-        # brains data appends the pre-aligned versions of its validation pairs (as many again) after them
-        aligned = isinstance(self.val_ds, list) and n == 2 * main and bool(self.val_ds[-1].get("aligned"))
-        for i in range(self.ctx.rank, 2 * main if aligned else main, self.ctx.world_size):
+        # brains data is a list ending in the pre-aligned versions of its pairs: all of it is evaluated
+        aligned = isinstance(self.val_ds, list) and n > 0 and bool(self.val_ds[-1].get("aligned"))
+        limit = n if aligned else min(n, max(self.cfg.val_pairs, 1))
+        for i in range(self.ctx.rank, limit, self.ctx.world_size):
             item = self.val_ds[i]
             moving = item["moving"][None].to(self.device)
             fixed = item["fixed"][None].to(self.device)
@@ -682,6 +679,10 @@ class Trainer:
             ):
                 warped, flow = core(moving, fixed)
             flow = flow.float()
+            if item.get("aligned"):  # reported apart, label Dice only: none of the main metrics
+                dice, dice_init = self._label_dice(item, flow)
+                rows.append({"dice_aligned": dice, "dice_aligned_init": dice_init})
+                continue
             warped_np = warped.float()[0, 0].cpu().numpy()
             fixed_np = fixed[0, 0].cpu().numpy()
             jac = M.jacobian_determinant(flow[0].cpu().numpy())
@@ -691,14 +692,7 @@ class Trainer:
                 "ncc_init": M.ncc_global(moving[0, 0].cpu().numpy(), fixed_np),
             }
             if item.get("moving_labels") is not None and item.get("fixed_labels") is not None:
-                ml = item["moving_labels"][None].to(self.device).float()
-                wl = warp(ml, flow, mode="nearest")[0, 0].round().long().cpu().numpy()
-                fl = item["fixed_labels"][0].numpy()
-                row["dice"] = M.mean_dice(wl, fl)
-                row["dice_init"] = M.mean_dice(item["moving_labels"][0].numpy(), fl)
-                if item.get("aligned"):  # reported apart: none of the main metrics
-                    rows.append({"dice_aligned": row["dice"], "dice_aligned_init": row["dice_init"]})
-                    continue
+                row["dice"], row["dice_init"] = self._label_dice(item, flow)
                 if "same_contrast" in item:  # brains data: accuracy per contrast relation
                     row["dice_same" if float(item["same_contrast"]) > 0 else "dice_diff"] = row["dice"]
             if item.get("flow") is not None:
@@ -711,6 +705,16 @@ class Trainer:
             vals = [r[k] for r in rows if k in r and math.isfinite(r[k])]
             local[k] = float(np.mean(vals)) if vals else math.nan
         return all_reduce_mean(self.ctx, local) if self.ctx.distributed else local
+
+    def _label_dice(self, item: dict[str, Any], flow: torch.Tensor) -> tuple[float, float]:
+        """(Dice after, Dice before) of ``item``'s moving labels warped by ``flow`` (1, 3, D, H, W), voxels"""
+        from emorph_deploy import metrics as M
+        from emorph_deploy.models.warp import warp
+
+        ml = item["moving_labels"][None].to(self.device).float()
+        wl = warp(ml, flow, mode="nearest")[0, 0].round().long().cpu().numpy()
+        fl = item["fixed_labels"][0].numpy()
+        return M.mean_dice(wl, fl), M.mean_dice(item["moving_labels"][0].numpy(), fl)
 
     @torch.no_grad()
     def validation_loss(self, n: int | None = None) -> float:
