@@ -12,6 +12,7 @@ from emorph_deploy.errors import InputError
 __all__ = [
     "Amp",
     "Backend",
+    "BestMetric",
     "BuildTarget",
     "CalibrationKind",
     "CalibrationMethod",
@@ -131,6 +132,17 @@ class Amp(Choice):
     auto = "auto"
     bf16 = "bf16"
     fp16 = "fp16"
+
+
+class BestMetric(Choice):
+    """The validation column ``best`` follows (named as in ``val_log.csv``): ``auto`` = ``dice`` when the
+    validation pairs have labels, else ``ncc``; ``dice_aligned`` = Dice of the brain pairs without their
+    residual affines (what the network meets after emorph's affine pre-alignment)."""
+
+    auto = "auto"
+    dice = "dice"
+    dice_aligned = "dice_aligned"
+    ncc = "ncc"
 
 
 class GridPreset(Choice):

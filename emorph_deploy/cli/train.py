@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from emorph_deploy.choices import Amp, GridPreset, SyntheticKind
+from emorph_deploy.choices import Amp, BestMetric, GridPreset, SyntheticKind
 from emorph_deploy.cli._common import handle_errors
 from emorph_deploy.errors import InputError
 
@@ -164,6 +164,14 @@ def train_command(
         int | None,
         typer.Option(help="Also save 'last' every N iterations (default 20; 0 = epoch ends only)."),
     ] = None,
+    best_metric: Annotated[
+        BestMetric | None,
+        typer.Option(
+            help="Validation column 'best' follows: auto = dice (ncc without labels); dice_aligned = brain "
+            "pairs without residual affines, as after emorph's pre-alignment (default auto; a change on "
+            "--resume restarts 'best')."
+        ),
+    ] = None,
     tensorboard: Annotated[
         bool | None, typer.Option("--tensorboard/--no-tensorboard", help="TensorBoard logs (if installed).")
     ] = None,
@@ -233,6 +241,7 @@ def train_command(
         "amp": amp.value if amp else None,
         "log_every": log_every,
         "checkpoint_every": checkpoint_every,
+        "best_metric": best_metric.value if best_metric else None,
         "tensorboard": tensorboard,
         "progress": progress,
     }

@@ -12,15 +12,23 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from emorph_deploy.choices import Amp, SyntheticKind
+from emorph_deploy.choices import Amp, BestMetric, SyntheticKind
 from emorph_deploy.errors import InputError
 from emorph_deploy.runtime import cpu_has_native_bf16
 
-__all__ = ["AMP_CHOICES", "RESUMABLE_OVERRIDES", "SYNTHETIC_KINDS", "TrainConfig", "resolve_amp"]
+__all__ = [
+    "AMP_CHOICES",
+    "BEST_METRICS",
+    "RESUMABLE_OVERRIDES",
+    "SYNTHETIC_KINDS",
+    "TrainConfig",
+    "resolve_amp",
+]
 
 
 AMP_CHOICES: tuple[str, ...] = tuple(a.value for a in Amp)
 SYNTHETIC_KINDS: tuple[str, ...] = tuple(k.value for k in SyntheticKind)
+BEST_METRICS: tuple[str, ...] = tuple(m.value for m in BestMetric)
 
 
 def resolve_amp(amp: str, device_type: str) -> str:
@@ -62,6 +70,8 @@ RESUMABLE_OVERRIDES: frozenset[str] = frozenset(
         "reg_weight",
         "ncc_weight",
         "dice_weight",
+        # what `best` follows: a phase aimed at pre-aligned pairs selects by their Dice (best restarts)
+        "best_metric",
     }
 )
 
@@ -118,6 +128,7 @@ class TrainConfig:
     out: str = "runs/train"
     log_every: int = 10
     val_every: int = 1  # epochs
+    best_metric: str = "auto"  # a BestMetric value: the validation column `best` follows (higher = better)
     checkpoint_every: int = 20  # also save `last` every N iterations mid-epoch (0 = at epoch ends only)
     tensorboard: bool = True
     progress: bool = True
@@ -159,6 +170,14 @@ class TrainConfig:
             raise InputError(f"--max-minutes must be > 0; got {self.max_minutes}")
         if self.max_steps is not None and self.max_steps < 1:
             raise InputError(f"--max-steps must be ≥ 1; got {self.max_steps}")
+        if self.best_metric not in BEST_METRICS:
+            raise InputError(f"--best-metric must be one of {BEST_METRICS}; got {self.best_metric!r}")
+        if self.best_metric == "dice_aligned" and not (self.synthetic and self.synthetic_kind == "brains"):
+            got = f"--data {self.data}" if self.data else f"--synthetic-kind {self.synthetic_kind}"
+            raise InputError(
+                "--best-metric dice_aligned needs the pre-aligned validation pairs of --synthetic-kind "
+                f"brains; got {got}; fix: use --best-metric auto or dice"
+            )
         if self.amp not in AMP_CHOICES:
             raise InputError(f"--amp must be one of {AMP_CHOICES}; got {self.amp!r}")
         if not 0.0 <= self.val_fraction < 1.0:

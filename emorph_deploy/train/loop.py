@@ -4,9 +4,9 @@ One iteration = both directions (moving→fixed, then fixed→moving), one optim
 NCC (Gaussian window) + ``reg_weight`` × diffusion [+ ``dice_weight`` × soft Dice of the warped one-hot labels
 when the pair has label maps]. The cosine schedule is stepped once per epoch. Each epoch ends with validation
 (Dice, fraction J ≤ 0, NCC, endpoint error against the true flow of synthetic pairs) and the ``last``
-checkpoint; ``best`` follows the validation Dice (or NCC when no labels exist). ``--resume`` restores weights,
-optimizer, scheduler, step, epoch and RNG, and continues at the same iteration and learning rate (data are a
-deterministic function of (seed, epoch, index)).
+checkpoint; ``best`` follows ``best_metric`` (default: the validation Dice, or NCC when no labels exist).
+``--resume`` restores weights, optimizer, scheduler, step, epoch and RNG, and continues at the same iteration
+and learning rate (data are a deterministic function of (seed, epoch, index)).
 
 Run folder (rank 0 writes it): ``best.{safetensors,json}``, ``last.{safetensors,json,state.pt}``,
 ``train_log.csv`` (every ``log_every`` iterations), ``val_log.csv`` (every validation), ``tb/`` (TensorBoard,
@@ -471,6 +471,11 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
         self.best_score = float(state.get("best_score", -math.inf))
+        was = str(state.get("best_metric", "auto"))
+        if was != self.cfg.best_metric:
+            # scores of another column do not compare: the next validation sets `best` again
+            self.best_score = -math.inf
+            self.echo(f"best now follows {self.cfg.best_metric} (was {was}): the next validation sets it")
         rng = (
             state.get("rng_per_rank", {}).get(str(self.ctx.rank))
             if self.ctx.world_size > 1
@@ -510,6 +515,7 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "best_score": self.best_score,
+            "best_metric": self.cfg.best_metric,
             "rng": rng,
             "world_size": self.ctx.world_size,
         }
@@ -537,6 +543,7 @@ class Trainer:
             "lr": _lr(self.opt),
             "world_size": self.ctx.world_size,
             "best_score": self.best_score if math.isfinite(self.best_score) else None,
+            "best_metric": self.cfg.best_metric,
         }
 
     # ------------------------------------------------------------------ one direction
@@ -741,8 +748,10 @@ class Trainer:
             self.core.train(was_training)
         return float(np.mean(vals)) if vals else math.nan
 
-    @staticmethod
-    def score(val: dict[str, float]) -> float:
+    def score(self, val: dict[str, float]) -> float:
+        """The value `best` follows (higher = better; NaN when this validation did not measure it)."""
+        if self.cfg.best_metric != "auto":
+            return val.get(self.cfg.best_metric, math.nan)
         d = val.get("dice", math.nan)
         return d if math.isfinite(d) else val.get("ncc", -math.inf)
 

@@ -108,6 +108,11 @@ def test_cli_train_resume_and_guards(trained, tmp_path):
     assert "resumed" in err and "at iteration 2" in err
     meta = json.loads((out / "last.json").read_text())
     assert meta["training"]["step"] == 4 and meta["training"]["epoch"] == 2
+    # a best metric the run's validation cannot measure: refused before anything is written
+    before = (out / "last.json").read_bytes()
+    res, _, err = _invoke(["train", "-o", out, "--resume", "--best-metric", "dice_aligned"])
+    assert res.exit_code == 2 and "dice_aligned needs" in _error_line(err)
+    assert (out / "last.json").read_bytes() == before
     # --resume where there is no run
     res, _, err = _invoke(["train", "-o", tmp_path / "none", "--resume"])
     assert res.exit_code == 2 and "not found" in _error_line(err)

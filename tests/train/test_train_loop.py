@@ -160,18 +160,14 @@ def test_max_minutes_stops_and_saves_for_resume(tmp_path, tiny_overrides):
     assert resolve_resume_config(tmp_path / "mm", {}).max_minutes is None  # not inherited by --resume
 
 
+def _brains_cfg(tmp_path, tiny_overrides, name: str, **kw) -> TrainConfig:
+    """A one-epoch brains run, one direction per iteration, fp32, two held-out pairs."""
+    base = dict(epochs=1, val_pairs=2, synthetic_kind="brains", bidirectional=False, amp="none")
+    return _cfg(tmp_path, tiny_overrides, name, **{**base, **kw})
+
+
 def test_brains_one_direction_run_logs_contrast_groups(tmp_path, tiny_overrides):
-    cfg = _cfg(
-        tmp_path,
-        tiny_overrides,
-        "brains",
-        epochs=1,
-        steps_per_epoch=2,
-        val_pairs=2,
-        synthetic_kind="brains",
-        bidirectional=False,
-        amp="none",
-    )
+    cfg = _brains_cfg(tmp_path, tiny_overrides, "brains", steps_per_epoch=2)
     trainer = Trainer(cfg, force=True)
     res = trainer.fit()
     assert res.step == 2
@@ -184,6 +180,33 @@ def test_brains_one_direction_run_logs_contrast_groups(tmp_path, tiny_overrides)
     assert 0.0 < val["dice_aligned"] <= 1.0 and val["dice_aligned_init"] > val["dice_init"]
     logged = (tmp_path / "brains" / "val_log.csv").read_text().splitlines()[0].split(",")
     assert {"dice_aligned", "dice_aligned_init"} <= set(logged)
+
+
+def test_best_metric_change_on_resume_restarts_best(tmp_path, tiny_overrides):
+    from emorph_deploy.errors import InputError
+
+    cfg = _brains_cfg(tmp_path, tiny_overrides, "bm", steps_per_epoch=1)
+    Trainer(cfg, force=True).fit()
+    first = json.loads((tmp_path / "bm" / "best.json").read_text())["training"]
+    assert first["best_metric"] == "auto" and first["best_score"] < 0.6  # dice of pairs with affines
+    # a phase that selects by the pre-aligned pairs: the old score (another column) does not carry over
+    resumed = Trainer(
+        resolve_resume_config(tmp_path / "bm", {"epochs": 2, "best_metric": "dice_aligned"}), resume=True
+    )
+    resumed.load_resume()
+    assert resumed.best_score == -math.inf
+    res = resumed.fit()
+    best = json.loads((tmp_path / "bm" / "best.json").read_text())["training"]
+    assert best["step"] == 2 and best["best_metric"] == "dice_aligned"
+    assert best["best_score"] == pytest.approx(res.history[-1]["dice_aligned"])
+    # the same metric on a later resume keeps the score
+    again = Trainer(resolve_resume_config(tmp_path / "bm", {"epochs": 3}), resume=True)
+    again.load_resume()
+    assert again.best_score == pytest.approx(best["best_score"])
+    with pytest.raises(InputError, match="dice_aligned needs"):
+        _cfg(tmp_path, tiny_overrides, "x", synthetic_kind="synth", best_metric="dice_aligned")
+    with pytest.raises(InputError, match="--best-metric must be one of"):
+        _cfg(tmp_path, tiny_overrides, "x", best_metric="loss")
 
 
 def test_ncc_is_gated_by_same_contrast(tmp_path, tiny_overrides):
