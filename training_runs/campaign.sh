@@ -3,6 +3,7 @@
 #   bash training_runs/campaign.sh 120          # run in the background; resumes where the last session stopped
 #   bash training_runs/campaign.sh 120 --lr 2e-4 --lr-min 1e-5 --t-max 60   # resume into a new cosine phase
 #   bash training_runs/campaign.sh 120 --synth-fine-disp-mm 8 --reg-weight 0.5  # change data or loss balance
+#   bash training_runs/campaign.sh 120 --best-metric dice_aligned  # `best` follows the pre-aligned pairs
 # The first call starts the run with the recipe below; later calls resume it (same step, learning rate, data);
 # options after MINUTES are passed to the resume (see `emorph train --help`).
 set -euo pipefail
