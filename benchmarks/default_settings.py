@@ -9,13 +9,16 @@ from its flow; refinement from a zero flow (no network) runs the same settings o
 of a pair sees the same pre-aligned inputs, and the comparison between models and step counts is paired.
 
 Settings: ``N`` = N Adam steps at half resolution (the default style, ``levels=2, full_steps=0``),
-``N+K`` = N half-resolution steps then K full-resolution ones. Similarity ``auto`` (NCC when the contrasts
-agree, MIND-SSC otherwise), as ``emorph register`` uses it.
+``N+K`` = N half-resolution steps then K full-resolution ones; ``~W`` sets the folding penalty's weight
+(otherwise the library default, ``RegistrationDefaults.refine_fold_weight``); a last suffix ``@ncc``,
+``@ngf`` or ``@mind`` fixes the similarity, which is otherwise ``auto`` (NCC when the contrasts agree, NGF
+otherwise), as ``emorph register`` uses it. ``--settings 0,10,10@ncc,10@ngf,10@mind`` compares the
+similarities, ``--settings 10~0,10~10,10+2~10`` the folding penalty.
 
 Dice: the moving labels warped (nearest) onto the fixed native grid, as ``benchmarks/validation_suite.py``
 scores them (real brains: mean of GM and WM; synthetic: mean over their labels).
 
-Time: a separate timing pass on the first real pair of each contrast (same → NCC, inverted → MIND-SSC):
+Time: a separate timing pass on the first real pair of each contrast (``auto``: same → NCC, inverted → NGF):
 the wall-clock median of ``--runs`` calls after ``--warmup`` of the network and of each refinement setting,
 in this process with ``--threads`` threads. Only a quiet machine gives meaningful seconds: the load average
 is recorded with each timing row (run it when no training campaign shares the cores). The pick: the setting
@@ -41,7 +44,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -54,27 +57,63 @@ ZERO = "zero flow (no network)"
 
 
 # ---------------------------------------------------------------------------------------------- settings
-def parse_settings(text: str) -> list[tuple[int, int]]:
-    """``"0,20,20+5"`` → ``[(0, 0), (20, 0), (20, 5)]`` (half-resolution steps, full-resolution steps)."""
+class Setting(NamedTuple):
+    """One refinement setting: half-resolution steps, full-resolution steps, the similarity, the folding
+    penalty's weight (None = the library default)."""
+
+    half: int
+    full: int = 0
+    similarity: str = "auto"
+    fold: float | None = None
+
+    @property
+    def name(self) -> str:
+        return setting_name(self.half, self.full, self.similarity, self.fold)
+
+
+def parse_settings(text: str) -> list[Setting]:
+    """``"0,20,20+5~10@ngf"`` → ``[Setting(0, 0), Setting(20, 0), Setting(20, 5, "ngf", 10.0)]``."""
+    from emorph_deploy.choices import Similarity
+
     out = []
     for item in (t.strip() for t in text.split(",")):
         if not item:
             continue
-        half, _, full = item.partition("+")
+        rest, _, sim = item.partition("@")
+        steps, tilde, fold = rest.partition("~")
+        half, _, full = steps.partition("+")
         try:
-            pair = (int(half), int(full or 0))
+            setting = Setting(
+                int(half), int(full or 0), Similarity(sim or "auto").value, float(fold) if tilde else None
+            )
         except ValueError:
-            raise SystemExit(f"--settings: expected N or N+K (integers), got {item!r}") from None
-        if pair[0] < 0 or pair[1] < 0 or (pair[0] == 0 and pair[1] > 0):
-            raise SystemExit(f"--settings: expected N >= 0 and K >= 0 (K only with N > 0), got {item!r}")
-        out.append(pair)
+            raise SystemExit(
+                f"--settings: expected N, N+K, then optionally ~WEIGHT and @SIMILARITY (one of "
+                f"{', '.join(m.value for m in Similarity)}), got {item!r}"
+            ) from None
+        bad_fold = setting.fold is not None and not 0 <= setting.fold < float("inf")
+        if (
+            setting.half < 0
+            or setting.full < 0
+            or bad_fold
+            or (setting.half == 0 and (setting.full or sim or tilde))
+        ):
+            raise SystemExit(
+                f"--settings: expected N >= 0, K >= 0 and a weight >= 0 (K, ~W and @SIMILARITY only with "
+                f"N > 0), got {item!r}"
+            )
+        out.append(setting)
     if not out:
         raise SystemExit("--settings: expected at least one setting, e.g. 0,20,40")
     return out
 
 
-def setting_name(half: int, full: int) -> str:
-    return "network alone" if half == 0 else f"{half} half" + (f" + {full} full" if full else "")
+def setting_name(half: int, full: int, similarity: str = "auto", fold: float | None = None) -> str:
+    if half == 0:
+        return "network alone"
+    name = f"{half} half" + (f" + {full} full" if full else "")
+    name += "" if fold is None else f", fold {fold:g}"
+    return name if similarity == "auto" else f"{name} @{similarity}"
 
 
 @contextlib.contextmanager
@@ -162,25 +201,27 @@ def starts_of(regs: dict[str, Any], prep: dict[str, Any]) -> dict[str, tuple[Any
     return out
 
 
-def cases(starts: dict[str, tuple[Any, Any]], settings: list[tuple[int, int]]) -> Iterator[tuple]:
-    """(start name, registrar, initial flow, half steps, full steps) for every row of a pair; the zero flow
-    without refinement is skipped (= the affine alone: validation_suite's "affine" row)."""
+def cases(starts: dict[str, tuple[Any, Any]], settings: list[Setting]) -> Iterator[tuple]:
+    """(start name, registrar, initial flow, setting) for every row of a pair; the zero flow without
+    refinement is skipped (= the affine alone: validation_suite's "affine" row)."""
     for name, (reg, flow0) in starts.items():
-        for half, full in settings:
-            if not (name == ZERO and half == 0):
-                yield name, reg, flow0, half, full
+        for setting in settings:
+            if not (name == ZERO and setting.half == 0):
+                yield name, reg, flow0, setting
 
 
-def refined(reg: Any, prep: dict[str, Any], flow0: Any, half: int, full: int, info: dict[str, Any]) -> Any:
+def refined(reg: Any, prep: dict[str, Any], flow0: Any, setting: Setting, info: dict[str, Any]) -> Any:
     from emorph_deploy.refine import RefineConfig
 
-    if not half:
+    if not setting.half:
         return flow0
-    return reg._refine(prep["grid"], flow0, RefineConfig(steps=half, full_steps=full), info)
+    fold = {} if setting.fold is None else {"fold_weight": setting.fold}
+    config = RefineConfig(steps=setting.half, full_steps=setting.full, similarity=setting.similarity, **fold)
+    return reg._refine(prep["grid"], flow0, config, info)
 
 
 def run_pair(
-    regs: dict[str, Any], pair: dict[str, Any], settings: list[tuple[int, int]], threads: int
+    regs: dict[str, Any], pair: dict[str, Any], settings: list[Setting], threads: int
 ) -> list[dict[str, Any]]:
     """Dice rows for one pair: per model (and the zero flow) × setting."""
     first = next(iter(regs.values()))
@@ -195,16 +236,17 @@ def run_pair(
         "resample_s": prep["times"]["resample"],
     }
     rows = []
-    for name, reg, flow0, half, full in cases(starts_of(regs, prep), settings):
+    for name, reg, flow0, setting in cases(starts_of(regs, prep), settings):
         info: dict[str, Any] = {}
-        flow = refined(reg, prep, flow0, half, full, info)
+        flow = refined(reg, prep, flow0, setting, info)
         row = {
             **base,
             "model": name,
-            "setting": setting_name(half, full),
-            "half_steps": half,
-            "full_steps": full,
+            "setting": setting.name,
+            "half_steps": setting.half,
+            "full_steps": setting.full,
             "similarity": info.get("similarity"),
+            "similarity_requested": info.get("similarity_requested"),
             **score_flow(prep, flow, fixed_labels, tissue),
         }
         rows.append(row)
@@ -213,7 +255,7 @@ def run_pair(
 
 
 def time_pair(
-    regs: dict[str, Any], pair: dict[str, Any], settings: list[tuple[int, int]], args: Any
+    regs: dict[str, Any], pair: dict[str, Any], settings: list[Setting], args: Any
 ) -> list[dict[str, Any]]:
     """Timing rows for one pair: wall-clock medians of the network and of each refinement setting."""
     first = next(iter(regs.values()))
@@ -224,19 +266,19 @@ def time_pair(
         for name, reg in regs.items()
     }
     net_s[ZERO] = 0.0
-    for name, reg, flow0, half, full in cases(starts_of(regs, prep), settings):
+    for name, reg, flow0, setting in cases(starts_of(regs, prep), settings):
         info: dict[str, Any] = {}
         ref_s = 0.0
-        if half:
+        if setting.half:
             ref_s = median_wall(
-                functools.partial(refined, reg, prep, flow0, half, full, info), args.runs, args.warmup
+                functools.partial(refined, reg, prep, flow0, setting, info), args.runs, args.warmup
             )
         rows.append(
             {
                 "pair": pair["name"],
                 "group": pair["group"],
                 "model": name,
-                "setting": setting_name(half, full),
+                "setting": setting.name,
                 "similarity": info.get("similarity"),
                 "network_s": net_s[name],
                 "refine_s": ref_s,
@@ -271,6 +313,8 @@ def time_register(reg: Any, pair: dict[str, Any], args: Any) -> dict[str, Any]:
         "stages_s": {k: round(v, 4) for k, v in last.items()},
         "affine": DEFAULTS.affine,
         "refine_steps": DEFAULTS.refine_steps,
+        "refine_full_steps": DEFAULTS.refine_full_steps,
+        "refine_fold_weight": DEFAULTS.refine_fold_weight,
         "load_avg": C.load_avg(),
     }
 
@@ -355,8 +399,9 @@ def render(res: dict[str, Any]) -> str:
     for r in s.get("register", []):
         body.append(
             f"- whole `Registrar.register` with the library defaults (affine on, refine "
-            f"{r['refine_steps']} steps; last model) on {r['pair']}: **{r['seconds']:.2f} s** (stages of "
-            "the last call: "
+            f"{setting_name(r['refine_steps'], r.get('refine_full_steps') or 0)}, fold weight "
+            f"{r.get('refine_fold_weight', 0):g}; last model) on {r['pair']}: **{r['seconds']:.2f} s** "
+            "(stages of the last call: "
             + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items() if k != "total")
             + ")"
         )
@@ -365,14 +410,12 @@ def render(res: dict[str, Any]) -> str:
     return C.markdown_document(res, "Registration defaults by measurement", "\n".join(body))
 
 
-def reuse_rows(path: str, models: list[str], settings: list[tuple[int, int]]) -> list[dict[str, Any]]:
+def reuse_rows(path: str, models: list[str], settings: list[Setting]) -> list[dict[str, Any]]:
     """The Dice rows of an earlier result, checked to cover these models and settings."""
     import json
 
     rows = [r for r in json.loads(Path(path).read_text())["rows"] if "dice" in r]
-    want = {(m, setting_name(h, f)) for m in models for h, f in settings} | {
-        (ZERO, setting_name(h, f)) for h, f in settings if h
-    }
+    want = {(m, st.name) for m in models for st in settings} | {(ZERO, st.name) for st in settings if st.half}
     have = {(r["model"], r["setting"]) for r in rows}
     if want - have:
         raise SystemExit(f"--rows-from {path}: expected rows for {sorted(want - have)}; fix: same --models")
@@ -403,7 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="comma list of checkpoints, each PATH or NAME=PATH (default: the packaged model)",
     )
-    ap.add_argument("--settings", default="0,10,20,40,60,20+5", help="refinement: N or N+K, comma list")
+    ap.add_argument(
+        "--settings",
+        default="0,10,20,40,60,20+5",
+        help="refinement: N or N+K, optionally ~FOLD_WEIGHT and @ncc/@ngf/@mind (default auto), comma list",
+    )
     ap.add_argument("--backend", default="torch", help="Registrar backend (auto|torch|onnxruntime|openvino)")
     ap.add_argument("--budget-s", type=float, default=1.0, help="network + refinement time budget (s)")
     ap.add_argument("--max-fold", type=float, default=1e-3, help="pick: worst-pair fraction J <= 0 below")

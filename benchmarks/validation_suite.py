@@ -126,6 +126,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
                 "seconds": _mean(rs, "seconds"),
                 "frac_jac_nonpos": _mean(rs, "frac_jac_nonpos"),
                 "steps": rs[0].get("steps"),
+                "full_steps": rs[0].get("full_steps"),
             }
     return out
 
@@ -202,7 +203,8 @@ def targets(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any
 def _method_name(key: str, entry: dict[str, Any]) -> str:
     name = METHODS.get(key, key)
     if key in ("refine", "refine0") and entry.get("steps") is not None:
-        name += f" ({entry['steps']} steps)"
+        full = f" + {entry['full_steps']} full" if entry.get("full_steps") else ""
+        name += f" ({entry['steps']} half{full} steps)" if full else f" ({entry['steps']} steps)"
     return name
 
 
@@ -320,8 +322,13 @@ def equal_time_steps(registrar: Any, pair: dict[str, Any], steps: int, repeats: 
 
     infer, refine = [], []
     for i in range(repeats + 1):
+        # half-resolution steps only: the default's full-resolution steps run in both rows alike, so the
+        # extra steps of refinement from zero must be priced at the half-resolution step's cost
         q = registrar.register(
-            str(pair["fixed"]), str(pair["moving"]), affine=True, refine=RefineConfig(steps=steps)
+            str(pair["fixed"]),
+            str(pair["moving"]),
+            affine=True,
+            refine=RefineConfig(steps=steps, full_steps=0),
         ).qc
         if i:
             infer.append(q["times_s"]["infer"])
@@ -559,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                     "single_subject": pair.get("single_subject", False),
                     "method": m,
                     "steps": steps_of.get(m),
+                    "full_steps": RefineConfig().full_steps if m in steps_of else None,
                     "threads": args.threads,
                     "load_avg": C.load_avg(),
                 }

@@ -201,8 +201,8 @@ class ExportOutputs(Choice):
 
 
 class Similarity(str, Enum):
-    """Image similarity of the refinement: ``ncc`` (the training loss, same contrast), ``mind`` (MIND-SSC,
-    across contrasts), ``ngf`` (normalised gradient fields) or ``auto`` (NCC or MIND by
+    """Image similarity of the refinement: ``ncc`` (the training loss, same contrast), ``ngf`` (normalised
+    gradient fields, across contrasts), ``mind`` (MIND-SSC) or ``auto`` (NCC or NGF by
     :func:`emorph_deploy.refine.contrast_agreement`)."""
 
     ncc = "ncc"

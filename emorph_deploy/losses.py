@@ -1,5 +1,5 @@
-"""Training losses for EfficientMorph: local NCC, diffusion regulariser and soft Dice; and two
-modality-independent similarities for test-time refinement across contrasts: MIND-SSC and NGF.
+"""Training losses for EfficientMorph: local NCC, diffusion regulariser and soft Dice; and, for test-time
+refinement, two modality-independent similarities across contrasts (MIND-SSC and NGF) and a folding penalty.
 
 All losses are ``nn.Module``s returning a scalar tensor, work for any batch size, are differentiable and are
 written in an export-safe style (fixed kernels as non-persistent buffers, no in-place indexed writes, no
@@ -19,7 +19,7 @@ from torch import nn
 
 from emorph_deploy.errors import InputError
 
-__all__ = ["DiffusionLoss", "MINDSSCLoss", "NCCLoss", "NGFLoss", "SoftDiceLoss", "one_hot"]
+__all__ = ["DiffusionLoss", "FoldingLoss", "MINDSSCLoss", "NCCLoss", "NGFLoss", "SoftDiceLoss", "one_hot"]
 
 _NCC_KINDS = ("gaussian", "box")
 _NCC_BORDERS = ("normalized", "zeros")
@@ -336,6 +336,54 @@ class DiffusionLoss(nn.Module):
         dh = flow[:, :, :, 1:, :] - flow[:, :, :, :-1, :]
         dw = flow[:, :, :, :, 1:] - flow[:, :, :, :, :-1]
         return ((dd * dd).mean() + (dh * dh).mean() + (dw * dw).mean()) / 3.0
+
+
+class FoldingLoss(nn.Module):
+    """Folding penalty: ``mean(relu(margin − det(I + ∇u)))`` over the interior voxels of a voxel displacement.
+
+    ``∇u`` by central differences, as :func:`emorph_deploy.qc.jacobian_determinant_fast` computes it inside
+    the grid (the faces, where it uses one-sided differences, are left out), so the penalty acts on what QC
+    counts as folding (J ≤ 0). Voxels whose determinant is above ``margin`` cost nothing: unlike the
+    diffusion term it does not smooth the field, it only pushes back where a voxel is about to fold.
+    ``forward(flow)`` takes (B, 3, D, H, W) with D, H, W ≥ 3; 0 for an identity or any field with
+    det > ``margin`` everywhere.
+
+    Args:
+        margin: the determinant below which a voxel is penalised (a small positive number, so the optimiser
+            stops short of 0).
+    """
+
+    def __init__(self, margin: float = 0.05) -> None:
+        super().__init__()
+        if not 0 <= margin < 1:
+            raise InputError(f"FoldingLoss margin: expected 0 <= margin < 1, got {margin!r}; fix: use 0.05")
+        self.margin = float(margin)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}"
+
+    @staticmethod
+    def determinant(flow: torch.Tensor) -> torch.Tensor:
+        """det(I + ∇u) of (B, 3, D, H, W) on the interior voxels → (B, D−2, H−2, W−2)."""
+        if flow.dim() != 5 or flow.shape[1] != 3 or min(flow.shape[2:]) < 3:
+            raise InputError(
+                f"FoldingLoss: expected a (B, 3, D, H, W) flow with D, H, W >= 3, got {tuple(flow.shape)}; "
+                "fix: pass a displacement field on a grid of at least 3 voxels per axis"
+            )
+        grads = (  # grads[j][:, i] = ∂u_i/∂x_j, central, on the interior
+            (flow[:, :, 2:, 1:-1, 1:-1] - flow[:, :, :-2, 1:-1, 1:-1]) * 0.5,
+            (flow[:, :, 1:-1, 2:, 1:-1] - flow[:, :, 1:-1, :-2, 1:-1]) * 0.5,
+            (flow[:, :, 1:-1, 1:-1, 2:] - flow[:, :, 1:-1, 1:-1, :-2]) * 0.5,
+        )
+        a = [[grads[j][:, i] + (1.0 if i == j else 0.0) for j in range(3)] for i in range(3)]
+        return (
+            a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
+            - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
+        )
+
+    def forward(self, flow: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.margin - self.determinant(flow)).mean()
 
 
 class SoftDiceLoss(nn.Module):

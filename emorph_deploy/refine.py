@@ -20,10 +20,15 @@ a negation included, but not by a remap that reorders tissues within its window 
 ``similarity="mind"`` replaces it by MIND-SSC (:class:`~emorph_deploy.losses.MINDSSCLoss`: each image is
 described by its own local self-similarity: the fixed descriptor once per level, the warped moving one per
 step),
-``"ngf"`` by normalised gradient fields, and ``"auto"`` measures on the model grid whether the two images
-share a contrast (:func:`contrast_agreement`: inside the common foreground, is the fixed intensity a positive,
-mostly *linear* function of the moving one?) and picks NCC if so, MIND otherwise. The choice and its figures
-are reported through ``info`` (and so in ``qc.json``'s ``refine``). See ``benchmarks/refine_sweep.py``.
+``"ngf"`` by normalised gradient fields (:class:`~emorph_deploy.losses.NGFLoss`: only the directions of the
+edges count), and ``"auto"`` measures on the model grid whether the two images share a contrast
+(:func:`contrast_agreement`: inside the common foreground, is the fixed intensity a positive, mostly *linear*
+function of the moving one?) and picks NCC if so, NGF otherwise: starting from the network's flow, NGF was the
+best of the three across contrasts on the validation suite (real brains with the moving contrast inverted,
+synthetic pairs in independent contrasts) while MIND-SSC at the default step count barely moved off the
+network's Dice (``benchmarks/default_settings.py --settings ...@mind,...@ngf``; figures in
+``docs/model_card.md``). The choice and its figures are reported through ``info`` (and so in ``qc.json``'s
+``refine``).
 
 :meth:`emorph_deploy.registration.Registrar.register` calls it with ``refine=N`` (``emorph register`` /
 ``emorph demo --refine N`` and the default-model benchmark).
@@ -77,10 +82,16 @@ class RefineConfig:
     ncc_sigma: float = 1.5
     levels: int = DEFAULTS.refine_levels
     full_steps: int | None = DEFAULTS.refine_full_steps  # levels=2: steps at full resolution (None = steps)
-    similarity: Similarity | str = DEFAULTS.refine_similarity  # auto: NCC for same contrast, MIND across
+    similarity: Similarity | str = DEFAULTS.refine_similarity  # auto: NCC for same contrast, NGF across
+    fold_weight: float = DEFAULTS.refine_fold_weight  # × FoldingLoss (det(I + ∇u) below 0.05); 0 = off
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "similarity", Similarity.coerce(self.similarity))
+        if not (isinstance(self.fold_weight, int | float) and 0 <= self.fold_weight < float("inf")):
+            raise InputError(
+                f"refine: expected a finite fold_weight >= 0, got {self.fold_weight!r}; fix: use 0 (off) "
+                "or e.g. 10"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -294,19 +305,23 @@ def _optimise(
     losses: list[float] | None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     weight: torch.Tensor | None = None,
+    fold_weight: float = 0.0,
 ) -> torch.Tensor:
-    from emorph_deploy.losses import DiffusionLoss
+    from emorph_deploy.losses import DiffusionLoss, FoldingLoss
     from emorph_deploy.models.warp import warp
 
-    diffusion = DiffusionLoss()
+    diffusion, folding = DiffusionLoss(), FoldingLoss()
     flow = flow0.detach().clone().requires_grad_(True)
     if steps == 0:
         return flow.detach()
     target = objective.target(fixed)  # once per level
     opt = torch.optim.Adam([flow], lr=lr)
+    fold = fold_weight > 0 and min(flow.shape[2:]) >= 3
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
         loss = objective.loss(warp(moving, flow), target, weight) + reg_weight * diffusion(flow)
+        if fold:
+            loss = loss + fold_weight * folding(flow)
         loss.backward()
         opt.step()
         if losses is not None:
@@ -329,12 +344,14 @@ def refine_flow(
     levels: int = RefineConfig.levels,
     full_steps: int | None = RefineConfig.full_steps,
     similarity: Similarity | str = "ncc",
+    fold_weight: float = RefineConfig.fold_weight,
     losses: list[float] | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     info: dict[str, Any] | None = None,
     fixed_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Refine a voxel displacement by ``steps`` Adam steps on a similarity (NCC) + ``reg_weight`` · diffusion.
+    """Refine a voxel displacement by ``steps`` Adam steps on a similarity (NCC) + ``reg_weight`` · diffusion
+    + ``fold_weight`` · folding penalty.
 
     Args:
         moving, fixed: (1, 1, D, H, W) float images in [0, 1] on the model grid.
@@ -347,9 +364,12 @@ def refine_flow(
             smaller than twice the NCC window in any axis skip the coarse level).
         full_steps: steps at full resolution when ``levels=2`` (default 0: the coarse level only, its
             displacement update trilinearly upsampled; ``None`` = ``steps``).
-        similarity: ``"ncc"`` (the training loss), ``"mind"`` (MIND-SSC, across contrasts), ``"ngf"`` or
-            ``"auto"`` (NCC if :func:`contrast_agreement` of the moving image warped by ``flow_init`` and
-            the fixed image says same contrast, else MIND).
+        similarity: ``"ncc"`` (the training loss), ``"ngf"`` (normalised gradient fields, across
+            contrasts), ``"mind"`` (MIND-SSC) or ``"auto"`` (NCC if :func:`contrast_agreement` of the moving
+            image warped by ``flow_init`` and the fixed image says same contrast, else NGF).
+        fold_weight: weight of :class:`~emorph_deploy.losses.FoldingLoss` (``mean(relu(0.05 − det J))``):
+            it acts only where a voxel is close to folding, so it lowers the share of J ≤ 0 without the
+            smoothing a larger ``reg_weight`` brings; 0 = off (the plain objective).
         losses: if a list is given, the loss before each step is appended (all levels, in order).
         callback: called as ``callback(k, flow)`` after full-resolution step k (1-based) with a detached
             copy; with ``levels=1`` the flow after step k equals ``refine_flow(..., steps=k)`` (one run
@@ -368,6 +388,8 @@ def refine_flow(
         raise InputError(f"refine: expected levels 1 or 2, got {levels!r}; fix: pass levels=1 or 2")
     if not lr > 0:
         raise InputError(f"refine: expected a positive lr, got {lr!r}; fix: use e.g. 0.1")
+    if not 0 <= fold_weight < float("inf"):
+        raise InputError(f"refine: expected a finite fold_weight >= 0, got {fold_weight!r}; fix: use 0 or 10")
     requested = Similarity.coerce(similarity)
     _check_inputs(moving, fixed, flow_init)
     if fixed_mask is not None and tuple(fixed_mask.shape) != tuple(fixed.shape):
@@ -383,7 +405,7 @@ def refine_flow(
 
         with torch.no_grad():
             agreement = contrast_agreement(warp(moving.float(), flow_init.float()), fixed.float())
-        chosen = Similarity.ncc if agreement["same_contrast"] else Similarity.mind
+        chosen = Similarity.ncc if agreement["same_contrast"] else Similarity.ngf
         if info is not None:
             info["contrast"] = agreement
     if info is not None:
@@ -404,7 +426,7 @@ def refine_flow(
             flow_c0 = F.avg_pool3d(flow, 2, ceil_mode=True) / 2.0  # (1, 3, ...) coarse voxels
             weight_c = None if weight is None else F.avg_pool3d(weight, 2, ceil_mode=True)
             flow_c = _optimise(
-                mov_c, fix_c, flow_c0, steps, lr, reg_weight, objective, losses, weight=weight_c
+                mov_c, fix_c, flow_c0, steps, lr, reg_weight, objective, losses, None, weight_c, fold_weight
             )
             # the same geometry back: fine x ↔ coarse (x − 0.5) / 2 (align_corners=False, scale 2)
             delta = F.interpolate(flow_c - flow_c0, scale_factor=2, mode="trilinear", align_corners=False)
@@ -412,5 +434,7 @@ def refine_flow(
             n_full = steps if full_steps is None else int(full_steps)
         else:
             n_full = steps
-        out = _optimise(mov, fix, flow, n_full, lr, reg_weight, objective, losses, callback, weight)
+        out = _optimise(
+            mov, fix, flow, n_full, lr, reg_weight, objective, losses, callback, weight, fold_weight
+        )
     return out.to(flow_init.dtype)

@@ -191,6 +191,40 @@ def test_diffusion_rejects_non_5d():
         DiffusionLoss()(torch.zeros(3, 8, 8, 8))
 
 
+# -------------------------------------------------------------------------------------------- folding
+def test_folding_determinant_matches_qc_jacobian_inside():
+    """FoldingLoss.determinant equals QC's np.gradient-style det(I + ∇u) on the interior voxels."""
+    import numpy as np
+
+    from emorph_deploy.losses import FoldingLoss
+    from emorph_deploy.qc import jacobian_determinant_fast
+
+    flow = 0.6 * torch.randn(1, 3, 9, 10, 11, generator=torch.Generator().manual_seed(0))
+    ref = jacobian_determinant_fast(flow.numpy())[1:-1, 1:-1, 1:-1]
+    assert (ref <= 0).mean() > 0.01  # the field folds somewhere: the test sees both signs
+    np.testing.assert_allclose(FoldingLoss.determinant(flow)[0].numpy(), ref, atol=1e-5)
+
+
+def test_folding_zero_without_folds_and_pushes_back_where_folded():
+    from emorph_deploy.losses import FoldingLoss
+
+    loss = FoldingLoss(margin=0.05)
+    i = torch.arange(8, dtype=torch.float32)
+    stretch = torch.zeros(1, 3, 8, 8, 8)
+    stretch[:, 0] = 0.5 * i[:, None, None]  # det 1.5 everywhere
+    assert loss(torch.zeros(1, 3, 6, 6, 6)).item() == 0.0 and loss(stretch).item() == 0.0
+    squash = torch.zeros(1, 3, 8, 8, 8)
+    squash[:, 0] = -1.5 * i[:, None, None]  # det −0.5 everywhere: 0.05 + 0.5 per voxel
+    assert loss(squash).item() == pytest.approx(0.55, abs=1e-6)
+    flow = squash.clone().requires_grad_()
+    loss(flow).backward()  # descending the penalty raises ∂u_0/∂x_0 back towards > −0.95
+    assert flow.grad[0, 0, 0].mean() > 0 > flow.grad[0, 0, -1].mean()
+    with pytest.raises(InputError):
+        loss(torch.zeros(1, 3, 2, 8, 8))
+    with pytest.raises(InputError):
+        FoldingLoss(margin=-0.1)
+
+
 # ----------------------------------------------------------------------------------------------- Dice
 def label_map(shape=(2, 1, 12, 12, 12), n=4, seed=0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

@@ -106,7 +106,8 @@ RefineOption = Annotated[
         "--refine",
         min=0,
         help="Test-time refinement: N Adam steps on the displacement (at half resolution; the training loss, "
-        "NCC, when the two images share a contrast, else MIND-SSC; the network is untouched). 0 = off.",
+        "NCC, when the two images share a contrast, else normalised gradient fields; the network is "
+        "untouched). 0 = off.",
     ),
 ]
 
@@ -123,14 +124,27 @@ RefineFullStepsOption = Annotated[
 ]
 
 
+#: ``--refine-fold-weight`` of ``emorph register``.
+RefineFoldWeightOption = Annotated[
+    float,
+    typer.Option(
+        "--refine-fold-weight",
+        min=0.0,
+        help="With --refine N: weight of the folding penalty, which pushes back only where a voxel is about "
+        "to fold (Jacobian determinant below 0.05); 0 = off. Much larger weights than the default make "
+        "Adam's steps fold more, not less (see the model card).",
+    ),
+]
+
+
 #: ``--refine-similarity`` of ``emorph register``.
 RefineSimilarityOption = Annotated[
     Similarity,
     typer.Option(
         "--refine-similarity",
-        help="Similarity of --refine: ncc (the training loss; same contrast), mind (MIND-SSC; across "
-        "contrasts, e.g. T1 to T2), ngf (normalised gradient fields) or auto (ncc if the two images share a "
-        "contrast on the model grid, else mind; the choice is recorded in qc.json).",
+        help="Similarity of --refine: ncc (the training loss; same contrast), ngf (normalised gradient "
+        "fields; across contrasts, e.g. T1 to T2), mind (MIND-SSC) or auto (ncc if the two images share a "
+        "contrast on the model grid, else ngf; the choice is recorded in qc.json).",
     ),
 ]
 

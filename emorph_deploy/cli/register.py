@@ -19,6 +19,7 @@ import typer
 from emorph_deploy.cli._common import (
     Backend,
     BackendOption,
+    RefineFoldWeightOption,
     RefineFullStepsOption,
     RefineOption,
     RefineSimilarityOption,
@@ -154,6 +155,7 @@ def register_command(
     refine: RefineOption = DEFAULTS.refine_steps,
     refine_similarity: RefineSimilarityOption = DEFAULTS.refine_similarity,
     refine_full_steps: RefineFullStepsOption = DEFAULTS.refine_full_steps or 0,
+    refine_fold_weight: RefineFoldWeightOption = DEFAULTS.refine_fold_weight,
     # cohort batches (--pairs): where the pairs run, and picking up an interrupted run
     scheduler: Annotated[
         str | None,
@@ -185,7 +187,10 @@ def register_command(
     )
 
     refine_cfg = DEFAULTS.refine_config(
-        steps=refine, similarity=refine_similarity.value, full_steps=refine_full_steps
+        steps=refine,
+        similarity=refine_similarity.value,
+        full_steps=refine_full_steps,
+        fold_weight=refine_fold_weight,
     )
     check_prefix(prefix)
     per_pair = {

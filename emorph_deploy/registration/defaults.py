@@ -23,9 +23,10 @@ class RegistrationDefaults:
     """Every user-facing registration default.
 
     ``affine``: the affine pre-alignment runs first (``--no-affine`` only for inputs already in one space).
-    ``refine_steps`` (``--refine``): test-time refinement steps; ``refine_similarity``, ``refine_levels`` and
-    ``refine_full_steps``: how they run (:class:`~emorph_deploy.refine.RefineConfig`, whose own defaults are
-    these). ``qc_png`` / ``voxel_flow``: the optional outputs written by default.
+    ``refine_steps`` (``--refine``): test-time refinement steps; ``refine_similarity``, ``refine_levels``,
+    ``refine_full_steps`` and ``refine_fold_weight``: how they run
+    (:class:`~emorph_deploy.refine.RefineConfig`, whose own defaults are these). ``qc_png`` / ``voxel_flow``:
+    the optional outputs written by default.
     """
 
     affine: bool = True
@@ -34,7 +35,10 @@ class RegistrationDefaults:
     refine_steps: int = 10
     refine_similarity: Similarity = Similarity.auto
     refine_levels: int = 2  # 2: the steps at half resolution first (a coarse step costs ~1/8 of a full one)
-    refine_full_steps: int | None = 0  # with levels=2: steps at full resolution (None = refine_steps)
+    refine_full_steps: int | None = 1  # with levels=2: steps at full resolution (None = refine_steps)
+    # the folding penalty's weight: it cuts J <= 0 several-fold at a Dice cost in the third decimal; much
+    # larger weights (~100) dominate Adam's normalised steps and fold more, not less (see the model card)
+    refine_fold_weight: float = 10.0
     qc_png: bool = True
     voxel_flow: bool = False
 
@@ -50,6 +54,7 @@ class RegistrationDefaults:
             "similarity": self.refine_similarity if similarity is None else similarity,
             "levels": self.refine_levels,
             "full_steps": self.refine_full_steps,
+            "fold_weight": self.refine_fold_weight,
         }
         fields.update(overrides)  # e.g. full_steps from --refine-full-steps
         return RefineConfig.coerce(RefineConfig(**fields))

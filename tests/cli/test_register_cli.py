@@ -275,6 +275,8 @@ def test_refine_similarity_option_reaches_qc(files, tmp_path):
         "--no-affine",
         "--refine",
         "2",
+        "--refine-fold-weight",
+        "3.5",
         "--refine-similarity",
         "mind",
     ]
@@ -282,13 +284,16 @@ def test_refine_similarity_option_reaches_qc(files, tmp_path):
     assert res.exit_code == 0, err + res.stdout
     refine = json.loads((out / "qc.json").read_text())["refine"]
     assert refine["steps"] == 2 and refine["similarity"] == refine["similarity_requested"] == "mind"
+    assert refine["fold_weight"] == 3.5
     bad, _ = _invoke([*args[:-1], "nmi", "--force"])
     assert bad.exit_code == 2  # Typer rejects a value outside the enum
+    bad, err = _invoke([*args[:-3], "-1", *args[-2:], "--force"])
+    assert bad.exit_code == 2 and "--refine-fold-weight" in err + bad.stdout  # a negative weight: bad input
 
 
 def test_refine_full_steps_option_reaches_qc(files, tmp_path):
-    """``--refine-full-steps K`` adds K full-resolution steps after the --refine N half-resolution ones; the
-    default adds none."""
+    """``--refine-full-steps K`` adds K full-resolution steps after the --refine N half-resolution ones; 0
+    runs none, and without the option the library default applies."""
     out = tmp_path / "out"
     args = ["register", files["fixed"], files["moving"], "--model", files["ckpt"], "--out", out]
     args += ["--no-qc-png", "--no-affine", "--refine", "2"]
@@ -296,8 +301,13 @@ def test_refine_full_steps_option_reaches_qc(files, tmp_path):
     assert res.exit_code == 0, err + res.stdout
     refine = json.loads((out / "qc.json").read_text())["refine"]
     assert (refine["steps"], refine["levels"], refine["full_steps"]) == (2, 2, 1)
-    res, err = _invoke([*args, "--force"])
+    res, err = _invoke([*args, "--refine-full-steps", "0", "--force"])
     assert res.exit_code == 0, err + res.stdout
     assert json.loads((out / "qc.json").read_text())["refine"]["full_steps"] == 0
+    res, err = _invoke([*args, "--force"])
+    assert res.exit_code == 0, err + res.stdout
+    from emorph_deploy.registration.defaults import DEFAULTS
+
+    assert json.loads((out / "qc.json").read_text())["refine"]["full_steps"] == DEFAULTS.refine_full_steps
     bad, _ = _invoke([*args, "--refine-full-steps", "-1", "--force"])
     assert bad.exit_code == 2
