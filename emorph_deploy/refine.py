@@ -294,6 +294,27 @@ def refine_loss(
     return ncc(warp(moving, flow), fixed) + reg_weight * DiffusionLoss()(flow)
 
 
+class _Adam:
+    """Adam (Kingma & Ba; torch.optim.Adam's defaults: betas 0.9 / 0.999, eps 1e-8, bias-corrected) on one
+    tensor. Written out because ``torch.optim.Adam()`` imports ``torch._dynamo`` on first use, about 1 s
+    that every one-shot ``emorph register`` paid inside its refinement stage."""
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999)):
+        self.param, self.lr, self.betas, self.eps, self.t = param, lr, betas, 1e-8, 0
+        self.m = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.v = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        g = self.param.grad
+        b1, b2 = self.betas
+        self.t += 1
+        self.m.lerp_(g, 1.0 - b1)
+        self.v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        denom = (self.v.sqrt() / (1.0 - b2**self.t) ** 0.5).add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=-self.lr / (1.0 - b1**self.t))
+
+
 def _optimise(
     moving: torch.Tensor,
     fixed: torch.Tensor,
@@ -315,15 +336,15 @@ def _optimise(
     if steps == 0:
         return flow.detach()
     target = objective.target(fixed)  # once per level
-    opt = torch.optim.Adam([flow], lr=lr)
+    adam = _Adam(flow, lr)
     fold = fold_weight > 0 and min(flow.shape[2:]) >= 3
     for step in range(1, steps + 1):
-        opt.zero_grad(set_to_none=True)
+        flow.grad = None
         loss = objective.loss(warp(moving, flow), target, weight) + reg_weight * diffusion(flow)
         if fold:
             loss = loss + fold_weight * folding(flow)
         loss.backward()
-        opt.step()
+        adam.step()
         if losses is not None:
             losses.append(float(loss.detach()))
         if callback is not None:
