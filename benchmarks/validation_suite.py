@@ -203,8 +203,8 @@ def targets(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any
 def _method_name(key: str, entry: dict[str, Any]) -> str:
     name = METHODS.get(key, key)
     if key in ("refine", "refine0") and entry.get("steps") is not None:
-        full = f" + {entry['full_steps']} full" if entry.get("full_steps") else ""
-        name += f" ({entry['steps']} half{full} steps)" if full else f" ({entry['steps']} steps)"
+        full = entry.get("full_steps")
+        name += f" ({entry['steps']} half + {full} full steps)" if full else f" ({entry['steps']} steps)"
     return name
 
 
@@ -545,12 +545,13 @@ def main(argv: list[str] | None = None) -> int:
         def em(kw: dict[str, Any], refine: Any = 0):
             return lambda p, t, a: P.run_emorph(p, t, a, _Fixed(registrar, **kw), True, refine=refine)
 
+        refine_cfg = {"refine0": RefineConfig(steps=n_zero or 0), "refine": RefineConfig(steps=n_refine)}
         jobs: dict[str, Any] = {
             "none": P.run_none,
             "affine": em({"network": False}),
             "network": em({}),
-            "refine0": em({"network": False}, RefineConfig(steps=n_zero or 0)),
-            "refine": em({}, RefineConfig(steps=n_refine)),
+            "refine0": em({"network": False}, refine_cfg["refine0"]),
+            "refine": em({}, refine_cfg["refine"]),
             "syn": lambda p, t, a: P.run_ants(p, t, a, "SyN"),
             "greedy": P.run_greedy,
         }
@@ -566,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
                     "single_subject": pair.get("single_subject", False),
                     "method": m,
                     "steps": steps_of.get(m),
-                    "full_steps": RefineConfig().full_steps if m in steps_of else None,
+                    "full_steps": refine_cfg[m].full_steps if m in refine_cfg else None,
                     "threads": args.threads,
                     "load_avg": C.load_avg(),
                 }

@@ -36,6 +36,7 @@ network's Dice (``benchmarks/default_settings.py --settings ...@mind,...@ngf``; 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -68,6 +69,14 @@ LINEAR_SHARE = 0.5
 MAX_REFINE_STEPS = 10_000
 
 
+def _check_fold_weight(weight: Any) -> None:
+    """InputError unless ``weight`` is a finite real number >= 0."""
+    if not (isinstance(weight, numbers.Real) and 0 <= weight < float("inf")):
+        raise InputError(
+            f"refine: expected a finite fold_weight >= 0, got {weight!r}; fix: use 0 (off) or e.g. 10"
+        )
+
+
 @dataclass(frozen=True)
 class RefineConfig:
     """Settings of the test-time refinement. ``lr`` is Adam's step size in voxels. ``steps=0`` is "off";
@@ -87,11 +96,7 @@ class RefineConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "similarity", Similarity.coerce(self.similarity))
-        if not (isinstance(self.fold_weight, int | float) and 0 <= self.fold_weight < float("inf")):
-            raise InputError(
-                f"refine: expected a finite fold_weight >= 0, got {self.fold_weight!r}; fix: use 0 (off) "
-                "or e.g. 10"
-            )
+        _check_fold_weight(self.fold_weight)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -409,8 +414,7 @@ def refine_flow(
         raise InputError(f"refine: expected levels 1 or 2, got {levels!r}; fix: pass levels=1 or 2")
     if not lr > 0:
         raise InputError(f"refine: expected a positive lr, got {lr!r}; fix: use e.g. 0.1")
-    if not 0 <= fold_weight < float("inf"):
-        raise InputError(f"refine: expected a finite fold_weight >= 0, got {fold_weight!r}; fix: use 0 or 10")
+    _check_fold_weight(fold_weight)
     requested = Similarity.coerce(similarity)
     _check_inputs(moving, fixed, flow_init)
     if fixed_mask is not None and tuple(fixed_mask.shape) != tuple(fixed.shape):
