@@ -98,6 +98,13 @@ def train_command(
     heads: Annotated[str | None, typer.Option(help="Heads per stage, e.g. 2,4.")] = None,
     patch_dim: Annotated[int | None, typer.Option(help="Patch-embedding channels.")] = None,
     decoder_widths: Annotated[str | None, typer.Option(help="Decoder widths (up2, up3), e.g. 48,16.")] = None,
+    drop_path: Annotated[
+        float | None,
+        typer.Option(
+            help="Stochastic depth of the blocks, in [0, 1) (default: the variant's, 0.3); training only, "
+            "so it may change on --resume."
+        ),
+    ] = None,
     skip_width: Annotated[int | None, typer.Option(help="Skip-branch width.")] = None,
     model_set: Annotated[
         list[str] | None, typer.Option(help="Any ModelConfig field: KEY=JSON (repeatable).")
@@ -211,6 +218,7 @@ def train_command(
     requested: dict[str, Any] = {
         "model": model,
         "model_overrides": overrides or None,
+        "drop_path": drop_path,
         "grid": grid.value if grid else None,
         "grid_shape": list(_ints(grid_shape, 3, "--grid-shape")) if grid_shape else None,
         "spacing_mm": spacing,

@@ -19,6 +19,10 @@ SIZE_MULTIPLE: int = 8
 
 Plane = tuple[int, int]
 
+#: ModelConfig fields that act only while training (the weights and inference do not depend on them): two
+#: configs that differ only here describe the same model (a checkpoint resumed with another stochastic depth).
+TRAINING_ONLY_FIELDS: frozenset[str] = frozenset({"drop_path"})
+
 
 def nearest_valid_size(size: tuple[int, ...], multiple: int = SIZE_MULTIPLE) -> tuple[int, ...]:
     """Nearest size whose every axis is a positive multiple of ``multiple`` (ties round up)."""
@@ -180,6 +184,7 @@ class ModelConfig:
 __all__ = [
     "ATTENTION_KINDS",
     "SIZE_MULTIPLE",
+    "TRAINING_ONLY_FIELDS",
     "WARP_SAMPLERS",
     "ModelConfig",
     "default_planes",

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from emorph_deploy.errors import ConfigMismatchError, InputError
 from emorph_deploy.fileio import atomic_path, check_writable, sha256_file, write_json_atomic
+from emorph_deploy.models.config import TRAINING_ONLY_FIELDS
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -269,7 +270,8 @@ def check_model_matches(meta_model: dict[str, Any], expect_model: Any, where: st
         return
     want = _expected_config_dict(expect_model, meta_model)
     assert want is not None
-    diffs = [k for k in sorted(set(want) | set(meta_model)) if want.get(k) != meta_model.get(k)]
+    keys = sorted((set(want) | set(meta_model)) - TRAINING_ONLY_FIELDS)
+    diffs = [k for k in keys if want.get(k) != meta_model.get(k)]
     if diffs:
         shown = ", ".join(f"{k}: {meta_model.get(k)!r} vs requested {want.get(k)!r}" for k in diffs[:4])
         more = f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""

@@ -72,6 +72,8 @@ RESUMABLE_OVERRIDES: frozenset[str] = frozenset(
         "dice_weight",
         # what `best` follows: a phase aimed at pre-aligned pairs selects by their Dice (best restarts)
         "best_metric",
+        # stochastic depth: a training-only regulariser; the weights and inference do not depend on it
+        "drop_path",
     }
 )
 
@@ -83,6 +85,9 @@ class TrainConfig:
     # model
     model: str = "em-23-hires"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (widths, depths, ...)
+    # stochastic depth of the blocks (ModelConfig.drop_path); None = the variant's. Synthetic data is
+    # unlimited, so a long campaign may lower it (less regularisation, a better fit) on --resume.
+    drop_path: float | None = None
     # grid / data
     grid: str = "2mm"  # Preprocessing preset ("1mm" = 160×192×224 as in the paper, "2mm" = 80×96×112)
     grid_shape: tuple[int, int, int] | None = None  # overrides the preset's shape (e.g. 32³ for tests)
@@ -178,6 +183,8 @@ class TrainConfig:
                 "--best-metric dice_aligned needs the pre-aligned validation pairs of --synthetic-kind "
                 f"brains; got {got}; fix: use --best-metric auto or dice"
             )
+        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
+            raise InputError(f"--drop-path must be in [0, 1); got {self.drop_path}")
         if self.amp not in AMP_CHOICES:
             raise InputError(f"--amp must be one of {AMP_CHOICES}; got {self.amp!r}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -211,6 +218,8 @@ class TrainConfig:
         from emorph_deploy.models import get_config
 
         overrides = dict(self.model_overrides)
+        if self.drop_path is not None:
+            overrides["drop_path"] = self.drop_path
         overrides["img_size"] = tuple(self.preprocessing().grid_shape)
         return get_config(self.model, **overrides)
 

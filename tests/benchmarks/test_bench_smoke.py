@@ -111,6 +111,23 @@ def test_compute_bound_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_default_model_eval_quick_measures_the_registration_defaults(tmp_path: Path) -> None:
+    pytest.importorskip("ants", reason="the [peers] extra (antspyx) is not installed")
+    mod = _load("default_model_eval")
+    out = tmp_path / "dme"
+    argv = ["--quick", "--threads", "1", "--no-syn", "--no-demo", "--refine", "2", "--runs", "1"]
+    assert mod.main([*argv, "--warmup", "0", "--out", str(out)]) == 0
+    data = _result(out)
+    rows = {r["method"]: r for r in data["rows"] if r["ok"]}
+    assert {"default model", "default model + refine 2", "defaults"} <= set(rows)
+    assert rows["defaults"]["affine_prealignment"] is True  # what `emorph register` does without options
+    aim = data["summary"]["target_defaults_template"]
+    assert aim["goal"] == 0.93 and aim["dice"] == pytest.approx(rows["defaults"]["dice_mean"])
+    assert aim["met"] == (aim["dice"] >= 0.93)
+    assert "Aim (issue 15) on template pairs, defaults" in out.with_name("dme.md").read_text()
+
+
+@pytest.mark.slow
 def test_openvino_latency_quick_states_the_fp32_bound(tmp_path: Path) -> None:
     pytest.importorskip("openvino", reason="the [cpu] extra (openvino) is not installed")
     mod = _load("openvino_latency")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -130,6 +131,29 @@ def test_resume_may_add_fine_deformations_to_brain_pairs(tmp_path, tiny_override
     # the held-out validation pairs are those of a run without fine deformations (one comparable curve)
     _, val_before = _brain_datasets(cfg, pre, 1)
     assert all(torch.equal(a["moving"], b["moving"]) for a, b in zip(val, val_before, strict=True))
+
+
+def test_resume_may_change_stochastic_depth_only(tmp_path, tiny_overrides):
+    from emorph_deploy.errors import ConfigMismatchError, InputError
+    from emorph_deploy.models.layers import DropPath
+    from emorph_deploy.train.checkpoint import load_checkpoint
+
+    cfg = _cfg(tmp_path, tiny_overrides, "dp", epochs=1, steps_per_epoch=1, val_pairs=0, drop_path=0.2)
+    Trainer(cfg, force=True).fit()
+    resumed_cfg = resolve_resume_config(tmp_path / "dp", {"epochs": 2, "drop_path": 0.0})
+    assert resumed_cfg.drop_path == 0.0 and resumed_cfg.model_config().drop_path == 0.0
+    resumed = Trainer(resumed_cfg, resume=True)
+    resumed.load_resume()  # the saved model (drop_path 0.2) is the same model: no mismatch
+    rates = [m.p for m in resumed.core.modules() if isinstance(m, DropPath)]
+    assert rates and all(r == 0.0 for r in rates)
+    resumed.fit()
+    _, meta = load_checkpoint(tmp_path / "dp" / "last", expect_model=cfg.model_config())
+    assert meta["model"]["drop_path"] == 0.0  # the checkpoint records the latest phase's stochastic depth
+    # an architecture change is still refused, and the range is checked
+    with pytest.raises(ConfigMismatchError):
+        load_checkpoint(tmp_path / "dp" / "last", expect_model=replace(cfg.model_config(), mlp_ratio=2.0))
+    with pytest.raises(InputError, match="drop-path"):
+        resolve_resume_config(tmp_path / "dp", {"drop_path": 1.0})
 
 
 def test_batch_of_two_and_label_union(tmp_path, tiny_overrides):
