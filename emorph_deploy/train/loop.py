@@ -798,6 +798,7 @@ class Trainer:
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=self.cfg.workers > 0,
                 generator=gen,
+                worker_init_fn=_worker_ignores_interrupts,
             )
         self._keys.keys = [(epoch, int(i)) for i in idx]
         self._n_batches = n_batches
@@ -975,15 +976,17 @@ class Trainer:
         )
 
     def _install_sigterm(self) -> Callable[[], None]:
-        """Single process, main thread: SIGTERM behaves like Ctrl-C (save `last`, then exit)."""
+        """Single process, main thread: SIGTERM acts like Ctrl-C (save `last`; the CLI then exits 143)."""
         import signal
         import threading
+
+        from emorph_deploy.errors import Interrupted
 
         if self.ctx.distributed or threading.current_thread() is not threading.main_thread():
             return lambda: None
 
         def handler(signum: int, frame: Any) -> None:
-            raise KeyboardInterrupt
+            raise Interrupted(signum)  # a KeyboardInterrupt that knows its signal (exit 128 + signum)
 
         try:
             old = signal.signal(signal.SIGTERM, handler)
@@ -1031,6 +1034,19 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- entry points
+def _worker_ignores_interrupts(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM: the main process owns the shutdown.
+
+    Ctrl-C in a terminal and a scheduler's SIGTERM reach the whole process group. A worker killed by the
+    signal makes the main process fail with "DataLoader worker ... is killed by signal" in the middle of
+    saving `last` (a traceback, `last.json` older than its state). Ignoring it here lets the main process
+    save `last`, then stop its workers through their queues."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def resolve_resume_config(out: str | Path, requested: dict[str, Any]) -> TrainConfig:
     """TrainConfig for ``--resume``: the saved one, with the explicitly requested options applied.
 

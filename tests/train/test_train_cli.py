@@ -250,3 +250,35 @@ def test_cli_evaluate_bad_checkpoint(tmp_path):
     res, _, err = _invoke(["evaluate", tmp_path / "x.json", "--synthetic", "1"])
     assert res.exit_code == 2
     _error_line(err)
+
+
+@pytest.mark.slow  # a fresh interpreter trains for a few seconds
+def test_cli_train_sigterm_to_the_process_group_saves_last(tmp_path, tiny_cli):
+    """A scheduler's SIGTERM (or Ctrl-C) reaches the DataLoader workers too: the run still ends with one
+    line, exit 143 and a consistent `last` (its JSON as new as its optimizer state)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "emorph_deploy", "train", "-o", str(out), "--synthetic-kind", "synth"]
+    cmd += ["--workers", "1", "--epochs", "100", "--steps-per-epoch", "1000", "--val-pairs", "0"]
+    cmd += ["--checkpoint-every", "0", *tiny_cli]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("training "):  # the loop has started; let a few iterations run
+            break
+    time.sleep(4.0)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group: main process and its worker
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, rest
+    assert "interrupted at iteration" in rest and "Traceback" not in rest and "killed by signal" not in rest
+    meta = json.loads((out / "last.json").read_text())
+    state = torch.load(out / "last.state.pt", map_location="cpu", weights_only=False)
+    assert meta["training"]["step"] == state["step"] > 0
