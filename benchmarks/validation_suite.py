@@ -555,7 +555,6 @@ def main(argv: list[str] | None = None) -> int:
             "syn": lambda p, t, a: P.run_ants(p, t, a, "SyN"),
             "greedy": P.run_greedy,
         }
-        steps_of = {"refine": n_refine, "refine0": n_zero}
         for pair in pairs:
             fixed_labels = P._labels_array(pair["fixed_labels"])
             for m in methods:
@@ -566,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                     "group": pair["group"],
                     "single_subject": pair.get("single_subject", False),
                     "method": m,
-                    "steps": steps_of.get(m),
+                    "steps": refine_cfg[m].steps if m in refine_cfg else None,
                     "full_steps": refine_cfg[m].full_steps if m in refine_cfg else None,
                     "threads": args.threads,
                     "load_avg": C.load_avg(),

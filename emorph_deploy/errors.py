@@ -60,6 +60,25 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """While inside: SIGINT and SIGTERM raise :class:`Interrupted` in the main thread (the default SIGTERM
+    action kills the process without running any cleanup). Elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_interrupted(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, raise_interrupted) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
 def interrupts_deferred() -> Iterator[Callable[[], None]]:
     """Inside: SIGINT/SIGTERM are recorded, not raised, and the yielded ``check()`` raises
     :class:`Interrupted` for a recorded one; call it at safe points. Native code that calls back into Python

@@ -451,8 +451,9 @@ def refine_flow(
             flow_c0 = F.avg_pool3d(flow, 2, ceil_mode=True) / 2.0  # (1, 3, ...) coarse voxels
             weight_c = None if weight is None else F.avg_pool3d(weight, 2, ceil_mode=True)
             flow_c = _optimise(
-                mov_c, fix_c, flow_c0, steps, lr, reg_weight, objective, losses, None, weight_c, fold_weight
-            )
+                mov_c, fix_c, flow_c0, steps, lr, reg_weight, objective, losses,
+                weight=weight_c, fold_weight=fold_weight,
+            )  # fmt: skip
             # the same geometry back: fine x ↔ coarse (x − 0.5) / 2 (align_corners=False, scale 2)
             delta = F.interpolate(flow_c - flow_c0, scale_factor=2, mode="trilinear", align_corners=False)
             flow = flow + 2.0 * delta[..., :d, :h, :w]
@@ -460,6 +461,7 @@ def refine_flow(
         else:
             n_full = steps
         out = _optimise(
-            mov, fix, flow, n_full, lr, reg_weight, objective, losses, callback, weight, fold_weight
-        )
+            mov, fix, flow, n_full, lr, reg_weight, objective, losses, callback,
+            weight=weight, fold_weight=fold_weight,
+        )  # fmt: skip
     return out.to(flow_init.dtype)

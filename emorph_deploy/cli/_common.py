@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
 
 from emorph_deploy.choices import Backend, Similarity
-from emorph_deploy.errors import EmorphError, InputError, Interrupted
+from emorph_deploy.errors import EmorphError, InputError, Interrupted, interrupts_raise
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,25 +54,6 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(128 + int(signum)) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-@contextlib.contextmanager
-def interrupts_raise() -> Iterator[None]:
-    """While inside: SIGINT and SIGTERM raise :class:`~emorph_deploy.errors.Interrupted` in the main thread
-    (the default SIGTERM action kills the process without running any cleanup). Elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_interrupted(signum: int, _frame: Any) -> None:
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def set_threads(threads: int | None) -> None:

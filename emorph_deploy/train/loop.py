@@ -15,6 +15,7 @@ if installed), ``config.json`` (the TrainConfig).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -34,7 +35,13 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
     from torch.utils.tensorboard import SummaryWriter
 
-from emorph_deploy.errors import ConfigMismatchError, InputError, OutputExistsError, ProcessingError
+from emorph_deploy.errors import (
+    ConfigMismatchError,
+    InputError,
+    OutputExistsError,
+    ProcessingError,
+    interrupts_raise,
+)
 from emorph_deploy.fileio import check_writable, write_bytes_atomic, write_json_atomic
 from emorph_deploy.train.checkpoint import (
     checkpoint_paths,
@@ -857,7 +864,9 @@ class Trainer:
                 f"run folder {self.out}"
             )
         stop = self.step >= total_iters
-        restore_sigterm = self._install_sigterm()
+        interrupts = contextlib.ExitStack()
+        if not self.ctx.distributed:  # SIGTERM acts like Ctrl-C: save `last`, then exit 143 via the CLI
+            interrupts.enter_context(interrupts_raise())
         try:
             while self.epoch < cfg.epochs and not stop:
                 loader = self._loader(self.epoch, self.step_in_epoch)
@@ -953,7 +962,7 @@ class Trainer:
                 self._flush_logs()
             raise
         finally:
-            restore_sigterm()
+            interrupts.close()
             if self.tb is not None:
                 self.tb.close()
         elapsed = time.perf_counter() - t_start
@@ -974,25 +983,6 @@ class Trainer:
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
         )
-
-    def _install_sigterm(self) -> Callable[[], None]:
-        """Single process, main thread: SIGTERM acts like Ctrl-C (save `last`; the CLI then exits 143)."""
-        import signal
-        import threading
-
-        from emorph_deploy.errors import Interrupted
-
-        if self.ctx.distributed or threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def handler(signum: int, frame: Any) -> None:
-            raise Interrupted(signum)  # a KeyboardInterrupt that knows its signal (exit 128 + signum)
-
-        try:
-            old = signal.signal(signal.SIGTERM, handler)
-        except (ValueError, OSError):  # pragma: no cover - exotic environments
-            return lambda: None
-        return lambda: signal.signal(signal.SIGTERM, old)
 
     def _end_epoch(self) -> None:
         self.epoch += 1
