@@ -191,6 +191,23 @@ def train_command(
             "loss weights and the --synth-* data options may change too, everything else must match).",
         ),
     ] = False,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            "--init-from",
+            help="Warm start from this checkpoint ('default' = the packaged model): tensors of the same name "
+            "and shape are copied, layers it lacks (e.g. --model-set full_res_width=8) keep their "
+            "near-zero initialisation. New runs only.",
+        ),
+    ] = None,
+    train_only: Annotated[
+        str | None,
+        typer.Option(
+            "--train-only",
+            help="Comma-separated parameter-name prefixes that train (e.g. full_res. after --init-from); "
+            "the rest is frozen (default: everything trains).",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing run in --out.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the final summary as JSON on stdout.")
@@ -202,6 +219,11 @@ def train_command(
 
     if data is not None and synthetic:
         raise InputError("--data and --synthetic are exclusive: expected one data source; fix: drop one")
+    if resume and init_from is not None:
+        raise InputError(
+            "--resume and --init-from are exclusive: a resumed run continues its own weights; fix: drop "
+            "--init-from, or start a new run in another --out"
+        )
     if resume and force:
         raise InputError("--resume and --force are exclusive: fix: --resume to continue, --force to restart")
     overrides: dict[str, Any] = _model_sets(model_set)
@@ -219,6 +241,8 @@ def train_command(
         "model": model,
         "model_overrides": overrides or None,
         "drop_path": drop_path,
+        "init_from": init_from,
+        "train_only": [p.strip() for p in train_only.split(",") if p.strip()] if train_only else None,
         "grid": grid.value if grid else None,
         "grid_shape": list(_ints(grid_shape, 3, "--grid-shape")) if grid_shape else None,
         "spacing_mm": spacing,

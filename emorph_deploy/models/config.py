@@ -79,6 +79,9 @@ class ModelConfig:
     skip_width: int = 48  # conv(in_chans → skip_width) on AvgPool(input) at D/2
     pos_channels_per_axis: int | None = None  # sinusoidal PE channels per axis; None = 2·floor(patch_dim/6)
     flow_init_std: float = 1e-5  # flow-head weight init N(0, std), bias 0
+    # Full-resolution residual stage: conv(cat(up(decoder D/2 features), input) → width), then a flow head
+    # whose output is added to the upsampled D/2 flow (0 = off: the flow is the D/2 flow upsampled ×2).
+    full_res_width: int = 0
     warp_sampler: str = "grid_sample"  # "grid_sample" | "gather" (export without GridSample)
 
     def __post_init__(self) -> None:
@@ -119,6 +122,10 @@ class ModelConfig:
             raise InputError(f"warp_sampler must be one of {WARP_SAMPLERS}; got {self.warp_sampler!r}")
         if self.in_chans < 2:
             raise InputError(f"in_chans must be ≥ 2 (moving + fixed); got {self.in_chans}")
+        if self.full_res_width < 0:
+            raise InputError(
+                f"full_res_width must be ≥ 0 (0 = no full-resolution stage); got {self.full_res_width}"
+            )
         if not 0.0 <= self.drop_path < 1.0:
             raise InputError(f"drop_path must be in [0, 1); got {self.drop_path}")
         p = self.pos_channels

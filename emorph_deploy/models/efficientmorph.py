@@ -1,4 +1,5 @@
-"""EfficientMorph: Hi-Res tokenisation, two plane-attention stages, conv decoder, voxel displacement head."""
+"""EfficientMorph: Hi-Res tokenisation, two plane-attention stages, conv decoder, voxel displacement head
+(at D/2, upsampled; optionally plus a full-resolution residual stage, ``ModelConfig.full_res_width``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from emorph_deploy.errors import InputError
 from emorph_deploy.models.config import ModelConfig
 from emorph_deploy.models.layers import (
     ConvBlock3d,
+    FullResStage,
     PatchEmbed3D,
     PatchMerging3D,
     PlaneBlock,
@@ -85,6 +87,11 @@ class EfficientMorph(nn.Module):
         self.flow_head = nn.Conv3d(dec1, 3, kernel_size=3, padding=1)
         nn.init.normal_(self.flow_head.weight, mean=0.0, std=cfg.flow_init_std)
         nn.init.zeros_(self.flow_head.bias)
+        # 8b. optional full-resolution residual: the D/2 flow cannot move a boundary by less than ~2 voxels
+        # independently of its neighbour; this stage sees the input pair at full resolution
+        self.full_res: FullResStage | None = None
+        if cfg.full_res_width > 0:
+            self.full_res = FullResStage(dec1, cfg.in_chans, cfg.full_res_width, cfg.flow_init_std)
         # 9. warp
         self.transformer = SpatialTransformer(
             cfg.img_size, mode="bilinear", sampler=cfg.warp_sampler, padding="zeros"
@@ -140,8 +147,12 @@ class EfficientMorph(nn.Module):
         else:  # export/training: the original module calls (same ONNX graph and node names)
             y = self.up3(torch.cat([y, skip], dim=1))  # (B, dec1, D/2, H/2, W/2)
         if cl:  # oneDNN flow head (it falls to slow_conv3d otherwise), then back to a plain NCDHW flow
-            return _up2(onednn_conv(self.flow_head, y).contiguous())  # (B, 3, D, H, W)
-        return _up2(self.flow_head(y))  # (B, 3, D, H, W)
+            flow = _up2(onednn_conv(self.flow_head, y).contiguous())  # (B, 3, D, H, W)
+        else:
+            flow = _up2(self.flow_head(y))  # (B, 3, D, H, W)
+        if self.full_res is not None:
+            flow = flow + self.full_res(y, x)  # (B, 3, D, H, W)
+        return flow
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flow = self.forward_flow(moving, fixed)  # (B, 3, D, H, W)

@@ -58,19 +58,26 @@ register_model(
         reference_gmacs=235.1,
     )
 )
+_SMALL = ModelConfig(
+    name="em-23-hires-s",
+    img_size=(80, 96, 112),
+    patch_dim=12,
+    embed_dims=(48, 96),
+    heads=(2, 4),
+    decoder_widths=(48, 16),
+    skip_width=24,
+)
 register_model(
     ModelSpec(
-        ModelConfig(
-            name="em-23-hires-s",
-            img_size=(80, 96, 112),
-            patch_dim=12,
-            embed_dims=(48, 96),
-            heads=(2, 4),
-            decoder_widths=(48, 16),
-            skip_width=24,
-        ),
-        "half-width em-23-hires (same depths, planes and head width) for 2 mm grids and CPU training;"
-        " the packaged default model",
+        _SMALL,
+        "half-width em-23-hires (same depths, planes and head width) for 2 mm grids and CPU training",
+    )
+)
+register_model(
+    ModelSpec(
+        _SMALL.replace(name="em-23-hires-s-fr", full_res_width=8),
+        "em-23-hires-s plus a full-resolution residual flow stage (width 8): boundaries move by less than"
+        " the D/2 flow's 2-voxel grid; warm-starts from em-23-hires-s (emorph train --init-from)",
     )
 )
 register_model(
@@ -167,6 +174,7 @@ REFERENCE_MACS: dict[str, int] = {
     "em-23-hires-cga": 311_329_751_040,
     "em-11-hires-cga": 231_520_665_600,
     "em-23-hires-s": 125_225_533_440,
+    "em-23-hires-s-fr": 144_658_268_160,
 }
 
 

@@ -256,6 +256,17 @@ def _expected_config_dict(expect_model: Any, ckpt_cfg: Any) -> dict[str, Any] | 
     return _to_dict(expect_model)
 
 
+def _with_defaults(meta_model: dict[str, Any]) -> dict[str, Any]:
+    """The stored config with fields added since it was written at their defaults (which keep the old
+    behaviour, e.g. ``full_res_width`` 0); an invalid config is returned as is for the comparison."""
+    from emorph_deploy.models import ModelConfig
+
+    try:
+        return ModelConfig.from_dict(meta_model).to_dict()
+    except (InputError, TypeError):
+        return meta_model
+
+
 def check_model_matches(meta_model: dict[str, Any], expect_model: Any, where: str = "checkpoint") -> None:
     """Raise ``ConfigMismatchError`` (one line) when ``expect_model`` (name, ModelConfig, dict) differs."""
     if expect_model is None:
@@ -270,6 +281,7 @@ def check_model_matches(meta_model: dict[str, Any], expect_model: Any, where: st
         return
     want = _expected_config_dict(expect_model, meta_model)
     assert want is not None
+    meta_model = _with_defaults(meta_model)
     keys = sorted((set(want) | set(meta_model)) - TRAINING_ONLY_FIELDS)
     diffs = [k for k in keys if want.get(k) != meta_model.get(k)]
     if diffs:
@@ -368,6 +380,33 @@ def _load_state_strict(model: Any, state: dict[str, torch.Tensor], paths: Checkp
             f"fix: keep the .json and .safetensors of the same checkpoint together"
         )
     model.load_state_dict(state, strict=True)
+
+
+def load_weights_partial(model: Any, path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Warm-start ``model`` in place from the checkpoint at ``path``; returns ``(loaded, kept)`` tensor names.
+
+    Every checkpoint tensor must exist in ``model`` with the same shape (a different architecture is a
+    ``ConfigMismatchError``); model tensors the checkpoint lacks (layers added since) keep their
+    initialisation and are listed in ``kept``.
+    """
+    meta, paths = load_checkpoint_meta(path)
+    state = _read_weights(paths, meta, "cpu", verify_hash=True)
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if unexpected or shape:
+        what = (
+            f"{len(unexpected)} tensor(s) the model lacks (e.g. {unexpected[0]})"
+            if unexpected
+            else f"{len(shape)} of another shape (e.g. {shape[0]}: {tuple(state[shape[0]].shape)} vs "
+            f"{tuple(own[shape[0]].shape)})"
+        )
+        raise ConfigMismatchError(
+            f"--init-from {paths.meta}: expected weights of the same architecture up to added layers; got "
+            f"{what}; fix: warm-start from a checkpoint of the same variant, widths and grid"
+        )
+    model.load_state_dict(state, strict=False)
+    return sorted(state), sorted(set(own) - set(state))
 
 
 # --------------------------------------------------------------------------------------- training state

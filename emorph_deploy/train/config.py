@@ -88,6 +88,13 @@ class TrainConfig:
     # stochastic depth of the blocks (ModelConfig.drop_path); None = the variant's. Synthetic data is
     # unlimited, so a long campaign may lower it (less regularisation, a better fit) on --resume.
     drop_path: float | None = None
+    # warm start ("default" = the packaged model): a checkpoint whose weights initialise every tensor of the
+    # same name and shape; tensors it lacks (new layers, e.g. a full-resolution stage) keep their
+    # initialisation. Ignored on --resume.
+    init_from: str | None = None
+    # parameter-name prefixes that train (e.g. ("full_res.",) after a warm start: the new layers learn on
+    # the frozen rest, which keeps its features); () = every parameter trains
+    train_only: tuple[str, ...] = ()
     # grid / data
     grid: str = "2mm"  # Preprocessing preset ("1mm" = 160×192×224 as in the paper, "2mm" = 80×96×112)
     grid_shape: tuple[int, int, int] | None = None  # overrides the preset's shape (e.g. 32³ for tests)
@@ -141,6 +148,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.grid_shape, list):
             object.__setattr__(self, "grid_shape", tuple(int(s) for s in self.grid_shape))
+        object.__setattr__(self, "train_only", tuple(str(p) for p in self.train_only))
         if self.model_overrides is None:
             object.__setattr__(self, "model_overrides", {})
         object.__setattr__(self, "model_overrides", dict(self.model_overrides))

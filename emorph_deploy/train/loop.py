@@ -48,6 +48,7 @@ from emorph_deploy.train.checkpoint import (
     load_checkpoint,
     load_checkpoint_meta,
     load_training_state,
+    load_weights_partial,
     save_checkpoint,
     save_training_state,
     unwrap_model,
@@ -180,6 +181,23 @@ def weights_digest(model: nn.Module) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _trainable(model: nn.Module, prefixes: tuple[str, ...]) -> list[nn.Parameter]:
+    """The parameters that train: all, or those whose names start with one of ``prefixes`` (the others are
+    frozen: ``requires_grad`` off, so autograd skips the backward through them)."""
+    if not prefixes:
+        return list(model.parameters())
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+    chosen = [p for p in model.parameters() if p.requires_grad]
+    if not chosen:
+        tops = sorted({name.split(".")[0] + "." for name, _ in model.named_parameters()})
+        raise InputError(
+            f"--train-only {','.join(prefixes)} matches no parameter of the model; expected prefixes of "
+            f"parameter names, e.g. {', '.join(tops[-4:])}; fix: use one of those"
+        )
+    return chosen
 
 
 def _lr(opt: torch.optim.Optimizer) -> float:
@@ -382,7 +400,7 @@ class Trainer:
         self.reg = DiffusionLoss().to(self.device)
         self.dice = SoftDiceLoss().to(self.device)
         self.opt = torch.optim.Adam(
-            core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad
+            _trainable(core, cfg.train_only), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad
         )
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.t_max, eta_min=cfg.lr_min)
         self.amp_dtype: torch.dtype | None = None
@@ -455,6 +473,18 @@ class Trainer:
             f"new learning-rate phase at epoch {self.epoch}: cosine from {cfg.lr:.3g} to {cfg.lr_min:.3g} "
             f"over {cfg.t_max} epochs (was {saved[0]:.3g} to {saved[1]:.3g} over {saved[2]})"
         )
+
+    def load_init(self) -> None:
+        """Warm start (--init-from): same-named tensors from the checkpoint, new layers as initialised."""
+        source: Any = self.cfg.init_from
+        if source == "default":  # the packaged model (emorph_deploy/weights)
+            from emorph_deploy.weights import default_checkpoint_path
+
+            source = default_checkpoint_path()
+        loaded, kept = load_weights_partial(self.core, source)
+        if self.ctx.is_main:
+            new = f"; {len(kept)} new tensor(s) keep their initialisation (e.g. {kept[0]})" if kept else ""
+            self.echo(f"initialised {len(loaded)} tensor(s) from {source}{new}")
 
     def load_resume(self) -> None:
         path = self.out / "last"
@@ -837,6 +867,8 @@ class Trainer:
     # ------------------------------------------------------------------ fit
     def fit(self) -> TrainResult:
         cfg = self.cfg
+        if cfg.init_from and not self.resume:
+            self.load_init()  # reads only: a bad checkpoint leaves no run folder behind
         self.prepare_out()
         barrier(self.ctx)
         if self.resume:
@@ -856,8 +888,10 @@ class Trainer:
         steps_per_s = math.nan
         if self.ctx.is_main:
             n_params = sum(p.numel() for p in self.core.parameters())
+            n_train = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
+            frozen = f", {n_train:,} of them train ({','.join(cfg.train_only)}*)" if cfg.train_only else ""
             self.echo(
-                f"training {self.model_config.name} ({n_params:,} parameters) on "
+                f"training {self.model_config.name} ({n_params:,} parameters{frozen}) on "
                 f"{tuple(self.pre.grid_shape)} at {self.pre.spacing_mm[0]:g} mm, "
                 f"{'synthetic' if cfg.synthetic else cfg.data} data, "
                 f"{self.ctx.world_size} process(es) on {self.device}, batch {cfg.batch_size}/process; "

@@ -44,7 +44,7 @@ def pair(batch=1, seed=1):
     return torch.rand(batch, 1, *SIZE, generator=g), torch.rand(batch, 1, *SIZE, generator=g)
 
 
-@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga"])
+@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga", "em-23-hires-s-fr"])
 def test_forward_shapes_and_warp(name):
     model = tiny(name).eval()
     moving, fixed = pair(2)
@@ -68,7 +68,7 @@ def test_batch_of_two_equals_two_batches_of_one(name, sampler):
             torch.testing.assert_close(w1, warped[i : i + 1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["em-23-hires", "em-23-hires-cga"])
+@pytest.mark.parametrize("name", ["em-23-hires", "em-23-hires-cga", "em-23-hires-s-fr"])
 def test_gradients_reach_every_parameter(name):
     model = tiny(name, drop_path=0.0).train()
     moving, fixed = pair(2)
@@ -156,7 +156,7 @@ def _check_ort(data, model, moving, fixed):
     np.testing.assert_allclose(warped, w_ref.numpy(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga"])
+@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga", "em-23-hires-s-fr"])
 def test_onnx_export_gather_opset17_has_no_gridsample_or_scatter(name):
     model = tiny(name, warp_sampler="gather").eval()
     data, ops, moving, fixed = _export(model, 17)
@@ -172,7 +172,7 @@ def test_onnx_export_grid_sample_opset20():
     _check_ort(data, model, moving, fixed)
 
 
-@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga"])
+@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga", "em-23-hires-s-fr"])
 def test_eager_fast_path_equals_reference_ops(name):
     """The eager CPU fast kernels (SDPA, direct oneDNN convs, channels-last decoder and instance norm, split
     concat convs) change only float32 summation order: flow and warped image equal the reference ops."""
@@ -200,6 +200,55 @@ def test_eager_fast_path_equals_reference_ops(name):
     assert float(flow_ref.abs().max()) > 1e-3  # non-vacuous: a real flow
     assert torch.allclose(flow_fast, flow_ref, atol=1e-5, rtol=0)
     assert torch.allclose(w_fast, w_ref, atol=1e-5, rtol=0)
+
+
+def test_full_res_stage_starts_as_the_model_without_it():
+    """A model with the full-resolution stage, given the weights of one without it, starts with (nearly)
+    that model's flow: the stage's head is initialised at ~0 (what a warm start relies on). Once the head
+    is non-zero the stage changes the flow at full resolution."""
+    base = tiny(flow_init_std=0.05).eval()
+    torch.manual_seed(3)
+    wide = create_model("em-23-hires", **{**TINY, "flow_init_std": 1e-5, "full_res_width": 8}).eval()
+    missing, unexpected = wide.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("full_res.") for k in missing)
+    m, f = pair()
+    with torch.no_grad():
+        ref = base.forward_flow(m, f)
+        got = wide.forward_flow(m, f)
+        assert float(ref.abs().max()) > 1e-2  # non-vacuous
+        assert float((got - ref).abs().max()) < 1e-3
+        wide.full_res.head.weight.normal_(0, 0.1)
+        moved = wide.forward_flow(m, f)
+    assert float((moved - ref).abs().max()) > 1e-2
+
+
+def test_full_res_stage_channels_last_training_equals_reference_ops():
+    """The full-resolution stage runs channels-last in training as well: values and gradients equal the
+    reference ops (what export sees) to float32 rounding."""
+    from emorph_deploy.models.layers import FullResStage, fastpath
+
+    torch.manual_seed(0)
+    stage = FullResStage(6, 2, 4, init_std=0.1)
+    g = torch.Generator().manual_seed(1)
+    feats, pair_in = torch.randn(1, 6, 4, 5, 6, generator=g), torch.rand(1, 2, 8, 10, 12, generator=g)
+    results = []
+    for fast in (True, False):
+        stage.zero_grad()
+        with fastpath.fast_path(fast):
+            out = stage(feats, pair_in)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in stage.parameters()]))
+    (out_fast, grads_fast), (out_ref, grads_ref) = results
+    assert out_fast.shape == (1, 3, 8, 10, 12) and out_fast.is_contiguous()
+    torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_fast, grads_ref, strict=True):
+        assert float(b.abs().max()) > 0
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_full_res_width_must_not_be_negative():
+    with pytest.raises(InputError, match="full_res_width"):
+        create_model("em-23-hires", **{**TINY, "full_res_width": -1})
 
 
 def test_fast_path_switch_restores_and_reference_is_what_export_sees():

@@ -104,6 +104,7 @@ def test_registered_variants_and_parameter_counts():
         "em-23-hires",
         "em-11-hires",
         "em-23-hires-s",
+        "em-23-hires-s-fr",
         "em-23-hires-cga",
         "em-11-hires-cga",
     }
@@ -122,6 +123,10 @@ def test_registered_variants_and_parameter_counts():
     small = get_config("em-23-hires-s")
     assert small.depths == (2, 3) and small.embed_dims == (48, 96) and small.img_size == (80, 96, 112)
     assert counts["em-23-hires-s"] == 723_303
+    # + full-resolution stage: proj 16→8 (1³, bias), conv 10→8 (3³, bias), head 8→3 (3³, bias)
+    fr = (16 * 8 + 8) + (10 * 8 * 27 + 8) + (8 * 3 * 27 + 3)
+    assert get_config("em-23-hires-s-fr") == small.replace(name="em-23-hires-s-fr", full_res_width=8)
+    assert counts["em-23-hires-s-fr"] == 723_303 + fr == 726_258
 
 
 def test_real_build_at_half_resolution_has_registered_count():

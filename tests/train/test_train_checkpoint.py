@@ -14,6 +14,7 @@ from emorph_deploy.train.checkpoint import (
     FORMAT,
     load_checkpoint,
     load_training_state,
+    load_weights_partial,
     save_checkpoint,
     save_training_state,
 )
@@ -128,3 +129,39 @@ def test_training_state_weights_only(tmp_path, tiny):
     with pytest.raises(InputError) as e:
         load_training_state(tmp_path / "bad")
     _one_line(e.value)
+
+
+def test_warm_start_copies_shared_tensors_and_keeps_new_layers(tmp_path, tiny, tiny_overrides):
+    """--init-from: every checkpoint tensor is copied; layers the checkpoint lacks keep their init."""
+    paths = save_checkpoint(tiny, tmp_path / "ck", None)
+    torch.manual_seed(5)
+    wide = create_model("em-23-hires", img_size=(32, 32, 32), full_res_width=4, **tiny_overrides)
+    head_before = wide.full_res.head.weight.detach().clone()
+    loaded, kept = load_weights_partial(wide, paths.meta)
+    assert set(loaded) == set(tiny.state_dict())
+    assert kept and all(k.startswith("full_res.") for k in kept)
+    for k, v in tiny.state_dict().items():
+        assert torch.equal(wide.state_dict()[k], v), k
+    assert torch.equal(wide.full_res.head.weight, head_before)
+    # the other way round (a checkpoint with tensors the model lacks) and other widths: one clear line
+    wide_paths = save_checkpoint(wide, tmp_path / "wide", None)
+    with pytest.raises(ConfigMismatchError) as exc:
+        load_weights_partial(
+            create_model("em-23-hires", img_size=(32, 32, 32), **tiny_overrides), wide_paths.meta
+        )
+    assert "the model lacks" in _one_line(exc.value)
+    narrow = create_model("em-23-hires", img_size=(32, 32, 32), **{**tiny_overrides, "embed_dims": [8, 16]})
+    with pytest.raises(ConfigMismatchError) as exc:
+        load_weights_partial(narrow, paths.meta)
+    assert "another shape" in _one_line(exc.value)
+
+
+def test_checkpoint_from_before_a_new_config_field_still_matches(tmp_path, tiny):
+    """A checkpoint written before ``full_res_width`` existed loads and matches its config (the field's
+    default keeps the old architecture)."""
+    paths = save_checkpoint(tiny, tmp_path / "ck", None)
+    meta = json.loads(paths.meta.read_text())
+    del meta["model"]["full_res_width"]
+    paths.meta.write_text(json.dumps(meta))
+    model, _ = load_checkpoint(paths.meta, expect_model=tiny.config, verify_hash=False)
+    assert model.full_res is None

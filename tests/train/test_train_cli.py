@@ -8,6 +8,8 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from emorph_deploy.cli.app import app
@@ -116,6 +118,36 @@ def test_cli_train_resume_and_guards(trained, tmp_path):
     # --resume where there is no run
     res, _, err = _invoke(["train", "-o", tmp_path / "none", "--resume"])
     assert res.exit_code == 2 and "not found" in _error_line(err)
+    # a resumed run continues its own weights: --init-from is refused
+    res, _, err = _invoke(["train", "-o", out, "--resume", "--init-from", out / "last.json"])
+    assert res.exit_code == 2 and "--init-from" in _error_line(err)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_cli_train_init_from_adds_a_full_resolution_stage(trained, tmp_path):
+    """A new run warm-started from the tiny run, with a full-resolution stage the checkpoint lacks."""
+    src, tiny = trained
+    out = tmp_path / "fr"
+    args = ["train", "-o", out, "--epochs", "1", "--steps-per-epoch", "1", "--val-pairs", "1", *tiny]
+    fr = ["--synthetic-kind", "synth", "--model-set", "full_res_width=4", "--init-from", src / "last.json"]
+    res, _, err = _invoke([*args, *fr, "--train-only", "full_res."])
+    assert res.exit_code == 0, err
+    assert "initialised" in err and "keep their initialisation (e.g. full_res." in err
+    meta = json.loads((out / "last.json").read_text())
+    assert meta["model"]["full_res_width"] == 4
+    # --train-only: the warm-started tensors stayed frozen, the new stage trained
+    before, after = load_file(src / "last.safetensors"), load_file(out / "last.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert float(after["full_res.head.weight"].abs().max()) > 1e-4  # moved off its ~1e-5 initialisation
+    # a prefix that matches nothing: one clear line, exit 2
+    res, _, err = _invoke([*args, "-o", tmp_path / "none", *fr, "--train-only", "decoder."])
+    assert res.exit_code == 2 and "matches no parameter" in _error_line(err)
+    assert not (tmp_path / "none").exists()
+    # a checkpoint of other widths: one clear line, exit 2, no run folder left behind
+    res, _, err = _invoke([*args, "-o", tmp_path / "bad", "--embed-dims", "8,16", "--init-from", src])
+    assert res.exit_code == 2 and "--init-from" in _error_line(err)
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from emorph_deploy.models.layers.block import PlaneBlock
 from emorph_deploy.models.layers.cascaded_attention import CascadedGroupPlaneAttention
 from emorph_deploy.models.layers.conv_block import ConvBlock3d
 from emorph_deploy.models.layers.drop_path import DropPath
+from emorph_deploy.models.layers.full_res import FullResStage
 from emorph_deploy.models.layers.mlp import Mlp
 from emorph_deploy.models.layers.patch_embed import PatchEmbed3D
 from emorph_deploy.models.layers.patch_merging import PatchMerging3D
@@ -16,6 +17,7 @@ __all__ = [
     "CascadedGroupPlaneAttention",
     "ConvBlock3d",
     "DropPath",
+    "FullResStage",
     "Mlp",
     "PatchEmbed3D",
     "PatchMerging3D",

@@ -72,6 +72,12 @@ def use_onednn(x: torch.Tensor) -> bool:
     )
 
 
+def use_channels_last(x: torch.Tensor) -> bool:
+    """CPU, not traced/exported/analysed/compiled (training included): a layer may run channels-last
+    (NDHWC memory, same shapes), which changes no value, only oneDNN's speed."""
+    return x.device.type == "cpu" and _plain_eager()
+
+
 def _plain_eager() -> bool:
     """Not traced/exported/analysed, fast path on, and not under ``torch.compile``."""
     return not reference_ops_required() and not _compiling()
