@@ -125,6 +125,19 @@ def test_cli_train_resume_and_guards(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_train_init_from_default_is_the_packaged_model(trained, tmp_path, monkeypatch):
+    """``--init-from default`` warm-starts from the packaged checkpoint (here the tiny run stands in)."""
+    import emorph_deploy.weights as weights
+
+    src, tiny = trained
+    monkeypatch.setattr(weights, "default_checkpoint_path", lambda: src / "last.safetensors")
+    args = ["train", "-o", tmp_path / "d", "--epochs", "1", "--steps-per-epoch", "1", "--val-pairs", "1"]
+    res, _, err = _invoke([*args, *tiny, "--synthetic-kind", "synth", "--init-from", "default"])
+    assert res.exit_code == 0, err
+    assert f"from {src / 'last.safetensors'}" in err
+
+
+@pytest.mark.slow
 def test_cli_train_init_from_adds_a_full_resolution_stage(trained, tmp_path):
     """A new run warm-started from the tiny run, with a full-resolution stage the checkpoint lacks."""
     src, tiny = trained
