@@ -77,7 +77,8 @@ register_model(
     ModelSpec(
         _SMALL.replace(name="em-23-hires-s-fr", full_res_width=8),
         "em-23-hires-s plus a full-resolution residual flow stage (width 8): boundaries move by less than"
-        " the D/2 flow's 2-voxel grid; warm-starts from em-23-hires-s (emorph train --init-from)",
+        " the D/2 flow's 2-voxel grid; warm-starts from em-23-hires-s (emorph train --init-from); the"
+        " packaged default model",
     )
 )
 register_model(
