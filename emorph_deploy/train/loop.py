@@ -385,6 +385,8 @@ class Trainer:
 
         core = create_model(self.model_config).to(self.device)
         self.core = core
+        # freeze before DDP wraps the model: DDP expects a gradient for every parameter that requires one
+        trainable = _trainable(core, cfg.train_only)
         if self.ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -399,9 +401,7 @@ class Trainer:
         self.ncc = NCCLoss(window=cfg.ncc_window, sigma=cfg.ncc_sigma, kind="gaussian").to(self.device)
         self.reg = DiffusionLoss().to(self.device)
         self.dice = SoftDiceLoss().to(self.device)
-        self.opt = torch.optim.Adam(
-            _trainable(core, cfg.train_only), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad
-        )
+        self.opt = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.t_max, eta_min=cfg.lr_min)
         self.amp_dtype: torch.dtype | None = None
         amp = resolve_amp(cfg.amp, self.device.type)

@@ -17,12 +17,12 @@ SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from emorph_deploy.train.config import TrainConfig
     from emorph_deploy.train.loop import train
-    out = sys.argv[1]
+    out, train_only = sys.argv[1], tuple(p for p in sys.argv[3].split(",") if p)
     ov = {"embed_dims": [16, 32], "patch_dim": 12, "decoder_widths": [16, 8], "skip_width": 8,
           "heads": [2, 4], "depths": [1, 1]}
     cfg = TrainConfig(model_overrides=ov, grid_shape=(32, 32, 32), epochs=1, steps_per_epoch=2, val_pairs=2,
                       out=out, log_every=1, progress=False, tensorboard=False, device="cpu",
-                      synthetic_kind="synth")
+                      synthetic_kind="synth", train_only=train_only)
     r = train(cfg, force=True)
     with open(os.path.join(sys.argv[2], f"rank{r.rank}.txt"), "w") as f:
         f.write(f"{r.weights_sha256} {r.world_size} {r.step}")
@@ -31,7 +31,9 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_ddp_gloo_two_processes_identical_weights(tmp_path):
+@pytest.mark.parametrize("train_only", ["", "stage1.,up3."])
+def test_ddp_gloo_two_processes_identical_weights(tmp_path, train_only):
+    """Both ranks end with the same weights; with --train-only (frozen parameters) too."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
@@ -44,7 +46,7 @@ def test_ddp_gloo_two_processes_identical_weights(tmp_path):
     hashes.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [*cmd, "--standalone", "--nproc_per_node", "2", str(script), str(out), str(hashes)],
+        [*cmd, "--standalone", "--nproc_per_node", "2", str(script), str(out), str(hashes), train_only],
         capture_output=True,
         text=True,
         timeout=240,
