@@ -359,11 +359,19 @@ def _read_weights(
         ) from exc
 
 
-def _load_state_strict(model: Any, state: dict[str, torch.Tensor], paths: CheckpointPaths) -> None:
-    own = model.state_dict()
+def _compare_state(
+    own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """``(missing, unexpected, wrong_shape)`` tensor names of ``state`` against the model's ``own``."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    return missing, unexpected, shape
+
+
+def _load_state_strict(model: Any, state: dict[str, torch.Tensor], paths: CheckpointPaths) -> None:
+    own = model.state_dict()
+    missing, unexpected, shape = _compare_state(own, state)
     if missing or unexpected or shape:
         parts = []
         if missing:
@@ -392,8 +400,7 @@ def load_weights_partial(model: Any, path: str | os.PathLike) -> tuple[list[str]
     meta, paths = load_checkpoint_meta(path)
     state = _read_weights(paths, meta, "cpu", verify_hash=True)
     own = model.state_dict()
-    unexpected = sorted(set(state) - set(own))
-    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    kept, unexpected, shape = _compare_state(own, state)
     if unexpected or shape:
         what = (
             f"{len(unexpected)} tensor(s) the model lacks (e.g. {unexpected[0]})"
@@ -406,7 +413,7 @@ def load_weights_partial(model: Any, path: str | os.PathLike) -> tuple[list[str]
             f"{what}; fix: warm-start from a checkpoint of the same variant, widths and grid"
         )
     model.load_state_dict(state, strict=False)
-    return sorted(state), sorted(set(own) - set(state))
+    return sorted(state), kept
 
 
 # --------------------------------------------------------------------------------------- training state

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from emorph_deploy.models.layers.fastpath import onednn_conv
+from emorph_deploy.models.layers.fastpath import onednn_conv, onednn_conv_cat
 from emorph_deploy.models.layers.fastpath import use_onednn as _use_onednn
 
 
@@ -37,11 +37,7 @@ class ConvBlock3d(nn.Module):
         the largest in the decoder (sizes in ``benchmarks/results/profile_notes.md``)."""
         if not _use_onednn(parts[0]):
             return self.forward(torch.cat(parts, dim=1))
-        y = None
-        for t, w in zip(parts, self.conv.weight.split([t.shape[1] for t in parts], dim=1), strict=True):
-            z = onednn_conv(self.conv, t, w.contiguous(), with_bias=False)
-            y = z if y is None else y.add_(z)
-        return self._norm_act(y)
+        return self._norm_act(onednn_conv_cat(self.conv, parts))
 
     def _norm_act(self, y: torch.Tensor) -> torch.Tensor:
         # y: (B, C_out, D, H, W), this block's own conv output

@@ -103,6 +103,19 @@ def onednn_conv(
     return torch.mkldnn_convolution(x, w, b, conv.padding, conv.stride, conv.dilation, conv.groups)
 
 
+def onednn_conv_cat(conv: torch.nn.Conv3d, parts: list[torch.Tensor]) -> torch.Tensor:
+    """``conv(torch.cat(parts, dim=1))`` through oneDNN without building the concatenation: the sum of
+    ``conv``'s weight slices along input channels applied to each part (bias once; exact up to float32
+    summation order). Saves writing and re-reading the concatenated tensor. Only when :func:`use_onednn`."""
+    y = None
+    weights = conv.weight.split([t.shape[1] for t in parts], dim=1)
+    for i, (t, w) in enumerate(zip(parts, weights, strict=True)):
+        z = onednn_conv(conv, t, w.contiguous(), with_bias=i == 0)
+        y = z if y is None else y.add_(z)
+    assert y is not None, "onednn_conv_cat needs at least one part"
+    return y
+
+
 def use_fast_upsample(x: torch.Tensor) -> bool:
     """Eager CPU inference (no autograd; not traced/exported/analysed/compiled): ×2 trilinear upsampling may
     run as separable passes (:func:`emorph_deploy.models.layers.upsample.upsample2x_trilinear`)."""

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emorph_deploy.models.layers.fastpath import onednn_conv, use_channels_last
+from emorph_deploy.models.layers.fastpath import onednn_conv, onednn_conv_cat, use_channels_last
 from emorph_deploy.models.layers.fastpath import use_onednn as _use_onednn
 from emorph_deploy.models.layers.upsample import upsample2x_trilinear
 
@@ -41,24 +41,16 @@ class FullResStage(nn.Module):
 
     def forward(self, features: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
         f = upsample2x_trilinear(self._conv(self.proj, features))  # (B, width, D, H, W)
-        if _use_onednn(pair):  # eager inference: no concatenation, activation in place
-            z = F.leaky_relu_(self._conv_cat(f, pair), self.act.negative_slope)
+        if _use_onednn(pair):  # eager inference: the concatenation is never written, activation in place
+            cl = torch.channels_last_3d
+            parts = [f.contiguous(memory_format=cl), pair.contiguous(memory_format=cl)]
+            z = F.leaky_relu_(onednn_conv_cat(self.conv, parts), self.act.negative_slope)
         else:
             z = torch.cat([f, pair], dim=1)  # (B, width + C_in, D, H, W)
             if use_channels_last(pair):
                 z = z.contiguous(memory_format=torch.channels_last_3d)
             z = self.act(self.conv(z))  # (B, width, D, H, W)
         return self._conv(self.head, z).contiguous()  # (B, 3, D, H, W), plain NCDHW
-
-    def _conv_cat(self, f: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
-        """``conv(cat([f, pair]))`` as conv_f(f) + conv_pair(pair), the weight split along input channels
-        (exact up to float32 summation order): the full-resolution concatenation is never written."""
-        w_f, w_p = self.conv.weight.split([f.shape[1], pair.shape[1]], dim=1)
-        cl = torch.channels_last_3d
-        y = onednn_conv(self.conv, f.contiguous(memory_format=cl), w_f.contiguous())
-        return y.add_(
-            onednn_conv(self.conv, pair.contiguous(memory_format=cl), w_p.contiguous(), with_bias=False)
-        )
 
 
 __all__ = ["FullResStage"]
