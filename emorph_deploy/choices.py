@@ -203,7 +203,7 @@ class ExportOutputs(Choice):
 class Similarity(str, Enum):
     """Image similarity of the refinement: ``ncc`` (the training loss, same contrast), ``ngf`` (normalised
     gradient fields, across contrasts), ``mind`` (MIND-SSC) or ``auto`` (NCC or NGF by
-    :func:`emorph_deploy.refine.contrast_agreement`)."""
+    :func:`emorph_deploy.contrast.contrast_agreement`)."""
 
     ncc = "ncc"
     mind = "mind"

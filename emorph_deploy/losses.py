@@ -11,7 +11,8 @@ Recipe (reference): ``NCCLoss(window=9, sigma=1.5, kind="gaussian")`` + 1.0 × `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,16 @@ from torch import nn
 
 from emorph_deploy.errors import InputError
 
-__all__ = ["DiffusionLoss", "FoldingLoss", "MINDSSCLoss", "NCCLoss", "NGFLoss", "SoftDiceLoss", "one_hot"]
+__all__ = [
+    "DiffusionLoss",
+    "FoldingLoss",
+    "MINDSSCLoss",
+    "NCCLoss",
+    "NCCStatistics",
+    "NGFLoss",
+    "SoftDiceLoss",
+    "one_hot",
+]
 
 _NCC_KINDS = ("gaussian", "box")
 _NCC_BORDERS = ("normalized", "zeros")
@@ -32,6 +42,60 @@ def _window_1d(window: int, sigma: float, kind: str) -> torch.Tensor:
     x = torch.arange(window, dtype=torch.float64) - (window // 2)
     g = torch.exp(-(x * x) / (2.0 * sigma * sigma))
     return g / g.sum()
+
+
+def _banded(n: int, taps: torch.Tensor) -> torch.Tensor:
+    """(n, n) matrix M with ``(x @ M)[i] = Σ_t taps[t] · x[i + t − p]`` (zero padding), p = len(taps) // 2."""
+    p = taps.numel() // 2
+    idx = torch.arange(n)
+    off = idx.view(-1, 1) - idx.view(1, -1) + p  # row j (source), column i (output): j − i + p
+    valid = (off >= 0) & (off < taps.numel())
+    return torch.where(valid, taps[off.clamp(0, taps.numel() - 1)], torch.zeros((), dtype=taps.dtype))
+
+
+def _banded_replicate_box(n: int, radius: int) -> torch.Tensor:
+    """(n, n) matrix M with ``(x @ M)[i] = mean_{|t| ≤ radius} x[clamp(i + t, 0, n − 1)]`` (replicate)."""
+    src = (torch.arange(n).view(1, -1) + torch.arange(-radius, radius + 1).view(-1, 1)).clamp(0, n - 1)
+    mat = torch.zeros(n, n, dtype=torch.float64)
+    cols = torch.arange(n).expand_as(src)
+    mat.index_put_((src.reshape(-1), cols.reshape(-1)), torch.ones(src.numel(), dtype=torch.float64), True)
+    return mat / (2 * radius + 1)
+
+
+class _AxisFilter:
+    """A separable filter of (N, C, D, H, W) volumes, channels independent, as three matrix products: along
+    each of the last three axes ``out[..., i, ...] = Σ_j x[..., j, ...] · M[j, i]`` with ``M = make(n)``
+    (cached per length, dtype and device). The leading axes are multiplied as ``Mᵀ @ x`` on views, so no
+    axis is moved or copied. A banded dense matrix does more arithmetic than a 9-tap convolution but runs as
+    one GEMM per axis: on the CPU 3× faster than grouped ``conv3d`` forward and backward, and 3× faster than
+    moving each axis last (two copies per axis, forward and backward)."""
+
+    def __init__(self, make: Callable[[int], torch.Tensor]) -> None:
+        self.make = make
+        self._mats: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def _mat(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        key = (n, like.dtype, like.device)
+        if key not in self._mats:
+            self._mats[key] = self.make(n).to(like.dtype).to(like.device)
+        return self._mats[key]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, d, h, w = x.shape
+        x = x @ self._mat(w, x)
+        x = self._mat(h, x).t() @ x.reshape(n * c * d, h, w)
+        x = self._mat(d, x).t() @ x.reshape(n * c, d, h * w)
+        return x.reshape(n, c, d, h, w)
+
+
+class NCCStatistics(NamedTuple):
+    """One image's local statistics for :meth:`NCCLoss.local_cc_to`: the image (N, 1, D, H, W), its local
+    mean and variance (same shape) and the in-volume window mass (1, 1, D, H, W), or None for zero borders."""
+
+    image: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+    mass: torch.Tensor | None
 
 
 class NCCLoss(nn.Module):
@@ -90,6 +154,7 @@ class NCCLoss(nn.Module):
         self.register_buffer("kernel_d", k.view(1, 1, window, 1, 1).clone(), persistent=False)
         self.register_buffer("kernel_h", k.view(1, 1, 1, window, 1).clone(), persistent=False)
         self.register_buffer("kernel_w", k.view(1, 1, 1, 1, window).clone(), persistent=False)
+        self._axis_filter = _AxisFilter(lambda n: _banded(n, k))
 
     def extra_repr(self) -> str:
         return (
@@ -98,15 +163,8 @@ class NCCLoss(nn.Module):
         )
 
     def _filter(self, x: torch.Tensor) -> torch.Tensor:
-        """Separable zero-padded window filter of (N, C, D, H, W), channels independent (grouped conv)."""
-        p = self.window // 2
-        c = x.shape[1]
-        kd = self.kernel_d.to(x.dtype).expand(c, 1, -1, -1, -1)
-        kh = self.kernel_h.to(x.dtype).expand(c, 1, -1, -1, -1)
-        kw = self.kernel_w.to(x.dtype).expand(c, 1, -1, -1, -1)
-        x = F.conv3d(x, kd, padding=(p, 0, 0), groups=c)
-        x = F.conv3d(x, kh, padding=(0, p, 0), groups=c)
-        return F.conv3d(x, kw, padding=(0, 0, p), groups=c)
+        """Separable zero-padded window filter of (N, C, D, H, W), channels independent."""
+        return self._axis_filter(x)
 
     def _window_mass(self, x: torch.Tensor) -> torch.Tensor:
         """In-volume mass of the (separable) window at each voxel, (1, 1, D, H, W); 1 in the interior."""
@@ -126,18 +184,37 @@ class NCCLoss(nn.Module):
                 f"NCCLoss: expected two (B, C, D, H, W) tensors of equal shape, got {tuple(a.shape)} and "
                 f"{tuple(b.shape)}; fix: pass images on the same grid"
             )
+        return self.local_cc_to(a, self.prepare(b))
+
+    def prepare(self, b: torch.Tensor) -> NCCStatistics:
+        """The local statistics of ``b`` (B, C, D, H, W) alone, for :meth:`local_cc_to`: when ``b`` stays
+        the same over many calls (test-time refinement's fixed image), two of the five filtered maps are
+        computed once instead of every call."""
+        d, h, w = b.shape[-3:]
+        b = b.reshape(-1, 1, d, h, w)  # (N, 1, D, H, W), N = B·C
+        means = self._filter(torch.cat([b, b * b], dim=1))
+        mass = self._window_mass(b) if self.border == "normalized" else None
+        if mass is not None:
+            means = means / mass  # renormalise by the in-volume window mass
+        mu_b, e_bb = torch.split(means, 1, dim=1)
+        return NCCStatistics(b, mu_b, torch.clamp(e_bb - mu_b * mu_b, min=0.0), mass)
+
+    def local_cc_to(self, a: torch.Tensor, b: NCCStatistics) -> torch.Tensor:
+        """:meth:`local_cc` of ``a`` (B, C, D, H, W) and a :meth:`prepare`-d image of its shape."""
         d, h, w = a.shape[-3:]
-        a = a.reshape(-1, 1, d, h, w)  # (N, 1, D, H, W), N = B·C
-        b = b.reshape(-1, 1, d, h, w)
-        stats = torch.cat([a, b, a * a, b * b, a * b], dim=1)  # (N, 5, D, H, W)
-        means = self._filter(stats)
-        if self.border == "normalized":
-            means = means / self._window_mass(a)  # renormalise by the in-volume window mass
-        mu_a, mu_b, e_aa, e_bb, e_ab = torch.split(means, 1, dim=1)
+        a = a.reshape(-1, 1, d, h, w)
+        if a.shape != b.image.shape:
+            raise InputError(
+                f"NCCLoss: expected the prepared shape {tuple(b.image.shape)} (as N, 1, D, H, W), "
+                f"got {tuple(a.shape)}; fix: prepare the fixed image on the same grid"
+            )
+        means = self._filter(torch.cat([a, a * a, a * b.image], dim=1))  # (N, 3, D, H, W)
+        if b.mass is not None:
+            means = means / b.mass
+        mu_a, e_aa, e_ab = torch.split(means, 1, dim=1)
         var_a = torch.clamp(e_aa - mu_a * mu_a, min=0.0)
-        var_b = torch.clamp(e_bb - mu_b * mu_b, min=0.0)
-        cov = e_ab - mu_a * mu_b
-        return (cov * cov + self.eps) / (var_a * var_b + self.eps)
+        cov = e_ab - mu_a * b.mean
+        return (cov * cov + self.eps) / (var_a * b.var + self.eps)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return 1.0 - self.local_cc(a, b).mean()
@@ -188,6 +265,7 @@ class MINDSSCLoss(nn.Module):
         self.radius = radius
         self.dilation = dilation
         self.eps = float(eps)
+        self._axis_filter = _AxisFilter(lambda n: _banded_replicate_box(n, radius))
         self.pairs = _six_neighbourhood_pairs()
         # canonical directions v (first nonzero component positive) and, per pair, (direction index, shift)
         dirs: list[tuple[int, int, int]] = []
@@ -207,13 +285,7 @@ class MINDSSCLoss(nn.Module):
 
     def _box(self, x: torch.Tensor) -> torch.Tensor:
         """Separable (2r+1)³ mean filter with replicate padding, channels independent."""
-        r = self.radius
-        if r == 0:
-            return x
-        k = 2 * r + 1
-        x = F.avg_pool3d(F.pad(x, (0, 0, 0, 0, r, r), mode="replicate"), (k, 1, 1), stride=1)
-        x = F.avg_pool3d(F.pad(x, (0, 0, r, r, 0, 0), mode="replicate"), (1, k, 1), stride=1)
-        return F.avg_pool3d(F.pad(x, (r, r, 0, 0, 0, 0), mode="replicate"), (1, 1, k), stride=1)
+        return x if self.radius == 0 else self._axis_filter(x)
 
     def descriptor(self, x: torch.Tensor) -> torch.Tensor:
         """MIND-SSC of (B, 1, D, H, W) images → (B, 12, D, H, W), values in (0, 1]."""
@@ -305,12 +377,30 @@ class NGFLoss(nn.Module):
                 f"NGFLoss: expected two (B, 1, D, H, W) images of equal shape, got {tuple(a.shape)} and "
                 f"{tuple(b.shape)}; fix: pass images on the same grid"
             )
-        ga, gb = self.gradient(a), self.gradient(b)
-        na, nb = (ga * ga).sum(dim=1, keepdim=True), (gb * gb).sum(dim=1, keepdim=True)
-        ea = (self.eta * (na + 1e-12).sqrt().mean()) ** 2 + 1e-12  # sqrt(0)' = inf: NaN in flat areas
-        eb = (self.eta * (nb + 1e-12).sqrt().mean()) ** 2 + 1e-12
+        return self.cos2_to(a, self.prepare(b))
+
+    def prepare(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``b``'s gradient (B, 3, D, H, W) and ``|∇b|² + ε²`` (B, 1, D, H, W), for :meth:`cos2_to`: test-time
+        refinement computes them once per level instead of every step."""
+        gb = self.gradient(b)
+        nb = (gb * gb).sum(dim=1, keepdim=True)
+        return gb, nb + self._eps2(nb)
+
+    def _eps2(self, norm2: torch.Tensor) -> torch.Tensor:
+        return (self.eta * (norm2 + 1e-12).sqrt().mean()) ** 2 + 1e-12  # sqrt(0)' = inf: NaN in flat areas
+
+    def cos2_to(self, a: torch.Tensor, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """:meth:`cos2` of ``a`` (B, 1, D, H, W) and a :meth:`prepare`-d image of its shape."""
+        gb, denom_b = b
+        if gb.shape[0] != a.shape[0] or gb.shape[2:] != a.shape[2:]:
+            raise InputError(
+                f"NGFLoss: expected an image of the prepared grid {tuple(gb.shape[2:])}, got "
+                f"{tuple(a.shape)}; fix: prepare the fixed image on the same grid"
+            )
+        ga = self.gradient(a)
+        na = (ga * ga).sum(dim=1, keepdim=True)
         dot = (ga * gb).sum(dim=1, keepdim=True)
-        return dot * dot / ((na + ea) * (nb + eb))
+        return dot * dot / ((na + self._eps2(na)) * denom_b)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return 1.0 - self.cos2(a, b).mean()
@@ -336,6 +426,25 @@ class DiffusionLoss(nn.Module):
         dh = flow[:, :, :, 1:, :] - flow[:, :, :, :-1, :]
         dw = flow[:, :, :, :, 1:] - flow[:, :, :, :, :-1]
         return ((dd * dd).mean() + (dh * dh).mean() + (dw * dw).mean()) / 3.0
+
+    @staticmethod
+    @torch.no_grad()
+    def value_and_grad(flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and its gradient with respect to ``flow`` (same shape), without autograd.
+
+        Test-time refinement calls it every step: autograd's backward of the three slices allocates and
+        zero-fills a full-size tensor per slice, which cost more than the forward.
+        """
+        grad = torch.zeros_like(flow)
+        value = flow.new_zeros(())
+        for axis in (2, 3, 4):
+            n = flow.shape[axis]
+            diff = flow.narrow(axis, 1, n - 1) - flow.narrow(axis, 0, n - 1)
+            value += diff.pow(2).sum() / (3.0 * diff.numel())
+            diff *= 2.0 / (3.0 * diff.numel())
+            grad.narrow(axis, 1, n - 1).add_(diff)
+            grad.narrow(axis, 0, n - 1).sub_(diff)
+        return value, grad
 
 
 class FoldingLoss(nn.Module):
@@ -384,6 +493,51 @@ class FoldingLoss(nn.Module):
 
     def forward(self, flow: torch.Tensor) -> torch.Tensor:
         return F.relu(self.margin - self.determinant(flow)).mean()
+
+    @torch.no_grad()
+    def value_and_grad(self, flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and its gradient with respect to ``flow`` (same shape), without autograd.
+
+        Only voxels with det < ``margin`` (a tiny share once refinement runs) have a gradient: it is
+        ``−cofactor(I + ∇u) / n_interior`` there, passed back through the central differences. Test-time
+        refinement calls this every step; autograd's backward of the determinant cost 2–3× its forward.
+        """
+        det = self.determinant(flow)  # (B, D−2, H−2, W−2)
+        below = det < self.margin
+        value = (self.margin - det).clamp_min(0.0).mean()
+        grad = torch.zeros_like(flow)
+        idx = below.nonzero(as_tuple=True)  # (b, i, j, k) on the interior grid
+        if idx[0].numel() == 0:
+            return value, grad
+        b, i, j, k = idx
+        # a[r][c] = δ_rc + ∂u_r/∂x_c at the folding voxels only (interior voxel (i, j, k) = flow voxel +1)
+        steps = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+
+        def du(c: int) -> torch.Tensor:  # (3, n): ∂u/∂x_c, central difference
+            s = steps[c]
+            plus = flow[b, :, i + 1 + s[0], j + 1 + s[1], k + 1 + s[2]]
+            minus = flow[b, :, i + 1 - s[0], j + 1 - s[1], k + 1 - s[2]]
+            return ((plus - minus) * 0.5).t()
+
+        a = torch.stack([du(0), du(1), du(2)], dim=1)  # (3 rows r, 3 cols c, n)
+        a = a + torch.eye(3, dtype=a.dtype, device=a.device).unsqueeze(-1)
+        cof = torch.stack(
+            [
+                torch.stack([a[(r + 1) % 3][(c + 1) % 3] * a[(r + 2) % 3][(c + 2) % 3]
+                             - a[(r + 1) % 3][(c + 2) % 3] * a[(r + 2) % 3][(c + 1) % 3]
+                             for c in range(3)])
+                for r in range(3)
+            ]
+        )  # fmt: skip  # (3, 3, n): cofactor C_rc = ∂det/∂a_rc
+        g = cof * (-1.0 / det.numel())  # ∂loss/∂a_rc at each folding voxel
+        for c in range(3):
+            s = steps[c]
+            for r in range(3):
+                plus = (b, torch.full_like(b, r), i + 1 + s[0], j + 1 + s[1], k + 1 + s[2])
+                minus = (b, torch.full_like(b, r), i + 1 - s[0], j + 1 - s[1], k + 1 - s[2])
+                grad.index_put_(plus, 0.5 * g[r, c], accumulate=True)
+                grad.index_put_(minus, -0.5 * g[r, c], accumulate=True)
+        return value, grad
 
 
 class SoftDiceLoss(nn.Module):

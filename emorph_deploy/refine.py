@@ -45,23 +45,18 @@ import torch
 import torch.nn.functional as F
 
 from emorph_deploy.choices import Similarity
+from emorph_deploy.contrast import contrast_agreement
 from emorph_deploy.errors import InputError
 from emorph_deploy.losses import MINDSSCLoss, NCCLoss, NGFLoss
 from emorph_deploy.registration.defaults import DEFAULTS
 
 __all__ = [
-    "MatmulMINDSSCLoss",
-    "MatmulNCCLoss",
     "RefineConfig",
     "Similarity",
     "contrast_agreement",
     "refine_flow",
     "refine_loss",
 ]
-
-
-#: contrast_agreement's rule: same contrast iff r > 0 and r² ≥ LINEAR_SHARE · η² (see its docstring)
-LINEAR_SHARE = 0.5
 
 
 #: Most refinement steps accepted: refinement converges within hundreds of steps, and each step costs about
@@ -117,138 +112,31 @@ class RefineConfig:
         return cfg
 
 
-def _banded(n: int, taps: torch.Tensor) -> torch.Tensor:
-    """(n, n) matrix M with ``(x @ M)[i] = Σ_t taps[t] · x[i + t − p]`` (zero padding), p = len(taps) // 2."""
-    p = taps.numel() // 2
-    idx = torch.arange(n)
-    off = idx.view(-1, 1) - idx.view(1, -1) + p  # row j (source), column i (output): j − i + p
-    valid = (off >= 0) & (off < taps.numel())
-    return torch.where(valid, taps[off.clamp(0, taps.numel() - 1)], torch.zeros((), dtype=taps.dtype))
-
-
-class MatmulNCCLoss(NCCLoss):
-    """:class:`~emorph_deploy.losses.NCCLoss` with its separable window filter done as three banded matmuls.
-
-    The same loss (window, sigma, border handling; only ``_filter`` differs, equal to float rounding — see
-    ``tests/test_refine.py``) but faster on the CPU than grouped ``conv3d``, forward and backward.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._mats: dict[tuple[Any, ...], torch.Tensor] = {}
-
-    def _filter(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, D, H, W), zero padding
-        taps = self.kernel_w.reshape(-1).to(x.dtype)
-        for axis in (2, 3, 4):
-            n = x.shape[axis]
-            key = (n, x.dtype, x.device)
-            mat = self._mats.get(key)
-            if mat is None:
-                mat = self._mats[key] = _banded(n, taps.cpu()).to(x.device)
-            x = torch.movedim(torch.movedim(x, axis, -1) @ mat, -1, axis)
-        return x
-
-
-def _banded_replicate_box(n: int, radius: int) -> torch.Tensor:
-    """(n, n) matrix M with ``(x @ M)[i] = mean_{|t| ≤ radius} x[clamp(i + t, 0, n − 1)]`` (replicate)."""
-    src = (torch.arange(n).view(1, -1) + torch.arange(-radius, radius + 1).view(-1, 1)).clamp(0, n - 1)
-    mat = torch.zeros(n, n, dtype=torch.float64)
-    cols = torch.arange(n).expand_as(src)
-    mat.index_put_((src.reshape(-1), cols.reshape(-1)), torch.ones(src.numel(), dtype=torch.float64), True)
-    return mat / (2 * radius + 1)
-
-
-class MatmulMINDSSCLoss(MINDSSCLoss):
-    """:class:`~emorph_deploy.losses.MINDSSCLoss` with its box filter done as three banded matmuls.
-
-    The same descriptor (replicate borders included; equal to float rounding, see ``tests/test_refine.py``),
-    faster on the CPU than three ``avg_pool3d`` over padded copies.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._mats: dict[tuple[Any, ...], torch.Tensor] = {}
-
-    def _box(self, x: torch.Tensor) -> torch.Tensor:
-        if self.radius == 0:
-            return x
-        for axis in (2, 3, 4):
-            n = x.shape[axis]
-            key = (n, x.dtype, x.device)
-            mat = self._mats.get(key)
-            if mat is None:
-                mat = self._mats[key] = _banded_replicate_box(n, self.radius).to(x.dtype).to(x.device)
-            x = torch.movedim(torch.movedim(x, axis, -1) @ mat, -1, axis)
-        return x
-
-
-def contrast_agreement(
-    moving: torch.Tensor, fixed: torch.Tensor, bins: int = 32, threshold: float = 0.02
-) -> dict[str, Any]:
-    """Do two roughly aligned images share a contrast? Figures and verdict, measured on the common foreground.
-
-    Inside the voxels where both images exceed ``threshold`` (the background of skull-stripped, [0, 1]
-    normalised images is 0), with ``r`` the Pearson correlation of the two intensities and ``η²`` the
-    correlation ratio of the fixed intensity given the moving one (``bins`` equal-count bins of the moving
-    intensity; η² = the share of the fixed image's variance explained by *any* function of the moving
-    intensity, r² = the share explained by a *linear* one, so r² ≤ η² up to binning): the contrast is the
-    same iff ``r > 0`` and ``r² ≥ LINEAR_SHARE · η²`` (0.5). Misalignment lowers r² and η² together; an
-    inverted contrast makes r negative; a non-monotone remap (tissue order changed) leaves η² well above
-    r². Fewer than 1000 foreground voxels: no verdict (``same_contrast`` True, NCC — the training loss).
-
-    Returns ``{"r", "eta2", "linear_share", "foreground_voxels", "same_contrast"}``.
-    """
-    m = moving.detach().reshape(-1).float()
-    f = fixed.detach().reshape(-1).float()
-    fg = (m > threshold) & (f > threshold)
-    n = int(fg.sum())
-    if n < 1000:
-        return {"r": None, "eta2": None, "linear_share": None, "foreground_voxels": n, "same_contrast": True}
-    m, f = m[fg].double(), f[fg].double()
-    mc, fc = m - m.mean(), f - f.mean()
-    var_f = float((fc * fc).mean())
-    r = float((mc * fc).mean() / ((mc * mc).mean().sqrt() * var_f**0.5 + 1e-12))
-    order = torch.argsort(m)
-    ids = torch.empty_like(order)
-    ids[order] = torch.arange(n) * bins // n  # equal-count bins of the moving intensity
-    counts = torch.bincount(ids, minlength=bins).double()
-    sums = torch.bincount(ids, weights=fc, minlength=bins)
-    eta2 = float((sums * sums / counts.clamp(min=1)).sum() / n / (var_f + 1e-12))
-    share = r * r / max(eta2, 1e-12)
-    return {
-        "r": r,
-        "eta2": eta2,
-        "linear_share": share,
-        "foreground_voxels": n,
-        "same_contrast": bool(r > 0 and share >= LINEAR_SHARE),
-    }
-
-
 class _Objective:
-    """One similarity as refinement uses it: ``target`` once per level (for MIND: the fixed descriptor),
+    """One similarity as refinement uses it: ``target`` once per level (what the fixed image contributes),
     ``loss`` per step on the warped moving image."""
 
     def __init__(self, similarity: Similarity, ncc_window: int, ncc_sigma: float, device: torch.device):
         self.similarity = similarity
         if similarity is Similarity.ncc:
-            self._loss: torch.nn.Module = MatmulNCCLoss(window=ncc_window, sigma=ncc_sigma, kind="gaussian")
+            self._loss: torch.nn.Module = NCCLoss(window=ncc_window, sigma=ncc_sigma, kind="gaussian")
         elif similarity is Similarity.mind:
-            self._loss = MatmulMINDSSCLoss()
+            self._loss = MINDSSCLoss()
         elif similarity is Similarity.ngf:
             self._loss = NGFLoss()
         else:  # pragma: no cover - resolved by refine_flow
             raise InputError(f"refine similarity: expected a resolved similarity, got {similarity!r}")
         self._loss = self._loss.to(device)
 
-    def target(self, fixed: torch.Tensor) -> torch.Tensor:
-        if self.similarity is Similarity.mind:
-            with torch.no_grad():
+    def target(self, fixed: torch.Tensor) -> Any:
+        """What ``loss`` compares against: the fixed image's MIND descriptor, NCC statistics or NGF
+        gradient, computed once per level."""
+        with torch.no_grad():
+            if self.similarity is Similarity.mind:
                 return self._loss.descriptor(fixed)  # type: ignore[operator]
-        return fixed
+            return self._loss.prepare(fixed)  # type: ignore[operator]
 
-    def loss(
-        self, warped: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def loss(self, warped: torch.Tensor, target: Any, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The dissimilarity; with ``weight`` (1, 1, D, H, W) in [0, 1] (the fixed mask) its weighted mean
         over the voxels instead of the plain mean."""
         if self.similarity is Similarity.mind:
@@ -258,11 +146,11 @@ class _Objective:
             if weight is None:
                 return MINDSSCLoss.distance(desc, target)
             return _weighted_mean(MINDSSCLoss.distance_map(desc, target), weight)
-        if weight is None:
-            return self._loss(warped, target)
         if self.similarity is Similarity.ncc:
-            return 1.0 - _weighted_mean(self._loss.local_cc(warped, target), weight)  # type: ignore[operator]
-        return 1.0 - _weighted_mean(self._loss.cos2(warped, target), weight)  # type: ignore[operator]
+            sim = self._loss.local_cc_to(warped, target)  # type: ignore[operator]
+        else:
+            sim = self._loss.cos2_to(warped, target)  # type: ignore[operator]
+        return 1.0 - (sim.mean() if weight is None else _weighted_mean(sim, weight))
 
 
 def _weighted_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -336,7 +224,7 @@ def _optimise(
     from emorph_deploy.losses import DiffusionLoss, FoldingLoss
     from emorph_deploy.models.warp import warp
 
-    diffusion, folding = DiffusionLoss(), FoldingLoss()
+    folding = FoldingLoss()
     flow = flow0.detach().clone().requires_grad_(True)
     if steps == 0:
         return flow.detach()
@@ -345,10 +233,16 @@ def _optimise(
     fold = fold_weight > 0 and min(flow.shape[2:]) >= 3
     for step in range(1, steps + 1):
         flow.grad = None
-        loss = objective.loss(warp(moving, flow), target, weight) + reg_weight * diffusion(flow)
-        if fold:
-            loss = loss + fold_weight * folding(flow)
-        loss.backward()
+        loss = objective.loss(warp(moving, flow), target, weight)
+        loss.backward()  # autograd for the similarity only: the penalties' gradients are closed-form
+        with torch.no_grad():
+            value, grad = DiffusionLoss.value_and_grad(flow)
+            loss = loss.detach() + reg_weight * value
+            flow.grad.add_(grad, alpha=reg_weight)
+            if fold:
+                value, grad = folding.value_and_grad(flow)
+                loss += fold_weight * value
+                flow.grad.add_(grad, alpha=fold_weight)
         adam.step()
         if losses is not None:
             losses.append(float(loss.detach()))

@@ -67,3 +67,22 @@ def cli():
         return res, (res.stderr if res.stderr_bytes is not None else "")
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def inverted_brain():
+    """A 32³ template pair as (D, H, W) tensors: ``moving``, ``fixed``, ``inverted`` (the moving image
+    inverted inside the brain: T2-like tissue order, background 0) and ``inside`` (the moving brain mask)."""
+    import numpy as np
+    import torch
+
+    from emorph_deploy.data.synthetic import template_pair
+
+    p = template_pair((32, 32, 32), seed=10_000)
+    inside = p.moving_labels > 0
+    return {
+        "moving": torch.from_numpy(p.moving),
+        "inverted": torch.from_numpy(np.where(inside, 1.0 - p.moving, 0.0).astype(np.float32)),
+        "fixed": torch.from_numpy(p.fixed),
+        "inside": torch.from_numpy(inside),
+    }

@@ -100,8 +100,9 @@ def test_ncc_gaussian_window_matches_dense_3d_kernel():
     assert torch.allclose(k1, k1.flip(0), atol=1e-7)  # symmetric
     assert k1.argmax().item() == 2
     dense = (k1[:, None, None] * k1[None, :, None] * k1[None, None, :]).float()[None, None]
-    x = textured((1, 1, 12, 12, 12))
-    assert torch.allclose(loss._filter(x), F.conv3d(x, dense, padding=2), atol=1e-6)
+    x = textured((2, 3, 12, 13, 14))  # unequal axes: a filter along the wrong axis cannot pass
+    ref = F.conv3d(x.reshape(6, 1, 12, 13, 14), dense, padding=2).reshape(x.shape)
+    assert torch.allclose(loss._filter(x), ref, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -225,6 +226,26 @@ def test_folding_zero_without_folds_and_pushes_back_where_folded():
         FoldingLoss(margin=-0.1)
 
 
+@pytest.mark.parametrize("name", ["diffusion", "folding"])
+def test_penalty_value_and_grad_equal_autograd(name):
+    """The closed-form gradients refinement uses equal autograd's on a field that folds in places."""
+    from emorph_deploy.losses import FoldingLoss
+
+    loss = DiffusionLoss() if name == "diffusion" else FoldingLoss(margin=0.05)
+    flow = 0.6 * torch.randn(2, 3, 7, 8, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = flow.clone().requires_grad_()
+    value_ref = loss(ref)
+    value_ref.backward()
+    value, grad = loss.value_and_grad(flow)
+    if name == "folding":
+        assert 0.01 < float((FoldingLoss.determinant(flow) < 0.05).double().mean()) < 0.9  # both cases seen
+    assert abs(float(value) - float(value_ref)) <= 1e-12
+    assert grad.shape == flow.shape and float(grad.abs().max()) > 0
+    assert float((grad - ref.grad).abs().max()) <= 1e-12
+    _, grad0 = loss.value_and_grad(torch.zeros(1, 3, 5, 5, 5))  # no folds, no differences: zero gradient
+    assert float(grad0.abs().max()) == 0.0
+
+
 # ----------------------------------------------------------------------------------------------- Dice
 def label_map(shape=(2, 1, 12, 12, 12), n=4, seed=0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -329,6 +350,17 @@ def test_mind_invariant_to_intensity_remaps(name, remap, tol):
         assert remapped < tol * one_voxel, (name, remapped, one_voxel)
 
 
+@pytest.mark.parametrize("radius", [0, 1, 2])
+def test_mind_box_matches_replicate_padded_average(radius):
+    """MIND's separable box (banded matrices) = a (2r+1)³ mean over a replicate-padded copy."""
+    from emorph_deploy.losses import MINDSSCLoss
+
+    x = textured((1, 2, 9, 10, 11), seed=3)
+    k = 2 * radius + 1
+    ref = F.avg_pool3d(F.pad(x, (radius,) * 6, mode="replicate"), k, stride=1)
+    assert torch.allclose(MINDSSCLoss(radius=radius)._box(x), ref, atol=1e-6)
+
+
 def test_mind_decreases_as_a_shift_is_undone():
     from emorph_deploy.losses import MINDSSCLoss, NGFLoss
 
@@ -373,3 +405,37 @@ def test_ngf_range_and_affine_invariance():
         NGFLoss(eta=0.0)
     with pytest.raises(InputError):
         loss(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 9))
+
+
+def test_prepared_fixed_image_equals_the_two_image_losses():
+    """NCC's and NGF's ``prepare(b)`` + ``*_to(a, ·)`` (refinement's per-level cache of the fixed image) equal
+    the plain two-image forms: the five-map local NCC written out with a dense 3D window, and NGF, values and
+    gradients."""
+    from emorph_deploy.losses import NGFLoss
+
+    a, b = textured((1, 1, 10, 11, 12), seed=4), textured((1, 1, 10, 11, 12), seed=5)
+    ncc = NCCLoss(window=5, sigma=1.0)
+    k = ncc.kernel_d.flatten().double()
+    dense = (k[:, None, None] * k[None, :, None] * k[None, None, :])[None, None]
+
+    def local_cc_dense(x, y):  # the textbook form, float64, window renormalised at the borders
+        x, y = x.double(), y.double()
+        mean = lambda z: F.conv3d(z, dense, padding=2) / F.conv3d(torch.ones_like(z), dense, padding=2)  # noqa: E731
+        mx, my = mean(x), mean(y)
+        cov = mean(x * y) - mx * my
+        vx, vy = (mean(x * x) - mx * mx).clamp(min=0), (mean(y * y) - my * my).clamp(min=0)
+        return (cov * cov + ncc.eps) / (vx * vy + ncc.eps)
+
+    ga, gr = a.clone().requires_grad_(), a.clone().double().requires_grad_()
+    fast, ref = ncc.local_cc_to(ga, ncc.prepare(b)), local_cc_dense(gr, b)
+    assert float((fast.double() - ref).abs().max()) < 1e-4  # float32 cancellation in E[x²] − E[x]²
+    fast.mean().backward()
+    ref.mean().backward()
+    assert float((ga.grad.double() - gr.grad).abs().max()) < 1e-3 * float(gr.grad.abs().max())
+    assert torch.equal(ncc.local_cc(a, b), ncc.local_cc_to(a, ncc.prepare(b)))
+    ngf = NGFLoss()
+    assert torch.equal(ngf.cos2(a, b), ngf.cos2_to(a, ngf.prepare(b)))
+    with pytest.raises(InputError):
+        ncc.local_cc_to(a[..., :-1], ncc.prepare(b))
+    with pytest.raises(InputError):
+        ngf.cos2_to(a[..., :-1], ngf.prepare(b))

@@ -16,7 +16,14 @@ from typing import Annotated
 
 import typer
 
-from emorph_deploy.cli._common import Backend, BackendOption, RefineOption, handle_errors, set_threads
+from emorph_deploy.cli._common import (
+    Backend,
+    BackendOption,
+    MatchContrastOption,
+    RefineOption,
+    handle_errors,
+    set_threads,
+)
 from emorph_deploy.errors import InputError
 from emorph_deploy.registration.defaults import DEFAULTS
 
@@ -40,6 +47,7 @@ def demo_command(
             help="Fast affine pre-alignment first (the two brains are in different spaces).",
         ),
     ] = DEFAULTS.affine,
+    match_contrast: MatchContrastOption = DEFAULTS.match_contrast,
     qc_png: Annotated[bool, typer.Option("--qc-png/--no-qc-png", help="Render qc.png.")] = DEFAULTS.qc_png,
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, help="CPU threads for torch (default: all).")
@@ -74,7 +82,7 @@ def demo_command(
     t0 = time.perf_counter()
     pair = demo_pair(resolution=2)
     t_load = time.perf_counter() - t0
-    reg = Registrar.load(artifact, backend=backend.value, affine=affine)
+    reg = Registrar.load(artifact, backend=backend.value, affine=affine, match_contrast=match_contrast)
     for note in reg.backend_notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(

@@ -19,6 +19,7 @@ import typer
 from emorph_deploy.cli._common import (
     Backend,
     BackendOption,
+    MatchContrastOption,
     RefineFoldWeightOption,
     RefineFullStepsOption,
     RefineOption,
@@ -102,6 +103,7 @@ def register_command(
             "--no-affine only for inputs already in one space.",
         ),
     ] = DEFAULTS.affine,
+    match_contrast: MatchContrastOption = DEFAULTS.match_contrast,
     initial_affine: Annotated[
         Path | None,
         typer.Option(
@@ -248,6 +250,7 @@ def register_command(
             artifact=artifact,
             backend=backend.value,
             affine=affine,
+            match_contrast=match_contrast,
             options=options,
             threads=threads,
             echo=lambda line: typer.echo(line, err=True),
@@ -265,7 +268,7 @@ def register_command(
             from emorph_deploy.data.transforms import read_itk_affine
 
             extras["initial_affine"] = read_itk_affine(initial_affine, name="--initial-affine")
-    reg = Registrar.load(artifact, backend=backend.value, affine=affine)
+    reg = Registrar.load(artifact, backend=backend.value, affine=affine, match_contrast=match_contrast)
     for note in reg.backend_notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(

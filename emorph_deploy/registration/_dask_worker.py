@@ -15,6 +15,7 @@ from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from emorph_deploy.registration.batch import Pair, PairOptions, failed_row, register_pair
+from emorph_deploy.registration.defaults import DEFAULTS
 
 __all__ = ["PLUGIN_NAME", "RegistrarPlugin", "pin_threads", "register_pair_task", "worker_settings"]
 
@@ -45,16 +46,25 @@ class RegistrarPlugin(WorkerPlugin):
 
     name = PLUGIN_NAME
 
-    def __init__(self, artifact: str | None, backend: str, affine: bool, threads: int | None) -> None:
+    def __init__(
+        self,
+        artifact: str | None,
+        backend: str,
+        affine: bool,
+        threads: int | None,
+        match_contrast: bool = DEFAULTS.match_contrast,
+    ) -> None:
         self.artifact = artifact
         self.backend = backend
         self.affine = affine
         self.threads = threads
+        self.match_contrast = match_contrast
         self.registrar: Any = None
         self.lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # the model and the lock stay on the worker
-        return {k: self.__dict__[k] for k in ("artifact", "backend", "affine", "threads")}
+        keys = ("artifact", "backend", "affine", "threads", "match_contrast")
+        return {k: self.__dict__[k] for k in keys}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -63,7 +73,9 @@ class RegistrarPlugin(WorkerPlugin):
         from emorph_deploy.registration.pipeline import Registrar
 
         pin_threads(self.threads or worker.state.nthreads)
-        self.registrar = Registrar.load(self.artifact, backend=self.backend, affine=self.affine)
+        self.registrar = Registrar.load(
+            self.artifact, backend=self.backend, affine=self.affine, match_contrast=self.match_contrast
+        )
 
 
 def register_pair_task(pair: Pair, out_dir: str, options: PairOptions) -> dict[str, Any]:

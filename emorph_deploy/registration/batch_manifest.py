@@ -29,7 +29,7 @@ def batch_settings(registrar: Any, options: PairOptions) -> dict[str, Any]:
     """The settings every pair of a batch folder is registered with, as kept in its ``batch.json``: the model
     artifact (path, and sha256 of it with its same-stem manifest/weights files), backend and precision the
     registrar runs, then every output-affecting :class:`PairOptions` field (``affine`` resolved against the
-    registrar, ``refine`` as a full config)."""
+    registrar, ``refine`` as a full config) and the registrar's ``match_contrast``."""
     import dataclasses
 
     from emorph_deploy.refine import RefineConfig
@@ -40,6 +40,7 @@ def batch_settings(registrar: Any, options: PairOptions) -> dict[str, Any]:
         f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name not in _RUN_FIELDS
     }
     fields["affine"] = bool(registrar.affine if options.affine is None else options.affine)
+    fields["match_contrast"] = bool(registrar.match_contrast)
     fields["refine"] = RefineConfig.coerce(options.refine).to_dict()
     settings = {
         "artifact": str(artifact) if artifact is not None else None,

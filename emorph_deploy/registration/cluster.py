@@ -106,6 +106,7 @@ def run_batch_dask(
     artifact: str | Path | None = None,
     backend: str = "auto",
     affine: bool = DEFAULTS.affine,
+    match_contrast: bool = DEFAULTS.match_contrast,
     options: PairOptions | None = None,
     threads: int | None = None,
     progress: bool = True,
@@ -117,16 +118,16 @@ def run_batch_dask(
     """Register every pair as a Dask task into ``out_dir/<id>/``; returns the summary rows in ``pairs`` order
     (also written to ``out_dir/summary.csv``). Never stops on a failing pair, nor on a worker lost mid-pair.
 
-    ``artifact``/``backend``/``affine`` say how each worker builds its Registrar (``artifact`` None: the
-    packaged default model); ``threads``: CPU threads per worker (default: see the module docstring);
-    ``echo`` receives the cluster's description and dashboard address. An artifact the workers cannot load
-    raises its error before any pair runs. ``processes=False`` runs a local cluster's workers as threads of
-    this process (quick to start, no ``__main__`` guard needed, but torch's thread setting is then shared by
-    the process); worker processes are started with ``spawn``, so a script that calls this with a local
-    cluster needs the usual ``if __name__ == "__main__":`` guard. ``timings`` receives the seconds of
-    ``cluster`` (start or connect), ``model_load`` (every worker loading the model) and ``pairs`` (the tasks).
-    The workers' settings are recorded in (``resume``: checked against) ``out_dir/batch.json`` before any
-    pair runs (:mod:`emorph_deploy.registration.batch_manifest`).
+    ``artifact``/``backend``/``affine``/``match_contrast`` say how each worker builds its Registrar
+    (``artifact`` None: the packaged default model); ``threads``: CPU threads per worker (default: see the
+    module docstring); ``echo`` receives the cluster's description and dashboard address. An artifact the
+    workers cannot load raises its error before any pair runs. ``processes=False`` runs a local cluster's
+    workers as threads of this process (quick to start, no ``__main__`` guard needed, but torch's thread
+    setting is then shared by the process); worker processes are started with ``spawn``, so a script that
+    calls this with a local cluster needs the usual ``if __name__ == "__main__":`` guard. ``timings`` receives
+    the seconds of ``cluster`` (start or connect), ``model_load`` (every worker loading the model) and
+    ``pairs`` (the tasks). The workers' settings are recorded in (``resume``: checked against)
+    ``out_dir/batch.json`` before any pair runs (:mod:`emorph_deploy.registration.batch_manifest`).
     """
     spec = parse_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
     options = options or PairOptions()
@@ -146,7 +147,7 @@ def run_batch_dask(
     t0 = time.perf_counter()
     with _client(spec, threads, dashboard_address, processes, echo) as client:
         times["cluster"] = time.perf_counter() - t0
-        _register_plugin(client, RegistrarPlugin(artifact_s, backend, affine, threads))
+        _register_plugin(client, RegistrarPlugin(artifact_s, backend, affine, threads, match_contrast))
         times["model_load"] = time.perf_counter() - t0 - times["cluster"]
         record_batch_settings(out, _workers_settings(client, options), options)
         futures = client.map(register_pair_task, pairs, out_dir=str(out), options=options, pure=False)

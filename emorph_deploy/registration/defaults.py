@@ -23,6 +23,9 @@ class RegistrationDefaults:
     """Every user-facing registration default.
 
     ``affine``: the affine pre-alignment runs first (``--no-affine`` only for inputs already in one space).
+    ``match_contrast`` (``--match-contrast/--no-match-contrast``): a pair found in different contrasts is
+    registered with the moving image mapped to the fixed image's contrast
+    (:mod:`emorph_deploy.contrast`).
     ``refine_steps`` (``--refine``): test-time refinement steps; ``refine_similarity``, ``refine_levels``,
     ``refine_full_steps`` and ``refine_fold_weight``: how they run
     (:class:`~emorph_deploy.refine.RefineConfig`, whose own defaults are these). ``qc_png`` / ``voxel_flow``:
@@ -30,6 +33,9 @@ class RegistrationDefaults:
     """
 
     affine: bool = True
+    # the moving image mapped to the fixed image's contrast (E[fixed | moving] on the pre-aligned pair) when
+    # the two differ, for the network and the refinement; the outputs still warp the moving image as given
+    match_contrast: bool = True
     # chosen by measurement (benchmarks/default_settings.py): the best real-pair Dice with network +
     # refinement within ~1 s and J <= 0 below 0.1 %; full-resolution steps add Dice but fold more
     refine_steps: int = 10

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import nibabel as nib
 import numpy as np
 
+from emorph_deploy.choices import Similarity
 from emorph_deploy.errors import (
     ConfigMismatchError,
     EmorphError,
@@ -311,8 +312,10 @@ class RegistrationQC:
     "volume" when the fixed image has no usable foreground); ``masks`` which masks were given;
     ``label_overlap`` Dice before/after with fixed labels (:func:`emorph_deploy.qc.label_overlap`; empty
     without); ``deformation`` the Jacobian statistics on the model grid
-    (:func:`emorph_deploy.qc.deformation_stats`); ``refine`` the refinement settings and the similarity
-    used, or None; ``times_s`` the stage seconds (the dict is shared with the caller, which adds the
+    (:func:`emorph_deploy.qc.deformation_stats`); ``contrast`` whether the moving image was mapped to the
+    fixed image's contrast before the network, with :func:`~emorph_deploy.contrast.contrast_agreement`'s
+    figures (None with matching off); ``refine`` the refinement settings and the similarity used, or None;
+    ``times_s`` the stage seconds (the dict is shared with the caller, which adds the
     writing times).
     """
 
@@ -332,6 +335,7 @@ class RegistrationQC:
     deformation: dict[str, Any]
     model_latency_s: float | None
     network: bool
+    contrast: dict[str, Any] | None
     refine: dict[str, Any] | None
     times_s: dict[str, float]
 
@@ -358,6 +362,7 @@ class RegistrationQC:
             "jacobian_grid": "model",
             "model_latency_s": self.model_latency_s,
             "network": self.network,
+            "contrast": self.contrast,
             "refine": self.refine,
             "times_s": self.times_s,
         }
@@ -369,7 +374,9 @@ class _ModelGridPair:
 
     ``moving`` is after the affine pre-alignment; ``moving_unaligned`` without any registration (the same
     array when there is no pre-alignment); ``affine`` the grid's voxel → world (RAS mm) map;
-    ``fixed_mask`` the fixed mask's share of each voxel (float32 in [0, 1]) or None.
+    ``fixed_mask`` the fixed mask's share of each voxel (float32 in [0, 1]) or None; ``matched`` the moving
+    image mapped to the fixed image's contrast when contrast matching found them different (else None) and
+    ``contrast`` its figures for ``qc.json`` (None with matching off).
     """
 
     fixed: np.ndarray
@@ -377,6 +384,15 @@ class _ModelGridPair:
     moving_unaligned: np.ndarray
     affine: np.ndarray
     fixed_mask: np.ndarray | None = None
+    matched: np.ndarray | None = None
+    contrast: dict[str, Any] | None = None
+
+    @property
+    def moving_for_network(self) -> np.ndarray:
+        """What the network and the refinement see: ``matched`` (the moving image in the fixed image's
+        contrast, :func:`emorph_deploy.contrast.fit_intensity_map`) when the contrasts differed, else
+        ``moving``."""
+        return self.moving if self.matched is None else self.matched
 
 
 #: Least fraction of the model grid where both images have signal for a registration to be meaningful.
@@ -414,6 +430,7 @@ class Registrar:
         *,
         affine: bool = DEFAULTS.affine,
         affine_config: AffineConfig | None = None,
+        match_contrast: bool = DEFAULTS.match_contrast,
         warmup: bool = True,
     ) -> None:
         from emorph_deploy.data.preprocess import Preprocessing
@@ -441,6 +458,7 @@ class Registrar:
         self.precision = runner.precision
         self.affine = affine
         self.affine_config = affine_config
+        self.match_contrast = match_contrast
         self._lock = threading.Lock()
         self.warmup_s: float | None = None
         self.backend_notes: list[str] = []
@@ -590,6 +608,7 @@ class Registrar:
             deformation=stats,
             model_latency_s=model_s,
             network=bool(network),
+            contrast=pair.contrast,
             refine={**refine_cfg.to_dict(), **refine_info} if refine_cfg.steps else None,
             times_s=times,
         )
@@ -677,6 +696,7 @@ class Registrar:
         if pre is not None:  # for "NCC before": the moving image without any registration
             moving_id = resample_to_grid(m_norm, m_aff, shape, grid, order=1, cval=0.0)
             np.clip(moving_id, 0.0, 1.0, out=moving_id)
+        matched, contrast = self._match_contrast(moving_m, fixed_m) if self.match_contrast else (None, None)
         mask_m = None
         if fixed_mask is not None:
             mask_m = resample_to_grid(fixed_mask.astype(np.float32), f_aff, shape, grid, order=1, cval=0.0)
@@ -686,15 +706,37 @@ class Registrar:
                     "image), got none; fix: pass the mask of this fixed image"
                 )
         return _ModelGridPair(
-            fixed=fixed_m, moving=moving_m, moving_unaligned=moving_id, affine=grid, fixed_mask=mask_m
+            fixed=fixed_m,
+            moving=moving_m,
+            moving_unaligned=moving_id,
+            affine=grid,
+            fixed_mask=mask_m,
+            matched=matched,
+            contrast=contrast,
         )
+
+    @staticmethod
+    def _match_contrast(moving: np.ndarray, fixed: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """The moving image (D, H, W) in the fixed image's contrast when :func:`contrast_agreement` finds
+        the pre-aligned pair in different contrasts (else None), and the figures for ``qc.json``."""
+        import torch
+
+        from emorph_deploy.contrast import contrast_agreement, fit_intensity_map
+
+        m, f = torch.from_numpy(moving), torch.from_numpy(fixed)
+        agreement = contrast_agreement(m, f)
+        info = {"matched": False, **agreement}
+        if agreement["same_contrast"]:
+            return None, info
+        matched = fit_intensity_map(m, f)(m).numpy()
+        return matched, {**info, "matched": True}
 
     def _infer(self, pair: _ModelGridPair, network: bool) -> tuple[dict[str, np.ndarray], float | None]:
         """The runner's outputs (``flow`` (1, 3, D, H, W), maybe ``warped``) and its latency in seconds;
         ``network=False``: a zero flow and no latency."""
         if not network:  # ablation: no network, zero initial flow
             return {"flow": np.zeros((1, 3, *self.grid_shape), dtype=np.float32)}, None
-        feed = {"moving": pair.moving[None, None], "fixed": pair.fixed[None, None]}
+        feed = {"moving": pair.moving_for_network[None, None], "fixed": pair.fixed[None, None]}
         try:
             with self._lock:
                 return self.runner.infer(feed), self.runner.last_latency_s
@@ -729,20 +771,35 @@ class Registrar:
         pair: _ModelGridPair, flow: np.ndarray, cfg: RefineConfig, info: dict[str, Any]
     ) -> np.ndarray:
         """Test-time refinement of ``flow`` (3, D, H, W) on the model grid; ``info`` receives the similarity
-        used and why."""
+        used and why. A contrast-matched pair refines its matched image; with ``similarity`` auto, on NCC or
+        NGF by :func:`~emorph_deploy.contrast.similarity_after_matching`."""
         import torch
 
         from emorph_deploy.refine import refine_flow
 
         mask = None if pair.fixed_mask is None else torch.from_numpy(pair.fixed_mask)[None, None]
-        return refine_flow(
-            torch.from_numpy(pair.moving)[None, None],
-            torch.from_numpy(pair.fixed)[None, None],
-            torch.from_numpy(flow)[None],
-            **cfg.to_dict(),
-            info=info,
-            fixed_mask=mask,
-        )[0].numpy()
+        moving = torch.from_numpy(pair.moving_for_network)[None, None]
+        fixed = torch.from_numpy(pair.fixed)[None, None]
+        flow_t = torch.from_numpy(flow)[None]
+        settings = cfg.to_dict()
+        matched_auto = pair.matched is not None and settings["similarity"] == Similarity.auto.value
+        if matched_auto:
+            from emorph_deploy.contrast import similarity_after_matching
+            from emorph_deploy.models.warp import warp
+
+            with torch.inference_mode():
+                chosen, r = similarity_after_matching(warp(moving, flow_t), fixed)
+            settings["similarity"] = chosen.value
+        out = refine_flow(moving, fixed, flow_t, **settings, info=info, fixed_mask=mask)[0].numpy()
+        if matched_auto:
+            from emorph_deploy.contrast import MATCHED_NCC_MIN_R
+
+            # the figures behind the choice, as refine_flow's own "auto" reports them
+            info.update(
+                similarity_requested=Similarity.auto.value,
+                contrast={"matched": True, "r": r, "ncc_min_r": MATCHED_NCC_MIN_R},
+            )
+        return out
 
     def _quality(
         self, pair: _ModelGridPair, flow: np.ndarray, warped: np.ndarray | None

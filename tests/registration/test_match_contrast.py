@@ -1,0 +1,44 @@
+"""The Registrar's contrast-matching stage (emorph_deploy.contrast applied before the network), with a stub
+runner on a 32³ template pair."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+
+
+def test_registrar_matches_contrast_only_when_it_differs(inverted_brain, stub_runner):
+    """With matching on, an inverted pair is matched (the network sees the matched image, qc.json says so),
+    a same-contrast pair is not; with it off qc.json's ``contrast`` is None. Outputs warp the moving image
+    as given (zero flow: the warped image equals the input, not the matched one)."""
+    brain = inverted_brain
+    from emorph_deploy.registration import Registrar
+
+    class Recorder(stub_runner):
+        def _infer(self, feed):
+            self.seen = feed["moving"].copy()
+            return super()._infer(feed)
+
+    a = np.diag([4.0, 4.0, 4.0, 1.0])
+    fixed = (brain["fixed"].numpy(), a)
+    inverted = (brain["inverted"].numpy(), a)
+    same = (brain["moving"].numpy(), a)
+    runner = Recorder(np.zeros((3, 32, 32, 32), np.float32), spacing=4.0)
+    reg = Registrar(runner, affine=False, warmup=False)
+    res = reg.register(fixed, inverted, refine=2)
+    contrast = res.qc["contrast"]
+    assert contrast["matched"] is True and contrast["r"] < 0
+    assert res.qc["refine"]["similarity_requested"] == "auto"
+    assert res.qc["refine"]["similarity"] == "ncc" and res.qc["refine"]["contrast"]["matched"] is True
+    seen = runner.seen[0, 0]
+    inside = brain["inside"].numpy()
+    assert np.corrcoef(seen[inside], brain["moving"].numpy()[inside])[0, 1] > 0.8  # matched (input: r < 0)
+    res0 = reg.register(fixed, inverted, refine=0)
+    warped = np.asanyarray(res0.warped.dataobj)
+    assert np.corrcoef(warped[inside], brain["inverted"].numpy()[inside])[0, 1] > 0.99  # as given
+    assert reg.register(fixed, same, refine=0).qc["contrast"]["matched"] is False
+    off = Registrar(runner, affine=False, warmup=False, match_contrast=False)
+    assert off.register(fixed, inverted, refine=0).qc["contrast"] is None
+    assert np.array_equal(runner.seen[0, 0] > 0, seen > 0) and not np.allclose(runner.seen[0, 0], seen)

@@ -1,0 +1,77 @@
+"""Tests for emorph_deploy.contrast: the intensity map that gives the moving image the fixed image's contrast,
+the refinement similarity after it, and the Registrar stage that applies them (small volumes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from emorph_deploy.choices import Similarity
+from emorph_deploy.contrast import (
+    MATCHED_NCC_MIN_R,
+    IntensityMap,
+    contrast_agreement,
+    fit_intensity_map,
+    similarity_after_matching,
+)
+from emorph_deploy.errors import InputError
+
+torch.set_num_threads(1)
+
+
+def test_map_recovers_a_known_intensity_relation():
+    """On aligned images where fixed = g(moving) (non-monotone g), the map reproduces g to bin precision."""
+    g = torch.Generator().manual_seed(0)
+    moving = torch.rand(24, 24, 24, generator=g) * 0.98 + 0.02  # all foreground
+    relation = lambda x: 0.2 + 0.7 * torch.sin(3.0 * x) ** 2  # noqa: E731
+    fixed = relation(moving)
+    imap = fit_intensity_map(moving, fixed, bins=64)
+    assert len(imap.moving_levels) == 64 and list(imap.moving_levels) == sorted(imap.moving_levels)
+    err = (imap(moving) - fixed).abs()
+    assert float(err.mean()) < 0.005 and float(err.max()) < 0.03
+    assert imap(torch.zeros(3)).tolist() == [0.0, 0.0, 0.0]  # background stays 0
+    ends = imap(torch.tensor([1e-4, 5.0]))  # constant beyond the fitted levels
+    assert ends.tolist() == pytest.approx([imap.fixed_levels[0], imap.fixed_levels[-1]], abs=1e-6)
+    assert imap(moving[None, None]).shape == (1, 1, 24, 24, 24)
+    assert IntensityMap(**imap.to_dict()) == imap  # qc/JSON round trip (lists in, tuples kept)
+    with pytest.raises(InputError, match="levels"):
+        IntensityMap((0.2, 0.1), (0.0, 1.0))
+
+
+def test_matching_an_inverted_brain_restores_its_contrast(inverted_brain):
+    """The inverted moving image, mapped on the (unregistered) pair, agrees with the fixed contrast again and
+    correlates with the original moving image; the map decreases (the inversion), the background stays 0."""
+    brain = inverted_brain
+    imap = fit_intensity_map(brain["inverted"], brain["fixed"])
+    matched = imap(brain["inverted"])
+    before = contrast_agreement(brain["inverted"], brain["fixed"])
+    after = contrast_agreement(matched, brain["fixed"])
+    assert not before["same_contrast"] and after["same_contrast"] and after["r"] > 0.5, (before, after)
+    inside = brain["inside"]
+    r_orig = np.corrcoef(matched[inside].numpy(), brain["moving"][inside].numpy())[0, 1]
+    assert r_orig > 0.9
+    levels = np.asarray(imap.fixed_levels)
+    assert levels[:8].mean() > levels[-8:].mean() + 0.2  # dark (inverted WM) → bright, bright → dark
+    assert float(matched[~inside].abs().max()) == 0.0
+
+
+def test_similarity_after_matching_rule(inverted_brain):
+    brain = inverted_brain
+    matched = fit_intensity_map(brain["inverted"], brain["fixed"])(brain["inverted"])
+    chosen, r = similarity_after_matching(matched, brain["fixed"])
+    assert chosen is Similarity.ncc and r >= MATCHED_NCC_MIN_R
+    noise = torch.rand(32, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.05
+    chosen, r = similarity_after_matching(noise, brain["fixed"])  # unrelated: the map cannot be trusted
+    assert chosen is Similarity.ngf and abs(r) < MATCHED_NCC_MIN_R
+    chosen, r = similarity_after_matching(torch.rand(8, 8, 8), torch.rand(8, 8, 8))  # too small to judge
+    assert chosen is Similarity.ncc and np.isnan(r)
+
+
+def test_fit_rejects_bad_input():
+    with pytest.raises(InputError, match="one shape"):
+        fit_intensity_map(torch.rand(8, 8, 8), torch.rand(8, 8, 9))
+    with pytest.raises(InputError, match="bins"):
+        fit_intensity_map(torch.rand(16, 16, 16), torch.rand(16, 16, 16), bins=1)
+    with pytest.raises(InputError, match="foreground"):
+        fit_intensity_map(torch.zeros(16, 16, 16), torch.rand(16, 16, 16))
