@@ -134,7 +134,7 @@ MatchContrastOption = Annotated[
     typer.Option(
         "--match-contrast/--no-match-contrast",
         help="When the pre-aligned images differ in contrast (e.g. T1 to T2), give the moving image the "
-        "fixed image's contrast (mean fixed intensity per moving intensity) for the network and --refine; "
+        "fixed image's contrast (median fixed intensity per moving intensity) for the network and --refine; "
         "the outputs warp the moving image as given. Recorded in qc.json's contrast.",
     ),
 ]

@@ -719,17 +719,13 @@ class Registrar:
     def _match_contrast(moving: np.ndarray, fixed: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
         """The moving image (D, H, W) in the fixed image's contrast when :func:`contrast_agreement` finds
         the pre-aligned pair in different contrasts (else None), and the figures for ``qc.json``."""
-        import torch
-
         from emorph_deploy.contrast import contrast_agreement, fit_intensity_map
 
-        m, f = torch.from_numpy(moving), torch.from_numpy(fixed)
-        agreement = contrast_agreement(m, f)
+        agreement = contrast_agreement(moving, fixed)
         info = {"matched": False, **agreement}
         if agreement["same_contrast"]:
             return None, info
-        matched = fit_intensity_map(m, f)(m).numpy()
-        return matched, {**info, "matched": True}
+        return fit_intensity_map(moving, fixed)(moving), {**info, "matched": True}
 
     def _infer(self, pair: _ModelGridPair, network: bool) -> tuple[dict[str, np.ndarray], float | None]:
         """The runner's outputs (``flow`` (1, 3, D, H, W), maybe ``warped``) and its latency in seconds;
