@@ -53,10 +53,15 @@ QUICK_SHAPE = (32, 40, 48)
 
 
 # ---------------------------------------------------------------------------------------------- pairs
-def template_pairs(n: int, shape: tuple[int, int, int], spacing: Any, folder: Path) -> list[dict[str, Any]]:
-    """Held-out template pairs on disk (seeds EVAL_SEED0 + i), same layout as ``peers.template_pairs``."""
+def template_pairs(
+    n: int, shape: tuple[int, int, int], spacing: Any, folder: Path, inverted: bool = False
+) -> list[dict[str, Any]]:
+    """Held-out template pairs on disk (seeds EVAL_SEED0 + i), same layout as ``peers.template_pairs``;
+    ``inverted``: each also with the moving contrast inverted inside the brain (kind "template-inverted",
+    the third case of issue 15's table)."""
     import numpy as np
 
+    from emorph_deploy.data.realbrains import invert_contrast
     from emorph_deploy.data.synthetic import template_pair
 
     pairs = []
@@ -80,6 +85,17 @@ def template_pairs(n: int, shape: tuple[int, int, int], spacing: Any, folder: Pa
                 "labels_method": "template GM/WM maps (argmax of CSF/GM/WM probabilities in the brain mask)",
             }
         )
+        if inverted:
+            moving_inv = invert_contrast(p.moving, p.moving_labels > 0)
+            pairs.append(
+                {
+                    **pairs[-1],
+                    "name": f"template-{seed}-inverted",
+                    "kind": "template-inverted",
+                    "description": pairs[-1]["description"] + ", moving contrast inverted inside the brain",
+                    "moving": P._save(d / "moving_inverted.nii.gz", moving_inv, aff, np.float32),
+                }
+            )
     return pairs
 
 
@@ -187,6 +203,7 @@ def _markdown(res: dict[str, Any]) -> str:
         body += [f"Refinement steps fixed by --refine: N = {s['refine_steps']}.", ""]
     titles = {
         "template": "Held-out deformations of the MNI152 template (mean over pairs)",
+        "template-inverted": "The same pairs, moving contrast inverted inside the brain (mean over pairs)",
         "real": "Demo pair: two distinct real brains (Atropos GM/WM, same method for both)",
     }
     body += P.comparison_sections(s, res["rows"], titles, jac_first=True, speedup_header="speed-up vs SyN")
@@ -243,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-syn", action="store_true", help="skip ANTs SyN (slow)")
     ap.add_argument("--no-demo", action="store_true", help="skip the demo pair of distinct real brains")
+    ap.add_argument(
+        "--no-inverted", action="store_true", help="skip the template pairs with the moving contrast inverted"
+    )
     ap.add_argument("--keep", default=None, help="keep pair files and outputs in this folder")
     args = C.finish_args(ap.parse_args(argv), NAME)
     args.peer_runs = 1  # peers.run_ants: ANTs timed once per pair here (peers.py takes a median)
@@ -306,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.perf_counter()
         shape, spacing = (QUICK_SHAPE, None) if args.quick else (C.DEFAULT_GRID, (2.0, 2.0, 2.0))
-        pairs = template_pairs(args.pairs, shape, spacing, work)
+        pairs = template_pairs(args.pairs, shape, spacing, work, inverted=not args.no_inverted)
         C.log(f"{len(pairs)} template pair(s) in {time.perf_counter() - t0:.1f} s")
         if not args.no_demo:
             t0 = time.perf_counter()

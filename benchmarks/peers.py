@@ -384,7 +384,7 @@ def _summary(
     import numpy as np
 
     out: dict[str, Any] = {}
-    for kind in ("template", "real"):
+    for kind in dict.fromkeys(r["pair_kind"] for r in rows):  # in the rows' order
         methods: dict[str, Any] = {}
         for r in rows:
             if r["pair_kind"] != kind or not r.get("ok"):
@@ -493,7 +493,7 @@ def comparison_sections(
     pair in ``summary["by_kind"]`` titled ``titles[kind]`` (its :func:`method_table`), the per-pair
     :func:`pair_table` of ``rows``, then a bullet per pair of ``summary["pairs"]``."""
     body: list[str] = []
-    for kind in ("template", "real"):
+    for kind in titles:
         ms = summary["by_kind"].get(kind) or {}
         if ms:
             table = method_table(ms, jac_first=jac_first, speedup_header=speedup_header)

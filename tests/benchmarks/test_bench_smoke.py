@@ -118,8 +118,11 @@ def test_default_model_eval_quick_measures_the_registration_defaults(tmp_path: P
     argv = ["--quick", "--threads", "1", "--no-syn", "--no-demo", "--refine", "2", "--runs", "1"]
     assert mod.main([*argv, "--warmup", "0", "--out", str(out)]) == 0
     data = _result(out)
-    rows = {r["method"]: r for r in data["rows"] if r["ok"]}
+    rows = {r["method"]: r for r in data["rows"] if r["ok"] and r["pair_kind"] == "template"}
     assert {"default model", "default model + refine 2", "defaults"} <= set(rows)
+    inverted = [r for r in data["rows"] if r["pair_kind"] == "template-inverted"]
+    assert {r["method"] for r in inverted} == set(rows) and all(r["ok"] for r in inverted)
+    assert "defaults" in data["summary"]["by_kind"]["template-inverted"]
     assert rows["defaults"]["affine_prealignment"] is True  # what `emorph register` does without options
     aim = data["summary"]["target_defaults_template"]
     assert aim["goal"] == 0.93 and aim["dice"] == pytest.approx(rows["defaults"]["dice_mean"])
@@ -426,7 +429,7 @@ def test_comparison_sections_and_summary_vs_syn() -> None:
     dm = by_kind["template"]["default model"]
     assert dm["speedup_vs_ants_syn"] == pytest.approx(16.0)
     assert dm["dice_minus_ants_syn"] == pytest.approx(-0.05)
-    assert "speedup_vs_ants_syn" not in by_kind["template"]["ANTs SyN"] and by_kind["real"] == {}
+    assert "speedup_vs_ants_syn" not in by_kind["template"]["ANTs SyN"] and "real" not in by_kind
     assert "speedup_vs_ants_syn" not in p._summary(rows)["template"]["default model"]  # default: "emorph"
     summary = {"by_kind": by_kind, "pairs": [{"name": "t0", "description": "d", "labels_method": "m"}]}
     lines = p.comparison_sections(
