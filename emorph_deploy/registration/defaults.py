@@ -39,10 +39,13 @@ class RegistrationDefaults:
     match_contrast: bool = True
     # chosen by measurement (benchmarks/default_settings.py): the best real-pair Dice with network +
     # refinement within ~1 s and J <= 0 below 0.1 %; full-resolution steps add Dice but fold more
-    refine_steps: int = 10
+    refine_steps: int = 5
     refine_similarity: Similarity = Similarity.auto
-    refine_levels: int = 2  # 2: the steps at half resolution first (a coarse step costs ~1/8 of a full one)
-    refine_full_steps: int | None = 1  # with levels=2: steps at full resolution (None = refine_steps)
+    refine_levels: int = 2  # 2: the steps at half resolution first (1/8 of the voxels per step)
+    # with levels=2: steps at full resolution (None = refine_steps); 5 half + 2 full take about the time of
+    # 10 half + 1 full (fixed per-step costs make a half-resolution step dearer than its 1/8 of the voxels)
+    # and score higher (benchmarks/results/default_settings.md)
+    refine_full_steps: int | None = 2
     # the folding penalty's weight: it cuts J <= 0 several-fold at a Dice cost in the third decimal; much
     # larger weights (~100) dominate Adam's normalised steps and fold more, not less (see the model card)
     refine_fold_weight: float = 10.0

@@ -61,7 +61,10 @@ def test_dash_h_is_help_on_every_command(runner):
 
 def test_shell_completion_is_on(runner, tmp_path):
     shown = _invoke(runner, "--show-completion", "bash")
-    assert shown.exit_code == 0 and "_EMORPH_COMPLETE=complete_bash" in shown.output
+    assert shown.exit_code == 0 and "_EMORPH_COMPLETE=complete_bash" in shown.output, (
+        shown.output,
+        shown.exception,
+    )
     installed = _invoke(
         runner, "--install-completion", "bash", env={"HOME": str(tmp_path), "SHELL": "/bin/bash"}
     )
