@@ -98,8 +98,7 @@ RefineFullStepsOption = Annotated[
         "--refine-full-steps",
         min=0,
         help="With --refine N: K more steps at the model grid's full resolution after the N half-resolution "
-        "ones (more accurate; about 5x the cost of a half-resolution step, and more folding; see the model "
-        "card).",
+        "ones (more accurate, ~8x the cost of a half-resolution step, and more folding; see the model card).",
     ),
 ]
 

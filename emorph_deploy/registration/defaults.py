@@ -42,9 +42,9 @@ class RegistrationDefaults:
     refine_steps: int = 5
     refine_similarity: Similarity = Similarity.auto
     refine_levels: int = 2  # 2: the steps at half resolution first (1/8 of the voxels per step)
-    # with levels=2: steps at full resolution (None = refine_steps); 5 half + 2 full take about the time of
-    # 10 half + 1 full (fixed per-step costs make a half-resolution step dearer than its 1/8 of the voxels)
-    # and score higher (benchmarks/results/default_settings.md)
+    # with levels=2: steps at full resolution (None = refine_steps); on skull-stripped brains full-resolution
+    # steps pay more than half-resolution ones: 5 half + 2 full cost a little more than 10 half + 1 full and
+    # score higher (benchmarks/results/default_settings.md; heads gain from more half steps, see the card)
     refine_full_steps: int | None = 2
     # the folding penalty's weight: it cuts J <= 0 several-fold at a Dice cost in the third decimal; much
     # larger weights (~100) dominate Adam's normalised steps and fold more, not less (see the model card)
