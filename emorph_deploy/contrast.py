@@ -49,12 +49,27 @@ MATCHED_NCC_MIN_R = 0.55
 #: fewest common-foreground voxels for a verdict or a map
 MIN_VOXELS = 1000
 
+#: intensity above which a voxel of a [0, 1] image counts as foreground for the contrast figures
+FOREGROUND_THRESHOLD = 0.02
+
 
 def _flat(x: Any) -> np.ndarray:
     """A tensor (any device) or array as a flat float32 numpy array (a view where possible)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=np.float32).reshape(-1)
+
+
+def _common_foreground(moving: Any, fixed: Any, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The two images' intensities (float64, 1-D) where both exceed ``threshold``."""
+    m, f = _flat(moving), _flat(fixed)
+    both = (m > threshold) & (f > threshold)
+    return m[both].astype(np.float64), f[both].astype(np.float64)
+
+
+def _pearson(m: np.ndarray, f: np.ndarray) -> float:
+    mc, fc = m - m.mean(), f - f.mean()
+    return float((mc @ fc) / (np.sqrt(mc @ mc) * np.sqrt(fc @ fc) + 1e-12))
 
 
 def _bin_ids(m: np.ndarray, bins: int) -> np.ndarray:
@@ -66,7 +81,9 @@ def _bin_ids(m: np.ndarray, bins: int) -> np.ndarray:
     return np.searchsorted(edges, m, side="right")
 
 
-def contrast_agreement(moving: Any, fixed: Any, bins: int = 32, threshold: float = 0.02) -> dict[str, Any]:
+def contrast_agreement(
+    moving: Any, fixed: Any, bins: int = 32, threshold: float = FOREGROUND_THRESHOLD
+) -> dict[str, Any]:
     """Do two roughly aligned images share a contrast? Figures and verdict, measured on the common foreground.
 
     Inside the voxels where both images exceed ``threshold`` (the background of skull-stripped, [0, 1]
@@ -81,15 +98,13 @@ def contrast_agreement(moving: Any, fixed: Any, bins: int = 32, threshold: float
 
     Returns ``{"r", "eta2", "linear_share", "foreground_voxels", "same_contrast"}``.
     """
-    m, f = _flat(moving), _flat(fixed)
-    fg = (m > threshold) & (f > threshold)
-    n = int(np.count_nonzero(fg))
+    m, f = _common_foreground(moving, fixed, threshold)
+    n = m.size
     if n < MIN_VOXELS:
         return {"r": None, "eta2": None, "linear_share": None, "foreground_voxels": n, "same_contrast": True}
-    m, f = m[fg].astype(np.float64), f[fg].astype(np.float64)
-    mc, fc = m - m.mean(), f - f.mean()
+    r = _pearson(m, f)
+    fc = f - f.mean()
     var_f = float(fc @ fc) / n
-    r = float((mc @ fc) / (np.sqrt(mc @ mc) * np.sqrt(fc @ fc) + 1e-12))
     ids = _bin_ids(m, bins)
     counts = np.bincount(ids, minlength=bins).astype(np.float64)
     sums = np.bincount(ids, weights=fc, minlength=bins)
@@ -149,15 +164,12 @@ def fit_intensity_map(moving: Any, fixed: Any, bins: int = 64) -> IntensityMap:
         )
     if bins < 2:
         raise InputError(f"fit_intensity_map: expected bins >= 2, got {bins}; fix: use e.g. 64")
-    m, f = _flat(moving), _flat(fixed)
-    both = (m > 0) & (f > 0)
-    n = int(np.count_nonzero(both))
-    if n < MIN_VOXELS:
+    m, f = _common_foreground(moving, fixed, 0.0)
+    if m.size < MIN_VOXELS:
         raise InputError(
             f"fit_intensity_map: expected at least {MIN_VOXELS} voxels where both images are foreground, "
-            f"got {n}; fix: pre-align the images (the affine) or turn contrast matching off"
+            f"got {m.size}; fix: pre-align the images (the affine) or turn contrast matching off"
         )
-    m, f = m[both].astype(np.float64), f[both].astype(np.float64)
     ids = _bin_ids(m, bins)
     counts = np.bincount(ids, minlength=bins)
     filled = counts > 0  # ties (e.g. a flat tissue intensity) can leave a bin empty
@@ -171,14 +183,16 @@ def fit_intensity_map(moving: Any, fixed: Any, bins: int = 64) -> IntensityMap:
     y = ((keys[lo[filled]] + keys[hi[filled]]) / 2.0) - np.flatnonzero(filled) * step
     if x.size < 2:  # one intensity only: a constant map
         x, y = np.array([x[0], x[0]]), np.array([y[0], y[0]])
-    return IntensityMap(tuple(float(v) for v in x), tuple(float(v) for v in y))
+    return IntensityMap(tuple(x.tolist()), tuple(y.tolist()))
 
 
 def similarity_after_matching(warped_matched: Any, fixed: Any) -> tuple[Similarity, float]:
     """The refinement similarity for a contrast-matched pair and the Pearson r it rests on: NCC if the
     matched moving image (warped by the network's flow) correlates with the fixed image by at least
-    :data:`MATCHED_NCC_MIN_R` in the common foreground, else NGF."""
-    r = contrast_agreement(warped_matched, fixed)["r"]
-    if r is None:  # too little foreground to judge: the training loss
+    :data:`MATCHED_NCC_MIN_R` in the common foreground (as :func:`contrast_agreement` measures it, without
+    its binning), else NGF."""
+    m, f = _common_foreground(warped_matched, fixed, FOREGROUND_THRESHOLD)
+    if m.size < MIN_VOXELS:  # too little foreground to judge: the training loss
         return Similarity.ncc, float("nan")
-    return (Similarity.ncc if r >= MATCHED_NCC_MIN_R else Similarity.ngf), float(r)
+    r = _pearson(m, f)
+    return (Similarity.ncc if r >= MATCHED_NCC_MIN_R else Similarity.ngf), r

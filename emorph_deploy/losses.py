@@ -74,7 +74,8 @@ class _AxisFilter:
         self.make = make
         self._mats: dict[tuple[Any, ...], torch.Tensor] = {}
 
-    def _mat(self, n: int, like: torch.Tensor) -> torch.Tensor:
+    def matrix(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The (n, n) matrix of an axis of length ``n``, in ``like``'s dtype and device."""
         key = (n, like.dtype, like.device)
         if key not in self._mats:
             self._mats[key] = self.make(n).to(like.dtype).to(like.device)
@@ -82,9 +83,9 @@ class _AxisFilter:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n, c, d, h, w = x.shape
-        x = x @ self._mat(w, x)
-        x = self._mat(h, x).t() @ x.reshape(n * c * d, h, w)
-        x = self._mat(d, x).t() @ x.reshape(n * c, d, h * w)
+        x = x @ self.matrix(w, x)
+        x = self.matrix(h, x).t() @ x.reshape(n * c * d, h, w)
+        x = self.matrix(d, x).t() @ x.reshape(n * c, d, h * w)
         return x.reshape(n, c, d, h, w)
 
 
@@ -111,8 +112,8 @@ class NCCLoss(nn.Module):
     Args:
         window: odd window size per axis (9 in the recipe).
         sigma: Gaussian standard deviation in voxels (1.5 in the recipe); ignored for ``kind="box"``.
-        kind: ``"gaussian"`` (separable, normalised Gaussian window computed as three 1-D conv3d) or ``"box"``
-            (uniform window).
+        kind: ``"gaussian"`` (separable, normalised Gaussian window, filtered as three banded matrix
+            products) or ``"box"`` (uniform window).
         eps: stabiliser added to numerator and denominator.
         border: ``"normalized"`` (default) computes local statistics over the voxels inside the volume
             only (the window is renormalised by its in-volume mass near the borders, so borders are treated
@@ -150,10 +151,8 @@ class NCCLoss(nn.Module):
         self.eps = float(eps)
         self.border = border
         k = _window_1d(window, self.sigma, kind).to(torch.float32)
-        # Three 1-D kernels for the separable filter, one per array axis (D, H, W).
-        self.register_buffer("kernel_d", k.view(1, 1, window, 1, 1).clone(), persistent=False)
-        self.register_buffer("kernel_h", k.view(1, 1, 1, window, 1).clone(), persistent=False)
-        self.register_buffer("kernel_w", k.view(1, 1, 1, 1, window).clone(), persistent=False)
+        # the 1-D window of the separable filter, the same along D, H and W
+        self.register_buffer("kernel", k.clone(), persistent=False)
         self._axis_filter = _AxisFilter(lambda n: _banded(n, k))
 
     def extra_repr(self) -> str:
@@ -167,15 +166,11 @@ class NCCLoss(nn.Module):
         return self._axis_filter(x)
 
     def _window_mass(self, x: torch.Tensor) -> torch.Tensor:
-        """In-volume mass of the (separable) window at each voxel, (1, 1, D, H, W); 1 in the interior."""
-        p = self.window // 2
+        """In-volume mass of the (separable) window at each voxel, (1, 1, D, H, W); 1 in the interior: per
+        axis the filter of a row of ones, i.e. the column sums of that axis's banded matrix."""
         d, h, w = x.shape[-3:]
-        ones = torch.ones_like(x[0, 0])  # (D, H, W)
-        k = self.kernel_w.to(x.dtype).reshape(1, 1, -1)
-        m_d = F.conv1d(ones[:, :1, 0].reshape(1, 1, d), k, padding=p).reshape(d, 1, 1)
-        m_h = F.conv1d(ones[:1, :, 0].reshape(1, 1, h), k, padding=p).reshape(1, h, 1)
-        m_w = F.conv1d(ones[:1, 0, :].reshape(1, 1, w), k, padding=p).reshape(1, 1, w)
-        return (m_d * m_h * m_w).reshape(1, 1, d, h, w)
+        m_d, m_h, m_w = (self._axis_filter.matrix(n, x).sum(0) for n in (d, h, w))
+        return (m_d.view(d, 1, 1) * m_h.view(1, h, 1) * m_w.view(1, 1, w)).reshape(1, 1, d, h, w)
 
     def local_cc(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per-voxel squared local correlation, shape (B·C, 1, D, H, W)."""
@@ -510,16 +505,17 @@ class FoldingLoss(nn.Module):
         if idx[0].numel() == 0:
             return value, grad
         b, i, j, k = idx
-        # a[r][c] = δ_rc + ∂u_r/∂x_c at the folding voxels only (interior voxel (i, j, k) = flow voxel +1)
-        steps = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+        # the flow voxels either side of each folding voxel along axis c (interior (i, j, k) = flow +1)
+        side = [
+            [(i + 1 + s * (c == 0), j + 1 + s * (c == 1), k + 1 + s * (c == 2)) for s in (1, -1)]
+            for c in range(3)
+        ]
 
-        def du(c: int) -> torch.Tensor:  # (3, n): ∂u/∂x_c, central difference
-            s = steps[c]
-            plus = flow[b, :, i + 1 + s[0], j + 1 + s[1], k + 1 + s[2]]
-            minus = flow[b, :, i + 1 - s[0], j + 1 - s[1], k + 1 - s[2]]
-            return ((plus - minus) * 0.5).t()
+        def du(c: int) -> torch.Tensor:  # (3, n): ∂u/∂x_c at the folding voxels, central difference
+            plus, minus = side[c]
+            return ((flow[(b, slice(None), *plus)] - flow[(b, slice(None), *minus)]) * 0.5).t()
 
-        a = torch.stack([du(0), du(1), du(2)], dim=1)  # (3 rows r, 3 cols c, n)
+        a = torch.stack([du(0), du(1), du(2)], dim=1)  # a[r][c] − δ_rc = ∂u_r/∂x_c: (3 rows r, 3 cols c, n)
         a = a + torch.eye(3, dtype=a.dtype, device=a.device).unsqueeze(-1)
         cof = torch.stack(
             [
@@ -530,13 +526,11 @@ class FoldingLoss(nn.Module):
             ]
         )  # fmt: skip  # (3, 3, n): cofactor C_rc = ∂det/∂a_rc
         g = cof * (-1.0 / det.numel())  # ∂loss/∂a_rc at each folding voxel
-        for c in range(3):
-            s = steps[c]
+        for c, (plus, minus) in enumerate(side):
             for r in range(3):
-                plus = (b, torch.full_like(b, r), i + 1 + s[0], j + 1 + s[1], k + 1 + s[2])
-                minus = (b, torch.full_like(b, r), i + 1 - s[0], j + 1 - s[1], k + 1 - s[2])
-                grad.index_put_(plus, 0.5 * g[r, c], accumulate=True)
-                grad.index_put_(minus, -0.5 * g[r, c], accumulate=True)
+                channel = torch.full_like(b, r)
+                grad.index_put_((b, channel, *plus), 0.5 * g[r, c], accumulate=True)
+                grad.index_put_((b, channel, *minus), -0.5 * g[r, c], accumulate=True)
         return value, grad
 
 

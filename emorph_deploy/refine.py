@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from emorph_deploy.choices import Similarity
-from emorph_deploy.contrast import contrast_agreement
+from emorph_deploy.contrast import MATCHED_NCC_MIN_R, contrast_agreement, similarity_after_matching
 from emorph_deploy.errors import InputError
 from emorph_deploy.losses import MINDSSCLoss, NCCLoss, NGFLoss
 from emorph_deploy.registration.defaults import DEFAULTS
@@ -269,6 +269,7 @@ def refine_flow(
     callback: Callable[[int, torch.Tensor], None] | None = None,
     info: dict[str, Any] | None = None,
     fixed_mask: torch.Tensor | None = None,
+    contrast_matched: bool = False,
 ) -> torch.Tensor:
     """Refine a voxel displacement by ``steps`` Adam steps on a similarity (NCC) + ``reg_weight`` · diffusion
     + ``fold_weight`` · folding penalty.
@@ -286,7 +287,8 @@ def refine_flow(
             displacement update trilinearly upsampled; ``None`` = ``steps``).
         similarity: ``"ncc"`` (the training loss), ``"ngf"`` (normalised gradient fields, across
             contrasts), ``"mind"`` (MIND-SSC) or ``"auto"`` (NCC if :func:`contrast_agreement` of the moving
-            image warped by ``flow_init`` and the fixed image says same contrast, else NGF).
+            image warped by ``flow_init`` and the fixed image says same contrast, else NGF; with
+            ``contrast_matched``, :func:`~emorph_deploy.contrast.similarity_after_matching` decides instead).
         fold_weight: weight of :class:`~emorph_deploy.losses.FoldingLoss` (``mean(relu(0.05 − det J))``):
             it acts only where a voxel is close to folding, so it lowers the share of J ≤ 0 without the
             smoothing a larger ``reg_weight`` brings; 0 = off (the plain objective).
@@ -298,6 +300,9 @@ def refine_flow(
             ``"auto"``, ``contrast`` (:func:`contrast_agreement`'s figures) are written into it.
         fixed_mask: (1, 1, D, H, W) weights in [0, 1] on the model grid (the fixed mask): the similarity is
             their weighted mean over the voxels (the regulariser stays global); None = all voxels alike.
+        contrast_matched: ``moving`` was mapped to the fixed image's contrast
+            (:func:`~emorph_deploy.contrast.fit_intensity_map`): ``"auto"`` then judges how well the map fits
+            rather than whether the contrasts agree (they do, by construction).
 
     Returns a detached (1, 3, D, H, W) float32 tensor on ``flow_init``'s device. Deterministic; the inputs are
     not modified; works inside ``torch.inference_mode()`` / ``no_grad()`` callers.
@@ -323,10 +328,15 @@ def refine_flow(
         from emorph_deploy.models.warp import warp
 
         with torch.no_grad():
-            agreement = contrast_agreement(warp(moving.float(), flow_init.float()), fixed.float())
-        chosen = Similarity.ncc if agreement["same_contrast"] else Similarity.ngf
+            warped = warp(moving.float(), flow_init.float())
+        if contrast_matched:
+            chosen, r = similarity_after_matching(warped, fixed)
+            figures: dict[str, Any] = {"matched": True, "r": r, "ncc_min_r": MATCHED_NCC_MIN_R}
+        else:
+            figures = contrast_agreement(warped, fixed)
+            chosen = Similarity.ncc if figures["same_contrast"] else Similarity.ngf
         if info is not None:
-            info["contrast"] = agreement
+            info["contrast"] = figures
     if info is not None:
         info["similarity"] = chosen.value
         info["similarity_requested"] = requested.value

@@ -95,7 +95,7 @@ def test_ncc_batch_consistency_and_channels():
 def test_ncc_gaussian_window_matches_dense_3d_kernel():
     """Separable Gaussian = dense 3D Gaussian with a normalised kernel (zero border, interior equal)."""
     loss = NCCLoss(window=5, sigma=1.0, border="zeros")
-    k1 = loss.kernel_d.flatten().double()
+    k1 = loss.kernel.double()
     assert abs(k1.sum().item() - 1.0) <= 1e-6
     assert torch.allclose(k1, k1.flip(0), atol=1e-7)  # symmetric
     assert k1.argmax().item() == 2
@@ -415,7 +415,7 @@ def test_prepared_fixed_image_equals_the_two_image_losses():
 
     a, b = textured((1, 1, 10, 11, 12), seed=4), textured((1, 1, 10, 11, 12), seed=5)
     ncc = NCCLoss(window=5, sigma=1.0)
-    k = ncc.kernel_d.flatten().double()
+    k = ncc.kernel.double()
     dense = (k[:, None, None] * k[None, :, None] * k[None, None, :])[None, None]
 
     def local_cc_dense(x, y):  # the textbook form, float64, window renormalised at the borders

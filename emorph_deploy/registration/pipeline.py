@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import nibabel as nib
 import numpy as np
 
-from emorph_deploy.choices import Similarity
 from emorph_deploy.errors import (
     ConfigMismatchError,
     EmorphError,
@@ -774,28 +773,15 @@ class Registrar:
         from emorph_deploy.refine import refine_flow
 
         mask = None if pair.fixed_mask is None else torch.from_numpy(pair.fixed_mask)[None, None]
-        moving = torch.from_numpy(pair.moving_for_network)[None, None]
-        fixed = torch.from_numpy(pair.fixed)[None, None]
-        flow_t = torch.from_numpy(flow)[None]
-        settings = cfg.to_dict()
-        matched_auto = pair.matched is not None and settings["similarity"] == Similarity.auto.value
-        if matched_auto:
-            from emorph_deploy.contrast import similarity_after_matching
-            from emorph_deploy.models.warp import warp
-
-            with torch.inference_mode():
-                chosen, r = similarity_after_matching(warp(moving, flow_t), fixed)
-            settings["similarity"] = chosen.value
-        out = refine_flow(moving, fixed, flow_t, **settings, info=info, fixed_mask=mask)[0].numpy()
-        if matched_auto:
-            from emorph_deploy.contrast import MATCHED_NCC_MIN_R
-
-            # the figures behind the choice, as refine_flow's own "auto" reports them
-            info.update(
-                similarity_requested=Similarity.auto.value,
-                contrast={"matched": True, "r": r, "ncc_min_r": MATCHED_NCC_MIN_R},
-            )
-        return out
+        return refine_flow(
+            torch.from_numpy(pair.moving_for_network)[None, None],
+            torch.from_numpy(pair.fixed)[None, None],
+            torch.from_numpy(flow)[None],
+            **cfg.to_dict(),
+            info=info,
+            fixed_mask=mask,
+            contrast_matched=pair.matched is not None,
+        )[0].numpy()
 
     def _quality(
         self, pair: _ModelGridPair, flow: np.ndarray, warped: np.ndarray | None
