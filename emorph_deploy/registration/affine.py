@@ -256,13 +256,6 @@ def _trilinear_with_gradient(vol: torch.Tensor, idx: torch.Tensor) -> torch.Tens
     return torch.stack([value, (along1[0] * d0).sum(0), (dalong1 * w0).sum(0), (along1[1] * w0).sum(0)])
 
 
-def _centred_unit(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(x - mean) / ||x - mean|| and that norm (float64)."""
-    xc = x.double() - x.double().mean()
-    norm = float(torch.linalg.vector_norm(xc))
-    return xc / max(norm, 1e-12), norm
-
-
 def _bspline_taps(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cubic B-spline Parzen window at bin coordinates ``u`` (N,): the first of the 4 bins each point
     touches (``floor(u) - 1``), their weights (4, N; sum 1) and the weights' derivatives along ``u``."""
@@ -276,6 +269,13 @@ def _bspline_taps(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     )
     dw = torch.stack([-0.5 * omt * omt, 1.5 * t2 - 2 * t, -1.5 * t2 + t + 0.5, 0.5 * t2])
     return fl.long() - 1, w, dw
+
+
+def _centred_unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of (x - mean) / ||x - mean|| and the norms (float64), for ``x`` (..., N)."""
+    xc = x.double() - x.double().mean(dim=-1, keepdim=True)
+    norm = torch.linalg.vector_norm(xc, dim=-1)
+    return xc / norm.clamp_min(1e-12)[..., None], norm
 
 
 class _Level:
@@ -292,6 +292,10 @@ class _Level:
       nearest bin, moving values through a cubic B-spline Parzen window, so the value is differentiable in
       the moving samples — its exact gradient and the outer product of the per-point gradients (BHHH) as the
       curvature model.
+
+    Both take one ``theta`` (12,) or a batch (S, 12) — the multi-start's starts, evaluated in one pass over
+    S x N points: values (S,), gradients (S, 12), curvatures (S, 12, 12); a single theta gives them
+    without the batch axis.
     """
 
     def __init__(
@@ -318,67 +322,99 @@ class _Level:
         self.p_f = torch.bincount(kf, minlength=bins).double() / max(kf.numel(), 1)
         self.n = kf.numel()
 
-    def _sample(self, theta: np.ndarray) -> torch.Tensor:
-        lin = np.eye(3) + theta[:9].reshape(3, 3)
+    def _sample(self, thetas: np.ndarray) -> torch.Tensor:
+        """(4, S, N): the moving value and its derivatives along array axes 0-2 at ``T p`` for each of the
+        S parameter rows of ``thetas`` (S, 12)."""
+        lin = np.eye(3) + thetas[:, :9].reshape(-1, 3, 3)
         m_lin, m_off = self.w2i[:3, :3], self.w2i[:3, 3]
-        # moving array coordinates of T p, one (3, N) GEMM: M (I + lin) (p - c) + M (c + t) + m_off
-        mat = torch.as_tensor(m_lin @ lin, dtype=torch.float32)
-        off = torch.as_tensor(m_lin @ (self.c + theta[9:]) + m_off, dtype=torch.float32)
-        return _trilinear_with_gradient(self.vol, torch.addmm(off[:, None], mat, self.p_c))  # (4, N)
+        # moving array coordinates of T p, one (3, N) GEMM per start: M (I + lin) (p - c) + M (c + t) + m_off
+        mat = torch.as_tensor(m_lin @ lin, dtype=torch.float32)  # (S, 3, 3)
+        off = torch.as_tensor((self.c + thetas[:, 9:]) @ m_lin.T + m_off, dtype=torch.float32)  # (S, 3)
+        idx = torch.baddbmm(off[:, :, None], mat, self.p_c.expand(len(thetas), -1, -1))  # (S, 3, N)
+        s = _trilinear_with_gradient(self.vol, idx.transpose(0, 1).reshape(3, -1))  # (4, S * N)
+        return s.view(4, len(thetas), -1)
 
     def _dm_dtheta(self, s: torch.Tensor) -> torch.Tensor:
-        grad_q = self.w2i_lin.T @ s[1:]  # (3, N) d m / d world at T p
-        return torch.cat([(grad_q[:, None, :] * self.p_c[None]).reshape(9, -1), grad_q])  # (12, N)
+        """(12, S, N): d m / d theta at every point, from the samples ``s`` (4, S, N)."""
+        grad_q = torch.einsum("ji,jsn->isn", self.w2i_lin, s[1:])  # (3, S, N) d m / d world at T p
+        return torch.cat([(grad_q[:, None] * self.p_c[None, :, None]).reshape(9, *s.shape[1:]), grad_q])
 
-    def ncc(self, theta: np.ndarray, derivatives: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
-        s = self._sample(theta)
-        m_hat, m_norm = _centred_unit(s[0])
-        rho = float(self.f_hat64 @ m_hat)
+    @staticmethod
+    def _batched(evaluate):
+        """``evaluate(thetas (S, 12)) -> (values, gradients, curvatures)`` also taking one theta (12,)."""
+
+        def call(self: _Level, theta: np.ndarray, derivatives: bool = True):
+            theta = np.asarray(theta, dtype=np.float64)
+            if theta.ndim == 2:
+                return evaluate(self, theta, derivatives)
+            value, grad, curv = evaluate(self, theta[None], derivatives)
+            return float(value[0]), grad[0], curv[0]
+
+        call.__doc__ = evaluate.__doc__
+        return call
+
+    @_batched
+    def ncc(self, thetas: np.ndarray, derivatives: bool = True):
+        """NCC, its gradient and Gauss-Newton matrix at ``thetas``."""
+        s = self._sample(thetas)
+        m_hat, m_norm = _centred_unit(s[0])  # (S, N) float64, (S,)
+        rho = (m_hat @ self.f_hat64).numpy()
+        count = len(thetas)
         if not derivatives:
-            return rho, np.zeros(12), np.zeros((12, 12))
+            return rho, np.zeros((count, 12)), np.zeros((count, 12, 12))
         d = self._dm_dtheta(s)
-        rows = torch.cat([d - d.mean(dim=1, keepdim=True), m_hat.float()[None], self.f_hat[None]])  # (14, N)
-        gram = (rows @ rows.T).double().numpy()
-        h, b_m, b_f = gram[:12, :12], gram[:12, 12], gram[:12, 13]
-        m_norm = max(m_norm, 1e-12)
-        grad = (b_f - rho * b_m) / m_norm
-        gn = (h - np.outer(b_m, b_m)) / m_norm**2
+        d = d - d.mean(dim=2, keepdim=True)
+        rows = torch.cat([d, m_hat.float()[None], self.f_hat.expand(1, count, -1)])  # (14, S, N)
+        rows = rows.transpose(0, 1)  # (S, 14, N)
+        gram = torch.bmm(rows, rows.transpose(1, 2)).double().numpy()
+        h, b_m, b_f = gram[:, :12, :12], gram[:, :12, 12], gram[:, :12, 13]
+        m_norm = m_norm.clamp_min(1e-12).numpy()
+        grad = (b_f - rho[:, None] * b_m) / m_norm[:, None]
+        gn = (h - b_m[:, :, None] * b_m[:, None, :]) / (m_norm**2)[:, None, None]
         return rho, grad, gn
 
-    def _joint(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Joint histogram (bins, bins) float64 of the fixed bins and the moving samples ``m`` in [0, 1],
-        with the Parzen taps: (p, flat bin indices (4, N), weights' derivatives in m (4, N))."""
+    def _joint(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Joint histograms (S, bins, bins) float64 of the fixed bins and the moving samples ``m`` (S, N)
+        in [0, 1], with the Parzen taps: (p, flat bin indices (4, S, N), weights' derivatives in m
+        (4, S, N))."""
         b = self.bins
         u = (m.clamp(0.0, 1.0) * (b - 3) + 1.0).clamp_(max=b - 2 - 1e-4)
         i0, w, dw = _bspline_taps(u)
-        idx = self.kf_base[None] + i0[None] + torch.arange(4)[:, None]  # (4, N)
-        joint = torch.zeros(b * b, dtype=torch.float64).index_add_(0, idx.reshape(-1), w.reshape(-1).double())
-        return joint.view(b, b) / max(self.n, 1), idx, dw * (b - 3)
+        idx = self.kf_base + i0[None] + torch.arange(4)[:, None, None]  # (4, S, N)
+        start = (torch.arange(m.shape[0]) * (b * b))[None, :, None]  # each start its own histogram
+        joint = torch.zeros(m.shape[0] * b * b, dtype=torch.float64)
+        joint.index_add_(0, (idx + start).reshape(-1), w.reshape(-1).double())
+        return joint.view(-1, b, b) / max(self.n, 1), idx, dw * (b - 3)
 
-    def _mi_of(self, p: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-        p_m = p.sum(0)
+    def _mi_of(self, p: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        p_m = p.sum(1)  # (S, bins) moving marginals
         logp = torch.log(p.clamp_min(1e-300))
         logm = torch.log(p_m.clamp_min(1e-300))
         logf = torch.log(self.p_f.clamp_min(1e-300))
-        mi = float((p * (logp - logf[:, None] - logm[None])).sum())
-        return mi, logp, logm
+        mi = (p * (logp - logf[None, :, None] - logm[:, None, :])).sum(dim=(1, 2))
+        return mi.numpy(), logp, logm
 
     def mi_value(self, m: torch.Tensor) -> float:
-        return self._mi_of(self._joint(m)[0])[0]
+        """Mutual information of the fixed values and the moving samples ``m`` (N,)."""
+        return float(self._mi_of(self._joint(m[None])[0])[0][0])
 
-    def mi(self, theta: np.ndarray, derivatives: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
-        s = self._sample(theta)
+    @_batched
+    def mi(self, thetas: np.ndarray, derivatives: bool = True):
+        """Mutual information, its gradient and BHHH matrix at ``thetas``."""
+        s = self._sample(thetas)
         p, idx, dw = self._joint(s[0])
         mi, logp, logm = self._mi_of(p)
+        count = len(thetas)
         if not derivatives:
-            return mi, np.zeros(12), np.zeros((12, 12))
+            return mi, np.zeros((count, 12)), np.zeros((count, 12, 12))
         # d MI / d m_i = 1/N sum_l dW(i, l) [log p(k_i, l) - log p_m(l)] (the marginal terms cancel)
-        lr = (logp - logm[None]).clamp_(min=-50.0).float().reshape(-1)
-        r = (dw * lr[idx]).sum(0) * (1.0 / max(self.n, 1))  # (N,)
+        lr = (logp - logm[:, None, :]).clamp_(min=-50.0).float().reshape(count, -1)  # (S, bins²)
+        taps = torch.gather(lr.expand(4, -1, -1), 2, idx)  # (4, S, N)
+        r = (dw * taps).sum(0) * (1.0 / max(self.n, 1))  # (S, N)
         r = torch.where((s[0] > 0.0) & (s[0] < 1.0), r, torch.zeros(()))  # the clamp's zero derivative
-        d = self._dm_dtheta(s) * r  # (12, N): per-point gradients
-        grad = d.sum(1).double().numpy()
-        bhhh = (d @ d.T).double().numpy() * self.n
+        d = (self._dm_dtheta(s) * r).transpose(0, 1)  # (S, 12, N): per-point gradients
+        grad = d.sum(2).double().numpy()
+        bhhh = torch.bmm(d, d.transpose(1, 2)).double().numpy() * self.n
         return mi, grad, bhhh
 
     def evaluate(self, metric: str, theta: np.ndarray, derivatives: bool = True):
@@ -387,53 +423,82 @@ class _Level:
 
 def _fit_level(
     evaluate, theta: np.ndarray, iterations: int, tol: float, adapt_scale: bool = False
-) -> tuple[np.ndarray, float, float]:
-    """Levenberg-Marquardt ascent of ``evaluate(theta) -> (value, gradient, curvature)`` from ``theta``;
-    returns (theta, value at start, value at end).
+) -> tuple[np.ndarray, Any, Any]:
+    """Levenberg-Marquardt ascent of ``evaluate(thetas (S, 12)) -> (values (S,), gradients (S, 12),
+    curvatures (S, 12, 12))`` from each row of ``theta`` (S, 12), independently but evaluated together;
+    returns (thetas, values at start, values at end). A single ``theta`` (12,) goes with an ``evaluate``
+    of one theta and gives unbatched results.
 
-    A step is taken only if it raises the value; the level ends when a step gains less than ``tol``, when
-    the quadratic model predicts less than that, after three failed steps in a row (each with 10x the
-    damping), or after ``iterations`` evaluations. ``adapt_scale``: the curvature is only known up to a
-    factor (MI's BHHH matrix), so that factor follows the ratio of the actual to the predicted gain, as a
-    trust region's radius would (halved when the model is pessimistic, doubled when it is optimistic)."""
-    rho, grad, gn = evaluate(theta)
-    rho0 = rho
-    damping = 1e-3
-    scale = 1.0
-    rejected = 0
+    A step is taken only if it raises the value; a fit ends when a step gains less than ``tol``, when the
+    quadratic model predicts less than that, after three failed steps in a row (each with 10x the
+    damping), or after ``iterations`` rounds. ``adapt_scale``: the curvature is only known up to a factor
+    (MI's BHHH matrix), so that factor follows the ratio of the actual to the predicted gain, as a trust
+    region's radius would (halved when the model is pessimistic, doubled when it is optimistic)."""
+    theta = np.asarray(theta, dtype=np.float64)
+    if theta.ndim == 1:
+        single = evaluate
+
+        def batch(thetas: np.ndarray):
+            value, grad, curv = single(thetas[0])
+            return np.array([value]), np.asarray(grad)[None], np.asarray(curv)[None]
+
+        thetas, rho0, rho = _fit_level(batch, theta[None], iterations, tol, adapt_scale)
+        return thetas[0], float(rho0[0]), float(rho[0])
+    theta = theta.copy()
+    rho, grad, gn = (np.array(x, dtype=np.float64) for x in evaluate(theta))
+    rho0 = rho.copy()
+    count = len(theta)
+    damping = np.full(count, 1e-3)
+    scale = np.ones(count)
+    rejected = np.zeros(count, dtype=int)
+    active = np.ones(count, dtype=bool)
     for _ in range(iterations):
-        diag = np.diag(gn).copy()
-        diag = np.maximum(diag, 1e-9 * max(float(diag.max()), 1e-30))
-        h = scale * gn
-        try:
-            step = np.linalg.solve(h + damping * scale * np.diag(diag), grad)
-        except np.linalg.LinAlgError:
-            damping *= 10.0
+        cands: dict[int, tuple[np.ndarray, float]] = {}  # start → (candidate, predicted gain)
+        for k in np.flatnonzero(active):
+            diag = np.diag(gn[k]).copy()
+            diag = np.maximum(diag, 1e-9 * max(float(diag.max()), 1e-30))
+            h = scale[k] * gn[k]
+            try:
+                step = np.linalg.solve(h + damping[k] * scale[k] * np.diag(diag), grad[k])
+            except np.linalg.LinAlgError:
+                damping[k] *= 10.0
+                continue
+            predicted = float(grad[k] @ step - 0.5 * step @ h @ step)
+            if predicted < tol:  # the model's predicted gain: converged
+                active[k] = False
+                continue
+            cands[k] = (theta[k] + step, predicted)
+        if not cands:
+            if not active.any():
+                break
             continue
-        predicted = float(grad @ step - 0.5 * step @ h @ step)
-        if predicted < tol:  # the model's predicted gain: converged
-            break
-        cand = theta + step
-        rho_c, grad_c, gn_c = evaluate(cand)
-        if np.isfinite(rho_c) and rho_c > rho:
-            gain = rho_c - rho
-            theta, rho, grad, gn = cand, rho_c, grad_c, gn_c
-            damping = max(damping * 0.3, 1e-7)
-            if adapt_scale:
-                ratio = gain / predicted
-                scale = scale * 0.5 if ratio > 0.75 else scale * 2.0 if ratio < 0.25 else scale
-                scale = min(max(scale, 1e-4), 1e4)
-            if gain < tol:
-                break
-            rejected = 0
-        else:
-            if adapt_scale:
-                scale = min(scale * 4.0, 1e4)
+        keys = list(cands)
+        values, grads, curvs = evaluate(np.stack([cands[k][0] for k in keys]))
+        for j, k in enumerate(keys):
+            rho_c = float(values[j])
+            if np.isfinite(rho_c) and rho_c > rho[k]:
+                gain, predicted = rho_c - rho[k], cands[k][1]
+                theta[k], rho[k], grad[k], gn[k] = cands[k][0], rho_c, grads[j], curvs[j]
+                damping[k] = max(damping[k] * 0.3, 1e-7)
+                if adapt_scale:
+                    ratio = gain / predicted
+                    scale[k] = (
+                        scale[k] * 0.5 if ratio > 0.75 else scale[k] * 2.0 if ratio < 0.25 else scale[k]
+                    )
+                    scale[k] = min(max(scale[k], 1e-4), 1e4)
+                rejected[k] = 0
+                if gain < tol:
+                    active[k] = False
             else:
-                damping *= 10.0
-            rejected += 1
-            if rejected == 3:  # three shrinking steps in a row fail: at the interpolation's noise floor
-                break
+                if adapt_scale:
+                    scale[k] = min(scale[k] * 4.0, 1e4)
+                else:
+                    damping[k] *= 10.0
+                rejected[k] += 1
+                if (
+                    rejected[k] == 3
+                ):  # three shrinking steps in a row fail: at the interpolation's noise floor
+                    active[k] = False
     return theta, rho0, rho
 
 
@@ -548,12 +613,13 @@ def affine_prealign(
         if initial is not None:
             pass  # the given start replaces the gross orientations
         elif level == 0 and len(cfg.starts) > 1:  # multi-start: a few steps from each gross orientation
-            fits = {}
-            for name in cfg.starts:
-                th = theta.copy()
-                th[:9] = (start_rotation(name) - np.eye(3)).reshape(-1)
-                th, _, v = _fit_level(evaluate, th, cfg.start_iterations, cfg.tolerance, adapt)
-                fits[name], start_values[name] = th, v
+            starts = np.repeat(theta[None], len(cfg.starts), axis=0)
+            for k, name in enumerate(cfg.starts):
+                starts[k, :9] = (start_rotation(name) - np.eye(3)).reshape(-1)
+            # all starts fitted together: one pass over starts x points per round
+            ends, _, values = _fit_level(evaluate, starts, cfg.start_iterations, cfg.tolerance, adapt)
+            fits = dict(zip(cfg.starts, ends, strict=True))
+            start_values.update({name: float(v) for name, v in zip(cfg.starts, values, strict=True)})
             start = max(fits, key=lambda k: start_values[k])
             if "identity" in fits and start != "identity":
                 v_id = start_values["identity"]
@@ -589,7 +655,7 @@ def affine_prealign(
     ncc_final = level_fit.ncc(theta, derivatives=False)[0] if fit_metric != "ncc" else value_final
     mi_init = level_fit.mi(theta_id, derivatives=False)[0] if fit_metric != "mi" else value_init
     mi_final = level_fit.mi(theta, derivatives=False)[0] if fit_metric != "mi" else value_final
-    m_final = level_fit._sample(theta)[0]
+    m_final = level_fit._sample(theta[None])[0, 0]
     perm = torch.randperm(m_final.numel(), generator=torch.Generator().manual_seed(7))
     mi_chance = level_fit.mi_value(m_final[perm])
 

@@ -412,6 +412,34 @@ def test_affine_fit_only_accepts_steps_that_raise_ncc():
     assert rho == max(r[0] for r in seen) and seen[0][0] == rho0  # the best NCC seen is the one returned
 
 
+def test_affine_starts_fitted_together_match_one_by_one():
+    """The multi-start fits its starts as one batch (S, 12): each row ends where fitting it alone ends, for
+    NCC and for mutual information (whose BHHH curvature adapts its scale per start)."""
+    import torch
+
+    from emorph_deploy.registration.affine import _fit_level, _Level
+
+    gen = torch.Generator().manual_seed(2)
+    mv = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 24, 26, 28, generator=gen), 5, 1, 2)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    axes = (torch.arange(4.0, 2 * n - 4, 2.0) for n in (24, 26, 28))
+    pts = torch.stack(torch.meshgrid(*axes, indexing="ij")).reshape(3, -1).T
+    c = pts.mean(0).double().numpy()
+    fvals = _trilinear_sample(mv, (pts + torch.tensor([1.0, -0.5, 0.4])) / 2.0)
+    level = _Level(mv, aff, pts - torch.as_tensor(c, dtype=torch.float32), fvals, c, 32)
+    starts = np.zeros((3, 12))
+    starts[1, 9:] = [3.0, 0.0, -2.0]
+    starts[2, :9] = [0.05, 0.02, 0, 0, -0.04, 0, 0, 0, 0.03]
+    for metric, adapt in (("ncc", False), ("mi", True)):
+        together, rho0, rho = _fit_level(lambda th, m=metric: level.evaluate(m, th), starts, 6, 1e-9, adapt)
+        assert together.shape == (3, 12) and rho.shape == (3,)
+        for k in range(3):
+            alone, r0, r = _fit_level(lambda th, m=metric: level.evaluate(m, th), starts[k], 6, 1e-9, adapt)
+            assert np.allclose(together[k], alone, atol=1e-6), (metric, k)
+            assert abs(rho[k] - r) < 1e-6 and abs(rho0[k] - r0) < 1e-9, (metric, k)
+        assert (rho > rho0).all(), metric
+
+
 def _trilinear_sample(mv, idx_n3):
     from emorph_deploy.registration.affine import _trilinear_with_gradient
 
