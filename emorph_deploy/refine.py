@@ -270,6 +270,7 @@ def refine_flow(
     info: dict[str, Any] | None = None,
     fixed_mask: torch.Tensor | None = None,
     contrast_matched: bool = False,
+    warped_init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Refine a voxel displacement by ``steps`` Adam steps on a similarity (NCC) + ``reg_weight`` · diffusion
     + ``fold_weight`` · folding penalty.
@@ -303,6 +304,8 @@ def refine_flow(
         contrast_matched: ``moving`` was mapped to the fixed image's contrast
             (:func:`~emorph_deploy.contrast.fit_intensity_map`): ``"auto"`` then judges how well the map fits
             rather than whether the contrasts agree (they do, by construction).
+        warped_init: (1, 1, D, H, W) ``moving`` already warped by ``flow_init`` (e.g. the network's own
+            ``warped`` output), for ``"auto"``'s decision; None = warped here (one full-resolution warp).
 
     Returns a detached (1, 3, D, H, W) float32 tensor on ``flow_init``'s device. Deterministic; the inputs are
     not modified; works inside ``torch.inference_mode()`` / ``no_grad()`` callers.
@@ -327,8 +330,16 @@ def refine_flow(
     if requested is Similarity.auto:
         from emorph_deploy.models.warp import warp
 
-        with torch.no_grad():
-            warped = warp(moving.float(), flow_init.float())
+        if warped_init is not None:
+            if tuple(warped_init.shape) != tuple(moving.shape):
+                raise InputError(
+                    f"refine: expected warped_init of the moving image's shape {tuple(moving.shape)}, got "
+                    f"{tuple(warped_init.shape)}; fix: pass moving warped by flow_init, or None"
+                )
+            warped = warped_init.float()
+        else:
+            with torch.no_grad():
+                warped = warp(moving.float(), flow_init.float())
         if contrast_matched:
             chosen, r = similarity_after_matching(warped, fixed)
             figures: dict[str, Any] = {"matched": True, "r": r, "ncc_min_r": MATCHED_NCC_MIN_R}

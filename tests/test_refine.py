@@ -252,6 +252,28 @@ def test_contrast_agreement_and_auto_choice(pair32):
     assert info == {"similarity": "ncc", "similarity_requested": "ncc"}
 
 
+def test_auto_decision_uses_the_given_warped_image(pair32):
+    """``warped_init`` replaces the decision's own warp: the same image gives the same decision and flow;
+    a different one (the inverted image) changes the decision; a wrong shape is an InputError."""
+    from emorph_deploy.models.warp import warp
+
+    fixed, moving = pair32["fixed"], pair32["moving"]
+    flow0 = torch.zeros(1, 3, 32, 32, 32)
+    flow0[:, 0] = 0.5
+    plain, given, swapped = {}, {}, {}
+    a = refine_flow(moving, fixed, flow0, steps=2, similarity="auto", info=plain)
+    b = refine_flow(
+        moving, fixed, flow0, steps=2, similarity="auto", info=given, warped_init=warp(moving, flow0)
+    )
+    assert torch.equal(a, b) and plain == given and plain["similarity"] == "ncc"
+    refine_flow(
+        moving, fixed, flow0, steps=1, similarity="auto", info=swapped, warped_init=pair32["inverted"]
+    )
+    assert swapped["similarity"] == "ngf"
+    with pytest.raises(InputError, match="warped_init"):
+        refine_flow(moving, fixed, flow0, steps=1, similarity="auto", warped_init=torch.zeros(1, 1, 8, 8, 8))
+
+
 @pytest.mark.parametrize("similarity", ["mind", "ngf"])
 def test_cross_contrast_refinement_improves_dice(pair32, similarity):
     """Inverted moving contrast, known deformation, from a zero flow: 30 full-resolution MIND or NGF steps

@@ -567,7 +567,7 @@ class Registrar:
             refine_info: dict[str, Any] = {}  # the similarity used ("auto" resolved) and why, for qc.json
             if refine_cfg.steps:
                 with stopwatch(times, "refine"):
-                    flow = self._refine(pair, flow, refine_cfg, refine_info)
+                    flow = self._refine(pair, flow, refine_cfg, refine_info, out.get("warped"))
                 out = {"flow": flow}  # the network's "warped" is stale after refinement: QC re-warps
             with stopwatch(times, "resample_back"):
                 nw = warp_to_native(
@@ -582,7 +582,9 @@ class Registrar:
                     labels_affine=labels_img.affine if labels_img is not None else None,
                 )
             with stopwatch(times, "qc"):
-                ncc_before, ncc_after, region, stats, slices = self._quality(pair, flow, out.get("warped"))
+                # the network warped what it was fed: a contrast-matched image is not the moving image
+                net_warped = out.get("warped") if pair.matched is None else None
+                ncc_before, ncc_after, region, stats, slices = self._quality(pair, flow, net_warped)
                 overlap = _label_overlap(extras.get("fixed_labels"), labels_img, nw, fixed_img)
             inverse = _lazy_inverse(flow, pair.affine, m_data.shape, m_aff, pre, moving_img.header)
             with stopwatch(times, "jacobian"):
@@ -763,7 +765,11 @@ class Registrar:
 
     @staticmethod
     def _refine(
-        pair: _ModelGridPair, flow: np.ndarray, cfg: RefineConfig, info: dict[str, Any]
+        pair: _ModelGridPair,
+        flow: np.ndarray,
+        cfg: RefineConfig,
+        info: dict[str, Any],
+        warped: np.ndarray | None = None,
     ) -> np.ndarray:
         """Test-time refinement of ``flow`` (3, D, H, W) on the model grid; ``info`` receives the similarity
         used and why. A contrast-matched pair refines its matched image; with ``similarity`` auto, on NCC or
@@ -781,6 +787,7 @@ class Registrar:
             info=info,
             fixed_mask=mask,
             contrast_matched=pair.matched is not None,
+            warped_init=None if warped is None else torch.from_numpy(np.asarray(warped, np.float32)),
         )[0].numpy()
 
     def _quality(

@@ -42,3 +42,26 @@ def test_registrar_matches_contrast_only_when_it_differs(inverted_brain, stub_ru
     off = Registrar(runner, affine=False, warmup=False, match_contrast=False)
     assert off.register(fixed, inverted, refine=0).qc["contrast"] is None
     assert np.array_equal(runner.seen[0, 0] > 0, seen > 0) and not np.allclose(runner.seen[0, 0], seen)
+
+
+def test_qc_after_is_the_moving_image_not_the_matched_one(inverted_brain, stub_runner):
+    """A runner that returns its ``warped`` output warped what it was fed, the *matched* image: the QC's
+    NCC after registration must still be the moving image as given (zero flow: equal to NCC before)."""
+    brain = inverted_brain
+    from emorph_deploy.registration import Registrar
+    from emorph_deploy.runners.base import FLOW, WARPED
+
+    class WarpedToo(stub_runner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._output_names = (FLOW, WARPED)
+
+        def _infer(self, feed):
+            return {**super()._infer(feed), WARPED: feed["moving"].copy()}  # zero flow: as fed
+
+    a = np.diag([4.0, 4.0, 4.0, 1.0])
+    runner = WarpedToo(np.zeros((3, 32, 32, 32), np.float32), spacing=4.0)
+    reg = Registrar(runner, affine=False, warmup=False)
+    qc = reg.register((brain["fixed"].numpy(), a), (brain["inverted"].numpy(), a), refine=0).qc
+    assert qc["contrast"]["matched"] is True
+    assert qc["ncc_before"] < 0 and abs(qc["ncc_after"] - qc["ncc_before"]) < 1e-5
