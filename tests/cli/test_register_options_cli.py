@@ -59,7 +59,11 @@ def test_dash_h_is_help_on_every_command(runner):
         assert "Usage:" in res.output and f" {name} " in res.output, name
 
 
-def test_shell_completion_is_on(runner, tmp_path):
+def test_shell_completion_is_on(runner, tmp_path, monkeypatch):
+    # Typer makes --show-completion/--install-completion flags that detect the shell from the process tree
+    # (shellingham) unless this is set when the command is built; with it they take the shell's name, so
+    # the test does not depend on whether pytest happens to run under a detectable shell
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     shown = _invoke(runner, "--show-completion", "bash")
     assert shown.exit_code == 0 and "_EMORPH_COMPLETE=complete_bash" in shown.output, (
         shown.output,
