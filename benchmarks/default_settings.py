@@ -10,10 +10,12 @@ of a pair sees the same pre-aligned inputs, and the comparison between models an
 
 Settings: ``N`` = N Adam steps at half resolution (the default style, ``levels=2, full_steps=0``),
 ``N+K`` = N half-resolution steps then K full-resolution ones; ``~W`` sets the folding penalty's weight
-(otherwise the library default, ``RegistrationDefaults.refine_fold_weight``); a last suffix ``@ncc``,
+(otherwise the library default, ``RegistrationDefaults.refine_fold_weight``), ``^S`` the gradient
+smoothing in voxels (otherwise ``RegistrationDefaults.refine_grad_sigma``); a last suffix ``@ncc``,
 ``@ngf`` or ``@mind`` fixes the similarity, which is otherwise ``auto`` (NCC when the contrasts agree, NGF
 otherwise), as ``emorph register`` uses it. ``--settings 0,10,10@ncc,10@ngf,10@mind`` compares the
-similarities, ``--settings 10~0,10~10,10+2~10`` the folding penalty.
+similarities, ``--settings 10~0,10~10,10+2~10`` the folding penalty, ``--settings 5+2^0,5+2^0.7`` the
+gradient smoothing.
 
 Dice: the moving labels warped (nearest) onto the fixed native grid, as ``benchmarks/validation_suite.py``
 scores them (real brains: mean of GM and WM; synthetic: mean over their labels).
@@ -59,20 +61,21 @@ ZERO = "zero flow (no network)"
 # ---------------------------------------------------------------------------------------------- settings
 class Setting(NamedTuple):
     """One refinement setting: half-resolution steps, full-resolution steps, the similarity, the folding
-    penalty's weight (None = the library default)."""
+    penalty's weight and the gradient smoothing (None = the library defaults)."""
 
     half: int
     full: int = 0
     similarity: str = "auto"
     fold: float | None = None
+    sigma: float | None = None
 
     @property
     def name(self) -> str:
-        return setting_name(self.half, self.full, self.similarity, self.fold)
+        return setting_name(self.half, self.full, self.similarity, self.fold, self.sigma)
 
 
 def parse_settings(text: str) -> list[Setting]:
-    """``"0,20,20+5~10@ngf"`` → ``[Setting(0, 0), Setting(20, 0), Setting(20, 5, "ngf", 10.0)]``."""
+    """``"0,20,20+5~10^0.7@ngf"`` → ``[Setting(0, 0), Setting(20, 0), Setting(20, 5, "ngf", 10.0, 0.7)]``."""
     from emorph_deploy.choices import Similarity
 
     out = []
@@ -80,27 +83,34 @@ def parse_settings(text: str) -> list[Setting]:
         if not item:
             continue
         rest, _, sim = item.partition("@")
+        rest, caret, sigma = rest.partition("^")
         steps, tilde, fold = rest.partition("~")
         half, _, full = steps.partition("+")
         try:
             setting = Setting(
-                int(half), int(full or 0), Similarity(sim or "auto").value, float(fold) if tilde else None
+                int(half),
+                int(full or 0),
+                Similarity(sim or "auto").value,
+                float(fold) if tilde else None,
+                float(sigma) if caret else None,
             )
         except ValueError:
             raise SystemExit(
-                f"--settings: expected N, N+K, then optionally ~WEIGHT and @SIMILARITY (one of "
+                f"--settings: expected N, N+K, then optionally ~WEIGHT, ^SIGMA and @SIMILARITY (one of "
                 f"{', '.join(m.value for m in Similarity)}), got {item!r}"
             ) from None
         bad_fold = setting.fold is not None and not 0 <= setting.fold < float("inf")
+        bad_sigma = setting.sigma is not None and not 0 <= setting.sigma <= 5
         if (
             setting.half < 0
             or setting.full < 0
             or bad_fold
-            or (setting.half == 0 and (setting.full or sim or tilde))
+            or bad_sigma
+            or (setting.half == 0 and (setting.full or sim or tilde or caret))
         ):
             raise SystemExit(
-                f"--settings: expected N >= 0, K >= 0 and a weight >= 0 (K, ~W and @SIMILARITY only with "
-                f"N > 0), got {item!r}"
+                f"--settings: expected N >= 0, K >= 0, a weight >= 0 and a sigma in [0, 5] (K, ~W, ^S and "
+                f"@SIMILARITY only with N > 0), got {item!r}"
             )
         out.append(setting)
     if not out:
@@ -108,11 +118,14 @@ def parse_settings(text: str) -> list[Setting]:
     return out
 
 
-def setting_name(half: int, full: int, similarity: str = "auto", fold: float | None = None) -> str:
+def setting_name(
+    half: int, full: int, similarity: str = "auto", fold: float | None = None, sigma: float | None = None
+) -> str:
     if half == 0:
         return "network alone"
     name = f"{half} half" + (f" + {full} full" if full else "")
     name += "" if fold is None else f", fold {fold:g}"
+    name += "" if sigma is None else f", σ {sigma:g}"
     return name if similarity == "auto" else f"{name} @{similarity}"
 
 
@@ -215,8 +228,10 @@ def refined(reg: Any, prep: dict[str, Any], flow0: Any, setting: Setting, info: 
 
     if not setting.half:
         return flow0
-    fold = {} if setting.fold is None else {"fold_weight": setting.fold}
-    config = RefineConfig(steps=setting.half, full_steps=setting.full, similarity=setting.similarity, **fold)
+    extra: dict[str, float] = {} if setting.fold is None else {"fold_weight": setting.fold}
+    if setting.sigma is not None:
+        extra["grad_sigma"] = setting.sigma
+    config = RefineConfig(steps=setting.half, full_steps=setting.full, similarity=setting.similarity, **extra)
     return reg._refine(prep["grid"], flow0, config, info)
 
 
@@ -315,6 +330,7 @@ def time_register(reg: Any, pair: dict[str, Any], args: Any) -> dict[str, Any]:
         "refine_steps": DEFAULTS.refine_steps,
         "refine_full_steps": DEFAULTS.refine_full_steps,
         "refine_fold_weight": DEFAULTS.refine_fold_weight,
+        "refine_grad_sigma": DEFAULTS.refine_grad_sigma,
         "load_avg": C.load_avg(),
     }
 
@@ -400,7 +416,8 @@ def render(res: dict[str, Any]) -> str:
         body.append(
             f"- whole `Registrar.register` with the library defaults (affine on, refine "
             f"{setting_name(r['refine_steps'], r.get('refine_full_steps') or 0)}, fold weight "
-            f"{r.get('refine_fold_weight', 0):g}; last model) on {r['pair']}: **{r['seconds']:.2f} s** "
+            f"{r.get('refine_fold_weight', 0):g}, gradient σ {r.get('refine_grad_sigma', 0):g}; last model) "
+            f"on {r['pair']}: **{r['seconds']:.2f} s** "
             "(stages of the last call: "
             + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items() if k != "total")
             + ")"

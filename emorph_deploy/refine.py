@@ -13,7 +13,10 @@ at half resolution (images average-pooled, flow halved) and the update is upsamp
 full-resolution one, and on the default model's 80×96×112 grid 20 such steps reached about the Dice of 20
 half- + 20 full-resolution steps (lr 0.2 was the best of 0.1 / 0.2 / 0.4); see ``docs/model_card.md``.
 ``full_steps=N`` adds N full-resolution steps after the coarse level; ``levels=1`` runs at full resolution
-only.
+only. Each step's gradient is smoothed by a Gaussian of ``grad_sigma`` voxels before Adam's update: Adam
+normalises every voxel's step by that voxel's own gradient history, so in the first few steps it moves each
+voxel by about ``lr`` in the direction of the sign of its gradient, noise included; smoothed, neighbouring
+voxels step together (the update fields of Demons, SyN and greedy are smoothed for the same reason).
 
 Across contrasts (``similarity``): local NCC's *squared* correlation is unchanged by a linear intensity map,
 a negation included, but not by a remap that reorders tissues within its window (T1 vs T2/FLAIR/PD).
@@ -72,6 +75,20 @@ def _check_fold_weight(weight: Any) -> None:
         )
 
 
+#: Largest gradient smoothing accepted (voxels of the level): beyond a few voxels the steps stop following
+#: the image at all, so larger values are typing mistakes.
+MAX_GRAD_SIGMA = 5.0
+
+
+def _check_grad_sigma(sigma: Any) -> None:
+    """InputError unless ``sigma`` is a real number in [0, MAX_GRAD_SIGMA]."""
+    if not (isinstance(sigma, numbers.Real) and 0 <= sigma <= MAX_GRAD_SIGMA):
+        raise InputError(
+            f"refine: expected grad_sigma in [0, {MAX_GRAD_SIGMA:g}] voxels, got {sigma!r}; fix: use 0 (off) "
+            "or e.g. 0.7"
+        )
+
+
 @dataclass(frozen=True)
 class RefineConfig:
     """Settings of the test-time refinement. ``lr`` is Adam's step size in voxels. ``steps=0`` is "off";
@@ -88,10 +105,12 @@ class RefineConfig:
     full_steps: int | None = DEFAULTS.refine_full_steps  # levels=2: steps at full resolution (None = steps)
     similarity: Similarity | str = DEFAULTS.refine_similarity  # auto: NCC for same contrast, NGF across
     fold_weight: float = DEFAULTS.refine_fold_weight  # × FoldingLoss (det(I + ∇u) below 0.05); 0 = off
+    grad_sigma: float = DEFAULTS.refine_grad_sigma  # Gaussian smoothing of each step's gradient (voxels)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "similarity", Similarity.coerce(self.similarity))
         _check_fold_weight(self.fold_weight)
+        _check_grad_sigma(self.grad_sigma)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -220,11 +239,13 @@ def _optimise(
     callback: Callable[[int, torch.Tensor], None] | None = None,
     weight: torch.Tensor | None = None,
     fold_weight: float = 0.0,
+    grad_sigma: float = 0.0,
 ) -> torch.Tensor:
-    from emorph_deploy.losses import DiffusionLoss, FoldingLoss
+    from emorph_deploy.losses import DiffusionLoss, FoldingLoss, gaussian_smoothing
     from emorph_deploy.models.warp import warp
 
     folding = FoldingLoss()
+    smooth = gaussian_smoothing(grad_sigma)
     flow = flow0.detach().clone().requires_grad_(True)
     if steps == 0:
         return flow.detach()
@@ -243,6 +264,10 @@ def _optimise(
                 value, grad = folding.value_and_grad(flow)
                 loss += fold_weight * value
                 flow.grad.add_(grad, alpha=fold_weight)
+            if grad_sigma > 0:
+                # neighbouring voxels step together: per-voxel Adam on a raw gradient is close to a sign
+                # step of lr everywhere after a few steps, noise included
+                flow.grad = smooth(flow.grad)
         adam.step()
         if losses is not None:
             losses.append(float(loss.detach()))
@@ -265,6 +290,7 @@ def refine_flow(
     full_steps: int | None = RefineConfig.full_steps,
     similarity: Similarity | str = "ncc",
     fold_weight: float = RefineConfig.fold_weight,
+    grad_sigma: float = RefineConfig.grad_sigma,
     losses: list[float] | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     info: dict[str, Any] | None = None,
@@ -293,6 +319,9 @@ def refine_flow(
         fold_weight: weight of :class:`~emorph_deploy.losses.FoldingLoss` (``mean(relu(0.05 − det J))``):
             it acts only where a voxel is close to folding, so it lowers the share of J ≤ 0 without the
             smoothing a larger ``reg_weight`` brings; 0 = off (the plain objective).
+        grad_sigma: each step's gradient (similarity and penalties) is smoothed by a Gaussian of this
+            standard deviation in voxels of the level before Adam's update, so that neighbouring voxels move
+            together; 0 = off (the raw gradient).
         losses: if a list is given, the loss before each step is appended (all levels, in order).
         callback: called as ``callback(k, flow)`` after full-resolution step k (1-based) with a detached
             copy; with ``levels=1`` the flow after step k equals ``refine_flow(..., steps=k)`` (one run
@@ -317,6 +346,7 @@ def refine_flow(
     if not lr > 0:
         raise InputError(f"refine: expected a positive lr, got {lr!r}; fix: use e.g. 0.1")
     _check_fold_weight(fold_weight)
+    _check_grad_sigma(grad_sigma)
     requested = Similarity.coerce(similarity)
     _check_inputs(moving, fixed, flow_init)
     if fixed_mask is not None and tuple(fixed_mask.shape) != tuple(fixed.shape):
@@ -367,7 +397,7 @@ def refine_flow(
             weight_c = None if weight is None else F.avg_pool3d(weight, 2, ceil_mode=True)
             flow_c = _optimise(
                 mov_c, fix_c, flow_c0, steps, lr, reg_weight, objective, losses,
-                weight=weight_c, fold_weight=fold_weight,
+                weight=weight_c, fold_weight=fold_weight, grad_sigma=grad_sigma,
             )  # fmt: skip
             # the same geometry back: fine x ↔ coarse (x − 0.5) / 2 (align_corners=False, scale 2)
             delta = F.interpolate(flow_c - flow_c0, scale_factor=2, mode="trilinear", align_corners=False)
@@ -377,6 +407,6 @@ def refine_flow(
             n_full = steps
         out = _optimise(
             mov, fix, flow, n_full, lr, reg_weight, objective, losses, callback,
-            weight=weight, fold_weight=fold_weight,
+            weight=weight, fold_weight=fold_weight, grad_sigma=grad_sigma,
         )  # fmt: skip
     return out.to(flow_init.dtype)

@@ -439,3 +439,24 @@ def test_prepared_fixed_image_equals_the_two_image_losses():
         ncc.local_cc_to(a[..., :-1], ncc.prepare(b))
     with pytest.raises(InputError):
         ngf.cos2_to(a[..., :-1], ngf.prepare(b))
+
+
+def test_gaussian_smoothing_matches_a_dense_convolution():
+    """gaussian_smoothing(sigma) = three 1-D Gaussian convolutions with zero padding (a conv3d reference),
+    channels independent; sigma 0 is the identity; a negative sigma is an InputError."""
+    from emorph_deploy.losses import gaussian_smoothing
+
+    x = torch.randn(1, 3, 9, 11, 13, generator=torch.Generator().manual_seed(0))
+    for sigma in (0.7, 1.3):
+        r = max(1, round(2 * sigma))
+        t = torch.arange(-r, r + 1, dtype=torch.float64)
+        k = torch.exp(-(t * t) / (2 * sigma * sigma))
+        k = (k / k.sum()).float()
+        ref = x.transpose(0, 1)  # (3, 1, D, H, W): channels as a batch
+        ref = F.conv3d(ref, k.view(1, 1, -1, 1, 1), padding=(r, 0, 0))
+        ref = F.conv3d(ref, k.view(1, 1, 1, -1, 1), padding=(0, r, 0))
+        ref = F.conv3d(ref, k.view(1, 1, 1, 1, -1), padding=(0, 0, r)).transpose(0, 1)
+        assert torch.allclose(gaussian_smoothing(sigma)(x), ref, atol=1e-5)
+    assert gaussian_smoothing(0.0)(x) is x
+    with pytest.raises(InputError, match="sigma"):
+        gaussian_smoothing(-1.0)

@@ -116,6 +116,19 @@ RefineFoldWeightOption = Annotated[
 ]
 
 
+#: ``--refine-grad-sigma`` of ``emorph register``.
+RefineGradSigmaOption = Annotated[
+    float,
+    typer.Option(
+        "--refine-grad-sigma",
+        min=0.0,
+        max=5.0,
+        help="With --refine N: standard deviation (voxels of each level) of the Gaussian that smooths every "
+        "step's gradient before Adam's update, so that neighbouring voxels move together; 0 = off.",
+    ),
+]
+
+
 #: ``--refine-similarity`` of ``emorph register``.
 RefineSimilarityOption = Annotated[
     Similarity,

@@ -22,6 +22,7 @@ from emorph_deploy.cli._common import (
     MatchContrastOption,
     RefineFoldWeightOption,
     RefineFullStepsOption,
+    RefineGradSigmaOption,
     RefineOption,
     RefineSimilarityOption,
     handle_errors,
@@ -158,6 +159,7 @@ def register_command(
     refine_similarity: RefineSimilarityOption = DEFAULTS.refine_similarity,
     refine_full_steps: RefineFullStepsOption = DEFAULTS.refine_full_steps or 0,
     refine_fold_weight: RefineFoldWeightOption = DEFAULTS.refine_fold_weight,
+    refine_grad_sigma: RefineGradSigmaOption = DEFAULTS.refine_grad_sigma,
     # cohort batches (--pairs): where the pairs run, and picking up an interrupted run
     scheduler: Annotated[
         str | None,
@@ -193,6 +195,7 @@ def register_command(
         similarity=refine_similarity.value,
         full_steps=refine_full_steps,
         fold_weight=refine_fold_weight,
+        grad_sigma=refine_grad_sigma,
     )
     check_prefix(prefix)
     per_pair = {

@@ -27,7 +27,7 @@ class RegistrationDefaults:
     registered with the moving image mapped to the fixed image's contrast
     (:mod:`emorph_deploy.contrast`).
     ``refine_steps`` (``--refine``): test-time refinement steps; ``refine_similarity``, ``refine_levels``,
-    ``refine_full_steps`` and ``refine_fold_weight``: how they run
+    ``refine_full_steps``, ``refine_fold_weight`` and ``refine_grad_sigma``: how they run
     (:class:`~emorph_deploy.refine.RefineConfig`, whose own defaults are these). ``qc_png`` / ``voxel_flow``:
     the optional outputs written by default.
     """
@@ -49,6 +49,9 @@ class RegistrationDefaults:
     # the folding penalty's weight: it cuts J <= 0 several-fold at a Dice cost in the third decimal; much
     # larger weights (~100) dominate Adam's normalised steps and fold more, not less (see the model card)
     refine_fold_weight: float = 10.0
+    # the Gaussian (voxels of each level) that smooths every refinement step's gradient before Adam: on the
+    # validation suite's real pairs it raised Dice in both contrasts at equal folding (see the model card)
+    refine_grad_sigma: float = 0.7
     qc_png: bool = True
     voxel_flow: bool = False
 
@@ -65,6 +68,7 @@ class RegistrationDefaults:
             "levels": self.refine_levels,
             "full_steps": self.refine_full_steps,
             "fold_weight": self.refine_fold_weight,
+            "grad_sigma": self.refine_grad_sigma,
         }
         fields.update(overrides)  # e.g. full_steps from --refine-full-steps
         return RefineConfig.coerce(RefineConfig(**fields))

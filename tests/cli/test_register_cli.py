@@ -275,6 +275,8 @@ def test_refine_similarity_option_reaches_qc(files, tmp_path):
         "--no-affine",
         "--refine",
         "2",
+        "--refine-grad-sigma",
+        "1.2",
         "--refine-fold-weight",
         "3.5",
         "--refine-similarity",
@@ -284,11 +286,13 @@ def test_refine_similarity_option_reaches_qc(files, tmp_path):
     assert res.exit_code == 0, err + res.stdout
     refine = json.loads((out / "qc.json").read_text())["refine"]
     assert refine["steps"] == 2 and refine["similarity"] == refine["similarity_requested"] == "mind"
-    assert refine["fold_weight"] == 3.5
+    assert refine["fold_weight"] == 3.5 and refine["grad_sigma"] == 1.2
     bad, _ = _invoke([*args[:-1], "nmi", "--force"])
     assert bad.exit_code == 2  # Typer rejects a value outside the enum
     bad, err = _invoke([*args[:-3], "-1", *args[-2:], "--force"])
     assert bad.exit_code == 2 and "--refine-fold-weight" in err + bad.stdout  # a negative weight: bad input
+    bad, err = _invoke([*args[:-5], "-0.5", *args[-4:], "--force"])
+    assert bad.exit_code == 2 and "--refine-grad-sigma" in err + bad.stdout  # a negative sigma: bad input
 
 
 def test_refine_full_steps_option_reaches_qc(files, tmp_path):
