@@ -446,17 +446,22 @@ def test_gaussian_smoothing_matches_a_dense_convolution():
     channels independent; sigma 0 is the identity; a negative sigma is an InputError."""
     from emorph_deploy.losses import gaussian_smoothing
 
-    x = torch.randn(1, 3, 9, 11, 13, generator=torch.Generator().manual_seed(0))
-    for sigma in (0.7, 1.3):
+    gen = torch.Generator().manual_seed(0)
+    for sigma, x in (
+        (0.7, torch.randn(1, 3, 9, 11, 13, generator=gen)),
+        (1.3, torch.randn(1, 3, 9, 11, 13, generator=gen)),
+        (1.3, torch.randn(2, 1, 2, 3, 9, generator=gen)),  # axes shorter than the window
+    ):
         r = max(1, round(2 * sigma))
         t = torch.arange(-r, r + 1, dtype=torch.float64)
         k = torch.exp(-(t * t) / (2 * sigma * sigma))
         k = (k / k.sum()).float()
-        ref = x.transpose(0, 1)  # (3, 1, D, H, W): channels as a batch
+        ref = x.reshape(-1, 1, *x.shape[2:])  # (N·C, 1, D, H, W): channels as a batch
         ref = F.conv3d(ref, k.view(1, 1, -1, 1, 1), padding=(r, 0, 0))
         ref = F.conv3d(ref, k.view(1, 1, 1, -1, 1), padding=(0, r, 0))
-        ref = F.conv3d(ref, k.view(1, 1, 1, 1, -1), padding=(0, 0, r)).transpose(0, 1)
+        ref = F.conv3d(ref, k.view(1, 1, 1, 1, -1), padding=(0, 0, r)).reshape(x.shape)
         assert torch.allclose(gaussian_smoothing(sigma)(x), ref, atol=1e-5)
     assert gaussian_smoothing(0.0)(x) is x
+    assert gaussian_smoothing(0.7)(torch.ones(1, 1, 5, 5, 5))[0, 0, 2, 2, 2] == pytest.approx(1.0)
     with pytest.raises(InputError, match="sigma"):
         gaussian_smoothing(-1.0)
