@@ -589,8 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     s["by_group"] = summarise(res["rows"])
     s["targets"] = targets(s["by_group"])
     res["notes"] += [
-        "Measured while a training campaign ran on the same 2 CPU cores: the seconds are noisy (see the load "
-        "average per row in the JSON), the Dice values are not affected.",
+        "Seconds depend on what else ran on the cores: the load average at start and end is in the header "
+        "and per row in the JSON (a quiet 2-thread run shows ~2 from the run itself); Dice values do not "
+        "depend on it.",
         "Seconds: the whole job per method (read images and moving labels, register, warp image and labels). "
         f"emorph rows: median of {args.runs} register() calls after {args.warmup} warm-up, model kept warm, "
         "affine pre-alignment included. ANTs/greedy: median of "
