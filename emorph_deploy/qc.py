@@ -121,18 +121,34 @@ def deformation_stats(jac: np.ndarray) -> dict[str, float]:
     }
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes(mask)`` (face connectivity) as one connected-component labelling of
+    the background: the background components that touch the volume's border stay background, the rest
+    (the holes) become foreground. Same result; binary_fill_holes propagates a dilation through the volume
+    and took ~3x longer on the 80x96x112 model grid."""
+    from scipy.ndimage import label
+
+    lab, n = label(~np.asarray(mask, dtype=bool))
+    border = np.zeros(n + 1, dtype=bool)
+    for axis in range(lab.ndim):
+        for end in (0, -1):
+            border[np.take(lab, end, axis=axis)] = True
+    border[0] = False  # label 0 is the foreground itself
+    return ~border[lab]
+
+
 def fixed_foreground(fixed: np.ndarray, sigma: float = 1.0) -> np.ndarray | None:
     """The foreground of a fixed image (D, H, W) in [0, 1] as a boolean mask: the image smoothed by a
     Gaussian of ``sigma`` voxels above :data:`FOREGROUND_SHARE` of its 99th percentile, holes filled.
     None when that leaves less than :data:`MIN_FOREGROUND` of the grid (no usable foreground)."""
-    from scipy.ndimage import binary_fill_holes, gaussian_filter
+    from scipy.ndimage import gaussian_filter
 
     smooth = gaussian_filter(np.asarray(fixed, dtype=np.float32), sigma, truncate=2.0)
     positive = smooth[smooth > 0]
     if positive.size == 0:
         return None
     top = float(np.percentile(positive[:: max(1, positive.size // 200_000)], 99))
-    fg = binary_fill_holes(smooth > FOREGROUND_SHARE * top)
+    fg = fill_holes(smooth > FOREGROUND_SHARE * top)
     return fg if np.count_nonzero(fg) >= MIN_FOREGROUND * fg.size else None
 
 
