@@ -77,6 +77,7 @@ class Setting(NamedTuple):
 def parse_settings(text: str) -> list[Setting]:
     """``"0,20,20+5~10^0.7@ngf"`` → ``[Setting(0, 0), Setting(20, 0), Setting(20, 5, "ngf", 10.0, 0.7)]``."""
     from emorph_deploy.choices import Similarity
+    from emorph_deploy.registration.defaults import MAX_GRAD_SIGMA
 
     out = []
     for item in (t.strip() for t in text.split(",")):
@@ -100,7 +101,7 @@ def parse_settings(text: str) -> list[Setting]:
                 f"{', '.join(m.value for m in Similarity)}), got {item!r}"
             ) from None
         bad_fold = setting.fold is not None and not 0 <= setting.fold < float("inf")
-        bad_sigma = setting.sigma is not None and not 0 <= setting.sigma <= 5
+        bad_sigma = setting.sigma is not None and not 0 <= setting.sigma <= MAX_GRAD_SIGMA
         if (
             setting.half < 0
             or setting.full < 0
@@ -109,8 +110,8 @@ def parse_settings(text: str) -> list[Setting]:
             or (setting.half == 0 and (setting.full or sim or tilde or caret))
         ):
             raise SystemExit(
-                f"--settings: expected N >= 0, K >= 0, a weight >= 0 and a sigma in [0, 5] (K, ~W, ^S and "
-                f"@SIMILARITY only with N > 0), got {item!r}"
+                f"--settings: expected N >= 0, K >= 0, a weight >= 0 and a sigma in [0, {MAX_GRAD_SIGMA:g}] "
+                f"(K, ~W, ^S and @SIMILARITY only with N > 0), got {item!r}"
             )
         out.append(setting)
     if not out:

@@ -51,7 +51,7 @@ from emorph_deploy.choices import Similarity
 from emorph_deploy.contrast import MATCHED_NCC_MIN_R, contrast_agreement, similarity_after_matching
 from emorph_deploy.errors import InputError
 from emorph_deploy.losses import MINDSSCLoss, NCCLoss, NGFLoss
-from emorph_deploy.registration.defaults import DEFAULTS
+from emorph_deploy.registration.defaults import DEFAULTS, MAX_GRAD_SIGMA
 
 __all__ = [
     "RefineConfig",
@@ -73,11 +73,6 @@ def _check_fold_weight(weight: Any) -> None:
         raise InputError(
             f"refine: expected a finite fold_weight >= 0, got {weight!r}; fix: use 0 (off) or e.g. 10"
         )
-
-
-#: Largest gradient smoothing accepted (voxels of the level): beyond a few voxels the steps stop following
-#: the image at all, so larger values are typing mistakes.
-MAX_GRAD_SIGMA = 5.0
 
 
 def _check_grad_sigma(sigma: Any) -> None:
@@ -264,10 +259,9 @@ def _optimise(
                 value, grad = folding.value_and_grad(flow)
                 loss += fold_weight * value
                 flow.grad.add_(grad, alpha=fold_weight)
-            if grad_sigma > 0:
-                # neighbouring voxels step together: per-voxel Adam on a raw gradient is close to a sign
-                # step of lr everywhere after a few steps, noise included
-                flow.grad = smooth(flow.grad)
+            # neighbouring voxels step together: per-voxel Adam on a raw gradient is close to a sign step
+            # of lr everywhere after a few steps, noise included (grad_sigma 0: the identity)
+            flow.grad = smooth(flow.grad)
         adam.step()
         if losses is not None:
             losses.append(float(loss.detach()))

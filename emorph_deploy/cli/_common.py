@@ -12,6 +12,7 @@ import typer
 
 from emorph_deploy.choices import Backend, Similarity
 from emorph_deploy.errors import EmorphError, InputError, Interrupted, interrupts_raise
+from emorph_deploy.registration.defaults import MAX_GRAD_SIGMA
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -122,7 +123,7 @@ RefineGradSigmaOption = Annotated[
     typer.Option(
         "--refine-grad-sigma",
         min=0.0,
-        max=5.0,
+        max=MAX_GRAD_SIGMA,
         help="With --refine N: standard deviation (voxels of each level) of the Gaussian that smooths every "
         "step's gradient before Adam's update, so that neighbouring voxels move together; 0 = off.",
     ),

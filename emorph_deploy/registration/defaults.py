@@ -15,7 +15,12 @@ from emorph_deploy.choices import Similarity
 if TYPE_CHECKING:
     from emorph_deploy.refine import RefineConfig
 
-__all__ = ["DEFAULTS", "RegistrationDefaults"]
+__all__ = ["DEFAULTS", "MAX_GRAD_SIGMA", "RegistrationDefaults"]
+
+
+#: Largest refinement gradient smoothing accepted (``--refine-grad-sigma``, voxels of the level): beyond a
+#: few voxels the steps stop following the image at all, so larger values are typing mistakes.
+MAX_GRAD_SIGMA = 5.0
 
 
 @dataclass(frozen=True)
