@@ -16,6 +16,8 @@ register, warp the image and the labels onto the fixed grid)
 * ``none``: the moving labels resampled onto the fixed grid by the headers (centroid-aligned);
 * ``affine``: emorph's affine pre-alignment alone (``register(affine=True, network=False)``, = ``--affine``);
 * ``network``: the network alone after the affine (``Registrar.load(model).register(affine=True)``);
+* ``network2``: the network alone, run twice (``register(passes=2)``, ``--passes 2``: the second pass
+  registers the moving image warped by the first and the flows are composed);
 * ``refine0``: refinement from a ZERO flow after the affine, no network (``register(network=False,
   refine=M)``), at **equal time** to ``refine``: M = N + round(network seconds / seconds per refinement
   step), both measured on the first pair before the rows (``--refine-zero-steps M`` fixes it);
@@ -30,8 +32,8 @@ the mean of GM and WM (as in ``peers.py``; CSF from k-means on skull-stripped br
 class). J ≤ 0: fraction of non-positive Jacobian determinants (emorph: model grid; ANTs/greedy: their warp on
 the fixed grid).
 
-    python benchmarks/validation_suite.py [--model CKPT] [--methods none,affine,network,refine0,refine,syn,
-        greedy] [--refine 20] [--refine-zero-steps M] [--unordered] [--contrasts same,inverted]
+    python benchmarks/validation_suite.py [--model CKPT] [--methods none,affine,network,network2,refine0,
+        refine,syn,greedy] [--refine 20] [--refine-zero-steps M] [--unordered] [--contrasts same,inverted]
         [--subjects mni152,robex,...] [--synthetic 4] [--quick] [--threads 2] [--runs 3] [--force]
 
 Writes ``benchmarks/results/validation_suite.{json,md}`` (``--quick``: ``results/quick/``).
@@ -60,12 +62,13 @@ METHODS: dict[str, str] = {  # key → row name (table order)
     "none": "no registration",
     "affine": "affine (emorph --affine)",
     "network": "network (after affine)",
+    "network2": "network, 2 passes (after affine)",
     "refine0": "refinement from zero",
     "refine": "network + refinement",
     "syn": "ANTs SyN",
     "greedy": "greedy",
 }
-EMORPH = ("affine", "network", "refine0", "refine")
+EMORPH = ("affine", "network", "network2", "refine0", "refine")
 CROSS_CONTRAST_TOL = 0.02
 QUICK_SUBJECTS = ("mni152", "robex")
 
@@ -157,7 +160,7 @@ def targets(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any
         }
 
     out: list[dict[str, Any]] = []
-    for m, peer in (("network", "syn"), ("refine", "greedy"), ("refine", "syn")):
+    for m, peer in (("network", "syn"), ("network2", "syn"), ("refine", "greedy"), ("refine", "syn")):
         out.append(
             compare(
                 f"{METHODS[m]} vs {METHODS[peer]} (same contrast)", m, d(same, m), d(same, peer), False, peer
@@ -550,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             "none": P.run_none,
             "affine": em({"network": False}),
             "network": em({}),
+            "network2": em({"passes": 2}),
             "refine0": em({"network": False}, refine_cfg["refine0"]),
             "refine": em({}, refine_cfg["refine"]),
             "syn": lambda p, t, a: P.run_ants(p, t, a, "SyN"),

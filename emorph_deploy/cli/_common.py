@@ -12,7 +12,7 @@ import typer
 
 from emorph_deploy.choices import Backend, Similarity
 from emorph_deploy.errors import EmorphError, InputError, Interrupted, interrupts_raise
-from emorph_deploy.registration.defaults import MAX_GRAD_SIGMA
+from emorph_deploy.registration.defaults import MAX_GRAD_SIGMA, MAX_PASSES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -150,6 +150,20 @@ MatchContrastOption = Annotated[
         help="When the pre-aligned images differ in contrast (e.g. T1 to T2), give the moving image the "
         "fixed image's contrast (median fixed intensity per moving intensity) for the network and --refine; "
         "the outputs warp the moving image as given. Recorded in qc.json's contrast.",
+    ),
+]
+
+
+#: ``--passes`` shared by ``emorph register`` and ``emorph demo``.
+PassesOption = Annotated[
+    int,
+    typer.Option(
+        "--passes",
+        min=1,
+        max=MAX_PASSES,
+        help="Network passes: each further pass registers the moving image warped so far and composes the "
+        "flows (one more inference each). 2 raises the network's own accuracy; after --refine it adds "
+        "little.",
     ),
 ]
 

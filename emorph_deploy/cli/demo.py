@@ -20,6 +20,7 @@ from emorph_deploy.cli._common import (
     Backend,
     BackendOption,
     MatchContrastOption,
+    PassesOption,
     RefineOption,
     handle_errors,
     set_threads,
@@ -48,6 +49,7 @@ def demo_command(
         ),
     ] = DEFAULTS.affine,
     match_contrast: MatchContrastOption = DEFAULTS.match_contrast,
+    passes: PassesOption = DEFAULTS.passes,
     qc_png: Annotated[bool, typer.Option("--qc-png/--no-qc-png", help="Render qc.png.")] = DEFAULTS.qc_png,
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, help="CPU threads for torch (default: all).")
@@ -82,7 +84,9 @@ def demo_command(
     t0 = time.perf_counter()
     pair = demo_pair(resolution=2)
     t_load = time.perf_counter() - t0
-    reg = Registrar.load(artifact, backend=backend.value, affine=affine, match_contrast=match_contrast)
+    reg = Registrar.load(
+        artifact, backend=backend.value, affine=affine, match_contrast=match_contrast, passes=passes
+    )
     for note in reg.backend_notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(

@@ -20,6 +20,7 @@ from emorph_deploy.cli._common import (
     Backend,
     BackendOption,
     MatchContrastOption,
+    PassesOption,
     RefineFoldWeightOption,
     RefineFullStepsOption,
     RefineGradSigmaOption,
@@ -105,6 +106,7 @@ def register_command(
         ),
     ] = DEFAULTS.affine,
     match_contrast: MatchContrastOption = DEFAULTS.match_contrast,
+    passes: PassesOption = DEFAULTS.passes,
     initial_affine: Annotated[
         Path | None,
         typer.Option(
@@ -254,6 +256,7 @@ def register_command(
             backend=backend.value,
             affine=affine,
             match_contrast=match_contrast,
+            passes=passes,
             options=options,
             threads=threads,
             echo=lambda line: typer.echo(line, err=True),
@@ -271,7 +274,9 @@ def register_command(
             from emorph_deploy.data.transforms import read_itk_affine
 
             extras["initial_affine"] = read_itk_affine(initial_affine, name="--initial-affine")
-    reg = Registrar.load(artifact, backend=backend.value, affine=affine, match_contrast=match_contrast)
+    reg = Registrar.load(
+        artifact, backend=backend.value, affine=affine, match_contrast=match_contrast, passes=passes
+    )
     for note in reg.backend_notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(

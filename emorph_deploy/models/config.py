@@ -14,6 +14,7 @@ from emorph_deploy.errors import InputError
 
 ATTENTION_KINDS: tuple[str, ...] = ("plane", "cga")
 WARP_SAMPLERS: tuple[str, ...] = ("grid_sample", "gather")
+FULL_RES_INPUTS: tuple[str, ...] = ("pair", "warped")
 #: Total down-sampling of the patch (2) + Hi-Res merge (2) + stage merge (2) pyramid: sizes must divide by it.
 SIZE_MULTIPLE: int = 8
 
@@ -82,6 +83,10 @@ class ModelConfig:
     # Full-resolution residual stage: conv(cat(up(decoder D/2 features), input) → width), then a flow head
     # whose output is added to the upsampled D/2 flow (0 = off: the flow is the D/2 flow upsampled ×2).
     full_res_width: int = 0
+    # what the full-resolution stage sees next to the features: "pair" = cat(moving, fixed) as given;
+    # "warped" = cat(moving warped by the D/2 flow, fixed), so its few full-resolution voxels of receptive
+    # field see the residual misalignment instead of the whole displacement
+    full_res_input: str = "pair"
     warp_sampler: str = "grid_sample"  # "grid_sample" | "gather" (export without GridSample)
 
     def __post_init__(self) -> None:
@@ -126,6 +131,8 @@ class ModelConfig:
             raise InputError(
                 f"full_res_width must be ≥ 0 (0 = no full-resolution stage); got {self.full_res_width}"
             )
+        if self.full_res_input not in FULL_RES_INPUTS:
+            raise InputError(f"full_res_input must be one of {FULL_RES_INPUTS}; got {self.full_res_input!r}")
         if not 0.0 <= self.drop_path < 1.0:
             raise InputError(f"drop_path must be in [0, 1); got {self.drop_path}")
         p = self.pos_channels
@@ -190,6 +197,7 @@ class ModelConfig:
 
 __all__ = [
     "ATTENTION_KINDS",
+    "FULL_RES_INPUTS",
     "SIZE_MULTIPLE",
     "TRAINING_ONLY_FIELDS",
     "WARP_SAMPLERS",

@@ -1,5 +1,6 @@
 """EfficientMorph: Hi-Res tokenisation, two plane-attention stages, conv decoder, voxel displacement head
-(at D/2, upsampled; optionally plus a full-resolution residual stage, ``ModelConfig.full_res_width``)."""
+(at D/2, upsampled; optionally plus a full-resolution residual stage, ``ModelConfig.full_res_width``, that
+sees the input pair or the moving image warped by the D/2 flow, ``ModelConfig.full_res_input``)."""
 
 from __future__ import annotations
 
@@ -151,7 +152,10 @@ class EfficientMorph(nn.Module):
         else:
             flow = _up2(self.flow_head(y))  # (B, 3, D, H, W)
         if self.full_res is not None:
-            flow = flow + self.full_res(y, x)  # (B, 3, D, H, W)
+            pair = x
+            if self.config.full_res_input == "warped":  # the stage sees what the D/2 flow leaves
+                pair = torch.cat([self.transformer(moving, flow), fixed], dim=1)  # (B, 2, D, H, W)
+            flow = flow + self.full_res(y, pair)  # (B, 3, D, H, W)
         return flow
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

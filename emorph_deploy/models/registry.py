@@ -83,6 +83,13 @@ register_model(
 )
 register_model(
     ModelSpec(
+        _SMALL.replace(name="em-23-hires-s-frw", full_res_width=8, full_res_input="warped"),
+        "em-23-hires-s-fr whose full-resolution stage sees the moving image warped by the D/2 flow (one"
+        " more warp): it corrects the residual misalignment locally; warm-starts from em-23-hires-s",
+    )
+)
+register_model(
+    ModelSpec(
         ModelConfig(name="em-23-hires-cga", attention="cga"),
         "depths (2, 3), cascaded group attention on planes",
     )
@@ -176,6 +183,7 @@ REFERENCE_MACS: dict[str, int] = {
     "em-11-hires-cga": 231_520_665_600,
     "em-23-hires-s": 125_225_533_440,
     "em-23-hires-s-fr": 144_658_268_160,
+    "em-23-hires-s-frw": 144_658_268_160,  # the warp is not counted (no MACs)
 }
 
 

@@ -160,6 +160,14 @@ def warp(
     return _sample(src, grid.unsqueeze(0) + flow, mode, sampler, padding)
 
 
+def compose(first: torch.Tensor, second: torch.Tensor, sampler: str = "grid_sample") -> torch.Tensor:
+    """The flow of warping by ``first`` and then by ``second`` (both (B, 3, D, H, W) voxels), (B, 3, D, H,
+    W): ``second(x) + first(x + second(x))``, so ``warp(src, compose(first, second)) ≈ warp(warp(src, first),
+    second)`` with one interpolation of ``src``. ``first`` is sampled with border padding (its edge
+    displacement continues outside the grid)."""
+    return second + warp(first, second, sampler=sampler, padding="border")
+
+
 class SpatialTransformer(nn.Module):
     """Warp by a voxel displacement field on a fixed grid ``size`` = (D, H, W).
 
@@ -201,4 +209,4 @@ class SpatialTransformer(nn.Module):
         return f"size={self.size}, mode={self.mode!r}, sampler={self.sampler!r}, padding={self.padding!r}"
 
 
-__all__ = ["MODES", "PADDINGS", "SAMPLERS", "SpatialTransformer", "identity_grid", "warp"]
+__all__ = ["MODES", "PADDINGS", "SAMPLERS", "SpatialTransformer", "compose", "identity_grid", "warp"]

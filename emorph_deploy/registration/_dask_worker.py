@@ -53,17 +53,19 @@ class RegistrarPlugin(WorkerPlugin):
         affine: bool,
         threads: int | None,
         match_contrast: bool = DEFAULTS.match_contrast,
+        passes: int = DEFAULTS.passes,
     ) -> None:
         self.artifact = artifact
         self.backend = backend
         self.affine = affine
         self.threads = threads
         self.match_contrast = match_contrast
+        self.passes = passes
         self.registrar: Any = None
         self.lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # the model and the lock stay on the worker
-        keys = ("artifact", "backend", "affine", "threads", "match_contrast")
+        keys = ("artifact", "backend", "affine", "threads", "match_contrast", "passes")
         return {k: self.__dict__[k] for k in keys}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -74,7 +76,11 @@ class RegistrarPlugin(WorkerPlugin):
 
         pin_threads(self.threads or worker.state.nthreads)
         self.registrar = Registrar.load(
-            self.artifact, backend=self.backend, affine=self.affine, match_contrast=self.match_contrast
+            self.artifact,
+            backend=self.backend,
+            affine=self.affine,
+            match_contrast=self.match_contrast,
+            passes=self.passes,
         )
 
 

@@ -29,7 +29,7 @@ def batch_settings(registrar: Any, options: PairOptions) -> dict[str, Any]:
     """The settings every pair of a batch folder is registered with, as kept in its ``batch.json``: the model
     artifact (path, and sha256 of it with its same-stem manifest/weights files), backend and precision the
     registrar runs, then every output-affecting :class:`PairOptions` field (``affine`` resolved against the
-    registrar, ``refine`` as a full config) and the registrar's ``match_contrast``."""
+    registrar, ``refine`` as a full config) and the registrar's ``match_contrast`` and ``passes``."""
     import dataclasses
 
     from emorph_deploy.refine import RefineConfig
@@ -41,6 +41,7 @@ def batch_settings(registrar: Any, options: PairOptions) -> dict[str, Any]:
     }
     fields["affine"] = bool(registrar.affine if options.affine is None else options.affine)
     fields["match_contrast"] = bool(registrar.match_contrast)
+    fields["passes"] = int(registrar.passes)
     fields["refine"] = RefineConfig.coerce(options.refine).to_dict()
     settings = {
         "artifact": str(artifact) if artifact is not None else None,

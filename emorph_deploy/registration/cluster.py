@@ -107,6 +107,7 @@ def run_batch_dask(
     backend: str = "auto",
     affine: bool = DEFAULTS.affine,
     match_contrast: bool = DEFAULTS.match_contrast,
+    passes: int = DEFAULTS.passes,
     options: PairOptions | None = None,
     threads: int | None = None,
     progress: bool = True,
@@ -118,7 +119,7 @@ def run_batch_dask(
     """Register every pair as a Dask task into ``out_dir/<id>/``; returns the summary rows in ``pairs`` order
     (also written to ``out_dir/summary.csv``). Never stops on a failing pair, nor on a worker lost mid-pair.
 
-    ``artifact``/``backend``/``affine``/``match_contrast`` say how each worker builds its Registrar
+    ``artifact``/``backend``/``affine``/``match_contrast``/``passes`` say how each worker builds its Registrar
     (``artifact`` None: the packaged default model); ``threads``: CPU threads per worker (default: see the
     module docstring); ``echo`` receives the cluster's description and dashboard address. An artifact the
     workers cannot load raises its error before any pair runs. ``processes=False`` runs a local cluster's
@@ -147,7 +148,8 @@ def run_batch_dask(
     t0 = time.perf_counter()
     with _client(spec, threads, dashboard_address, processes, echo) as client:
         times["cluster"] = time.perf_counter() - t0
-        _register_plugin(client, RegistrarPlugin(artifact_s, backend, affine, threads, match_contrast))
+        plugin = RegistrarPlugin(artifact_s, backend, affine, threads, match_contrast, passes)
+        _register_plugin(client, plugin)
         times["model_load"] = time.perf_counter() - t0 - times["cluster"]
         record_batch_settings(out, _workers_settings(client, options), options)
         futures = client.map(register_pair_task, pairs, out_dir=str(out), options=options, pure=False)

@@ -58,6 +58,7 @@ __all__ = [
     "Registrar",
     "RegistrationQC",
     "Result",
+    "check_passes",
     "check_prefix",
     "default_artifact",
     "load_extras",
@@ -308,7 +309,8 @@ class RegistrationQC:
     Shapes are (D, H, W) / (I, J, K) voxel counts; ``model_spacing_mm`` in mm. ``affine`` holds the affine
     pre-alignment's keys (``affine_matrix``, ``affine_source``, ``affine_accepted``, ...; empty without it);
     ``ncc_before``/``ncc_after`` are measured inside ``qc_region`` ("fixed-mask", "fixed-foreground" or
-    "volume" when the fixed image has no usable foreground); ``masks`` which masks were given;
+    "volume" when the fixed image has no usable foreground); ``masks`` which masks were given; ``passes`` the
+    network passes (0 without the network);
     ``label_overlap`` Dice before/after with fixed labels (:func:`emorph_deploy.qc.label_overlap`; empty
     without); ``deformation`` the Jacobian statistics on the model grid
     (:func:`emorph_deploy.qc.deformation_stats`); ``contrast`` whether the moving image was mapped to the
@@ -334,6 +336,7 @@ class RegistrationQC:
     deformation: dict[str, Any]
     model_latency_s: float | None
     network: bool
+    passes: int
     contrast: dict[str, Any] | None
     refine: dict[str, Any] | None
     times_s: dict[str, float]
@@ -361,6 +364,7 @@ class RegistrationQC:
             "jacobian_grid": "model",
             "model_latency_s": self.model_latency_s,
             "network": self.network,
+            "passes": self.passes,
             "contrast": self.contrast,
             "refine": self.refine,
             "times_s": self.times_s,
@@ -398,6 +402,19 @@ class _ModelGridPair:
 MIN_OVERLAP = 0.01
 
 
+def check_passes(passes: Any) -> int:
+    """``passes`` as an int in 1..:data:`~emorph_deploy.registration.defaults.MAX_PASSES`; InputError
+    otherwise."""
+    from emorph_deploy.registration.defaults import MAX_PASSES
+
+    if isinstance(passes, bool) or not isinstance(passes, int | np.integer) or not 1 <= passes <= MAX_PASSES:
+        raise InputError(
+            f"passes: expected an integer from 1 to {MAX_PASSES} (network passes), got {passes!r}; fix: pass "
+            "1 (one inference) or 2 (the network again on its own result)"
+        )
+    return int(passes)
+
+
 def check_overlap(fixed: np.ndarray, moving: np.ndarray, affine: bool) -> float:
     """The fraction of the model grid (both (D, H, W), normalised to [0, 1]) where both images are non-zero;
     ProcessingError below :data:`MIN_OVERLAP` (the moving image lies outside the fixed field of view, or
@@ -430,6 +447,7 @@ class Registrar:
         affine: bool = DEFAULTS.affine,
         affine_config: AffineConfig | None = None,
         match_contrast: bool = DEFAULTS.match_contrast,
+        passes: int = DEFAULTS.passes,
         warmup: bool = True,
     ) -> None:
         from emorph_deploy.data.preprocess import Preprocessing
@@ -458,6 +476,7 @@ class Registrar:
         self.affine = affine
         self.affine_config = affine_config
         self.match_contrast = match_contrast
+        self.passes = check_passes(passes)
         self._lock = threading.Lock()
         self.warmup_s: float | None = None
         self.backend_notes: list[str] = []
@@ -475,8 +494,8 @@ class Registrar:
     ) -> Registrar:
         """Open ``artifact`` (checkpoint ``.json``/``.safetensors``, ``.onnx`` + manifest, ``.plan`` /
         ``.engine``) with ``backend`` ("auto" | "tensorrt" | "onnxruntime" | "torch"); ``None`` = the packaged
-        default model. ``kwargs`` go to :class:`Registrar` (``affine`` (default
-        :data:`~emorph_deploy.registration.defaults.DEFAULTS`), ``affine_config``, ``warmup``)."""
+        default model. ``kwargs`` go to :class:`Registrar` (``affine``, ``match_contrast``, ``passes``
+        (defaults: :data:`~emorph_deploy.registration.defaults.DEFAULTS`), ``affine_config``, ``warmup``)."""
         from emorph_deploy.runners import resolve
 
         path = Path(artifact) if artifact is not None else default_artifact()
@@ -501,6 +520,7 @@ class Registrar:
         validate: bool = True,
         refine: int | RefineConfig | None = None,
         network: bool = True,
+        passes: int | None = None,
         fixed_mask: Any = None,
         moving_mask: Any = None,
         fixed_labels: Any = None,
@@ -522,6 +542,8 @@ class Registrar:
         ``network=False`` skips the network: the flow starts at zero (the identity after the affine
         pre-alignment), so ``refine=N`` is refinement alone and ``refine=0`` the affine (or no) registration
         — the ablation rows of ``benchmarks/validation_suite.py``.
+        ``passes``: network passes (None = this registrar's setting, by default 1); each further pass
+        registers the moving image warped by the flow so far and composes its flow (a cascade).
         ``fixed_mask``/``moving_mask``: masks on the fixed/moving image's grid (nonzero = inside) that
         restrict the affine fit, weight the refinement's similarity (fixed mask) and bound the QC NCC (fixed
         mask). ``fixed_labels``: a label map on the fixed grid; with ``labels`` the QC gets Dice before/after.
@@ -535,6 +557,7 @@ class Registrar:
         )
 
         refine_cfg = _refine_config(refine)  # a bad value fails before any work on the pair
+        n_passes = self.passes if passes is None else check_passes(passes)
         use_affine = self.affine if affine is None else affine
         initial = _initial_matrix(initial_affine)
         times: dict[str, float] = {}
@@ -562,7 +585,7 @@ class Registrar:
                 )
             check_overlap(pair.fixed, pair.moving, pre is not None)
             with stopwatch(times, "infer"):
-                out, model_s = self._infer(pair, network)
+                out, model_s = self._infer(pair, network, n_passes)
             flow = self._checked_flow(out)
             refine_info: dict[str, Any] = {}  # the similarity used ("auto" resolved) and why, for qc.json
             if refine_cfg.steps:
@@ -609,6 +632,7 @@ class Registrar:
             deformation=stats,
             model_latency_s=model_s,
             network=bool(network),
+            passes=n_passes if network else 0,
             contrast=pair.contrast,
             refine={**refine_cfg.to_dict(), **refine_info} if refine_cfg.steps else None,
             times_s=times,
@@ -728,12 +752,32 @@ class Registrar:
             return None, info
         return fit_intensity_map(moving, fixed)(moving), {**info, "matched": True}
 
-    def _infer(self, pair: _ModelGridPair, network: bool) -> tuple[dict[str, np.ndarray], float | None]:
-        """The runner's outputs (``flow`` (1, 3, D, H, W), maybe ``warped``) and its latency in seconds;
-        ``network=False``: a zero flow and no latency."""
+    def _infer(
+        self, pair: _ModelGridPair, network: bool, passes: int = 1
+    ) -> tuple[dict[str, np.ndarray], float | None]:
+        """The runner's outputs (``flow`` (1, 3, D, H, W), maybe ``warped``) and its latency in seconds (all
+        passes); ``network=False``: a zero flow and no latency. With ``passes`` > 1 the moving image warped
+        by the flow so far is registered again and the flows are composed
+        (:func:`emorph_deploy.models.warp.compose`); the output is then the composed ``flow`` alone."""
         if not network:  # ablation: no network, zero initial flow
             return {"flow": np.zeros((1, 3, *self.grid_shape), dtype=np.float32)}, None
-        feed = {"moving": pair.moving_for_network[None, None], "fixed": pair.fixed[None, None]}
+        moving = pair.moving_for_network
+        out, latency = self._run_network(moving, pair.fixed)
+        for _ in range(passes - 1):
+            import torch
+
+            from emorph_deploy.models.warp import compose, warp
+
+            total = torch.from_numpy(self._checked_flow(out))[None]  # (1, 3, D, H, W)
+            warped = warp(torch.from_numpy(moving)[None, None], total)[0, 0].numpy()  # one interpolation
+            nxt, secs = self._run_network(warped, pair.fixed)
+            step = torch.from_numpy(self._checked_flow(nxt))[None]
+            out, latency = {"flow": compose(total, step).numpy()}, latency + secs
+        return out, latency
+
+    def _run_network(self, moving: np.ndarray, fixed: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+        """One inference on (D, H, W) model-grid arrays: the runner's outputs and latency in seconds."""
+        feed = {"moving": moving[None, None], "fixed": fixed[None, None]}
         try:
             with self._lock:
                 return self.runner.infer(feed), self.runner.last_latency_s

@@ -37,6 +37,7 @@ def test_cli_defaults_are_the_registrar_defaults(runner):
     assert reg["refine_similarity"].default is DEFAULTS.refine_similarity
     assert reg["qc_png"].default is DEFAULTS.qc_png is demo["qc_png"].default
     assert reg["voxel_flow"].default is DEFAULTS.voxel_flow
+    assert reg["passes"].default == DEFAULTS.passes == demo["passes"].default == api["passes"].default
     # what --help shows is that default; --affine stays accepted next to --no-affine
     command = typer.main.get_command(app).commands["register"]
     params = {p.name: p for p in command.params}
@@ -254,3 +255,15 @@ def test_batch_reads_mask_and_label_columns(runner, files, tmp_path):
         runner, "register", "--pairs", csv, "--fixed-mask", files["fixed_mask"], "--out", tmp_path / "y"
     )
     assert mixed.exit_code == 2 and "--fixed-mask" in mixed.stderr
+
+
+def test_passes_reach_qc_json_and_bad_values_exit_2(runner, files, tmp_path):
+    """--passes 2 runs the network twice (qc.json says so); --passes 0 / 5 are usage errors, exit 2, with
+    nothing written."""
+    two = _register(runner, files, tmp_path / "a", "--passes", "2", "--refine", "0")
+    assert two.exit_code == 0, two.stderr
+    assert json.loads((tmp_path / "a" / "qc.json").read_text())["passes"] == 2
+    for bad in ("0", "5"):
+        res = _register(runner, files, tmp_path / f"bad{bad}", "--passes", bad)
+        assert res.exit_code == 2 and "--passes" in res.output + res.stderr
+        assert not (tmp_path / f"bad{bad}").exists()

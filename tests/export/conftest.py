@@ -69,6 +69,12 @@ def grid() -> tuple[int, int, int]:
 
 
 @pytest.fixture(scope="session")
+def tiny_overrides() -> dict:
+    """The tiny checkpoint's model options (``create_model("em-11-hires", **tiny_overrides)``)."""
+    return dict(TINY)
+
+
+@pytest.fixture(scope="session")
 def make_ckpt():
     """``make_ckpt(stem, grid=GRID, seed=0) -> .safetensors path``."""
     return make_checkpoint

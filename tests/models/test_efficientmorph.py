@@ -246,6 +246,34 @@ def test_full_res_stage_channels_last_training_equals_reference_ops():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_full_res_stage_sees_the_warped_moving_image_with_input_warped():
+    """``full_res_input="warped"``: the stage's image input is cat(moving warped by the D/2 flow, fixed)
+    ("pair": the input pair as given). With the stage's head at zero the model's flow is the D/2 flow, so
+    the image the stage saw must be the moving image warped by the model's own flow."""
+    from emorph_deploy.models.warp import warp
+
+    m, f = pair()
+    for kind in ("pair", "warped"):
+        torch.manual_seed(3)
+        cfg = {**TINY, "flow_init_std": 0.05, "full_res_width": 4, "full_res_input": kind}
+        model = create_model("em-23-hires", **cfg).eval()
+        with torch.no_grad():
+            model.full_res.head.weight.zero_()
+        seen: list[torch.Tensor] = []
+        model.full_res.register_forward_hook(lambda mod, args, out, seen=seen: seen.append(args[1].clone()))
+        with torch.no_grad():
+            warped, flow = model(m, f)
+        (stage_in,) = seen
+        assert float(flow.abs().max()) > 1e-2  # non-vacuous: the moving image does move
+        torch.testing.assert_close(stage_in[:, 1:], f)
+        expect = m if kind == "pair" else warp(m, flow)
+        torch.testing.assert_close(stage_in[:, :1], expect, atol=1e-6, rtol=0)
+        if kind == "warped":
+            torch.testing.assert_close(stage_in[:, :1], warped, atol=1e-6, rtol=0)
+    with pytest.raises(InputError, match="full_res_input"):
+        create_model("em-23-hires", **{**TINY, "full_res_width": 4, "full_res_input": "aligned"})
+
+
 def test_full_res_width_must_not_be_negative():
     with pytest.raises(InputError, match="full_res_width"):
         create_model("em-23-hires", **{**TINY, "full_res_width": -1})

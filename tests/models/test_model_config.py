@@ -105,6 +105,7 @@ def test_registered_variants_and_parameter_counts():
         "em-11-hires",
         "em-23-hires-s",
         "em-23-hires-s-fr",
+        "em-23-hires-s-frw",
         "em-23-hires-cga",
         "em-11-hires-cga",
     }
@@ -127,6 +128,10 @@ def test_registered_variants_and_parameter_counts():
     fr = (16 * 8 + 8) + (10 * 8 * 27 + 8) + (8 * 3 * 27 + 3)
     assert get_config("em-23-hires-s-fr") == small.replace(name="em-23-hires-s-fr", full_res_width=8)
     assert counts["em-23-hires-s-fr"] == 723_303 + fr == 726_258
+    # the warped-input variant: the same layers (one more warp, no parameters)
+    frw = get_config("em-23-hires-s-frw")
+    assert frw == small.replace(name="em-23-hires-s-frw", full_res_width=8, full_res_input="warped")
+    assert counts["em-23-hires-s-frw"] == counts["em-23-hires-s-fr"]
 
 
 def test_real_build_at_half_resolution_has_registered_count():

@@ -30,6 +30,23 @@ class StubRunner(Runner):
         return {"flow": self.flow[None].copy()}
 
 
+def box_pair(grid: tuple[int, int, int] = (16, 16, 16)) -> tuple[tuple, tuple]:
+    """``((fixed, affine), (moving, affine))`` at 4 mm: a noisy box and the same shifted 2 voxels along
+    axis 0, in one space."""
+    rng = np.random.default_rng(0)
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    fixed = np.zeros(grid, np.float32)
+    fixed[3:13, 4:12, 2:14] = 1.0
+    fixed += rng.random(grid, dtype=np.float32) * 0.1
+    return (fixed, affine), (np.roll(fixed, 2, axis=0), affine)
+
+
+@pytest.fixture(scope="session")
+def pair_in_one_space():
+    """:func:`box_pair` on the 16³ grid."""
+    return box_pair()
+
+
 @pytest.fixture(scope="session")
 def stub_runner():
     """Factory ``stub_runner(flow, spacing=3.0, pre_grid=None)`` -> :class:`StubRunner`."""

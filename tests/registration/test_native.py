@@ -133,7 +133,7 @@ def test_qc_keys_and_stage_times(pair, stub):
     assert list(qc) == [
         "format", "backend", "precision", "model_grid", "model_spacing_mm", "fixed_shape", "moving_shape",
         "affine_prealignment", "ncc_before", "ncc_after", "qc_region", "masks", *stats, "jacobian_grid",
-        "model_latency_s", "network", "contrast", "refine", "times_s",
+        "model_latency_s", "network", "passes", "contrast", "refine", "times_s",
     ]  # fmt: skip
     assert qc["format"] == RegistrationQC.FORMAT and qc["backend"] == "stub"
     assert qc["model_grid"] == list(GRID)

@@ -29,17 +29,8 @@ def reg(tmp_path_factory, tiny_em):
     return r
 
 
-def _pair():
-    rng = np.random.default_rng(0)
-    affine = np.diag([4.0, 4.0, 4.0, 1.0])
-    fixed = np.zeros(GRID, np.float32)
-    fixed[3:13, 4:12, 2:14] = 1.0
-    fixed += rng.random(GRID, dtype=np.float32) * 0.1
-    return (fixed, affine), (np.roll(fixed, 2, axis=0), affine)
-
-
-def test_no_network_no_refine_is_identity(reg) -> None:
-    fixed, moving = _pair()
+def test_no_network_no_refine_is_identity(reg, pair_in_one_space) -> None:
+    fixed, moving = pair_in_one_space
     n = len(reg._calls)
     res = reg.register(fixed, moving, network=False, refine=0)
     assert len(reg._calls) == n  # the network was not run
@@ -49,8 +40,8 @@ def test_no_network_no_refine_is_identity(reg) -> None:
     np.testing.assert_allclose(np.asanyarray(res.warped.dataobj), moving[0], atol=1e-5)  # identity warp
 
 
-def test_no_network_refine_moves_and_differs_from_network_start(reg) -> None:
-    fixed, moving = _pair()
+def test_no_network_refine_moves_and_differs_from_network_start(reg, pair_in_one_space) -> None:
+    fixed, moving = pair_in_one_space
     n = len(reg._calls)
     zero = reg.register(fixed, moving, network=False, refine=3)
     assert len(reg._calls) == n
