@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up for emorph on a fresh machine.
-#   bash setup.sh          -> the package with ONNX Runtime (the user install)
+#   bash setup.sh          -> the package with ONNX Runtime and OpenVINO (the user install; OpenVINO runs the
+#                             packaged model in bf16 on CPUs with AVX512-BF16/AMX)
 #   bash setup.sh --dev    -> the same plus TensorRT-RTX (CPU-only engine builds), OpenVINO + NNCF (the [cpu]
 #                             extra, so the OpenVINO tests run) and the test tools
 #   bash setup.sh --suite  -> the user install plus the validation suite (ANTs, greedy, pydeface's mean head;
@@ -16,11 +17,11 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 else
     echo "setup: keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
 fi
-extras="onnx"
+extras="onnx,openvino"
 if [[ "${1:-}" == "--dev" ]]; then
-    extras="onnx,tensorrt,cpu,dev"
+    extras="onnx,openvino,tensorrt,cpu,dev"
 elif [[ "${1:-}" == "--suite" ]]; then
-    extras="onnx,peers,realbrains"
+    extras="onnx,openvino,peers,realbrains"
     if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == "0" ]]; then
         apt-get install -y -q insighttoolkit5-examples >/dev/null \
             || echo "setup: insighttoolkit5-examples not installed (run apt-get update first); the suite skips 'itk'"

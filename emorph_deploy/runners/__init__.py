@@ -214,7 +214,9 @@ def resolve(artifact: str | Path, backend: str = "auto", notes: list[str] | None
     of the same stem (``model.plan`` / ``model.xml`` / ``model.onnx`` / ``model.json``), and falls through
     when a backend is not installed or cannot run here (e.g. no GPU for an engine, no VNNI for an int8 graph
     in OpenVINO); what was skipped and why is appended to ``notes``. A broken artifact the caller named is
-    reported, not skipped (OpenVINO, tried before ONNX Runtime on the same file, only notes it).
+    reported, not skipped (OpenVINO, tried before ONNX Runtime on the same file, only notes it). The packaged
+    default checkpoint runs as an OpenVINO bf16 IR where :func:`emorph_deploy.weights.packaged_ir_skip`
+    allows (built once into a cache, :func:`emorph_deploy.weights.default_openvino_ir`), else as above.
     """
     path = Path(artifact)
     notes = [] if notes is None else notes
@@ -230,6 +232,9 @@ def resolve(artifact: str | Path, backend: str = "auto", notes: list[str] | None
                 f"fix: pass {_ARTIFACT_KINDS[backend]} or --backend auto"
             )
         return load_runner(path, backend=backend)
+    packaged = _packaged_openvino(path, notes)
+    if packaged is not None:
+        return packaged
     last: Exception | None = None
     for name in AUTO_ORDER:
         cand = artifact_for(path, name)
@@ -258,6 +263,24 @@ def resolve(artifact: str | Path, backend: str = "auto", notes: list[str] | None
         f"model: expected a checkpoint (.json/.safetensors), .onnx, .plan/.engine or .xml, got {path.name}; "
         "fix: pass --model, --onnx or --engine"
     )
+
+
+def _packaged_openvino(path: Path, notes: list[str]) -> Runner | None:
+    """``auto`` on the packaged checkpoint: its OpenVINO bf16 IR's runner, or None (why, in ``notes``)."""
+    from emorph_deploy import weights
+
+    if not weights.is_default_checkpoint(path):
+        return None
+    skip = weights.packaged_ir_skip()
+    if skip is not None:
+        notes.append(f"openvino skipped: {skip}")
+        return None
+    try:
+        ir = weights.default_openvino_ir("bf16", say=lambda line: notes.append(line))
+        return load_runner(ir, backend="openvino")
+    except (EmorphError, ImportError, RuntimeError, OSError) as exc:
+        notes.append(f"openvino skipped: {_one_line(exc)}; the packaged model runs in torch")
+        return None
 
 
 def _one_line(exc: BaseException, n: int = 160) -> str:

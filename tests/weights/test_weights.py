@@ -14,27 +14,6 @@ from emorph_deploy.errors import InputError  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _tiny_checkpoint(folder: Path, stem: str = "default") -> Path:
-    from emorph_deploy.data.preprocess import Preprocessing
-    from emorph_deploy.models import create_model
-    from emorph_deploy.train.checkpoint import save_checkpoint
-
-    grid = (16, 16, 16)
-    torch.manual_seed(0)
-    model = create_model(
-        "em-11-hires",
-        img_size=grid,
-        patch_dim=6,
-        embed_dims=(8, 16),
-        heads=(1, 2),
-        decoder_widths=(8, 8),
-        skip_width=4,
-        drop_path=0.0,
-    )
-    save_checkpoint(model, folder / stem, preprocessing=Preprocessing(grid_shape=grid, spacing_mm=(4.0,) * 3))
-    return folder / f"{stem}.safetensors"
-
-
 def test_none_packaged_raises_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setattr(W, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(InputError, match=r"^no default model is packaged; pass --model CHECKPOINT") as ei:
@@ -49,16 +28,16 @@ def test_none_packaged_raises_one_clear_line(tmp_path, monkeypatch):
         default_artifact()
 
 
-def test_half_packaged_is_not_a_model(tmp_path, monkeypatch):
-    weights = _tiny_checkpoint(tmp_path)
+def test_half_packaged_is_not_a_model(tmp_path, monkeypatch, tiny_checkpoint):
+    weights = tiny_checkpoint(tmp_path)
     weights.with_suffix(".json").unlink()
     monkeypatch.setattr(W, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(InputError, match=r"default\.json"):
         W.default_checkpoint_path()
 
 
-def test_packaged_checkpoint_is_found_and_loads(tmp_path, monkeypatch):
-    weights = _tiny_checkpoint(tmp_path)
+def test_packaged_checkpoint_is_found_and_loads(tmp_path, monkeypatch, tiny_checkpoint):
+    weights = tiny_checkpoint(tmp_path)
     monkeypatch.setattr(W, "WEIGHTS_DIR", tmp_path)
     assert W.default_checkpoint_path() == weights
     assert W.default_checkpoint is W.default_checkpoint_path
