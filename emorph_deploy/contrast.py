@@ -2,12 +2,16 @@
 gives the moving image the fixed image's contrast.
 
 - :func:`contrast_agreement`: inside the common foreground, is the fixed intensity a positive, mostly
-  *linear* function of the moving one? (Figures and a verdict.)
-- :func:`fit_intensity_map`: the typical fixed intensity for each moving intensity (a conditional median,
-  :class:`IntensityMap`), fitted on a roughly aligned pair. Applied to the moving image before the network
-  and the refinement (:class:`~emorph_deploy.registration.Registrar`'s ``match_contrast``), an inverted or
-  remapped contrast becomes one the network and local NCC handle as same-contrast; the outputs still warp
-  the moving image as given.
+  *linear* function of the moving one (same contrast), a negative one (an inversion, e.g. T1 against
+  T2-like tissue order), or neither? (Figures and a verdict.)
+- :func:`fit_inversion_map`: for an inversion, the moving intensity quantiles mapped onto the fixed ones in
+  reverse order (histogram matching; no alignment needed, the fixed image's full contrast kept).
+- :func:`fit_intensity_map`: otherwise the typical fixed intensity for each moving intensity (a conditional
+  median, :class:`IntensityMap`), fitted on a roughly aligned pair.
+- Applied to the moving image before the network and the refinement
+  (:class:`~emorph_deploy.registration.Registrar`'s ``match_contrast``), an inverted or remapped contrast
+  becomes one the network and local NCC handle as same-contrast; the outputs still warp the moving image
+  as given.
 - :func:`similarity_after_matching`: the refinement similarity for a matched pair: local NCC when the
   matched image correlates with the fixed one as well as same-contrast pairs do, otherwise normalised
   gradient fields (the map is then too loose a fit, e.g. tissues that share one moving intensity).
@@ -34,11 +38,16 @@ __all__ = [
     "IntensityMap",
     "contrast_agreement",
     "fit_intensity_map",
+    "fit_inversion_map",
     "similarity_after_matching",
 ]
 
-#: contrast_agreement's rule: same contrast iff r > 0 and r² ≥ LINEAR_SHARE · η² (see its docstring)
+#: contrast_agreement's rule: same contrast iff r > 0 and r² ≥ LINEAR_SHARE · η²; an inversion iff r < 0
+#: and r² ≥ LINEAR_SHARE · η² (see its docstring)
 LINEAR_SHARE = 0.5
+
+#: fit_inversion_map: quantile levels of the piecewise-linear map
+INVERSION_LEVELS = 256
 
 #: similarity_after_matching: local NCC when the matched moving image, warped by the network, correlates
 #: with the fixed image at least this much (Pearson r in the common foreground), else NGF. On the
@@ -93,15 +102,24 @@ def contrast_agreement(
     intensity, r² = the share explained by a *linear* one, so r² ≤ η² up to binning): the contrast is the
     same iff ``r > 0`` and ``r² ≥ LINEAR_SHARE · η²`` (0.5). Misalignment lowers r² and η² together; an
     inverted contrast makes r negative; a non-monotone remap (tissue order changed) leaves η² well above
-    r². Fewer than 1000 foreground voxels: no verdict (``same_contrast`` True, NCC — the training loss).
-    Takes tensors (any device) or arrays of one shape.
+    r². ``relation`` names the case: ``"same"``, ``"inverted"`` (``r < 0`` and ``r² ≥ LINEAR_SHARE · η²``:
+    a mostly linear *decreasing* relation, :func:`fit_inversion_map`'s case) or ``"other"``. Fewer than 1000
+    foreground voxels: no verdict (``same_contrast`` True, NCC — the training loss). Takes tensors (any
+    device) or arrays of one shape.
 
-    Returns ``{"r", "eta2", "linear_share", "foreground_voxels", "same_contrast"}``.
+    Returns ``{"r", "eta2", "linear_share", "foreground_voxels", "same_contrast", "relation"}``.
     """
     m, f = _common_foreground(moving, fixed, threshold)
     n = m.size
     if n < MIN_VOXELS:
-        return {"r": None, "eta2": None, "linear_share": None, "foreground_voxels": n, "same_contrast": True}
+        return {
+            "r": None,
+            "eta2": None,
+            "linear_share": None,
+            "foreground_voxels": n,
+            "same_contrast": True,
+            "relation": "same",
+        }
     r = _pearson(m, f)
     fc = f - f.mean()
     var_f = float(fc @ fc) / n
@@ -110,12 +128,15 @@ def contrast_agreement(
     sums = np.bincount(ids, weights=fc, minlength=bins)
     eta2 = float((sums * sums / np.maximum(counts, 1.0)).sum() / n / (var_f + 1e-12))
     share = r * r / max(eta2, 1e-12)
+    linear = share >= LINEAR_SHARE
+    relation = "same" if (r > 0 and linear) else "inverted" if (r < 0 and linear) else "other"
     return {
         "r": r,
         "eta2": eta2,
         "linear_share": share,
         "foreground_voxels": n,
-        "same_contrast": bool(r > 0 and share >= LINEAR_SHARE),
+        "same_contrast": relation == "same",
+        "relation": relation,
     }
 
 
@@ -152,24 +173,32 @@ class IntensityMap:
         return {"moving_levels": list(self.moving_levels), "fixed_levels": list(self.fixed_levels)}
 
 
+def _check_pair(moving: Any, fixed: Any, who: str) -> None:
+    if moving.shape != fixed.shape:
+        raise InputError(
+            f"{who}: expected two images of one shape, got {tuple(moving.shape)} and "
+            f"{tuple(fixed.shape)}; fix: pass both images on the model grid"
+        )
+
+
+def _check_voxels(n: int, who: str) -> None:
+    if n < MIN_VOXELS:
+        raise InputError(
+            f"{who}: expected at least {MIN_VOXELS} voxels where both images are foreground, got {n}; "
+            "fix: pre-align the images (the affine) or turn contrast matching off"
+        )
+
+
 def fit_intensity_map(moving: Any, fixed: Any, bins: int = 64) -> IntensityMap:
     """The median fixed intensity for each of ``bins`` equal-count bins of the moving foreground intensity,
     over the voxels where both images are foreground (> 0), at the bins' mean moving intensities. Fit it on a
     roughly aligned pair (after the affine pre-alignment); misalignment flattens the map towards the mean, it
     does not reverse it. InputError with fewer than 1000 common foreground voxels (nothing to fit)."""
-    if moving.shape != fixed.shape:
-        raise InputError(
-            f"fit_intensity_map: expected two images of one shape, got {tuple(moving.shape)} and "
-            f"{tuple(fixed.shape)}; fix: pass both images on the model grid"
-        )
+    _check_pair(moving, fixed, "fit_intensity_map")
     if bins < 2:
         raise InputError(f"fit_intensity_map: expected bins >= 2, got {bins}; fix: use e.g. 64")
     m, f = _common_foreground(moving, fixed, 0.0)
-    if m.size < MIN_VOXELS:
-        raise InputError(
-            f"fit_intensity_map: expected at least {MIN_VOXELS} voxels where both images are foreground, "
-            f"got {m.size}; fix: pre-align the images (the affine) or turn contrast matching off"
-        )
+    _check_voxels(m.size, "fit_intensity_map")
     ids = _bin_ids(m, bins)
     counts = np.bincount(ids, minlength=bins)
     filled = counts > 0  # ties (e.g. a flat tissue intensity) can leave a bin empty
@@ -184,6 +213,24 @@ def fit_intensity_map(moving: Any, fixed: Any, bins: int = 64) -> IntensityMap:
     if x.size < 2:  # one intensity only: a constant map
         x, y = np.array([x[0], x[0]]), np.array([y[0], y[0]])
     return IntensityMap(tuple(x.tolist()), tuple(y.tolist()))
+
+
+def fit_inversion_map(moving: Any, fixed: Any, levels: int = INVERSION_LEVELS) -> IntensityMap:
+    """Histogram matching in reverse order: the moving intensity at quantile q of the common foreground
+    (where both images are > 0) maps to the fixed intensity at quantile 1 − q, so the brightest moving
+    tissue takes the darkest fixed intensity. For an inverted contrast (:func:`contrast_agreement`'s
+    ``"inverted"``): it needs no voxel-wise agreement, so unlike :func:`fit_intensity_map`'s conditional
+    median, which misalignment flattens towards the mean, it keeps the fixed image's whole contrast.
+    InputError with fewer than 1000 common foreground voxels (nothing to fit)."""
+    _check_pair(moving, fixed, "fit_inversion_map")
+    if levels < 2:
+        raise InputError(f"fit_inversion_map: expected levels >= 2, got {levels}; fix: use e.g. 256")
+    m, f = _common_foreground(moving, fixed, 0.0)
+    _check_voxels(m.size, "fit_inversion_map")
+    q = np.linspace(0.0, 1.0, levels)
+    xs = np.maximum.accumulate(np.quantile(m, q))  # non-decreasing against float rounding
+    ys = np.quantile(f, q[::-1])
+    return IntensityMap(tuple(xs.tolist()), tuple(ys.tolist()))
 
 
 def similarity_after_matching(warped_matched: Any, fixed: Any) -> tuple[Similarity, float]:

@@ -13,6 +13,7 @@ from emorph_deploy.contrast import (
     IntensityMap,
     contrast_agreement,
     fit_intensity_map,
+    fit_inversion_map,
     similarity_after_matching,
 )
 from emorph_deploy.errors import InputError
@@ -67,6 +68,43 @@ def test_matching_an_inverted_brain_restores_its_contrast(inverted_brain):
     levels = np.asarray(imap.fixed_levels)
     assert levels[:8].mean() > levels[-8:].mean() + 0.2  # dark (inverted WM) → bright, bright → dark
     assert float(matched[~inside].abs().max()) == 0.0
+
+
+def test_agreement_names_the_relation(inverted_brain):
+    """Same contrast, an inversion (mostly linear, decreasing) and a non-monotone remap (tissue order
+    changed) are told apart; only the first counts as same contrast."""
+    brain = inverted_brain
+    inside = brain["inside"]
+    remapped = torch.where(inside, 0.2 + 0.7 * torch.sin(8.0 * brain["moving"]) ** 2, 0.0)
+    cases = {"same": brain["moving"], "inverted": brain["inverted"], "other": remapped}
+    for relation, moving in cases.items():
+        figures = contrast_agreement(moving, brain["fixed"])
+        assert figures["relation"] == relation, (relation, figures)
+        assert figures["same_contrast"] is (relation == "same")
+
+
+def test_inversion_map_keeps_the_fixed_contrast_when_misaligned(inverted_brain):
+    """The reverse histogram match needs no voxel-wise agreement: fitted against a fixed image shifted by
+    three voxels (of 32) it still restores the original moving image (r > 0.93) with nearly the fixed image's
+    spread of intensities, where the conditional median flattens towards the mean (spread and r fall)."""
+    brain = inverted_brain
+    inside = brain["inside"]
+    fixed_spread = float(brain["fixed"][brain["fixed"] > 0].std())
+    shifted = torch.roll(brain["fixed"], 3, dims=0)
+    imap = fit_inversion_map(brain["inverted"], shifted)
+    assert list(imap.moving_levels) == sorted(imap.moving_levels)
+    assert imap.fixed_levels[0] > imap.fixed_levels[-1]  # brightest moving → darkest fixed
+    matched = imap(brain["inverted"])
+    median = fit_intensity_map(brain["inverted"], shifted)(brain["inverted"])
+    r = np.corrcoef(matched[inside].numpy(), brain["moving"][inside].numpy())[0, 1]
+    r_median = np.corrcoef(median[inside].numpy(), brain["moving"][inside].numpy())[0, 1]
+    assert r > 0.93 and r > r_median + 0.1, (r, r_median)
+    assert float(matched[inside].std()) > 0.85 * fixed_spread > float(median[inside].std())
+    assert float(matched[~inside].abs().max()) == 0.0  # background stays 0
+    with pytest.raises(InputError, match="levels"):
+        fit_inversion_map(brain["inverted"], brain["fixed"], levels=1)
+    with pytest.raises(InputError, match="foreground"):
+        fit_inversion_map(torch.zeros(16, 16, 16), torch.rand(16, 16, 16))
 
 
 def test_similarity_after_matching_rule(inverted_brain):

@@ -393,9 +393,17 @@ class _ModelGridPair:
     @property
     def moving_for_network(self) -> np.ndarray:
         """What the network and the refinement see: ``matched`` (the moving image in the fixed image's
-        contrast, :func:`emorph_deploy.contrast.fit_intensity_map`) when the contrasts differed, else
+        contrast, :func:`emorph_deploy.contrast.fit_inversion_map` or
+        :func:`~emorph_deploy.contrast.fit_intensity_map`) when the contrasts differed, else
         ``moving``."""
         return self.moving if self.matched is None else self.matched
+
+    @property
+    def loosely_matched(self) -> bool:
+        """``matched`` came from the conditional-median map, whose fit the refinement must judge
+        (:func:`~emorph_deploy.contrast.similarity_after_matching`); False for the inversion map and
+        without matching."""
+        return self.matched is not None and (self.contrast or {}).get("map") != "inversion"
 
 
 #: Least fraction of the model grid where both images have signal for a registration to be meaningful.
@@ -743,14 +751,19 @@ class Registrar:
     @staticmethod
     def _match_contrast(moving: np.ndarray, fixed: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
         """The moving image (D, H, W) in the fixed image's contrast when :func:`contrast_agreement` finds
-        the pre-aligned pair in different contrasts (else None), and the figures for ``qc.json``."""
-        from emorph_deploy.contrast import contrast_agreement, fit_intensity_map
+        the pre-aligned pair in different contrasts (else None), and the figures for ``qc.json``: an
+        inversion by :func:`fit_inversion_map` (``map`` "inversion"), any other relation by
+        :func:`fit_intensity_map` (``map`` "conditional-median")."""
+        from emorph_deploy.contrast import contrast_agreement, fit_intensity_map, fit_inversion_map
 
         agreement = contrast_agreement(moving, fixed)
         info = {"matched": False, **agreement}
         if agreement["same_contrast"]:
             return None, info
-        return fit_intensity_map(moving, fixed)(moving), {**info, "matched": True}
+        if agreement["relation"] == "inverted":
+            return fit_inversion_map(moving, fixed)(moving), {**info, "matched": True, "map": "inversion"}
+        matched = fit_intensity_map(moving, fixed)(moving)
+        return matched, {**info, "matched": True, "map": "conditional-median"}
 
     def _infer(
         self, pair: _ModelGridPair, network: bool, passes: int = 1
@@ -816,8 +829,10 @@ class Registrar:
         warped: np.ndarray | None = None,
     ) -> np.ndarray:
         """Test-time refinement of ``flow`` (3, D, H, W) on the model grid; ``info`` receives the similarity
-        used and why. A contrast-matched pair refines its matched image; with ``similarity`` auto, on NCC or
-        NGF by :func:`~emorph_deploy.contrast.similarity_after_matching`."""
+        used and why. A contrast-matched pair refines its matched image; with ``similarity`` auto, one
+        matched by the conditional-median map on NCC or NGF by
+        :func:`~emorph_deploy.contrast.similarity_after_matching`, one matched by the inversion map (a
+        histogram match, as faithful as a same-contrast image) as a same-contrast pair."""
         import torch
 
         from emorph_deploy.refine import refine_flow
@@ -830,7 +845,7 @@ class Registrar:
             **cfg.to_dict(),
             info=info,
             fixed_mask=mask,
-            contrast_matched=pair.matched is not None,
+            contrast_matched=pair.loosely_matched,
             warped_init=None if warped is None else torch.from_numpy(np.asarray(warped, np.float32)),
         )[0].numpy()
 

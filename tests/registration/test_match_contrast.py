@@ -30,8 +30,11 @@ def test_registrar_matches_contrast_only_when_it_differs(inverted_brain, stub_ru
     res = reg.register(fixed, inverted, refine=2)
     contrast = res.qc["contrast"]
     assert contrast["matched"] is True and contrast["r"] < 0
+    assert contrast["relation"] == "inverted" and contrast["map"] == "inversion"
+    # the inversion map restores a same-contrast image: refinement judges it as such (NCC)
     assert res.qc["refine"]["similarity_requested"] == "auto"
-    assert res.qc["refine"]["similarity"] == "ncc" and res.qc["refine"]["contrast"]["matched"] is True
+    assert res.qc["refine"]["similarity"] == "ncc"
+    assert res.qc["refine"]["contrast"]["same_contrast"] is True
     seen = runner.seen[0, 0]
     inside = brain["inside"].numpy()
     assert np.corrcoef(seen[inside], brain["moving"].numpy()[inside])[0, 1] > 0.8  # matched (input: r < 0)
@@ -42,6 +45,21 @@ def test_registrar_matches_contrast_only_when_it_differs(inverted_brain, stub_ru
     off = Registrar(runner, affine=False, warmup=False, match_contrast=False)
     assert off.register(fixed, inverted, refine=0).qc["contrast"] is None
     assert np.array_equal(runner.seen[0, 0] > 0, seen > 0) and not np.allclose(runner.seen[0, 0], seen)
+
+
+def test_a_remapped_contrast_gets_the_conditional_median(inverted_brain, stub_runner):
+    """A non-monotone remap (tissue order changed) is matched by the conditional-median map, and the
+    refinement then judges that map's fit (similarity_after_matching: ``matched`` in its figures)."""
+    brain = inverted_brain
+    from emorph_deploy.registration import Registrar
+
+    a = np.diag([4.0, 4.0, 4.0, 1.0])
+    remapped = torch.where(brain["inside"], 0.2 + 0.7 * torch.sin(8.0 * brain["moving"]) ** 2, 0.0)
+    runner = stub_runner(np.zeros((3, 32, 32, 32), np.float32), spacing=4.0)
+    reg = Registrar(runner, affine=False, warmup=False)
+    qc = reg.register((brain["fixed"].numpy(), a), (remapped.numpy(), a), refine=2).qc
+    assert qc["contrast"]["relation"] == "other" and qc["contrast"]["map"] == "conditional-median"
+    assert qc["refine"]["contrast"]["matched"] is True and qc["refine"]["similarity"] in ("ncc", "ngf")
 
 
 def test_qc_after_is_the_moving_image_not_the_matched_one(inverted_brain, stub_runner):
