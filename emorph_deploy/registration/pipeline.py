@@ -47,6 +47,7 @@ from emorph_deploy.registration.defaults import DEFAULTS
 from emorph_deploy.timing import stopwatch
 
 if TYPE_CHECKING:
+    from emorph_deploy.contrast import IntensityMap
     from emorph_deploy.data.preprocess import Preprocessing
     from emorph_deploy.refine import RefineConfig
     from emorph_deploy.registration.affine import AffineConfig
@@ -729,7 +730,13 @@ class Registrar:
         if pre is not None:  # for "NCC before": the moving image without any registration
             moving_id = resample_to_grid(m_norm, m_aff, shape, grid, order=1, cval=0.0)
             np.clip(moving_id, 0.0, 1.0, out=moving_id)
-        matched, contrast = self._match_contrast(moving_m, fixed_m) if self.match_contrast else (None, None)
+        imap, contrast = self._contrast_map(moving_m, fixed_m) if self.match_contrast else (None, None)
+        matched = None
+        if imap is not None:
+            # mapped on the native voxels, then resampled: at an inverted brain's edge the bright rim is made
+            # dark before trilinear blending with the background, not a blend made mid-grey after it
+            matched = resample_to_grid(imap(m_norm), m_src_aff, shape, grid, order=1, cval=0.0)
+            np.clip(matched, 0.0, 1.0, out=matched)
         mask_m = None
         if fixed_mask is not None:
             mask_m = resample_to_grid(fixed_mask.astype(np.float32), f_aff, shape, grid, order=1, cval=0.0)
@@ -749,11 +756,11 @@ class Registrar:
         )
 
     @staticmethod
-    def _match_contrast(moving: np.ndarray, fixed: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
-        """The moving image (D, H, W) in the fixed image's contrast when :func:`contrast_agreement` finds
-        the pre-aligned pair in different contrasts (else None), and the figures for ``qc.json``: an
-        inversion by :func:`fit_inversion_map` (``map`` "inversion"), any other relation by
-        :func:`fit_intensity_map` (``map`` "conditional-median")."""
+    def _contrast_map(moving: np.ndarray, fixed: np.ndarray) -> tuple[IntensityMap | None, dict[str, Any]]:
+        """The map that gives the moving image the fixed image's contrast, fitted on the pre-aligned pair
+        (D, H, W) on the model grid, when :func:`contrast_agreement` finds the contrasts different (else
+        None), and the figures for ``qc.json``: an inversion by :func:`fit_inversion_map` (``map``
+        "inversion"), any other relation by :func:`fit_intensity_map` (``map`` "conditional-median")."""
         from emorph_deploy.contrast import contrast_agreement, fit_intensity_map, fit_inversion_map
 
         agreement = contrast_agreement(moving, fixed)
@@ -761,9 +768,8 @@ class Registrar:
         if agreement["same_contrast"]:
             return None, info
         if agreement["relation"] == "inverted":
-            return fit_inversion_map(moving, fixed)(moving), {**info, "matched": True, "map": "inversion"}
-        matched = fit_intensity_map(moving, fixed)(moving)
-        return matched, {**info, "matched": True, "map": "conditional-median"}
+            return fit_inversion_map(moving, fixed), {**info, "matched": True, "map": "inversion"}
+        return fit_intensity_map(moving, fixed), {**info, "matched": True, "map": "conditional-median"}
 
     def _infer(
         self, pair: _ModelGridPair, network: bool, passes: int = 1
