@@ -7,6 +7,10 @@ Pairs
   and with the moving brain's contrast **inverted** inside its mask. Labels: the same method for every
   subject (ROBEX mask, N4, ANTs Atropos 3-class k-means → 1 CSF, 2 GM, 3 WM). Each subject on its own grid
   (~2 mm), centroid at world 0.
+* deformed: ``--deformed N`` (default 2) known smooth deformations of each subject's own brain (fixed = the
+  brain and its labels warped by a random diffeomorphism of at most DEFORMED_MM[k] mm, control scale 40 mm;
+  moving = the brain as it is; no intensity change): the issue's "real brain under a known smooth
+  deformation", Dice against the warped labels.
 * synthetic: ``--synthetic N`` (default 4) held-out pairs per contrast relation (same, different) from
   ``emorph_deploy.data.brainsynth.heldout_pairs`` when that function exists (80×96×112 at 2 mm; Dice = the
   mean over their labels); otherwise skipped with the reason.
@@ -34,7 +38,8 @@ the fixed grid).
 
     python benchmarks/validation_suite.py [--model CKPT] [--methods none,affine,network,network2,refine0,
         refine,syn,greedy] [--refine 20] [--refine-zero-steps M] [--unordered] [--contrasts same,inverted]
-        [--subjects mni152,robex,...] [--synthetic 4] [--quick] [--threads 2] [--runs 3] [--force]
+        [--subjects mni152,robex,...] [--deformed 2] [--synthetic 4] [--quick] [--threads 2] [--runs 3]
+        [--force]
 
 Writes ``benchmarks/results/validation_suite.{json,md}`` (``--quick``: ``results/quick/``).
 """
@@ -71,6 +76,12 @@ METHODS: dict[str, str] = {  # key → row name (table order)
 EMORPH = ("affine", "network", "network2", "refine0", "refine")
 CROSS_CONTRAST_TOL = 0.02
 QUICK_SUBJECTS = ("mni152", "robex")
+#: largest displacement (mm) of the k-th known deformation of each subject (--deformed N takes the first N)
+DEFORMED_MM = (8.0, 12.0, 10.0, 6.0)
+DEFORMED_SCALE_MM = 40.0  # control scale of those deformations
+DEFORMED_SEED0 = 7_000  # subject s, deformation k: seed DEFORMED_SEED0 + 10 s + k
+#: issue 15: the registration defaults reach this Dice on synthetic deformations of a real brain
+TARGET_DEFORMED_DICE = 0.93
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -187,6 +198,17 @@ def targets(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any
                 True,
             )
         )
+    deformed = summary.get("deformed", {})
+    if deformed:
+        out.append(
+            compare(
+                f"{METHODS['refine']} ≥ {TARGET_DEFORMED_DICE} on known deformations of real brains",
+                "refine",
+                d(deformed, "refine"),
+                TARGET_DEFORMED_DICE,
+                False,
+            )
+        )
     for m in EMORPH[1:]:
         vals = [
             g[m]["frac_jac_nonpos"] for g in (same, inv) if m in g and g[m]["frac_jac_nonpos"] is not None
@@ -255,6 +277,7 @@ GROUP_TITLES = {
     "same": "Distinct real brains, same contrast (mean over pairs)",
     "inverted": "Distinct real brains, moving contrast inverted inside its mask",
     "single-subject": "Single-subject pairs only (robex ↔ itk), same contrast",
+    "deformed": "Real brains under known smooth deformations (each subject against itself warped)",
 }
 
 
@@ -275,7 +298,14 @@ def render(res: dict[str, Any]) -> str:
             "",
         ]
     by = s.get("by_group", {})
-    for g in ["same", "inverted", "single-subject", *sorted(k for k in by if k.startswith("synthetic"))]:
+    groups = [
+        "same",
+        "inverted",
+        "single-subject",
+        "deformed",
+        *sorted(k for k in by if k.startswith("synthetic")),
+    ]
+    for g in groups:
         if by.get(g):
             body += [
                 f"## {GROUP_TITLES.get(g, 'Held-out synthetic pairs: ' + g)}",
@@ -393,6 +423,55 @@ def real_pairs(args: Any, work: Path, res: dict[str, Any]) -> list[dict[str, Any
     ]
 
 
+def deformed_pairs(args: Any, work: Path, res: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """``n`` known smooth deformations of each subject's brain (see the module docstring), written to
+    ``work``: fixed = the brain and its labels warped (trilinear / nearest), moving = the brain as is."""
+    import nibabel as nib
+    import numpy as np
+
+    from emorph_deploy.data.realbrains import load_suite
+    from emorph_deploy.data.synthetic import random_displacement, warp_numpy
+
+    names = args.subjects.split(",") if args.subjects else (list(QUICK_SUBJECTS) if args.quick else None)
+    suite = load_suite(names, spacing_mm=6.0 if args.quick else 2.0, log=C.log)
+    out = []
+    for si, x in enumerate(suite.subjects):
+        img, lab = nib.load(str(x.paths["image"])), nib.load(str(x.paths["labels"]))
+        data = np.asanyarray(img.dataobj).astype(np.float32)
+        labels = np.asanyarray(lab.dataobj).astype(np.float32)
+        voxel_mm = float(np.mean(np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))))
+        for k, mm in enumerate(DEFORMED_MM[:n]):
+            phi = random_displacement(
+                data.shape,
+                DEFORMED_SEED0 + 10 * si + k,
+                max_disp=mm / voxel_mm,
+                scale=DEFORMED_SCALE_MM / voxel_mm,
+            )
+            d = work / f"deformed-{x.name}-{k}"
+            d.mkdir(parents=True, exist_ok=True)
+            files = {"fixed": d / "fixed.nii.gz", "fixed_labels": d / "fixed_labels.nii.gz"}
+            nib.save(nib.Nifti1Image(warp_numpy(data, phi, order=1), img.affine), str(files["fixed"]))
+            warped_labels = warp_numpy(labels, phi, order=0).astype(np.int16)
+            nib.save(nib.Nifti1Image(warped_labels, lab.affine), str(files["fixed_labels"]))
+            out.append(
+                {
+                    "name": f"{x.name} deformed {mm:g} mm",
+                    "group": "deformed",
+                    "fixed": files["fixed"],
+                    "moving": x.paths["image"],
+                    "fixed_labels": files["fixed_labels"],
+                    "moving_labels": x.paths["labels"],
+                }
+            )
+    res["summary"]["deformed"] = {
+        "per_subject": n,
+        "max_disp_mm": list(DEFORMED_MM[:n]),
+        "scale_mm": DEFORMED_SCALE_MM,
+        "seeds": f"{DEFORMED_SEED0} + 10 · subject index + k",
+    }
+    return out
+
+
 def synthetic_pairs(work: Path, res: dict[str, Any], n: int, spacing_mm: float = 2.0) -> list[dict[str, Any]]:
     """``n`` held-out synthetic pairs per contrast relation ("same", "different") from
     ``emorph_deploy.data.brainsynth.heldout_pairs(n=, shape=, spacing_mm=, contrast=)`` if it exists (items:
@@ -481,11 +560,22 @@ def main(argv: list[str] | None = None) -> int:
         help="held-out synthetic pairs per contrast relation (same, different) when brainsynth.heldout_pairs "
         "exists (default 4; --quick 1; 0 = none)",
     )
+    ap.add_argument(
+        "--deformed",
+        type=int,
+        default=None,
+        help="known smooth deformations per subject (default 2; --quick 1; 0 = none; at most "
+        f"{len(DEFORMED_MM)})",
+    )
     ap.add_argument("--peer-runs", type=int, default=1, help="timed runs of ANTs/greedy per pair (median)")
     ap.add_argument("--keep", default=None, help="keep the outputs in this folder")
     args = ap.parse_args(argv)
     if args.synthetic is None:
         args.synthetic = 1 if args.quick else 4
+    if args.deformed is None:
+        args.deformed = 1 if args.quick else 2
+    if not 0 <= args.deformed <= len(DEFORMED_MM):
+        raise SystemExit(f"--deformed: expected 0..{len(DEFORMED_MM)}, got {args.deformed}")
     if args.runs is None:
         args.runs = 3  # emorph rows: median of 3 calls after the warm-up (24 pairs × 4 emorph methods)
     args = C.finish_args(args, NAME)
@@ -518,6 +608,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="emorph-suite-")))
         pairs = real_pairs(args, work, res)
+        if args.deformed <= 0:
+            s["skipped"]["deformed pairs"] = "--deformed 0"
+        else:
+            pairs += deformed_pairs(args, work, res, args.deformed)
         if args.synthetic <= 0:
             s["skipped"]["synthetic pairs"] = "--synthetic 0"
         else:

@@ -100,6 +100,51 @@ def test_synthetic_pairs_from_a_heldout_pairs_module(tmp_path: Path, monkeypatch
     assert "not available" in res["summary"]["skipped"]["synthetic pairs"]
 
 
+def test_deformed_pairs_warp_each_subject_by_a_known_deformation(tmp_path: Path, monkeypatch) -> None:
+    """Each subject against itself warped: the fixed image and labels on the subject's grid, moved (labels
+    still the same classes), the moving side the subject's own files; the group and the seeds recorded."""
+    import types
+
+    import nibabel as nib
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    subjects = []
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        img = gaussian_filter(rng.random((24, 26, 22)), 2).astype(np.float32)
+        labels = np.digitize(img, np.quantile(img, [0.25, 0.5, 0.75])).astype(np.int16)  # 0..3
+        aff = np.diag([2.0, 2.0, 2.0, 1.0])
+        paths = {"image": d / "brain.nii.gz", "labels": d / "labels.nii.gz"}
+        nib.save(nib.Nifti1Image(img, aff), str(paths["image"]))
+        nib.save(nib.Nifti1Image(labels, aff), str(paths["labels"]))
+        subjects.append(types.SimpleNamespace(name=name, paths=paths))
+    monkeypatch.setattr(
+        "emorph_deploy.data.realbrains.load_suite",
+        lambda names, spacing_mm, log: types.SimpleNamespace(subjects=subjects),
+    )
+    args = argparse.Namespace(subjects=None, quick=False)
+    res = {"summary": {"skipped": {}}}
+    pairs = VS.deformed_pairs(args, tmp_path / "work", res, 2)
+    assert [p["name"] for p in pairs] == [
+        "a deformed 8 mm",
+        "a deformed 12 mm",
+        "b deformed 8 mm",
+        "b deformed 12 mm",
+    ]
+    assert all(p["group"] == "deformed" for p in pairs) and res["summary"]["deformed"]["per_subject"] == 2
+    first = pairs[0]
+    assert first["moving"] == subjects[0].paths["image"]
+    moved = np.asarray(nib.load(str(first["fixed_labels"])).dataobj)
+    orig = np.asarray(nib.load(str(first["moving_labels"])).dataobj)
+    assert moved.shape == orig.shape and set(np.unique(moved)) <= {0, 1, 2, 3}
+    changed = float((moved != orig).mean())
+    assert 0.02 < changed < 0.9  # deformed, not scrambled
+    bigger = np.asarray(nib.load(str(pairs[1]["fixed_labels"])).dataobj)
+    assert float((bigger != orig).mean()) > changed  # 12 mm moves more than 8 mm
+
+
 def _row(pair, group, method, dice, seconds=1.0, jac=0.0, ok=True, single=False, steps=None):
     return {
         "pair": pair,
@@ -167,6 +212,12 @@ def test_targets_deltas_and_verdicts() -> None:
     ts = {x["target"]: x for x in VS.targets(VS.summarise(syn))}
     d_net = ts["network (after affine): synthetic different − same contrast within ±0.02"]
     assert d_net["delta"] == pytest.approx(-0.05) and d_net["met"] is False
+    deformed = [_row("a", "deformed", "refine", 0.92), _row("b", "deformed", "refine", 0.95)]
+    key = "network + refinement ≥ 0.93 on known deformations of real brains"
+    assert {x["target"]: x for x in VS.targets(VS.summarise(deformed))}[key]["met"] is True  # 0.935
+    deformed[1]["dice"] = 0.93
+    assert {x["target"]: x for x in VS.targets(VS.summarise(deformed))}[key]["met"] is False  # 0.925
+    assert key not in t  # no deformed rows: no such target
     worse = [dict(r, dice=0.60) if r["group"] == "inverted" else r for r in ROWS]
     t2 = {x["target"]: x for x in VS.targets(VS.summarise(worse))}
     assert t2["network + refinement: inverted − same contrast within ±0.02"]["met"] is False
