@@ -34,7 +34,7 @@ def test_is_default_checkpoint(packaged, tmp_path, tiny_checkpoint):
     assert not W.is_default_checkpoint(other)
 
 
-def test_skip_reasons(monkeypatch):
+def test_skip_reasons(packaged, monkeypatch):
     import platform
 
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
@@ -47,6 +47,20 @@ def test_skip_reasons(monkeypatch):
     assert "CUDA" in W.packaged_ir_skip()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert W.packaged_ir_skip() is None
+
+
+def test_a_network_that_warps_inside_stays_in_torch(packaged, tmp_path, monkeypatch):
+    """OpenVINO bf16 computes an inner warp's coordinates in bf16: such a packaged network is not built."""
+    import json
+
+    meta = json.loads(packaged.with_suffix(".json").read_text())
+    meta["model"]["full_res_input"] = "warped"
+    folder = tmp_path / "warps"
+    folder.mkdir()
+    (folder / "default.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(W, "WEIGHTS_DIR", folder)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert "warps inside" in W.packaged_ir_skip()
 
 
 def test_ir_is_built_once_and_matches_torch(packaged, monkeypatch):
