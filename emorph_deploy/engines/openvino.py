@@ -185,6 +185,14 @@ def build_ir(
             f"graph {onnx}; fix: {fix}"
         )
     onnx_meta = read_onnx_manifest(onnx, proto) or {}
+    if precision == "bf16" and (onnx_meta.get("model") or {}).get("full_res_input") == "warped":
+        # the CPU plugin keeps only the graph's tail in fp32 under a bf16 hint: an inner warp's sampling
+        # coordinates and gather indices would be bf16 (indices past the image; the inference fails)
+        raise InputError(
+            f"--precision bf16: expected a network without an inner warp, got {onnx.name}, whose "
+            "full-resolution stage warps inside (OpenVINO computes that warp in bf16 and fails); "
+            "fix: --precision fp32"
+        )
     inputs, outputs = io_spec(proto)
     del proto
     name = str(onnx_meta.get("name") or onnx.stem)

@@ -170,6 +170,40 @@ def test_ir_build_runs_and_checks_its_manifest(exported, tmp_path):
         load_runner(built.xml, "openvino")
 
 
+def test_bf16_ir_refused_for_a_network_that_warps_inside(tmp_path):
+    """A full-resolution stage fed the warped image: OpenVINO bf16 would compute its inner warp in bf16."""
+    import torch
+
+    from emorph_deploy.data.preprocess import Preprocessing
+    from emorph_deploy.engines.openvino import build_ir
+    from emorph_deploy.export import onnx_from_checkpoint
+    from emorph_deploy.models import create_model
+    from emorph_deploy.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model(
+        "em-11-hires",
+        img_size=GRID,
+        patch_dim=6,
+        embed_dims=(8, 16),
+        heads=(1, 2),
+        decoder_widths=(8, 8),
+        skip_width=4,
+        full_res_width=4,
+        full_res_input="warped",
+    )
+    pre = Preprocessing(grid_shape=GRID, spacing_mm=(4.0, 4.0, 4.0))
+    save_checkpoint(model, tmp_path / "ckpt" / "warps", preprocessing=pre)
+    onnx = Path(
+        onnx_from_checkpoint(tmp_path / "ckpt" / "warps.json", tmp_path / "warps.onnx", grid_sample="gather")
+    )
+    with pytest.raises(InputError, match=r"inner warp.*fix: --precision fp32"):
+        build_ir(onnx, "bf16", out_dir=tmp_path / "engines")
+    assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
+    built = build_ir(onnx, "fp32", out_dir=tmp_path / "engines")  # fp32 keeps the warp exact
+    assert built.xml.is_file()
+
+
 def test_auto_prefers_openvino_where_the_rule_says(exported):
     notes: list[str] = []
     runner = resolve(exported["onnx"], "auto", notes)
