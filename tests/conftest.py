@@ -16,10 +16,10 @@ def tiny_onnx(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_em():
-    """Factory ``tiny_em(grid)``: a seeded, narrow em-11-hires (non-trivial initial flow) on ``grid`` for the
-    registration tests."""
+    """Factory ``tiny_em(grid, **overrides)``: a seeded, narrow em-11-hires (non-trivial initial flow) on
+    ``grid`` for the registration tests; ``overrides`` change its config (e.g. a full-resolution stage)."""
 
-    def make(grid: tuple[int, int, int]):
+    def make(grid: tuple[int, int, int], **overrides):
         import torch
 
         from emorph_deploy.models import create_model
@@ -35,6 +35,7 @@ def tiny_em():
             skip_width=4,
             drop_path=0.0,
             flow_init_std=1e-2,
+            **overrides,
         )
 
     return make

@@ -170,28 +170,14 @@ def test_ir_build_runs_and_checks_its_manifest(exported, tmp_path):
         load_runner(built.xml, "openvino")
 
 
-def test_bf16_ir_refused_for_a_network_that_warps_inside(tmp_path):
+def test_bf16_ir_refused_for_a_network_that_warps_inside(tmp_path, tiny_em):
     """A full-resolution stage fed the warped image: OpenVINO bf16 would compute its inner warp in bf16."""
-    import torch
-
     from emorph_deploy.data.preprocess import Preprocessing
     from emorph_deploy.engines.openvino import build_ir
     from emorph_deploy.export import onnx_from_checkpoint
-    from emorph_deploy.models import create_model
     from emorph_deploy.train.checkpoint import save_checkpoint
 
-    torch.manual_seed(0)
-    model = create_model(
-        "em-11-hires",
-        img_size=GRID,
-        patch_dim=6,
-        embed_dims=(8, 16),
-        heads=(1, 2),
-        decoder_widths=(8, 8),
-        skip_width=4,
-        full_res_width=4,
-        full_res_input="warped",
-    )
+    model = tiny_em(GRID, full_res_width=4, full_res_input="warped")
     pre = Preprocessing(grid_shape=GRID, spacing_mm=(4.0, 4.0, 4.0))
     save_checkpoint(model, tmp_path / "ckpt" / "warps", preprocessing=pre)
     onnx = Path(
