@@ -49,6 +49,9 @@ LINEAR_SHARE = 0.5
 #: fit_inversion_map: quantile levels of the piecewise-linear map
 INVERSION_LEVELS = 256
 
+#: fit_inversion_map: at most about this many voxels per image enter the quantiles (a strided sample)
+QUANTILE_SAMPLE = 65_536
+
 #: similarity_after_matching: local NCC when the matched moving image, warped by the network, correlates
 #: with the fixed image at least this much (Pearson r in the common foreground), else NGF. On the
 #: validation suite matched real pairs with an inverted contrast reached r 0.61-0.77 (NCC the better
@@ -163,8 +166,9 @@ class IntensityMap:
 
     def __call__(self, moving: Any) -> Any:
         x = moving.detach().cpu().numpy() if isinstance(moving, torch.Tensor) else np.asarray(moving)
-        out = np.interp(x, self.moving_levels, self.fixed_levels).astype(np.float32)
-        out[~(x > 0)] = 0.0
+        out = np.zeros(x.shape, dtype=np.float32)
+        inside = x > 0  # only the foreground is mapped: a native volume is mostly background
+        out[inside] = np.interp(x[inside], self.moving_levels, self.fixed_levels)
         if isinstance(moving, torch.Tensor):
             return torch.from_numpy(out).to(moving.device)
         return out
@@ -228,8 +232,11 @@ def fit_inversion_map(moving: Any, fixed: Any, levels: int = INVERSION_LEVELS) -
     m, f = _common_foreground(moving, fixed, 0.0)
     _check_voxels(m.size, "fit_inversion_map")
     q = np.linspace(0.0, 1.0, levels)
-    xs = np.maximum.accumulate(np.quantile(m, q))  # non-decreasing against float rounding
-    ys = np.quantile(f, q[::-1])
+    # quantiles of a strided sample of at most ~64-128 k values (>= 256 per level): a full sort per image
+    # cost ~40 ms on a brain's foreground, the sample a few
+    step = max(1, m.size // QUANTILE_SAMPLE)
+    xs = np.maximum.accumulate(np.quantile(m[::step], q))  # non-decreasing against float rounding
+    ys = np.quantile(f[::step], q[::-1])
     return IntensityMap(tuple(xs.tolist()), tuple(ys.tolist()))
 
 
