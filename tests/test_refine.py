@@ -29,23 +29,6 @@ def pair():
     }
 
 
-def _tiny_model(grid):
-    from emorph_deploy.models import create_model
-
-    torch.manual_seed(0)
-    return create_model(
-        "em-11-hires",
-        img_size=grid,
-        patch_dim=6,
-        embed_dims=(8, 16),
-        heads=(1, 2),
-        decoder_widths=(8, 8),
-        skip_width=4,
-        drop_path=0.0,
-        flow_init_std=1e-2,
-    ).eval()
-
-
 def _gm_wm_dice(pair, flow) -> float:
     from emorph_deploy.metrics import dice_per_label
     from emorph_deploy.models.warp import warp
@@ -103,9 +86,9 @@ def test_improves_dice_from_zero_flow(pair):
     assert after > before + 0.1, (before, after)
 
 
-def test_network_untouched_and_inference_mode_caller(pair):
+def test_network_untouched_and_inference_mode_caller(pair, tiny_em):
     grid = (24, 24, 24)
-    model = _tiny_model(grid)
+    model = tiny_em(grid).eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     m = pair["moving"][..., :24, :24, :24].contiguous()
     f = pair["fixed"][..., :24, :24, :24].contiguous()
@@ -118,14 +101,14 @@ def test_network_untouched_and_inference_mode_caller(pair):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_registrar_refine_is_per_call(tmp_path):
+def test_registrar_refine_is_per_call(tmp_path, tiny_em):
     from emorph_deploy.data.preprocess import Preprocessing
     from emorph_deploy.registration import Registrar
     from emorph_deploy.train.checkpoint import save_checkpoint
 
     grid = (16, 16, 16)
     save_checkpoint(
-        _tiny_model(grid),
+        tiny_em(grid).eval(),
         tmp_path / "tiny",
         preprocessing=Preprocessing(grid_shape=grid, spacing_mm=(4.0, 4.0, 4.0)),
     )
