@@ -378,12 +378,19 @@ def equal_time_steps(registrar: Any, pair: dict[str, Any], steps: int, repeats: 
 
 
 # ---------------------------------------------------------------------------------------------- pairs
-def real_pairs(args: Any, work: Path, res: dict[str, Any]) -> list[dict[str, Any]]:
-    from emorph_deploy.data.realbrains import load_suite, suite_pairs
+def load_real_suite(args: Any) -> Any:
+    """The realbrains subjects ``--subjects`` names (``--quick``: two at ~6 mm), from their cache."""
+    from emorph_deploy.data.realbrains import load_suite
 
     names = args.subjects.split(",") if args.subjects else (list(QUICK_SUBJECTS) if args.quick else None)
+    return load_suite(names, spacing_mm=6.0 if args.quick else 2.0, log=C.log)
+
+
+def real_pairs(args: Any, work: Path, res: dict[str, Any]) -> list[dict[str, Any]]:
+    from emorph_deploy.data.realbrains import suite_pairs
+
     t0 = time.perf_counter()
-    suite = load_suite(names, spacing_mm=6.0 if args.quick else 2.0, log=C.log)
+    suite = load_real_suite(args)
     C.log(f"real-brain suite ready in {time.perf_counter() - t0:.1f} s: {suite.names()}")
     s = res["summary"]
     s["skipped"].update({f"subject {k}": v for k, v in suite.skipped.items()})
@@ -429,11 +436,9 @@ def deformed_pairs(args: Any, work: Path, res: dict[str, Any], n: int) -> list[d
     import nibabel as nib
     import numpy as np
 
-    from emorph_deploy.data.realbrains import load_suite
     from emorph_deploy.data.synthetic import random_displacement, warp_numpy
 
-    names = args.subjects.split(",") if args.subjects else (list(QUICK_SUBJECTS) if args.quick else None)
-    suite = load_suite(names, spacing_mm=6.0 if args.quick else 2.0, log=C.log)
+    suite = load_real_suite(args)
     out = []
     for si, x in enumerate(suite.subjects):
         img, lab = nib.load(str(x.paths["image"])), nib.load(str(x.paths["labels"]))

@@ -158,6 +158,7 @@ def build_ir(
     ov = require("openvino", "cpu")
     from emorph_deploy.export.onnx_io import graph_precision, io_spec, load_onnx_hashed, read_onnx_manifest
     from emorph_deploy.fileio import atomic_path, check_writable, sha256_file, write_manifest_atomic
+    from emorph_deploy.models.config import warps_inside
     from emorph_deploy.runtime import PRECISION_CPU_FEATURES, cpu_flags, cpu_model
 
     say = say or (lambda _m: None)
@@ -185,7 +186,7 @@ def build_ir(
             f"graph {onnx}; fix: {fix}"
         )
     onnx_meta = read_onnx_manifest(onnx, proto) or {}
-    if precision == "bf16" and (onnx_meta.get("model") or {}).get("full_res_input") == "warped":
+    if precision == "bf16" and warps_inside(onnx_meta.get("model")):
         # the CPU plugin keeps only the graph's tail in fp32 under a bf16 hint: an inner warp's sampling
         # coordinates and gather indices would be bf16 (indices past the image; the inference fails)
         raise InputError(

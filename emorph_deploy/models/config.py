@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -195,6 +196,13 @@ class ModelConfig:
         return dataclasses.replace(self, **{k: _tupleize(v) for k, v in overrides.items()})
 
 
+def warps_inside(model: Mapping[str, Any] | None) -> bool:
+    """True when a model config (a :class:`ModelConfig` as its dict, e.g. a checkpoint's or an export
+    manifest's ``model``) has the network warp the moving image inside itself (``full_res_input``
+    "warped"): OpenVINO's bf16 path breaks such a network (``emorph_deploy.engines.openvino.build_ir``)."""
+    return (model or {}).get("full_res_input") == "warped"
+
+
 __all__ = [
     "ATTENTION_KINDS",
     "FULL_RES_INPUTS",
@@ -204,4 +212,5 @@ __all__ = [
     "ModelConfig",
     "default_planes",
     "nearest_valid_size",
+    "warps_inside",
 ]

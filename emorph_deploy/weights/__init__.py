@@ -84,20 +84,21 @@ def is_default_checkpoint(path: str | os.PathLike) -> bool:
 def _packaged_network_warps() -> bool:
     """True when the packaged network warps the moving image inside itself (a full-resolution stage fed
     the image warped by the coarse flow, ``full_res_input`` "warped")."""
+    from emorph_deploy.models.config import warps_inside
+
     try:
         meta = json.loads((WEIGHTS_DIR / f"{DEFAULT_STEM}.json").read_text())
     except (OSError, ValueError):
         return False
-    return (meta.get("model") or {}).get("full_res_input") == "warped"
+    return warps_inside(meta.get("model"))
 
 
 def packaged_ir_skip() -> str | None:
     """Why ``backend="auto"`` runs the packaged model in torch here rather than as an OpenVINO bf16 IR, or
     None when it takes the IR: it needs OpenVINO, an x86-64 CPU that computes bf16 natively (without it,
     OpenVINO fp32 ran the model only ~10 % faster than torch, not worth a first-use build), no CUDA GPU
-    (torch runs the model there), and a network without an inner warp: OpenVINO's CPU plugin keeps only the
-    graph's tail in fp32 under a bf16 hint, so an inner warp's sampling coordinates and gather indices are
-    computed in bf16 (indices past the image: the inference fails)."""
+    (torch runs the model there), and a network without an inner warp
+    (:func:`~emorph_deploy.models.config.warps_inside`: OpenVINO bf16 breaks it)."""
     import importlib.util
     import platform
 
