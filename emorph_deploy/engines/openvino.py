@@ -140,6 +140,14 @@ def nncf_quantize(model: Any, grid: tuple[int, int, int], pairs: int, say: Calla
     return nncf.quantize(model, nncf.Dataset(calib.feeds), subset_size=len(calib))
 
 
+def bf16_safe_warp(onnx_meta: dict[str, Any]) -> bool:
+    """True when an export's warps sample correctly under a bf16 runtime: the gather sampler with integer
+    indices (:data:`~emorph_deploy.models.warp.GATHER_INDICES`, recorded in its manifest)."""
+    from emorph_deploy.models.warp import GATHER_INDICES
+
+    return onnx_meta.get("grid_sample") == "gather" and onnx_meta.get("gather_indices") == GATHER_INDICES
+
+
 def build_ir(
     onnx: Path,
     precision: str,
@@ -159,6 +167,7 @@ def build_ir(
     from emorph_deploy.export.onnx_io import graph_precision, io_spec, load_onnx_hashed, read_onnx_manifest
     from emorph_deploy.fileio import atomic_path, check_writable, sha256_file, write_manifest_atomic
     from emorph_deploy.models.config import warps_inside
+    from emorph_deploy.models.warp import GATHER_INDICES
     from emorph_deploy.runtime import PRECISION_CPU_FEATURES, cpu_flags, cpu_model
 
     say = say or (lambda _m: None)
@@ -186,13 +195,15 @@ def build_ir(
             f"graph {onnx}; fix: {fix}"
         )
     onnx_meta = read_onnx_manifest(onnx, proto) or {}
-    if precision == "bf16" and warps_inside(onnx_meta.get("model")):
-        # the CPU plugin keeps only the graph's tail in fp32 under a bf16 hint: an inner warp's sampling
-        # coordinates and gather indices would be bf16 (indices past the image; the inference fails)
+    if precision == "bf16" and warps_inside(onnx_meta.get("model")) and not bf16_safe_warp(onnx_meta):
+        # the CPU plugin computes elementwise ops in bf16 under a bf16 hint: an inner warp whose sampling
+        # coordinates or gather indices are float arithmetic samples the wrong voxels (or past the image)
         raise InputError(
-            f"--precision bf16: expected a network without an inner warp, got {onnx.name}, whose "
-            "full-resolution stage warps inside (OpenVINO computes that warp in bf16 and fails); "
-            "fix: --precision fp32"
+            f"--precision bf16: expected an export whose inner warp forms its indices in integers (the "
+            f"gather sampler of this emorph, manifest gather_indices {GATHER_INDICES!r}), got {onnx.name} "
+            f"(grid_sample {onnx_meta.get('grid_sample')!r}, gather_indices "
+            f"{onnx_meta.get('gather_indices')!r}), whose full-resolution stage warps inside; fix: re-export "
+            "it with 'emorph export --grid-sample gather', or --precision fp32"
         )
     inputs, outputs = io_spec(proto)
     del proto

@@ -341,6 +341,7 @@ def onnx_from_checkpoint(
     nothing behind. Returns the ONNX path.
     """
     from emorph_deploy.fileio import atomic_path, check_writable, sha256_file, write_manifest_atomic
+    from emorph_deploy.models.warp import GATHER_INDICES
 
     onnx_path = Path(out_path)
     if onnx_path.suffix != ".onnx":
@@ -406,6 +407,7 @@ def onnx_from_checkpoint(
             proto.producer_version = __version__
             preprocessing = meta.get("preprocessing")
             model_config = config_dict_of(model, meta, _SAMPLER_FOR_MODE[grid_sample])
+            gather_indices = {"gather_indices": GATHER_INDICES} if grid_sample == "gather" else {}
             # the graph carries what running it needs, so it still runs when its .json is lost
             embed_metadata(
                 proto,
@@ -415,6 +417,7 @@ def onnx_from_checkpoint(
                     "model": model_config,
                     "preprocessing": preprocessing,
                     "grid_sample": grid_sample,
+                    **gather_indices,
                 },
             )
             onnx.save(proto, str(tmp_onnx))
@@ -433,6 +436,7 @@ def onnx_from_checkpoint(
                 "exporter": f"torch.onnx.export(dynamo=False) torch {torch.__version__}",
                 "simplifier": simplifier,
                 "grid_sample": grid_sample,
+                **gather_indices,
                 "target": target,
                 "precision": "fp32",
                 "inputs": inputs_io,

@@ -69,6 +69,7 @@ METADATA_KEYS = {
     "model": "emorph.model",
     "preprocessing": "emorph.preprocessing",
     "grid_sample": "emorph.grid_sample",
+    "gather_indices": "emorph.gather_indices",
 }
 _JSON_ENTRIES = ("model", "preprocessing")
 

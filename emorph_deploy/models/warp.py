@@ -7,7 +7,9 @@ Two interchangeable samplers:
 
 * ``"grid_sample"`` — :func:`torch.nn.functional.grid_sample` (ONNX ``GridSample``, opset ≥ 20 for 5D);
 * ``"gather"`` — floor the coordinates, gather the 8 corners from the flattened volume with
-  :func:`torch.gather` and blend with trilinear weights (nearest: round half-to-even, like ``grid_sample``).
+  :func:`torch.gather` and blend with trilinear weights (nearest: round half-to-even, like ``grid_sample``,
+  applied to the displacement). Indices are integer arithmetic (index ramp + ⌊flow⌋ in int32), so the
+  graph samples the right voxels even when a runtime computes its float ops in bf16.
   Exports to plain ONNX ops (Floor, Gather(Elements), Mul, Add) at opset 17 — no GridSample, no ScatterND.
 
 Padding: ``"zeros"`` — out-of-range corners contribute 0 (as ``grid_sample(padding_mode="zeros")``);
@@ -27,6 +29,10 @@ from emorph_deploy.sampling import grid_sample_3d
 MODES = ("bilinear", "nearest")
 SAMPLERS = ("grid_sample", "gather")
 PADDINGS = ("zeros", "border")
+#: How the gather sampler forms its indices, recorded in export manifests (``gather_indices``): "int32" =
+#: index ramp + ⌊flow⌋ in integers, exact under a bf16 runtime. Exports without it (before this) formed them
+#: from float coordinates, which a bf16 runtime breaks inside a network that warps (``warps_inside``).
+GATHER_INDICES = "int32"
 
 
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
@@ -68,29 +74,47 @@ def _sample_grid_sample(
 
 
 def _sample_gather(
-    src: torch.Tensor, coords: torch.Tensor, size: tuple[int, int, int], mode: str, padding: str
+    src: torch.Tensor, flow: torch.Tensor, size: tuple[int, int, int], mode: str, padding: str
 ) -> torch.Tensor:
+    # Index arithmetic in integers: output voxel i samples src at i + flow(i); the integer part
+    # i + floor(flow) is formed in int32 from a constant index ramp and only the fractional part
+    # flow − floor(flow) (the trilinear weights) stays floating point. A reduced-precision runtime
+    # (OpenVINO bf16 computes the graph's elementwise ops in bf16, 8 mantissa bits) then keeps exact
+    # indices and weights to the precision of the displacement itself; absolute coordinates (~100)
+    # or flattened indices (~10^6) in bf16 would sample the wrong voxels.
     b, c = src.shape[0], src.shape[1]
     sd, sh, sw = size  # static source size
-    out_shape = coords.shape[2:]
+    out_shape = tuple(int(s) for s in flow.shape[2:])
     flat = src.reshape(b, c, sd * sh * sw)  # (B, C, N_src)
     maxes = (sd - 1, sh - 1, sw - 1)
-    cz, cy, cx = coords[:, 0], coords[:, 1], coords[:, 2]  # (B, D, H, W) each
-    if padding == "border":
-        cz = cz.clamp(0.0, float(maxes[0]))
-        cy = cy.clamp(0.0, float(maxes[1]))
-        cx = cx.clamp(0.0, float(maxes[2]))
+    ramps = [
+        torch.arange(n, dtype=torch.int32, device=flow.device).view([n if k == a else 1 for k in range(3)])
+        for a, n in enumerate(out_shape)
+    ]  # (D, 1, 1), (1, H, 1), (1, 1, W): output voxel indices
+
+    def split(axis: int, rounding: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # (B, D, H, W) int32 index along ``axis`` and the float weight of the upper corner (None: nearest)
+        f = flow[:, axis]
+        whole = torch.round(f) if rounding else torch.floor(f)
+        idx = ramps[axis] + whole.to(torch.int32)
+        frac = None if rounding else f - whole
+        if padding == "border":  # the coordinate clamped to [0, max]: a corner index, weight 0
+            lo, hi = idx < 0, idx >= maxes[axis]
+            idx = torch.clamp(idx, 0, maxes[axis])
+            if frac is not None:
+                frac = torch.where(lo | hi, torch.zeros_like(frac), frac)
+        return idx, frac
 
     def gather(iz: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
-        # float integer-valued indices (B, D, H, W) → values (B, C, D·H·W) times validity (zeros padding)
+        # int32 indices (B, D, H, W) → values (B, C, D·H·W) times validity (zeros padding)
         valid = None
         if padding == "zeros":
             valid = (
                 (iz >= 0) & (iz <= maxes[0]) & (iy >= 0) & (iy <= maxes[1]) & (ix >= 0) & (ix <= maxes[2])
             ).to(src.dtype)
-        iz = iz.clamp(0.0, float(maxes[0]))
-        iy = iy.clamp(0.0, float(maxes[1]))
-        ix = ix.clamp(0.0, float(maxes[2]))
+        iz = torch.clamp(iz, 0, maxes[0])
+        iy = torch.clamp(iy, 0, maxes[1])
+        ix = torch.clamp(ix, 0, maxes[2])
         lin = ((iz * sh + iy) * sw + ix).to(torch.int64).reshape(b, 1, -1)  # (B, 1, N_out)
         vals = torch.gather(flat, 2, lin.expand(b, c, lin.shape[-1]))  # (B, C, N_out)
         if valid is not None:
@@ -98,13 +122,13 @@ def _sample_gather(
         return vals
 
     if mode == "nearest":
-        out = gather(torch.round(cz), torch.round(cy), torch.round(cx))
+        out = gather(*(split(a, True)[0] for a in range(3)))
         return out.reshape(b, c, *out_shape)
 
-    z0, y0, x0 = torch.floor(cz), torch.floor(cy), torch.floor(cx)
-    wz1, wy1, wx1 = cz - z0, cy - y0, cx - x0  # weights of the upper corners
+    (z0, wz1), (y0, wy1), (x0, wx1) = (split(a, False) for a in range(3))
+    assert wz1 is not None and wy1 is not None and wx1 is not None
     wz0, wy0, wx0 = 1.0 - wz1, 1.0 - wy1, 1.0 - wx1
-    z1, y1, x1 = z0 + 1.0, y0 + 1.0, x0 + 1.0
+    z1, y1, x1 = z0 + 1, y0 + 1, x0 + 1
     out = None
     for iz, wz in ((z0, wz0), (z1, wz1)):
         for iy, wy in ((y0, wy0), (y1, wy1)):
@@ -118,16 +142,20 @@ def _sample_gather(
 
 def _sample(
     src: torch.Tensor,
-    coords: torch.Tensor,
+    flow: torch.Tensor,
+    identity: torch.Tensor,
     mode: str,
     sampler: str,
     padding: str,
     size: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
+    """``src`` sampled at ``identity + flow`` (voxel coordinates; ``identity`` (1, 3, D, H, W) is the index
+    grid of ``flow``'s spatial shape)."""
     if size is None:
         size = tuple(int(s) for s in src.shape[2:])  # type: ignore[assignment]
     if sampler == "gather":
-        return _sample_gather(src, coords, size, mode, padding)  # type: ignore[arg-type]
+        return _sample_gather(src, flow, size, mode, padding)  # type: ignore[arg-type]
+    coords = identity.to(flow.dtype) + flow  # (B, 3, D, H, W) absolute voxel coordinates
     return _sample_grid_sample(src, coords, size, mode, padding)  # type: ignore[arg-type]
 
 
@@ -156,8 +184,10 @@ def warp(
     _check_choice(sampler, SAMPLERS, "sampler")
     _check_choice(padding, PADDINGS, "padding")
     _check_shapes(src, flow)
+    if sampler == "gather":  # builds its own integer index grid
+        return _sample(src, flow, flow, mode, sampler, padding)
     grid = identity_grid(tuple(int(s) for s in flow.shape[2:]), dtype=flow.dtype, device=flow.device)
-    return _sample(src, grid.unsqueeze(0) + flow, mode, sampler, padding)
+    return _sample(src, flow, grid.unsqueeze(0), mode, sampler, padding)
 
 
 def compose(first: torch.Tensor, second: torch.Tensor, sampler: str = "grid_sample") -> torch.Tensor:
@@ -202,11 +232,19 @@ class SpatialTransformer(nn.Module):
                     f"SpatialTransformer built for size {self.size}; got src {tuple(src.shape[2:])} and flow "
                     f"{tuple(flow.shape[2:])}; fix: build it with the size of the volumes"
                 )
-        coords = self.grid.to(flow.dtype) + flow  # (B, 3, D, H, W) absolute voxel coordinates
-        return _sample(src, coords, self.mode, self.sampler, self.padding, self.size)
+        return _sample(src, flow, self.grid, self.mode, self.sampler, self.padding, self.size)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, mode={self.mode!r}, sampler={self.sampler!r}, padding={self.padding!r}"
 
 
-__all__ = ["MODES", "PADDINGS", "SAMPLERS", "SpatialTransformer", "compose", "identity_grid", "warp"]
+__all__ = [
+    "GATHER_INDICES",
+    "MODES",
+    "PADDINGS",
+    "SAMPLERS",
+    "SpatialTransformer",
+    "compose",
+    "identity_grid",
+    "warp",
+]

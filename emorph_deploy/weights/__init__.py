@@ -81,34 +81,17 @@ def is_default_checkpoint(path: str | os.PathLike) -> bool:
     return p.parent.resolve() == weights.parent.resolve() and p.name in (weights.name, f"{DEFAULT_STEM}.json")
 
 
-def _packaged_network_warps() -> bool:
-    """True when the packaged network warps the moving image inside itself (a full-resolution stage fed
-    the image warped by the coarse flow, ``full_res_input`` "warped")."""
-    from emorph_deploy.models.config import warps_inside
-
-    try:
-        meta = json.loads((WEIGHTS_DIR / f"{DEFAULT_STEM}.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return warps_inside(meta.get("model"))
-
-
 def packaged_ir_skip() -> str | None:
     """Why ``backend="auto"`` runs the packaged model in torch here rather than as an OpenVINO bf16 IR, or
     None when it takes the IR: it needs OpenVINO, an x86-64 CPU that computes bf16 natively (without it,
     OpenVINO fp32 ran the model only ~10 % faster than torch, not worth a first-use build), no CUDA GPU
-    (torch runs the model there), and a network without an inner warp
-    (:func:`~emorph_deploy.models.config.warps_inside`: OpenVINO bf16 breaks it)."""
+    (torch runs the model there). A network that warps inside (a full-resolution stage fed the warped
+    image) runs there too: the exported gather sampler forms its indices in integers."""
     import importlib.util
     import platform
 
     from emorph_deploy.runtime import cpu_has_native_bf16
 
-    if _packaged_network_warps():
-        return (
-            "the packaged network warps inside itself, which OpenVINO bf16 computes in bf16 (broken "
-            "sampling), so it runs in torch fp32"
-        )
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not measured on {platform.machine()} CPUs"
     if not cpu_has_native_bf16():
@@ -140,9 +123,12 @@ def default_openvino_ir(
 ) -> Path:
     """The packaged model as an OpenVINO IR (``.xml``, with its ``.bin`` and manifest) at ``precision``.
 
-    Built on first use (ONNX export with the gather sampler, then :func:`emorph_deploy.engines.openvino.
-    build_ir`, a few seconds) into ``<cache>/<first 16 hex of the weights' sha256>-openvino<version>-
-    <precision>/`` and reused after: a retrained package or another OpenVINO gets its own folder. The folder
+    Built on first use (ONNX export with the gather sampler, the flow as the only output, then
+    :func:`emorph_deploy.engines.openvino.build_ir`, a few seconds) into ``<cache>/<first 16 hex of the
+    weights' sha256>-openvino<version>-<precision>-flow/`` and reused after: a retrained package or another
+    OpenVINO gets its own folder. The flow alone: the registration warps the moving image itself where it
+    needs it (once, on every thread, after refinement), and a gather warp in the graph cost the IR more than
+    that warp costs in torch. The folder
     appears in one rename, so an interrupted or concurrent build leaves nothing partial. ``say`` receives one
     line after a build. Raises InputError when no model is packaged, OSError when the cache is not
     writable, ImportError without OpenVINO.
@@ -153,7 +139,7 @@ def default_openvino_ir(
     meta = json.loads(weights.with_suffix(".json").read_text())
     version = ov.__version__.split("-")[0]
     root = ir_cache_root(cache_dir)
-    folder = root / f"{str(meta['sha256_weights'])[:16]}-openvino{version}-{precision}"
+    folder = root / f"{str(meta['sha256_weights'])[:16]}-openvino{version}-{precision}-flow"
     found = sorted(folder.glob("*.xml"))
     if found:
         return found[0]
@@ -163,7 +149,9 @@ def default_openvino_ir(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=root))
     try:
-        onnx = onnx_from_checkpoint(weights, tmp / "onnx" / f"{DEFAULT_STEM}.onnx", grid_sample="gather")
+        onnx = onnx_from_checkpoint(
+            weights, tmp / "onnx" / f"{DEFAULT_STEM}.onnx", grid_sample="gather", outputs=("flow",)
+        )
         build = build_ir(onnx, precision, out_dir=tmp / "ir")
         shutil.rmtree(onnx.parent)
         try:

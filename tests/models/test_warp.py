@@ -130,6 +130,20 @@ def test_gather_gradients_match_grid_sample():
     torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_gather_indices_stay_exact_in_bf16(padding):
+    """Computed in bf16 (8 mantissa bits, as OpenVINO's bf16 path runs a graph's elementwise ops), the
+    gather sampler still samples the right voxels: its indices are integer arithmetic, so only the
+    trilinear weights carry bf16 rounding. Float coordinates (~30 here) or flattened indices (~3·10^4)
+    in bf16 would be off by voxels."""
+    size = (24, 28, 32)
+    src = smooth_image(1, 1, size=size)
+    flow = smooth_field(1, amplitude=3.0, seed=3, size=size)
+    ref = warp(src.bfloat16().float(), flow.bfloat16().float(), sampler="grid_sample", padding=padding)
+    got = warp(src.bfloat16(), flow.bfloat16(), sampler="gather", padding=padding).float()
+    assert float((got - ref).abs().max()) < 0.02  # weights to 2^-8; the image spans [0, 1]
+
+
 def test_bad_arguments():
     with pytest.raises(InputError):
         SpatialTransformer(SIZE, mode="bicubic")

@@ -170,8 +170,12 @@ def test_ir_build_runs_and_checks_its_manifest(exported, tmp_path):
         load_runner(built.xml, "openvino")
 
 
-def test_bf16_ir_refused_for_a_network_that_warps_inside(tmp_path, tiny_em):
-    """A full-resolution stage fed the warped image: OpenVINO bf16 would compute its inner warp in bf16."""
+def test_bf16_ir_of_a_network_that_warps_inside(tmp_path, tiny_em):
+    """A full-resolution stage fed the warped image: its gather export forms indices in integers, so the
+    bf16 IR builds and follows torch; an export without that record (an older emorph, or GridSample) is
+    refused for bf16 before anything is written."""
+    import json
+
     from emorph_deploy.data.preprocess import Preprocessing
     from emorph_deploy.engines.openvino import build_ir
     from emorph_deploy.export import onnx_from_checkpoint
@@ -183,11 +187,22 @@ def test_bf16_ir_refused_for_a_network_that_warps_inside(tmp_path, tiny_em):
     onnx = Path(
         onnx_from_checkpoint(tmp_path / "ckpt" / "warps.json", tmp_path / "warps.onnx", grid_sample="gather")
     )
-    with pytest.raises(InputError, match=r"inner warp.*fix: --precision fp32"):
-        build_ir(onnx, "bf16", out_dir=tmp_path / "engines")
-    assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
-    built = build_ir(onnx, "fp32", out_dir=tmp_path / "engines")  # fp32 keeps the warp exact
-    assert built.xml.is_file()
+    assert json.loads(onnx.with_suffix(".json").read_text())["gather_indices"] == "int32"
+    built = build_ir(onnx, "bf16", out_dir=tmp_path / "engines")
+    rng = np.random.default_rng(0)
+    feed = {k: rng.random((1, 1, *GRID), dtype=np.float32) for k in ("moving", "fixed")}
+    got = load_runner(built.xml, "openvino").infer(feed)["flow"]
+    ref = load_runner(tmp_path / "ckpt" / "warps.json", "torch").infer(feed)["flow"]
+    scale = float(np.abs(ref).max())
+    assert scale > 0 and float(np.abs(got - ref).max()) <= 0.05 * scale + 1e-3
+
+    meta = json.loads(onnx.with_suffix(".json").read_text())
+    del meta["gather_indices"]  # as exported before the integer indices
+    onnx.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"integers.*fix: re-export"):
+        build_ir(onnx, "bf16", out_dir=tmp_path / "old", force=True)
+    assert not (tmp_path / "old").exists() or not any((tmp_path / "old").iterdir())
+    assert build_ir(onnx, "fp32", out_dir=tmp_path / "old").xml.is_file()  # fp32 keeps any warp exact
 
 
 def test_auto_prefers_openvino_where_the_rule_says(exported):
