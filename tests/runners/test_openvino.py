@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 pytest.importorskip("openvino", reason="openvino not installed (pip install 'emorph-deploy[cpu]')")
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed: the reference backend")
 
+from emorph_deploy import runtime
 from emorph_deploy.errors import ConfigMismatchError, InputError
 from emorph_deploy.runners import load_runner, openvino_auto_skip, resolve
 from emorph_deploy.runtime import cpu_has_int8_dot, cpu_has_native_bf16
@@ -170,7 +171,7 @@ def test_ir_build_runs_and_checks_its_manifest(exported, tmp_path):
         load_runner(built.xml, "openvino")
 
 
-def test_bf16_ir_of_a_network_that_warps_inside(tmp_path, tiny_em):
+def test_bf16_ir_of_a_network_that_warps_inside(tmp_path, tiny_em, monkeypatch):
     """A full-resolution stage fed the warped image: its gather export forms indices in integers, so the
     bf16 IR builds and follows torch; an export without that record (an older emorph, or GridSample) is
     refused for bf16 before anything is written."""
@@ -201,6 +202,9 @@ def test_bf16_ir_of_a_network_that_warps_inside(tmp_path, tiny_em):
     onnx.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(InputError, match=r"integers.*fix: re-export"):
         build_ir(onnx, "bf16", out_dir=tmp_path / "old", force=True)
+    monkeypatch.setattr(runtime, "missing_cpu_features", lambda _precision: set())  # any CPU
+    with pytest.raises(ConfigMismatchError, match=r"integers.*fix: re-export"):
+        load_runner(onnx, "openvino", precision="bf16", verify=False)  # the runner refuses it too
     assert not (tmp_path / "old").exists() or not any((tmp_path / "old").iterdir())
     assert build_ir(onnx, "fp32", out_dir=tmp_path / "old").xml.is_file()  # fp32 keeps any warp exact
 
