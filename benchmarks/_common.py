@@ -172,7 +172,10 @@ _FLAG_PREFIXES = ("avx", "fma", "amx", "f16c", "sse4_2", "vnni", "avx_vnni")
 
 
 def cpu_info() -> dict[str, Any]:
-    """CPU model, logical/physical cores, usable cores and the SIMD flags that matter (avx2/avx512/amx)."""
+    """CPU model, logical/physical cores, usable cores and the SIMD flags that matter (avx2/avx512/amx,
+    native bf16, int8 dot products)."""
+    from emorph_deploy.runtime import PRECISION_CPU_FEATURES
+
     model, flags, cores = platform.processor() or platform.machine(), set(), set()
     phys_id = core_id = None
     try:
@@ -205,6 +208,10 @@ def cpu_info() -> dict[str, Any]:
         "avx2": "avx2" in flags,
         "avx512": any(f.startswith("avx512") for f in flags),
         "amx": any(f.startswith("amx") for f in flags),
+        # what decides the backend: the packaged model's bf16 IR, int8 in OpenVINO / fused ONNX Runtime
+        # (the same flag sets as emorph_deploy.runtime, which the backend resolver reads)
+        "native_bf16": bool(flags & PRECISION_CPU_FEATURES["bf16"]),
+        "int8_dot": bool(flags & PRECISION_CPU_FEATURES["int8"]),
     }
 
 
@@ -309,8 +316,10 @@ def _total_memory_gb() -> float | None:
 
 def machine_line(m: dict[str, Any]) -> str:
     """One markdown line describing the machine (for every results table)."""
-    flags = ", ".join(f for f in ("avx2", "avx512", "amx") if m.get(f)) or "no avx2"
-    absent = [f for f in ("avx512", "amx") if not m.get(f)]
+    names = {"native_bf16": "native bf16", "int8_dot": "VNNI"}
+    shown = ("avx2", "avx512", "native_bf16", "int8_dot", "amx")
+    flags = ", ".join(names.get(f, f) for f in shown if m.get(f)) or "no avx2"
+    absent = [names.get(f, f) for f in ("avx512", "native_bf16", "amx") if f in m and not m.get(f)]
     gpu = m.get("gpu") or {}
     gpu_s = gpu.get("name") if gpu.get("available") else "no GPU"
     load = m.get("load_avg_start")

@@ -71,6 +71,14 @@ def test_common_helpers(tmp_path: Path) -> None:
     info = c.cpu_info()
     assert info["logical_cpus"] >= 1 and isinstance(info["cpu_flags"], list)
     assert isinstance(info["avx2"], bool) and isinstance(info["amx"], bool)
+    # the machine line states what the backend resolver decides on (native bf16: the packaged bf16 IR)
+    from emorph_deploy.runtime import cpu_has_int8_dot, cpu_has_native_bf16
+
+    assert info["native_bf16"] is cpu_has_native_bf16() and info["int8_dot"] is cpu_has_int8_dot()
+    line = c.machine_line({**info, "native_bf16": True, "int8_dot": False, "avx512": True, "amx": False})
+    assert "native bf16" in line and "VNNI" not in line and "(no amx)" in line
+    line = c.machine_line({**info, "native_bf16": False, "avx512": True, "amx": False})
+    assert "(no native bf16/amx)" in line
 
 
 def test_run_measured_reports_child_peak_rss() -> None:
