@@ -140,12 +140,24 @@ def nncf_quantize(model: Any, grid: tuple[int, int, int], pairs: int, say: Calla
     return nncf.quantize(model, nncf.Dataset(calib.feeds), subset_size=len(calib))
 
 
-def bf16_safe_warp(onnx_meta: dict[str, Any]) -> bool:
-    """True when an export's warps sample correctly under a bf16 runtime: the gather sampler with integer
-    indices (:data:`~emorph_deploy.models.warp.GATHER_INDICES`, recorded in its manifest)."""
+def check_bf16_warp(meta: dict[str, Any], artifact: Path) -> None:
+    """ConfigMismatchError when an export (its manifest ``meta``) would run in bf16 a network that warps
+    inside itself (:func:`~emorph_deploy.models.config.warps_inside`) without the gather sampler's integer
+    indices (:data:`~emorph_deploy.models.warp.GATHER_INDICES`): the CPU plugin computes elementwise ops in
+    bf16 under a bf16 hint, so float sampling coordinates or indices sample the wrong voxels (or past the
+    image). Exports from before integer indices have no ``gather_indices``."""
+    from emorph_deploy.models.config import warps_inside
     from emorph_deploy.models.warp import GATHER_INDICES
 
-    return onnx_meta.get("grid_sample") == "gather" and onnx_meta.get("gather_indices") == GATHER_INDICES
+    safe = meta.get("grid_sample") == "gather" and meta.get("gather_indices") == GATHER_INDICES
+    if warps_inside(meta.get("model")) and not safe:
+        raise ConfigMismatchError(
+            f"bf16: expected an export whose inner warp forms its indices in integers (the gather sampler "
+            f"of this emorph, manifest gather_indices {GATHER_INDICES!r}), got {artifact.name} (grid_sample "
+            f"{meta.get('grid_sample')!r}, gather_indices {meta.get('gather_indices')!r}), whose "
+            "full-resolution stage warps inside; fix: re-export it with 'emorph export --grid-sample "
+            "gather', or run it at fp32"
+        )
 
 
 def build_ir(
@@ -166,8 +178,6 @@ def build_ir(
     ov = require("openvino", "cpu")
     from emorph_deploy.export.onnx_io import graph_precision, io_spec, load_onnx_hashed, read_onnx_manifest
     from emorph_deploy.fileio import atomic_path, check_writable, sha256_file, write_manifest_atomic
-    from emorph_deploy.models.config import warps_inside
-    from emorph_deploy.models.warp import GATHER_INDICES
     from emorph_deploy.runtime import PRECISION_CPU_FEATURES, cpu_flags, cpu_model
 
     say = say or (lambda _m: None)
@@ -195,16 +205,8 @@ def build_ir(
             f"graph {onnx}; fix: {fix}"
         )
     onnx_meta = read_onnx_manifest(onnx, proto) or {}
-    if precision == "bf16" and warps_inside(onnx_meta.get("model")) and not bf16_safe_warp(onnx_meta):
-        # the CPU plugin computes elementwise ops in bf16 under a bf16 hint: an inner warp whose sampling
-        # coordinates or gather indices are float arithmetic samples the wrong voxels (or past the image)
-        raise InputError(
-            f"--precision bf16: expected an export whose inner warp forms its indices in integers (the "
-            f"gather sampler of this emorph, manifest gather_indices {GATHER_INDICES!r}), got {onnx.name} "
-            f"(grid_sample {onnx_meta.get('grid_sample')!r}, gather_indices "
-            f"{onnx_meta.get('gather_indices')!r}), whose full-resolution stage warps inside; fix: re-export "
-            "it with 'emorph export --grid-sample gather', or --precision fp32"
-        )
+    if precision == "bf16":
+        check_bf16_warp(onnx_meta, onnx)
     inputs, outputs = io_spec(proto)
     del proto
     name = str(onnx_meta.get("name") or onnx.stem)

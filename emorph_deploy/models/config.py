@@ -200,7 +200,7 @@ def warps_inside(model: Mapping[str, Any] | None) -> bool:
     """True when a model config (a :class:`ModelConfig` as its dict, e.g. a checkpoint's or an export
     manifest's ``model``) has the network warp the moving image inside itself (``full_res_input``
     "warped"): a bf16 runtime samples that warp correctly only with integer gather indices
-    (``emorph_deploy.engines.openvino.bf16_safe_warp``, checked by ``build_ir``)."""
+    (``emorph_deploy.engines.openvino.check_bf16_warp``, in ``build_ir`` and the OpenVINO runner)."""
     return (model or {}).get("full_res_input") == "warped"
 
 

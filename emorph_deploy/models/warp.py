@@ -143,18 +143,21 @@ def _sample_gather(
 def _sample(
     src: torch.Tensor,
     flow: torch.Tensor,
-    identity: torch.Tensor,
+    identity: torch.Tensor | None,
     mode: str,
     sampler: str,
     padding: str,
     size: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """``src`` sampled at ``identity + flow`` (voxel coordinates; ``identity`` (1, 3, D, H, W) is the index
-    grid of ``flow``'s spatial shape)."""
+    grid of ``flow``'s spatial shape, None = built here when needed: the gather sampler uses its own
+    integer ramps)."""
     if size is None:
         size = tuple(int(s) for s in src.shape[2:])  # type: ignore[assignment]
     if sampler == "gather":
         return _sample_gather(src, flow, size, mode, padding)  # type: ignore[arg-type]
+    if identity is None:
+        identity = identity_grid(tuple(int(s) for s in flow.shape[2:]), dtype=flow.dtype, device=flow.device)
     coords = identity.to(flow.dtype) + flow  # (B, 3, D, H, W) absolute voxel coordinates
     return _sample_grid_sample(src, coords, size, mode, padding)  # type: ignore[arg-type]
 
@@ -184,10 +187,7 @@ def warp(
     _check_choice(sampler, SAMPLERS, "sampler")
     _check_choice(padding, PADDINGS, "padding")
     _check_shapes(src, flow)
-    if sampler == "gather":  # builds its own integer index grid
-        return _sample(src, flow, flow, mode, sampler, padding)
-    grid = identity_grid(tuple(int(s) for s in flow.shape[2:]), dtype=flow.dtype, device=flow.device)
-    return _sample(src, flow, grid.unsqueeze(0), mode, sampler, padding)
+    return _sample(src, flow, None, mode, sampler, padding)
 
 
 def compose(first: torch.Tensor, second: torch.Tensor, sampler: str = "grid_sample") -> torch.Tensor:

@@ -58,21 +58,6 @@ def runnable_precision(requested: str | None, graph_precision: str, artifact: Pa
     return precision
 
 
-def _check_bf16_warp(meta: dict[str, Any], artifact: Path) -> None:
-    """ConfigMismatchError when a graph whose network warps inside itself would run in bf16 with float
-    gather indices (an export from before integer indices): it would sample the wrong voxels or fail."""
-    from emorph_deploy.engines.openvino import bf16_safe_warp
-    from emorph_deploy.models.config import warps_inside
-
-    if warps_inside(meta.get("model")) and not bf16_safe_warp(meta):
-        raise ConfigMismatchError(
-            f"openvino bf16: expected a graph whose inner warp forms its indices in integers (manifest "
-            f"gather_indices 'int32'), got {artifact.name} (grid_sample {meta.get('grid_sample')!r}, "
-            f"gather_indices {meta.get('gather_indices')!r}); fix: re-export it with 'emorph export "
-            "--grid-sample gather', or run it at fp32"
-        )
-
-
 def compile_config(precision: str, threads: int | None) -> dict[str, Any]:
     """The CPU plugin properties for ``precision``: explicit inference precision, latency hint, threads."""
     config: dict[str, Any] = {
@@ -125,7 +110,9 @@ class OpenVinoRunner(Runner):
         wanted = precision if precision is not None else meta.get("precision")
         self._precision = runnable_precision(wanted, graph_precision, self.artifact)
         if self.artifact.suffix.lower() != ".xml" and self._precision == "bf16":
-            _check_bf16_warp(meta, self.artifact)  # an IR was checked when it was built
+            from emorph_deploy.engines.openvino import check_bf16_warp
+
+            check_bf16_warp(meta, self.artifact)  # an IR was checked when it was built
         config = compile_config(self._precision, threads)
         core = ov.Core()
         try:
