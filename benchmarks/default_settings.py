@@ -2,11 +2,13 @@
 
 For every pair of the validation suite (the offline real brains of :mod:`emorph_deploy.data.realbrains`,
 unordered, each in the same contrast and with the moving contrast inverted; plus ``--synthetic N`` held-out
-SynthMorph-style pairs per contrast relation) the stages that do not depend on the choice run **once**: the
-images are read, the affine pre-alignment is fitted and both images are resampled onto the model grid. Then,
-for each model of ``--models``, the network runs once and every refinement setting of ``--settings`` starts
-from its flow; refinement from a zero flow (no network) runs the same settings once per pair. So every row
-of a pair sees the same pre-aligned inputs, and the comparison between models and step counts is paired.
+SynthMorph-style pairs per contrast relation and ``--deformed N`` known smooth deformations of each real
+brain, as ``benchmarks/validation_suite.py`` builds them; only the distinct-brain pairs decide the pick) the
+stages that do not depend on the choice run **once**: the images are read, the affine pre-alignment is fitted
+and both images are resampled onto the model grid. Then, for each model of ``--models``, the network runs once
+and every refinement setting of ``--settings`` starts from its flow; refinement from a zero flow (no network)
+runs the same settings once per pair. So every row of a pair sees the same pre-aligned inputs, and the
+comparison between models and step counts is paired.
 
 Settings: ``N`` = N Adam steps at half resolution (the default style, ``levels=2, full_steps=0``),
 ``N+K`` = N half-resolution steps then K full-resolution ones; ``~W`` sets the folding penalty's weight
@@ -29,7 +31,7 @@ the two similarities) is within ``--budget-s`` (default 1.0 s).
 
     python benchmarks/validation_suite.py ...      # the full table with ANTs SyN and greedy
     python benchmarks/default_settings.py --models A.json,B.json \
-        [--settings 0,10,20,40,60,20+5] [--budget-s 1.0] [--synthetic 4] [--threads 2] [--force]
+        [--settings 0,10,20,40,60,20+5] [--budget-s 1.0] [--synthetic 4] [--deformed 2] [--threads 2]
     python benchmarks/default_settings.py --quick   # tiny untrained model, ~6 mm: checks the script only
 
 Writes ``benchmarks/results/default_settings.{json,md}``.
@@ -397,6 +399,7 @@ def render(res: dict[str, Any]) -> str:
     ]
     body = [
         f"Models: {', '.join(f'`{m}`' for m in s['models'])}. Pairs: {s.get('pair_rule', '-')}"
+        + (f" + {s['deformed_pairs']} known deformations of real brains" if s.get("deformed_pairs") else "")
         + (f" + {s['synthetic_pairs']} held-out synthetic pairs" if s.get("synthetic_pairs") else "")
         + ".",
         "",
@@ -480,7 +483,15 @@ def main(argv: list[str] | None = None) -> int:
         help="take the Dice rows from this earlier result JSON (same --models/--settings); time only",
     )
     ap.add_argument("--synthetic", type=int, default=None, help="held-out synthetic pairs per relation (4)")
+    ap.add_argument(
+        "--deformed",
+        type=int,
+        default=0,
+        help=f"known smooth deformations per real subject, 0..{len(VS.DEFORMED_MM)} (default 0 = none)",
+    )
     args = ap.parse_args(argv)
+    if not 0 <= args.deformed <= len(VS.DEFORMED_MM):
+        raise SystemExit(f"--deformed: expected 0..{len(VS.DEFORMED_MM)}, got {args.deformed}")
     args.models = [m.strip() for m in args.models.split(",")] if args.models else None
     args.unordered = True
     if args.synthetic is None:
@@ -502,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
         pairs = VS.real_pairs(args, work, res)
         synth = VS.synthetic_pairs(work, res, args.synthetic) if args.synthetic > 0 else []
         s["synthetic_pairs"] = len(synth)
+        if args.deformed > 0:  # scored like the real pairs, kept out of the pick (REAL)
+            synth = VS.deformed_pairs(args, work, res, args.deformed) + synth
+            s["deformed_pairs"] = len(synth) - s["synthetic_pairs"]
         regs = open_models(args, work)
         s["models"] = list(regs)
         if args.rows_from:  # the Dice rows of an earlier run (same models and settings): re-time only

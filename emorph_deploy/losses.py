@@ -28,6 +28,7 @@ __all__ = [
     "NCCStatistics",
     "NGFLoss",
     "SoftDiceLoss",
+    "endpoint_error",
     "gaussian_smoothing",
     "one_hot",
 ]
@@ -609,6 +610,24 @@ class SoftDiceLoss(nn.Module):
             denom = pred.sum(dim=(2, 3, 4)) + target.sum(dim=(2, 3, 4))
         dice = (2.0 * inter + self.eps) / (denom + self.eps)  # (B, L)
         return 1.0 - dice.mean()
+
+
+def endpoint_error(
+    flow: torch.Tensor, true_flow: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean endpoint error ``|flow − true_flow|`` (Euclidean, in the flows' unit, e.g. voxels) of two
+    (B, 3, D, H, W) displacements, over the voxels where ``mask`` (B, 1, D, H, W) is true (None: all).
+    Scalar; 0 for an empty mask. The square root has a finite gradient at zero error (eps inside)."""
+    if flow.shape != true_flow.shape or flow.dim() != 5 or flow.shape[1] != 3:
+        raise InputError(
+            f"endpoint_error: expected two (B, 3, D, H, W) flows of equal shape, got {tuple(flow.shape)} and "
+            f"{tuple(true_flow.shape)}; fix: pass the true flow on the model grid"
+        )
+    err = ((flow - true_flow.to(flow)).pow(2).sum(1, keepdim=True) + 1e-8).sqrt()  # (B, 1, D, H, W)
+    if mask is None:
+        return err.mean()
+    w = mask.to(err)
+    return (err * w).sum() / w.sum().clamp_min(1.0)
 
 
 def one_hot(

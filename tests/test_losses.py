@@ -465,3 +465,23 @@ def test_gaussian_smoothing_matches_a_dense_convolution():
     assert gaussian_smoothing(0.7)(torch.ones(1, 1, 5, 5, 5))[0, 0, 2, 2, 2] == pytest.approx(1.0)
     with pytest.raises(InputError, match="sigma"):
         gaussian_smoothing(-1.0)
+
+
+def test_endpoint_error_known_values_mask_and_gradient():
+    from emorph_deploy.losses import endpoint_error
+
+    true = torch.zeros(1, 3, 4, 5, 6)
+    flow = true.clone()
+    flow[:, 0], flow[:, 1] = 3.0, 4.0  # |(3, 4, 0)| = 5 everywhere
+    assert float(endpoint_error(flow, true)) == pytest.approx(5.0, rel=1e-6)
+    assert float(endpoint_error(true, true)) == pytest.approx(0.0, abs=1e-3)
+    mask = torch.zeros(1, 1, 4, 5, 6, dtype=torch.bool)
+    mask[..., :2, :, :] = True
+    flow[:, :, 2:] = 0.0  # error only outside the mask
+    assert float(endpoint_error(flow, true, mask)) == pytest.approx(5.0, rel=1e-6)
+    assert float(endpoint_error(flow, true, torch.zeros_like(mask))) == 0.0  # empty mask: no error
+    f = torch.zeros(1, 3, 4, 5, 6, requires_grad=True)
+    endpoint_error(f, true).backward()  # finite at zero error
+    assert bool(torch.isfinite(f.grad).all())
+    with pytest.raises(InputError, match="endpoint_error"):
+        endpoint_error(torch.zeros(1, 2, 4, 5, 6), torch.zeros(1, 2, 4, 5, 6))

@@ -89,6 +89,15 @@ def train_command(
             "< 1 trains on pairs as affine pre-alignment leaves them (default 1; may change on --resume)."
         ),
     ] = None,
+    synth_known_flow: Annotated[
+        bool | None,
+        typer.Option(
+            "--synth-known-flow/--no-synth-known-flow",
+            help="brains: the fixed subject is the moving one under one more random deformation and residual "
+            "affine, so every pair carries its true flow for --flow-weight (default off; may change on "
+            "--resume).",
+        ),
+    ] = None,
     atlas: Annotated[str | None, typer.Option(help="Atlas (moving) for atlas-to-subject pairs.")] = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Model variant (see 'emorph models').")
@@ -144,6 +153,13 @@ def train_command(
         float | None,
         typer.Option(
             help="Local-NCC weight (default 1); pairs of different contrasts (brains data) get none."
+        ),
+    ] = None,
+    flow_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Endpoint-error weight (voxels, inside the fixed labels) on pairs that carry their true "
+            "flow (--synth-known-flow; moving→fixed direction only; default 0 = off)."
         ),
     ] = None,
     bidirectional: Annotated[
@@ -252,7 +268,9 @@ def train_command(
         "synth_ramp_epochs": synth_ramp_epochs,
         "synth_fine_disp_mm": synth_fine_disp_mm,
         "synth_affine_fraction": synth_affine_fraction,
+        "synth_known_flow": synth_known_flow,
         "ncc_weight": ncc_weight,
+        "flow_weight": flow_weight,
         "bidirectional": bidirectional,
         "epochs": epochs,
         "steps_per_epoch": steps_per_epoch,

@@ -5,6 +5,8 @@ model grid): each subject is the template under its own random smooth deformatio
 field integrated by scaling and squaring, up to ``max_disp_mm``) and its own residual affine (what
 pre-alignment leaves: small rotation, scale, shear and translation). Registration must find the
 correspondence between the two, whose ground truth is carried by the label maps, not by the intensities.
+With ``known_flow`` the fixed subject is instead the moving subject under one more random subject map, so
+the pair also carries its true displacement (``flow``) for a supervised endpoint-error loss.
 
 Labels (``moving_labels``/``fixed_labels``, int64, 0 = background): every tissue class (CSF, GM, WM and,
 for head pairs, extra-cerebral fluid, skull and scalp shells grown around the brain with random, smoothly
@@ -73,6 +75,10 @@ class BrainSynthConfig:
     gamma_std: float = 0.25  # std of log gamma
     noise_std: tuple[float, float] = (0.0, 0.05)
     amplitude: float = 1.0  # scales deformation and affine ranges (curriculum)
+    # the fixed subject is the moving one under one more random subject map (deformations and residual
+    # affine drawn as above), so the pair carries its true flow (``flow``) for a supervised endpoint loss;
+    # False = two independent subjects, exactly the pairs drawn before this option existed
+    known_flow: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -366,6 +372,8 @@ def brain_pair(
     int64; ``same_contrast`` (scalar float tensor, 1 when both images share one contrast); ``contrast``
     (str, e.g. ``"t1/remap"``). ``contrast="same"`` / ``"different"`` forces the pair's contrast relation
     (held-out validation sets); ``None`` draws it. ``spacing_mm`` None fits the brain into the grid (tests).
+    With ``config.known_flow``, also ``flow`` (3, D, H, W) float32 voxels: the true displacement, i.e. the
+    fixed subject is the moving one sampled at ``x + flow(x)``.
     """
     cfg = config or BrainSynthConfig()
     shape = tuple(int(s) for s in shape)
@@ -385,8 +393,19 @@ def brain_pair(
     c_f = c_m if same else _draw_contrast(g, kind_f, n_labels)
     labels_f = labels_t.float()
     out: dict[str, Any] = {}
+    coords_f = None
+    if cfg.known_flow:
+        # fixed(x) = moving(x + flow(x)): the fixed subject's template coordinates are the moving
+        # subject's, sampled at x + flow(x) (border: the map continues flat outside the grid)
+        coords_m = _subject_map(g, shape, anat.spacing_mm, cfg)
+        flow = _subject_map(g, shape, anat.spacing_mm, cfg) - _identity(shape)
+        coords_f = _warp(coords_m, flow, "bilinear", "border")
+        out["flow"] = flow[0]
     for role, con in (("moving", c_m), ("fixed", c_f)):
-        coords = _subject_map(g, shape, anat.spacing_mm, cfg)
+        if coords_f is None:
+            coords = _subject_map(g, shape, anat.spacing_mm, cfg)
+        else:
+            coords = coords_m if role == "moving" else coords_f
         t1 = _sample(anat.t1, coords, "bilinear", "zeros")
         lab = _sample(labels_f, coords, "nearest", "zeros").round().long()
         img = _render(g, con, t1, lab, (lab > 0).float(), cfg)

@@ -66,10 +66,12 @@ RESUMABLE_OVERRIDES: frozenset[str] = frozenset(
         # a change of training data within the same generator (the held-out validation pairs do not change)
         "synth_fine_disp_mm",
         "synth_affine_fraction",
+        "synth_known_flow",
         # loss weights: a fine-tuning phase may re-balance them (e.g. less smoothing); the model is the same
         "reg_weight",
         "ncc_weight",
         "dice_weight",
+        "flow_weight",
         # what `best` follows: a phase aimed at pre-aligned pairs selects by their Dice (best restarts)
         "best_metric",
         # stochastic depth: a training-only regulariser; the weights and inference do not depend on it
@@ -108,6 +110,9 @@ class TrainConfig:
     synth_ramp_epochs: int = 0  # brains: deformation/affine ranges grow from 40 % to 100 % over N epochs
     synth_fine_disp_mm: float = 0.0  # brains: largest fine-scale (gyral, 6-12 mm) displacement; 0 = off
     synth_affine_fraction: float = 1.0  # brains: scales the residual-affine ranges (< 1: pre-aligned pairs)
+    # brains: the fixed subject is the moving one under one more random subject map, so each pair carries
+    # its true flow (BrainSynthConfig.known_flow) for the endpoint loss (flow_weight)
+    synth_known_flow: bool = False
     # schedule
     epochs: int = 200
     # iterations per epoch (each = both directions, 2 optimizer steps); None = 100 for synthetic data, one
@@ -133,6 +138,9 @@ class TrainConfig:
     # NCC weight; pairs flagged ``same_contrast`` = 0 (brains data) get no NCC term: their intensities do
     # not correspond, only their labels do
     ncc_weight: float = 1.0
+    # endpoint error (mean |flow − true flow| in voxels, inside the fixed labels) on pairs that carry their
+    # true flow (--synth-known-flow), the moving→fixed direction only; 0 = off
+    flow_weight: float = 0.0
     # runtime
     seed: int = 0
     device: str = "auto"
@@ -174,6 +182,7 @@ class TrainConfig:
             "checkpoint_every",
             "val_pairs",
             "ncc_weight",
+            "flow_weight",
             "synth_ramp_epochs",
             "synth_fine_disp_mm",
             "synth_affine_fraction",

@@ -2,7 +2,8 @@
 
 One iteration = both directions (moving→fixed, then fixed→moving), one optimizer step each. Loss: local
 NCC (Gaussian window) + ``reg_weight`` × diffusion [+ ``dice_weight`` × soft Dice of the warped one-hot labels
-when the pair has label maps]. The cosine schedule is stepped once per epoch. Each epoch ends with validation
+when the pair has label maps] [+ ``flow_weight`` × endpoint error when the pair carries its true flow, the
+moving→fixed direction only]. The cosine schedule is stepped once per epoch. Each epoch ends with validation
 (Dice, fraction J ≤ 0, NCC, endpoint error against the true flow of synthetic pairs) and the ``last``
 checkpoint; ``best`` follows ``best_metric`` (default: the validation Dice, or NCC when no labels exist).
 ``--resume`` restores weights, optimizer, scheduler, step, epoch and RNG, and continues at the same iteration
@@ -72,6 +73,7 @@ TRAIN_LOG_FIELDS = (
     "ncc",
     "reg",
     "dice_loss",
+    "epe",
     "grad_norm",
     "steps_per_s",
     "elapsed_s",
@@ -285,7 +287,11 @@ def _brain_datasets(cfg: TrainConfig, pre: Any, world_size: int) -> tuple[Any, A
     shape = tuple(pre.grid_shape)
     spacing = float(pre.spacing_mm[0]) if cfg.grid_shape is None else None  # test grids fit the brain
     n_train = cfg.steps_per_epoch * cfg.batch_size * world_size
-    synth = BrainSynthConfig(fine_disp_mm=cfg.synth_fine_disp_mm, affine_fraction=cfg.synth_affine_fraction)
+    synth = BrainSynthConfig(
+        fine_disp_mm=cfg.synth_fine_disp_mm,
+        affine_fraction=cfg.synth_affine_fraction,
+        known_flow=cfg.synth_known_flow,
+    )
     train_ds = BrainSynthPairs(
         n_train, shape, seed=cfg.seed, spacing_mm=spacing, config=synth, ramp_epochs=cfg.synth_ramp_epochs
     )
@@ -591,10 +597,12 @@ class Trainer:
         m_lab: torch.Tensor | None,
         f_lab: torch.Tensor | None,
         same_contrast: torch.Tensor | None = None,
+        true_flow: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one direction. ``same_contrast`` (B,) in {0, 1} gates the NCC term per pair (None = all
-        pairs share a contrast)."""
-        from emorph_deploy.losses import one_hot
+        pairs share a contrast); ``true_flow`` (B, 3, D, H, W) voxels adds the endpoint error inside the
+        fixed labels (``flow_weight``)."""
+        from emorph_deploy.losses import endpoint_error, one_hot
         from emorph_deploy.models.warp import warp
 
         with torch.autocast(
@@ -622,6 +630,10 @@ class Trainer:
             l_dice = self.dice(warp(oh_m, flow), oh_f)
             loss = loss + self.cfg.dice_weight * l_dice
             parts["dice_loss"] = float(l_dice.detach())
+        if true_flow is not None and self.cfg.flow_weight > 0:
+            l_epe = endpoint_error(flow, true_flow, None if f_lab is None else f_lab > 0)
+            loss = loss + self.cfg.flow_weight * l_epe
+            parts["epe"] = float(l_epe.detach())
         return loss, parts
 
     def _ncc_per_item(self, warped: torch.Tensor, fixed: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -675,12 +687,14 @@ class Trainer:
         f_lab = f_lab.to(self.device) if f_lab is not None else None
         same = batch.get("same_contrast")
         same = same.to(self.device).reshape(-1) if same is not None else None
-        directions = [(moving, fixed, m_lab, f_lab)]
-        if self.cfg.bidirectional:
-            directions.append((fixed, moving, f_lab, m_lab))
+        true_flow = batch.get("flow")
+        true_flow = true_flow.to(self.device) if true_flow is not None else None
+        directions = [(moving, fixed, m_lab, f_lab, true_flow)]
+        if self.cfg.bidirectional:  # the reverse direction's true flow (the inverse) is not known
+            directions.append((fixed, moving, f_lab, m_lab, None))
         sums: dict[str, float] = {}
-        for mv, fx, ml, fl in directions:
-            loss, parts = self._direction_loss(mv, fx, ml, fl, same)
+        for mv, fx, ml, fl, tf in directions:
+            loss, parts = self._direction_loss(mv, fx, ml, fl, same, tf)
             if not self._all_finite(loss):
                 # the same decision on every rank: skip this step everywhere (no backward, no update)
                 self.opt.zero_grad(set_to_none=True)

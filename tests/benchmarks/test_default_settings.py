@@ -68,6 +68,7 @@ def test_pick_is_the_best_real_dice_within_the_budget() -> None:
         _row("m", "20 half", "same", 0.70, 20),
         _row("m", "20 half", "inverted", 0.56, 20),
         _row("m", "20 half", "synthetic-same", 0.99, 20),  # synthetic rows do not enter the pick
+        _row("m", "20 half", "deformed", 0.99, 20),  # nor do the known deformations of one brain
         _row("m", "60 half", "same", 0.72, 60),
         _row("m", "60 half", "inverted", 0.58, 60),
     ]
@@ -86,3 +87,8 @@ def test_pick_is_the_best_real_dice_within_the_budget() -> None:
     assert s["picks"]["m"]["setting"] == "60 half"
     s = DS.summarise(rows, [], budget_s=2.0)  # no timing: nothing can be picked
     assert s["picks"] == {}
+
+
+def test_deformed_count_is_checked_before_any_work() -> None:
+    with pytest.raises(SystemExit, match="--deformed: expected 0"):
+        DS.main(["--deformed", str(len(DS.VS.DEFORMED_MM) + 1)])

@@ -123,11 +123,14 @@ def test_resume_may_add_fine_deformations_to_brain_pairs(tmp_path, tiny_override
     cfg = _cfg(tmp_path, tiny_overrides, "f", epochs=1, steps_per_epoch=1, val_pairs=2)
     Trainer(cfg, force=True).fit()
     changes = {"synth_fine_disp_mm": 8.0, "synth_affine_fraction": 0.25, "reg_weight": 0.5}
+    changes.update(synth_known_flow=True, flow_weight=0.2)
     resumed = resolve_resume_config(tmp_path / "f", changes)
     assert resumed.synth_fine_disp_mm == 8.0 and resumed.reg_weight == 0.5  # a new loss balance may start
+    assert resumed.synth_known_flow and resumed.flow_weight == 0.2
     pre = SimpleNamespace(grid_shape=(16, 16, 16), spacing_mm=(2.0, 2.0, 2.0))
     train_ds, val = _brain_datasets(resumed, pre, 1)
     assert train_ds.config.fine_disp_mm == 8.0 and train_ds.config.affine_fraction == 0.25
+    assert train_ds.config.known_flow and not any("flow" in item for item in val)  # validation unchanged
     # the held-out validation pairs are those of a run without fine deformations (one comparable curve)
     _, val_before = _brain_datasets(cfg, pre, 1)
     assert all(torch.equal(a["moving"], b["moving"]) for a, b in zip(val, val_before, strict=True))
@@ -288,3 +291,24 @@ def test_cpu_flag_reader_matches_proc_cpuinfo():
         pytest.skip("no /proc/cpuinfo on this system")
     flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
     assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def test_known_flow_pairs_add_the_endpoint_loss_forward_only(tmp_path, tiny_overrides):
+    cfg = _brains_cfg(
+        tmp_path, tiny_overrides, "epe", steps_per_epoch=2, synth_known_flow=True, flow_weight=0.5
+    )
+    trainer = Trainer(cfg, force=True)
+    res = trainer.fit()
+    assert res.step == 2 and all(math.isfinite(r["epe"]) and r["epe"] > 0 for r in trainer.train_rows)
+    logged = (tmp_path / "epe" / "train_log.csv").read_text().splitlines()[0].split(",")
+    assert "epe" in logged
+    # the loss term: flow_weight × mean endpoint error inside the fixed labels; none without a true flow
+    x, y = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    lab = torch.ones(1, 1, 32, 32, 32, dtype=torch.int64)
+    far = torch.full((1, 3, 32, 32, 32), 10.0)
+    with_flow, parts = trainer._direction_loss(x, y, lab, lab, None, far)
+    without, parts0 = trainer._direction_loss(x, y, lab, lab, None, None)
+    assert "epe" in parts and "epe" not in parts0
+    expected = 0.5 * parts["epe"]
+    assert float(with_flow - without) == pytest.approx(expected, rel=1e-3)
+    assert parts["epe"] == pytest.approx(float(torch.tensor(300.0).sqrt()), abs=1.0)  # |(10,10,10)| ± flow
