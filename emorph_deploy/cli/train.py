@@ -159,7 +159,8 @@ def train_command(
         float | None,
         typer.Option(
             help="Endpoint-error weight (voxels, inside the fixed labels) on pairs that carry their true "
-            "flow (--synth-known-flow; moving→fixed direction only; default 0 = off)."
+            "flow: synthetic data (synth/template/mix, or brains with --synth-known-flow); moving→fixed "
+            "direction only (default 0 = off)."
         ),
     ] = None,
     bidirectional: Annotated[

@@ -139,7 +139,7 @@ class TrainConfig:
     # not correspond, only their labels do
     ncc_weight: float = 1.0
     # endpoint error (mean |flow − true flow| in voxels, inside the fixed labels) on pairs that carry their
-    # true flow (--synth-known-flow), the moving→fixed direction only; 0 = off
+    # true flow (synthetic data; brains only with synth_known_flow), the moving→fixed direction only; 0 = off
     flow_weight: float = 0.0
     # runtime
     seed: int = 0
@@ -199,6 +199,15 @@ class TrainConfig:
             raise InputError(
                 "--best-metric dice_aligned needs the pre-aligned validation pairs of --synthetic-kind "
                 f"brains; got {got}; fix: use --best-metric auto or dice"
+            )
+        if self.flow_weight > 0 and not (
+            self.synthetic and (self.synthetic_kind != "brains" or self.synth_known_flow)
+        ):
+            got = f"--data {self.data}" if self.data else "--synthetic-kind brains without --synth-known-flow"
+            raise InputError(
+                "--flow-weight needs pairs that carry their true flow (synthetic data: --synthetic-kind "
+                f"synth/template/mix, or brains with --synth-known-flow); got {got}; fix: add "
+                "--synth-known-flow or use --flow-weight 0"
             )
         if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
             raise InputError(f"--drop-path must be in [0, 1); got {self.drop_path}")

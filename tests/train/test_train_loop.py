@@ -312,3 +312,10 @@ def test_known_flow_pairs_add_the_endpoint_loss_forward_only(tmp_path, tiny_over
     expected = 0.5 * parts["epe"]
     assert float(with_flow - without) == pytest.approx(expected, rel=1e-3)
     assert parts["epe"] == pytest.approx(float(torch.tensor(300.0).sqrt()), abs=1.0)  # |(10,10,10)| ± flow
+    # a weight without true flows would do nothing: refused, with the fix
+    from emorph_deploy.errors import InputError
+
+    with pytest.raises(InputError, match="--flow-weight needs pairs that carry their true flow"):
+        _brains_cfg(tmp_path, tiny_overrides, "x", flow_weight=0.5)
+    with pytest.raises(InputError, match="--flow-weight needs"):
+        _cfg(tmp_path, tiny_overrides, "x", data=str(tmp_path), flow_weight=0.5)
