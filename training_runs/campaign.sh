@@ -8,10 +8,11 @@
 # (em-23-hires-s, iterations 0-49,797), with only the new stage training (--train-only full_res.). The first
 # call starts it with the recipe below; later calls resume it (same step, learning rate, data); options after
 # MINUTES are passed to the resume (see `emorph train --help`). Its history (a new cosine phase at 1,515 and
-# at 3,725, fine-scale deformations of 12 mm from 3,725, NCC weight 2 from 5,895: not better, so the next
-# session resumes with --ncc-weight 1) is in training_runs/README.md.
-# CAMPAIGN_RUN=training_runs/brains-2mm-fr (the stage on the pair, no longer packaged) or
-# CAMPAIGN_RUN=training_runs/brains-2mm (the backbone) resumes an earlier run instead.
+# at 3,725, fine-scale deformations of 12 mm from 3,725, NCC weight 2 from 5,895 to 8,280: not better; NCC
+# weight 1 again from 8,280, so resume with --ncc-weight 1) is in training_runs/README.md.
+# CAMPAIGN_RUN=training_runs/brains-2mm-fr (the stage on the pair, no longer packaged),
+# CAMPAIGN_RUN=training_runs/brains-2mm (the backbone) or CAMPAIGN_RUN=training_runs/brains-2mm-sup (the
+# whole network with the endpoint loss on known-flow pairs, not packaged) resumes an earlier run instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 minutes=${1:?usage: campaign.sh MINUTES [TRAIN OPTIONS...]}
