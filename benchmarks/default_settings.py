@@ -490,8 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"known smooth deformations per real subject, 0..{len(VS.DEFORMED_MM)} (default 0 = none)",
     )
     args = ap.parse_args(argv)
-    if not 0 <= args.deformed <= len(VS.DEFORMED_MM):
-        raise SystemExit(f"--deformed: expected 0..{len(VS.DEFORMED_MM)}, got {args.deformed}")
+    VS.check_deformed_count(args.deformed)
     args.models = [m.strip() for m in args.models.split(",")] if args.models else None
     args.unordered = True
     if args.synthetic is None:
@@ -513,15 +512,15 @@ def main(argv: list[str] | None = None) -> int:
         pairs = VS.real_pairs(args, work, res)
         synth = VS.synthetic_pairs(work, res, args.synthetic) if args.synthetic > 0 else []
         s["synthetic_pairs"] = len(synth)
-        if args.deformed > 0:  # scored like the real pairs, kept out of the pick (REAL)
-            synth = VS.deformed_pairs(args, work, res, args.deformed) + synth
-            s["deformed_pairs"] = len(synth) - s["synthetic_pairs"]
+        # scored like the real pairs, kept out of the pick (REAL)
+        deformed = VS.deformed_pairs(args, work, res, args.deformed) if args.deformed > 0 else []
+        s["deformed_pairs"] = len(deformed)
         regs = open_models(args, work)
         s["models"] = list(regs)
         if args.rows_from:  # the Dice rows of an earlier run (same models and settings): re-time only
             res["rows"] = reuse_rows(args.rows_from, list(regs), settings)
             s["rows_from"] = args.rows_from
-        for pair in [] if args.rows_from else pairs + synth:
+        for pair in [] if args.rows_from else pairs + deformed + synth:
             try:
                 res["rows"] += run_pair(regs, pair, settings, args.threads)
             except Exception as exc:

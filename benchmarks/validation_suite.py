@@ -430,6 +430,12 @@ def real_pairs(args: Any, work: Path, res: dict[str, Any]) -> list[dict[str, Any
     ]
 
 
+def check_deformed_count(n: int) -> None:
+    """SystemExit unless ``--deformed`` ``n`` is within 0..len(DEFORMED_MM)."""
+    if not 0 <= n <= len(DEFORMED_MM):
+        raise SystemExit(f"--deformed: expected 0..{len(DEFORMED_MM)}, got {n}")
+
+
 def deformed_pairs(args: Any, work: Path, res: dict[str, Any], n: int) -> list[dict[str, Any]]:
     """``n`` known smooth deformations of each subject's brain (see the module docstring), written to
     ``work``: fixed = the brain and its labels warped (trilinear / nearest), moving = the brain as is."""
@@ -579,8 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         args.synthetic = 1 if args.quick else 4
     if args.deformed is None:
         args.deformed = 1 if args.quick else 2
-    if not 0 <= args.deformed <= len(DEFORMED_MM):
-        raise SystemExit(f"--deformed: expected 0..{len(DEFORMED_MM)}, got {args.deformed}")
+    check_deformed_count(args.deformed)
     if args.runs is None:
         args.runs = 3  # emorph rows: median of 3 calls after the warm-up (24 pairs × 4 emorph methods)
     args = C.finish_args(args, NAME)

@@ -617,13 +617,13 @@ def endpoint_error(
 ) -> torch.Tensor:
     """Mean endpoint error ``|flow − true_flow|`` (Euclidean, in the flows' unit, e.g. voxels) of two
     (B, 3, D, H, W) displacements, over the voxels where ``mask`` (B, 1, D, H, W) is true (None: all).
-    Scalar; 0 for an empty mask. The square root has a finite gradient at zero error (eps inside)."""
+    Scalar; 0 for an empty mask. The gradient is finite at zero error (torch's norm takes 0 there)."""
     if flow.shape != true_flow.shape or flow.dim() != 5 or flow.shape[1] != 3:
         raise InputError(
             f"endpoint_error: expected two (B, 3, D, H, W) flows of equal shape, got {tuple(flow.shape)} and "
             f"{tuple(true_flow.shape)}; fix: pass the true flow on the model grid"
         )
-    err = ((flow - true_flow.to(flow)).pow(2).sum(1, keepdim=True) + 1e-8).sqrt()  # (B, 1, D, H, W)
+    err = torch.linalg.vector_norm(flow - true_flow.to(flow), dim=1, keepdim=True)  # (B, 1, D, H, W)
     if mask is None:
         return err.mean()
     w = mask.to(err)

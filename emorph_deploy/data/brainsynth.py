@@ -393,19 +393,17 @@ def brain_pair(
     c_f = c_m if same else _draw_contrast(g, kind_f, n_labels)
     labels_f = labels_t.float()
     out: dict[str, Any] = {}
-    coords_f = None
+    known: dict[str, torch.Tensor] = {}  # known_flow: each role's template coordinates, drawn up front
     if cfg.known_flow:
         # fixed(x) = moving(x + flow(x)): the fixed subject's template coordinates are the moving
         # subject's, sampled at x + flow(x) (border: the map continues flat outside the grid)
-        coords_m = _subject_map(g, shape, anat.spacing_mm, cfg)
+        known["moving"] = _subject_map(g, shape, anat.spacing_mm, cfg)
         flow = _subject_map(g, shape, anat.spacing_mm, cfg) - _identity(shape)
-        coords_f = _warp(coords_m, flow, "bilinear", "border")
+        known["fixed"] = _warp(known["moving"], flow, "bilinear", "border")
         out["flow"] = flow[0]
     for role, con in (("moving", c_m), ("fixed", c_f)):
-        if coords_f is None:
-            coords = _subject_map(g, shape, anat.spacing_mm, cfg)
-        else:
-            coords = coords_m if role == "moving" else coords_f
+        # independent subjects: each drawn in turn (the draw order of the pairs before known_flow)
+        coords = known[role] if known else _subject_map(g, shape, anat.spacing_mm, cfg)
         t1 = _sample(anat.t1, coords, "bilinear", "zeros")
         lab = _sample(labels_f, coords, "nearest", "zeros").round().long()
         img = _render(g, con, t1, lab, (lab > 0).float(), cfg)

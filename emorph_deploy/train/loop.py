@@ -717,6 +717,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Mean validation metrics over the validation pairs (sharded over ranks, then averaged)."""
         from emorph_deploy import metrics as M
+        from emorph_deploy.losses import endpoint_error
 
         if self.val_ds is None:
             return {}
@@ -754,8 +755,7 @@ class Trainer:
                 if "same_contrast" in item:  # brains data: accuracy per contrast relation
                     row["dice_same" if float(item["same_contrast"]) > 0 else "dice_diff"] = row["dice"]
             if item.get("flow") is not None:
-                err = (flow[0].cpu() - item["flow"]).pow(2).sum(0).sqrt()  # (D, H, W) voxels
-                row["epe_vox"] = float(err.mean())
+                row["epe_vox"] = float(endpoint_error(flow.cpu(), item["flow"][None]))  # voxels
             rows.append(row)
         core.train(was_training)
         local = {}
