@@ -12,8 +12,10 @@ Pairs
   moving = the brain as it is; no intensity change): the issue's "real brain under a known smooth
   deformation", Dice against the warped labels.
 * synthetic: ``--synthetic N`` (default 4) held-out pairs per contrast relation (same, different) from
-  ``emorph_deploy.data.brainsynth.heldout_pairs`` when that function exists (80×96×112 at 2 mm; Dice = the
-  mean over their labels); otherwise skipped with the reason.
+  ``emorph_deploy.data.brainsynth.heldout_pairs(paired=True)`` (80×96×112 at 2 mm; Dice = the mean over
+  their labels): pair i of both relations is one geometry and one moving image, only the fixed image's
+  contrast differs, so "different − same" is a paired comparison; skipped with the reason if that
+  module is missing.
 
 Methods (``--methods``; each row's seconds = the whole job: read the images and the moving labels,
 register, warp the image and the labels onto the fixed grid)
@@ -485,9 +487,9 @@ def deformed_pairs(args: Any, work: Path, res: dict[str, Any], n: int) -> list[d
 
 def synthetic_pairs(work: Path, res: dict[str, Any], n: int, spacing_mm: float = 2.0) -> list[dict[str, Any]]:
     """``n`` held-out synthetic pairs per contrast relation ("same", "different") from
-    ``emorph_deploy.data.brainsynth.heldout_pairs(n=, shape=, spacing_mm=, contrast=)`` if it exists (items:
-    dicts with ``fixed``/``moving`` and ``fixed_labels``/``moving_labels`` arrays or tensors, (1, D, H, W) or
-    (D, H, W), on a ``spacing_mm`` grid), written to ``work``; else [] with the reason in
+    ``emorph_deploy.data.brainsynth.heldout_pairs(n=, shape=, spacing_mm=, contrast=, paired=True)`` if it
+    exists (items: dicts with ``fixed``/``moving`` and ``fixed_labels``/``moving_labels`` arrays or tensors,
+    (1, D, H, W) or (D, H, W), on a ``spacing_mm`` grid), written to ``work``; else [] with the reason in
     ``summary.skipped``."""
     import nibabel as nib
     import numpy as np
@@ -503,7 +505,9 @@ def synthetic_pairs(work: Path, res: dict[str, Any], n: int, spacing_mm: float =
     out = []
     try:
         for contrast in ("same", "different"):
-            items = heldout_pairs(n=n, shape=C.DEFAULT_GRID, spacing_mm=spacing_mm, contrast=contrast)
+            items = heldout_pairs(
+                n=n, shape=C.DEFAULT_GRID, spacing_mm=spacing_mm, contrast=contrast, paired=True
+            )
             for i, item in enumerate(items):
                 d = work / f"synthetic-{contrast}-{i}"
                 d.mkdir(parents=True, exist_ok=True)
@@ -538,6 +542,7 @@ def synthetic_pairs(work: Path, res: dict[str, Any], n: int, spacing_mm: float =
         "pairs_per_contrast": n,
         "grid": list(C.DEFAULT_GRID),
         "spacing_mm": spacing_mm,
+        "paired": "pair i of 'same' and 'different': one geometry and moving image, another fixed contrast",
         "dice": "mean over the labels present in both maps",
     }
     return out

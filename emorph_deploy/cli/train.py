@@ -89,6 +89,14 @@ def train_command(
             "< 1 trains on pairs as affine pre-alignment leaves them (default 1; may change on --resume)."
         ),
     ] = None,
+    synth_same_subject: Annotated[
+        float | None,
+        typer.Option(
+            help="brains: share of pairs in [0, 1] whose fixed subject is the moving one under a further "
+            "deformation of random strength (near-identical pairs: identical anatomy needs no displacement; "
+            "default 0; may change on --resume).",
+        ),
+    ] = None,
     synth_known_flow: Annotated[
         bool | None,
         typer.Option(
@@ -270,6 +278,7 @@ def train_command(
         "synth_fine_disp_mm": synth_fine_disp_mm,
         "synth_affine_fraction": synth_affine_fraction,
         "synth_known_flow": synth_known_flow,
+        "synth_same_subject": synth_same_subject,
         "ncc_weight": ncc_weight,
         "flow_weight": flow_weight,
         "bidirectional": bidirectional,

@@ -79,6 +79,11 @@ class BrainSynthConfig:
     # affine drawn as above), so the pair carries its true flow (``flow``) for a supervised endpoint loss;
     # False = two independent subjects, exactly the pairs drawn before this option existed
     known_flow: bool = False
+    # share of pairs whose fixed subject is the moving one under a further subject map of random strength
+    # (deformation and affine ranges × uniform 0..1): near-identical pairs, which teach the network that
+    # identical anatomy needs no displacement (trained only on distinct subjects, it moves identical images
+    # by ~0.4 voxel); 0 = off, the generator then draws exactly the pairs it drew before this option
+    p_same_subject: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -359,12 +364,37 @@ def _choose_contrasts(g: torch.Generator, cfg: BrainSynthConfig) -> tuple[str, s
     return a, b, a == b == "t1"
 
 
+def _forced_contrasts(
+    g: torch.Generator, cfg: BrainSynthConfig, n_labels: int, contrast: str | None
+) -> tuple[_Contrast, _Contrast, bool]:
+    """Moving and fixed contrasts and whether they are one: drawn, or with the relation forced."""
+    kind_m, kind_f, same = _choose_contrasts(g, cfg)
+    if contrast == "same":
+        kind_f, same = kind_m, True
+    elif contrast == "different":
+        while kind_f == kind_m == "t1":
+            kind_f = CONTRASTS[1 + int(torch.randint(0, 2, (1,), generator=g))]
+        same = False
+    c_m = _draw_contrast(g, kind_m, n_labels)
+    return c_m, c_m if same else _draw_contrast(g, kind_f, n_labels), same
+
+
+def _paired_contrasts(
+    g: torch.Generator, cfg: BrainSynthConfig, n_labels: int
+) -> tuple[_Contrast, _Contrast]:
+    """The moving contrast and a different one for the fixed image, both always drawn, so that a paired
+    "same" pair (fixed in the moving contrast) consumes ``g`` exactly as its "different" twin."""
+    c_m, c_other, _ = _forced_contrasts(g, cfg, n_labels, "different")
+    return c_m, c_other
+
+
 def brain_pair(
     shape: tuple[int, int, int] = (80, 96, 112),
     seed: Any = 0,
     spacing_mm: float | None = 2.0,
     config: BrainSynthConfig | None = None,
     contrast: str | None = None,
+    render_seed: Any = None,
 ) -> dict[str, Any]:
     """One training/validation pair as a dict of tensors.
 
@@ -374,6 +404,12 @@ def brain_pair(
     (held-out validation sets); ``None`` draws it. ``spacing_mm`` None fits the brain into the grid (tests).
     With ``config.known_flow``, also ``flow`` (3, D, H, W) float32 voxels: the true displacement, i.e. the
     fixed subject is the moving one sampled at ``x + flow(x)``.
+
+    ``render_seed`` (with ``contrast`` forced) draws the contrasts and the rendering from their own seed,
+    the anatomy and deformations from ``seed``: the "same" and "different" pairs of one ``(seed,
+    render_seed)`` are then one geometry with an identical moving image, the fixed image rendered in the
+    moving image's contrast or in another one (paired held-out sets, :func:`heldout_pairs`). ``None``: one
+    seed draws everything (training pairs).
     """
     cfg = config or BrainSynthConfig()
     shape = tuple(int(s) for s in shape)
@@ -382,36 +418,42 @@ def brain_pair(
     head = float(torch.rand(1, generator=g)) < cfg.p_head
     labels_t = _template_labels(g, anat, head, cfg)
     n_labels = int(labels_t.max()) + 1
-    kind_m, kind_f, same = _choose_contrasts(g, cfg)
-    if contrast == "same":
-        kind_f, same = kind_m, True
-    elif contrast == "different":
-        while kind_f == kind_m == "t1":
-            kind_f = CONTRASTS[1 + int(torch.randint(0, 2, (1,), generator=g))]
-        same = False
-    c_m = _draw_contrast(g, kind_m, n_labels)
-    c_f = c_m if same else _draw_contrast(g, kind_f, n_labels)
+    if render_seed is not None:
+        if contrast not in ("same", "different"):
+            raise ValueError(f"render_seed needs contrast 'same' or 'different', got {contrast!r}")
+        gr = _generator(render_seed)
+        c_m, c_other = _paired_contrasts(gr, cfg, n_labels)
+        c_f, same = (c_m, True) if contrast == "same" else (c_other, False)
+    else:
+        gr = g
+        c_m, c_f, same = _forced_contrasts(g, cfg, n_labels, contrast)
     labels_f = labels_t.float()
     out: dict[str, Any] = {}
-    known: dict[str, torch.Tensor] = {}  # known_flow: each role's template coordinates, drawn up front
-    if cfg.known_flow:
+    known: dict[str, torch.Tensor] = {}  # one subject: each role's template coordinates, drawn up front
+    # near-identical pairs: the relative map's ranges scaled by u ~ U(0, 1); no draw at all when off
+    one_subject = cfg.p_same_subject > 0 and float(torch.rand(1, generator=g)) < cfg.p_same_subject
+    if cfg.known_flow or one_subject:
+        strength = float(torch.rand(1, generator=g)) if one_subject else 1.0
         # fixed(x) = moving(x + flow(x)): the fixed subject's template coordinates are the moving
         # subject's, sampled at x + flow(x) (border: the map continues flat outside the grid)
         known["moving"] = _subject_map(g, shape, anat.spacing_mm, cfg)
-        flow = _subject_map(g, shape, anat.spacing_mm, cfg) - _identity(shape)
+        rel = cfg if strength == 1.0 else replace(cfg, amplitude=cfg.amplitude * strength)
+        flow = _subject_map(g, shape, anat.spacing_mm, rel) - _identity(shape)
         known["fixed"] = _warp(known["moving"], flow, "bilinear", "border")
-        out["flow"] = flow[0]
+        if cfg.known_flow:  # every pair carries it (a batch collates one set of keys)
+            out["flow"] = flow[0]
     for role, con in (("moving", c_m), ("fixed", c_f)):
         # independent subjects: each drawn in turn (the draw order of the pairs before known_flow)
         coords = known[role] if known else _subject_map(g, shape, anat.spacing_mm, cfg)
         t1 = _sample(anat.t1, coords, "bilinear", "zeros")
         lab = _sample(labels_f, coords, "nearest", "zeros").round().long()
-        img = _render(g, con, t1, lab, (lab > 0).float(), cfg)
+        img = _render(gr, con, t1, lab, (lab > 0).float(), cfg)
         out[role] = img[0].float()
         out[f"{role}_labels"] = lab[0]
     out["same_contrast"] = torch.tensor(1.0 if same else 0.0)
     out["contrast"] = f"{c_m.kind}/{c_f.kind}"
     out["head"] = head
+    out["same_subject"] = bool(known)
     return out
 
 
@@ -422,12 +464,24 @@ def heldout_pairs(
     contrast: str = "same",
     seed: int = 20261205,
     config: BrainSynthConfig | None = None,
+    paired: bool = False,
 ) -> list[dict[str, Any]]:
     """``n`` held-out pairs with a fixed contrast relation (``"same"`` or ``"different"``), seeds never drawn
     by training (training seeds are ``(seed, epoch, index)`` with a 3-tuple; these are ``(seed, 7, i)``
-    with ``seed`` 20261205, outside the training seed's use)."""
+    for "same" and ``(seed, 8, i)`` for "different", with ``seed`` 20261205, outside the training seed's
+    use).
+
+    ``paired=True``: pair i of both relations is one geometry (seed ``(seed, 9, i)``) with an identical
+    moving image; only the fixed image's contrast differs (render seed ``(seed, 9, i, 1)``), so "different
+    − same" measures the contrast alone, not two draws of anatomy (the validation suite's comparison).
+    ``False`` keeps the two independent sets the training runs log as ``dice_same``/``dice_diff``."""
     if contrast not in ("same", "different"):
         raise ValueError(f"contrast must be 'same' or 'different', got {contrast!r}")
+    if paired:
+        return [
+            brain_pair(shape, (seed, 9, i), spacing_mm, config, contrast, render_seed=(seed, 9, i, 1))
+            for i in range(n)
+        ]
     return [
         brain_pair(shape, (seed, 7 if contrast == "same" else 8, i), spacing_mm, config, contrast)
         for i in range(n)

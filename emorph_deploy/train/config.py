@@ -67,6 +67,7 @@ RESUMABLE_OVERRIDES: frozenset[str] = frozenset(
         "synth_fine_disp_mm",
         "synth_affine_fraction",
         "synth_known_flow",
+        "synth_same_subject",
         # loss weights: a fine-tuning phase may re-balance them (e.g. less smoothing); the model is the same
         "reg_weight",
         "ncc_weight",
@@ -113,6 +114,9 @@ class TrainConfig:
     # brains: the fixed subject is the moving one under one more random subject map, so each pair carries
     # its true flow (BrainSynthConfig.known_flow) for the endpoint loss (flow_weight)
     synth_known_flow: bool = False
+    # brains: share of near-identical pairs (the moving subject under a further map of random strength,
+    # BrainSynthConfig.p_same_subject)
+    synth_same_subject: float = 0.0
     # schedule
     epochs: int = 200
     # iterations per epoch (each = both directions, 2 optimizer steps); None = 100 for synthetic data, one
@@ -186,8 +190,11 @@ class TrainConfig:
             "synth_ramp_epochs",
             "synth_fine_disp_mm",
             "synth_affine_fraction",
+            "synth_same_subject",
         ):
             pos(n, allow_zero=True)
+        if self.synth_same_subject > 1:
+            raise InputError(f"--synth-same-subject must be a share in [0, 1]; got {self.synth_same_subject}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise InputError(f"--max-minutes must be > 0; got {self.max_minutes}")
         if self.max_steps is not None and self.max_steps < 1:

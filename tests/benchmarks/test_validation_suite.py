@@ -59,8 +59,8 @@ def test_score_synthetic_labels_use_all_labels() -> None:
 
 
 def test_synthetic_pairs_from_a_heldout_pairs_module(tmp_path: Path, monkeypatch) -> None:
-    """The adapter to ``brainsynth.heldout_pairs(n=, shape=, spacing_mm=, contrast=)`` (dicts of (1, D, H, W)
-    tensors), and the skip reason when the module is missing."""
+    """The adapter to ``brainsynth.heldout_pairs(n=, shape=, spacing_mm=, contrast=, paired=True)`` (dicts
+    of (1, D, H, W) tensors), and the skip reason when the module is missing."""
     import types
 
     import nibabel as nib
@@ -68,8 +68,8 @@ def test_synthetic_pairs_from_a_heldout_pairs_module(tmp_path: Path, monkeypatch
 
     calls = []
 
-    def heldout_pairs(n, shape, spacing_mm, contrast):
-        calls.append((n, tuple(shape), spacing_mm, contrast))
+    def heldout_pairs(n, shape, spacing_mm, contrast, paired):
+        calls.append((n, tuple(shape), spacing_mm, contrast, paired))
         g = torch.Generator().manual_seed(len(calls))
         return [
             {
@@ -88,6 +88,7 @@ def test_synthetic_pairs_from_a_heldout_pairs_module(tmp_path: Path, monkeypatch
     res = {"summary": {"skipped": {}}}
     pairs = VS.synthetic_pairs(tmp_path, res, 2)
     assert [c[3] for c in calls] == ["same", "different"] and calls[0][0] == 2 and calls[0][2] == 2.0
+    assert all(c[4] is True for c in calls)  # paired sets: one geometry per pair index
     assert [p["group"] for p in pairs] == ["synthetic-same"] * 2 + ["synthetic-different"] * 2
     assert all(p["tissue"] is False for p in pairs) and res["summary"]["skipped"] == {}
     img = nib.load(str(pairs[0]["moving_labels"]))

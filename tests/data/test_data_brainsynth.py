@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -74,6 +76,25 @@ def test_forced_contrast_relations():
         assert p["contrast"] != "t1/t1"
     with pytest.raises(ValueError):
         heldout_pairs(1, SHAPE, None, "both")
+
+
+def test_paired_heldout_sets_differ_only_in_the_fixed_contrast():
+    same = heldout_pairs(3, SHAPE, None, "same", paired=True)
+    diff = heldout_pairs(3, SHAPE, None, "different", paired=True)
+    for s, d in zip(same, diff, strict=True):
+        # one geometry and one moving image per index: only the fixed image's rendering differs
+        for key in ("moving", "moving_labels", "fixed_labels"):
+            assert torch.equal(s[key], d[key]), key
+        assert float(s["same_contrast"]) == 1.0 and float(d["same_contrast"]) == 0.0
+        assert s["contrast"].split("/")[0] == d["contrast"].split("/")[0]
+        assert (s["fixed"] - d["fixed"]).abs().max() > 0.1
+    # a different index is a different geometry
+    assert not torch.equal(same[0]["moving_labels"], same[1]["moving_labels"])
+    # the unpaired sets (the training runs' validation) are unchanged by the option
+    unpaired = heldout_pairs(1, SHAPE, None, "same")[0]
+    assert torch.equal(unpaired["moving"], brain_pair(SHAPE, (20261205, 7, 0), None, None, "same")["moving"])
+    with pytest.raises(ValueError, match="render_seed"):
+        brain_pair(SHAPE, 1, None, render_seed=2)
 
 
 def test_same_t1_contrast_keeps_intensity_order():
@@ -193,3 +214,28 @@ def test_known_flow_pairs_carry_their_true_displacement():
     # off: no flow, and the two subjects independent
     off = _pair(11, config=BrainSynthConfig(**plain))
     assert "flow" not in off and not torch.equal(off["fixed"], p["fixed"])
+
+
+def test_same_subject_pairs_are_near_identical_at_random_strength():
+    from emorph_deploy.models.warp import warp
+
+    plain = dict(p_head=0.0, parcels=1, p_same_contrast=1.0, p_t1_given_same=1.0, blur_sigma_vox=(0.0, 0.0))
+    plain.update(bias_std=0.0, gamma_std=0.0, noise_std=(0.0, 0.0))
+    # every pair one subject, with the true flow kept so the pair can be checked against it
+    cfg = BrainSynthConfig(p_same_subject=1.0, known_flow=True, **plain)
+    pairs = [_pair(s, config=cfg) for s in range(6)]
+    assert all(p["same_subject"] for p in pairs)
+    sizes = [float(p["flow"].norm(dim=0).max()) for p in pairs]
+    full = [
+        float(_pair(s, config=replace(cfg, p_same_subject=0.0))["flow"].norm(dim=0).max()) for s in range(6)
+    ]
+    # random strength: smaller than the full-strength relative maps on average, and spread out
+    assert np.mean(sizes) < np.mean(full) and max(sizes) > 2 * min(sizes)
+    p = pairs[0]
+    fixed, warped = p["fixed"][None], warp(p["moving"][None], p["flow"][None])
+    inside = fixed > 0.05
+    assert float(torch.corrcoef(torch.stack([warped[inside], fixed[inside]]))[0, 1]) > 0.97
+    # a share in between mixes both kinds; off, no pair is one subject
+    mixed = [_pair(s, config=BrainSynthConfig(p_same_subject=0.5))["same_subject"] for s in range(12)]
+    assert 0 < sum(mixed) < 12
+    assert not any(_pair(s)["same_subject"] for s in range(3))
