@@ -34,11 +34,12 @@ from emorph_deploy.errors import InputError
 
 __all__ = [
     "LINEAR_SHARE",
-    "MATCHED_NCC_MIN_R",
+    "NCC_MIN_R",
     "IntensityMap",
     "contrast_agreement",
     "fit_intensity_map",
     "fit_inversion_map",
+    "refine_similarity",
     "similarity_after_matching",
 ]
 
@@ -52,11 +53,13 @@ INVERSION_LEVELS = 256
 #: fit_inversion_map: at most about this many voxels per image enter the quantiles (a strided sample)
 QUANTILE_SAMPLE = 65_536
 
-#: similarity_after_matching: local NCC when the matched moving image, warped by the network, correlates
-#: with the fixed image at least this much (Pearson r in the common foreground), else NGF. On the
-#: validation suite matched real pairs with an inverted contrast reached r 0.61-0.77 (NCC the better
-#: refinement), synthetic pairs whose contrast merges tissues 0.34-0.49 (NGF the better one).
-MATCHED_NCC_MIN_R = 0.55
+#: The refinement's similarity: local NCC only when the moving image (contrast-matched or not), warped by
+#: the network, correlates with the fixed image at least this much (Pearson r in the common foreground),
+#: else NGF (similarity_after_matching, refine_similarity). On the validation suite matched real pairs with
+#: an inverted contrast reached r 0.61-0.77 (NCC the better refinement), synthetic pairs whose contrast
+#: merges tissues 0.34-0.49 (NGF the better one); unmatched same-contrast pairs 0.62-0.89, and a
+#: different-contrast pair that contrast_agreement's linearity test alone passed 0.26 (NGF the better one).
+NCC_MIN_R = 0.55
 
 #: fewest common-foreground voxels for a verdict or a map
 MIN_VOXELS = 1000
@@ -240,13 +243,24 @@ def fit_inversion_map(moving: Any, fixed: Any, levels: int = INVERSION_LEVELS) -
     return IntensityMap(tuple(xs.tolist()), tuple(ys.tolist()))
 
 
+def refine_similarity(agreement: dict[str, Any]) -> Similarity:
+    """The refinement similarity for an unmatched pair from :func:`contrast_agreement`'s figures on the
+    moving image warped by the network: NCC if the verdict is the same contrast *and* ``r`` reaches
+    :data:`NCC_MIN_R` (no verdict: NCC, the training loss), else NGF. A weak correlation passes the
+    linearity test too (r² and η² both small), but gives local NCC little to follow."""
+    r = agreement.get("r")
+    if r is None:
+        return Similarity.ncc
+    return Similarity.ncc if agreement["same_contrast"] and r >= NCC_MIN_R else Similarity.ngf
+
+
 def similarity_after_matching(warped_matched: Any, fixed: Any) -> tuple[Similarity, float]:
     """The refinement similarity for a contrast-matched pair and the Pearson r it rests on: NCC if the
     matched moving image (warped by the network's flow) correlates with the fixed image by at least
-    :data:`MATCHED_NCC_MIN_R` in the common foreground (as :func:`contrast_agreement` measures it, without
+    :data:`NCC_MIN_R` in the common foreground (as :func:`contrast_agreement` measures it, without
     its binning), else NGF."""
     m, f = _common_foreground(warped_matched, fixed, FOREGROUND_THRESHOLD)
     if m.size < MIN_VOXELS:  # too little foreground to judge: the training loss
         return Similarity.ncc, float("nan")
     r = _pearson(m, f)
-    return (Similarity.ncc if r >= MATCHED_NCC_MIN_R else Similarity.ngf), r
+    return (Similarity.ncc if r >= NCC_MIN_R else Similarity.ngf), r

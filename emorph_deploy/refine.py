@@ -26,7 +26,8 @@ step),
 ``"ngf"`` by normalised gradient fields (:class:`~emorph_deploy.losses.NGFLoss`: only the directions of the
 edges count), and ``"auto"`` measures on the model grid whether the two images share a contrast
 (:func:`contrast_agreement`: inside the common foreground, is the fixed intensity a positive, mostly *linear*
-function of the moving one?) and picks NCC if so, NGF otherwise: starting from the network's flow, NGF was the
+function of the moving one, with a correlation of at least ``NCC_MIN_R``?) and picks NCC if so, NGF
+otherwise (:func:`~emorph_deploy.contrast.refine_similarity`): starting from the network's flow, NGF was the
 best of the three across contrasts on the validation suite (real brains with the moving contrast inverted,
 synthetic pairs in independent contrasts) while MIND-SSC at the default step count barely moved off the
 network's Dice (``benchmarks/default_settings.py --settings ...@mind,...@ngf``; figures in
@@ -48,7 +49,12 @@ import torch
 import torch.nn.functional as F
 
 from emorph_deploy.choices import Similarity
-from emorph_deploy.contrast import MATCHED_NCC_MIN_R, contrast_agreement, similarity_after_matching
+from emorph_deploy.contrast import (
+    NCC_MIN_R,
+    contrast_agreement,
+    refine_similarity,
+    similarity_after_matching,
+)
 from emorph_deploy.errors import InputError
 from emorph_deploy.losses import MINDSSCLoss, NCCLoss, NGFLoss
 from emorph_deploy.registration.defaults import DEFAULTS, MAX_GRAD_SIGMA
@@ -308,7 +314,8 @@ def refine_flow(
             displacement update trilinearly upsampled; ``None`` = ``steps``).
         similarity: ``"ncc"`` (the training loss), ``"ngf"`` (normalised gradient fields, across
             contrasts), ``"mind"`` (MIND-SSC) or ``"auto"`` (NCC if :func:`contrast_agreement` of the moving
-            image warped by ``flow_init`` and the fixed image says same contrast, else NGF; with
+            image warped by ``flow_init`` and the fixed image says same contrast and its ``r`` reaches
+            :data:`~emorph_deploy.contrast.NCC_MIN_R`, else NGF; with
             ``contrast_matched``, :func:`~emorph_deploy.contrast.similarity_after_matching` decides instead).
         fold_weight: weight of :class:`~emorph_deploy.losses.FoldingLoss` (``mean(relu(0.05 − det J))``):
             it acts only where a voxel is close to folding, so it lowers the share of J ≤ 0 without the
@@ -366,10 +373,10 @@ def refine_flow(
                 warped = warp(moving.float(), flow_init.float())
         if contrast_matched:
             chosen, r = similarity_after_matching(warped, fixed)
-            figures: dict[str, Any] = {"matched": True, "r": r, "ncc_min_r": MATCHED_NCC_MIN_R}
+            figures: dict[str, Any] = {"matched": True, "r": r, "ncc_min_r": NCC_MIN_R}
         else:
-            figures = contrast_agreement(warped, fixed)
-            chosen = Similarity.ncc if figures["same_contrast"] else Similarity.ngf
+            figures = {**contrast_agreement(warped, fixed), "ncc_min_r": NCC_MIN_R}
+            chosen = refine_similarity(figures)
         if info is not None:
             info["contrast"] = figures
     if info is not None:

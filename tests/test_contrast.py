@@ -9,7 +9,7 @@ import torch
 
 from emorph_deploy.choices import Similarity
 from emorph_deploy.contrast import (
-    MATCHED_NCC_MIN_R,
+    NCC_MIN_R,
     IntensityMap,
     contrast_agreement,
     fit_intensity_map,
@@ -111,10 +111,10 @@ def test_similarity_after_matching_rule(inverted_brain):
     brain = inverted_brain
     matched = fit_intensity_map(brain["inverted"], brain["fixed"])(brain["inverted"])
     chosen, r = similarity_after_matching(matched, brain["fixed"])
-    assert chosen is Similarity.ncc and r >= MATCHED_NCC_MIN_R
+    assert chosen is Similarity.ncc and r >= NCC_MIN_R
     noise = torch.rand(32, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.05
     chosen, r = similarity_after_matching(noise, brain["fixed"])  # unrelated: the map cannot be trusted
-    assert chosen is Similarity.ngf and abs(r) < MATCHED_NCC_MIN_R
+    assert chosen is Similarity.ngf and abs(r) < NCC_MIN_R
     chosen, r = similarity_after_matching(torch.rand(8, 8, 8), torch.rand(8, 8, 8))  # too small to judge
     assert chosen is Similarity.ncc and np.isnan(r)
 
@@ -126,3 +126,15 @@ def test_fit_rejects_bad_input():
         fit_intensity_map(torch.rand(16, 16, 16), torch.rand(16, 16, 16), bins=1)
     with pytest.raises(InputError, match="foreground"):
         fit_intensity_map(torch.zeros(16, 16, 16), torch.rand(16, 16, 16))
+
+
+def test_refine_similarity_needs_a_linear_and_strong_correlation():
+    from emorph_deploy.contrast import refine_similarity
+
+    assert refine_similarity({"r": 0.8, "same_contrast": True}) is Similarity.ncc
+    # a weak correlation passes the linearity test (r² and η² both small) but is not NCC's case
+    assert refine_similarity({"r": NCC_MIN_R - 0.01, "same_contrast": True}) is Similarity.ngf
+    assert refine_similarity({"r": 0.9, "same_contrast": False}) is Similarity.ngf
+    assert (
+        refine_similarity({"r": None, "same_contrast": True}) is Similarity.ncc
+    )  # no verdict: the training loss

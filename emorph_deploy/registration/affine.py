@@ -502,6 +502,15 @@ def _fit_level(
     return theta, rho0, rho
 
 
+def _linear_relation(level_fit: _Level, theta: np.ndarray) -> bool:
+    """Whether the fixed values and the moving samples at ``theta`` share a contrast by
+    :func:`~emorph_deploy.contrast.contrast_agreement`'s rule (a positive, mostly linear relation)."""
+    from emorph_deploy.contrast import contrast_agreement
+
+    moving = level_fit._sample(theta[None])[0, 0]
+    return bool(contrast_agreement(moving.numpy(), level_fit.fvals.numpy())["same_contrast"])
+
+
 def start_rotation(name: str) -> np.ndarray:
     """The 3x3 rotation of a gross-orientation start: ``"identity"`` or ``"<axis><degrees>"`` with axis
     x/y/z (world RAS) and degrees 90/180/270, e.g. ``"z180"``."""
@@ -629,9 +638,12 @@ def affine_prealign(
         elif level == 0 and cfg.starts:
             start = cfg.starts[0]
             theta[:9] = (start_rotation(start) - np.eye(3)).reshape(-1)
-        if metric == "auto" and level == levels - 1:
-            # the finest level: NCC (the more accurate where it applies) from the pose MI found, kept only
-            # if it keeps the MI of that pose (within auto_mi_tolerance: same contrast); else MI carries on
+        if metric == "auto" and level == levels - 1 and _linear_relation(level_fit, theta):
+            # the finest level: NCC (the more accurate where it applies) from the pose MI found, tried only
+            # where the intensities at that pose are a positive, mostly linear function of each other (the
+            # same contrast) and kept only if it keeps the MI of that pose (within auto_mi_tolerance); else MI
+            # carries on. The MI test alone let NCC pull one non-monotone remapped pair off to a wrong pose
+            # whose MI was still above the coarse pose's
             mi_pose = level_fit.mi(theta, derivatives=False)[0]
             th_ncc, _, _ = _fit_level(
                 lambda th, _lv=level_fit: _lv.ncc(th), theta, iters[level], cfg.tolerance

@@ -60,20 +60,28 @@ def _known_affine() -> np.ndarray:
     return t
 
 
-@pytest.mark.parametrize("contrast", ["same", "inverted"])
+@pytest.mark.parametrize("contrast", ["same", "inverted", "remapped"])
 def test_known_affine_recovered_across_contrasts(brain, contrast):
     fixed, a_f = brain
     t_true = _known_affine()
     moving, a_m = _moved(fixed, a_f, t_true)
+    mask = moving > 0.05 * moving.max()
     if contrast == "inverted":  # the brain's contrast inverted inside its mask, background kept at zero
-        mask = moving > 0.05 * moving.max()
         moving = np.where(mask, moving.max() - moving, 0.0).astype(np.float32)
+    elif contrast == "remapped":  # non-monotone (T2-like): the middle of the range brightest
+        x = moving / moving.max()
+        moving = np.where(mask, 1.05 - np.abs(x - 0.55), 0.0).astype(np.float32)
     res = affine_prealign(fixed, a_f, moving, a_m)
     err_lin, err_t = _errors(res.matrix, t_true)
     print(f"{contrast}: linear {err_lin:.4f}, translation {err_t:.2f} mm, {res.metric}, {res.seconds:.2f} s")
     assert res.accepted and res.start == "identity" and res.reason == ""
     assert res.value_final > res.value_init and res.mi_final > res.mi_init
     assert err_lin <= 0.02 and err_t <= 1.0
+    # auto: the NCC polish only where the intensities at the MI pose are linearly related (same contrast)
+    if contrast == "same":
+        assert res.metric == "ncc" and res.auto_trace
+    else:
+        assert res.metric == "mi" and res.auto_trace == {}
 
 
 def test_gross_rotation_recovered_by_the_multistart(brain):
