@@ -7,6 +7,8 @@
   variant, min/max J.
 * :func:`fixed_foreground` / :func:`region_ncc` — the region ``qc.json``'s NCC is measured in (the fixed
   mask, or the fixed image's foreground: the background's agreement says nothing about the registration).
+* :func:`deformable_check` / :func:`deformable_warning` — did the deformable stage (network, refinement)
+  lower the similarity below the pre-aligned start? ``qc.json``'s ``deformable_check`` and the CLI's warning.
 * :func:`label_overlap` — Dice before/after of the fixed labels and the (warped) moving labels.
 * :func:`orthogonal_slices` — the three centre slices (model grid) that the figure needs, so a result keeps a
   few KB instead of whole volumes.
@@ -23,6 +25,9 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "DEFORMABLE_TOLERANCE",
+    "deformable_check",
+    "deformable_warning",
     "deformation_stats",
     "fixed_foreground",
     "jacobian_determinant_fast",
@@ -159,6 +164,50 @@ def region_ncc(fixed: np.ndarray, other: np.ndarray, region: np.ndarray | None) 
     if region is None:
         return ncc_global_float32(fixed, other)
     return ncc_global_float32(fixed[region], other[region])
+
+
+#: deformable_check: the deformable stage "lowered" the similarity when its NCC ends more than this below
+#: the pre-aligned start (a flow that changes nothing scores the start exactly; interpolation alone costs
+#: far less than this)
+DEFORMABLE_TOLERANCE = 0.005
+
+
+def deformable_check(
+    fixed: np.ndarray,
+    start: np.ndarray,
+    end: np.ndarray,
+    region: np.ndarray | None,
+    min_ncc: float | None = None,
+) -> dict[str, Any]:
+    """NCC of the fixed image with the moving image as the deformable stage got it (``start``: pre-aligned,
+    in the fixed contrast when it was matched) and as it left it (``end``: warped by the flow), inside
+    ``region``; all (D, H, W) on the model grid. ``lowered`` when it fell by more than
+    :data:`DEFORMABLE_TOLERANCE`. ``min_ncc`` (matched contrasts): below it at the end the NCC of a loosely
+    matched image says little, so the pair is not judged.
+
+    Returns ``{"judged", "ncc_start", "ncc_end", "lowered"}`` (``reason`` when not judged)."""
+    a, b = region_ncc(fixed, start, region), region_ncc(fixed, end, region)
+    out: dict[str, Any] = {"judged": True, "ncc_start": a, "ncc_end": b, "lowered": False}
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return {**out, "judged": False, "reason": "NCC undefined (a constant image in the region)"}
+    if min_ncc is not None and b < min_ncc:
+        reason = f"matched contrast: NCC {b:.2f} after the flow, below {min_ncc:g}, too weak to judge by"
+        return {**out, "judged": False, "reason": reason}
+    return {**out, "lowered": b < a - DEFORMABLE_TOLERANCE}
+
+
+def deformable_warning(qc: dict[str, Any]) -> str | None:
+    """The CLI's one-line warning when ``qc``'s ``deformable_check`` found the deformable stage lowering the
+    similarity below the pre-aligned start, else None."""
+    check = qc.get("deformable_check") or {}
+    if not check.get("lowered"):
+        return None
+    start = "the affine pre-alignment" if qc.get("affine_prealignment") else "no registration"
+    return (
+        f"warning: the deformable registration ended below {start} by NCC ({qc.get('qc_region')}: "
+        f"{check['ncc_start']:.4f} -> {check['ncc_end']:.4f}); inspect qc.png, or try more refinement "
+        "(e.g. --refine 20)"
+    )
 
 
 def label_overlap(

@@ -51,6 +51,7 @@ SUMMARY_FIELDS = (
     "frac_jac_nonpos",
     "sdlogj",
     "seconds",
+    "warning",
     "error",
 )
 
@@ -137,7 +138,14 @@ def failed_row(pair: Pair, error: str, seconds: float = 0.0) -> dict[str, Any]:
 
 
 def _qc_row(qc: dict[str, Any]) -> dict[str, Any]:
-    return {k: qc[k] for k in ("ncc_before", "ncc_after", "frac_jac_nonpos", "sdlogj")}
+    """The summary columns a pair's ``qc.json`` gives, ``warning`` the CLI's warnings for it (a rejected
+    affine, a deformable stage that ended below its start), joined by "; " without their prefix."""
+    from emorph_deploy.qc import deformable_warning
+    from emorph_deploy.registration.affine import rejection_warning
+
+    warnings = [w.removeprefix("warning: ") for w in (rejection_warning(qc), deformable_warning(qc)) if w]
+    row = {k: qc[k] for k in ("ncc_before", "ncc_after", "frac_jac_nonpos", "sdlogj")}
+    return {**row, "warning": "; ".join(warnings)}
 
 
 def register_pair(registrar: Any, pair: Pair, out_dir: str | Path, options: PairOptions) -> dict[str, Any]:
@@ -326,6 +334,8 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
         )
         if r["status"] != "ok":
             lines.append(f"    error: {r.get('error', '')}")
+        elif r.get("warning"):
+            lines.append(f"    warning: {r['warning']}")
     ok = sum(r["status"] == "ok" for r in rows)
     skipped = sum(r["status"] == "skipped" for r in rows)
     failed = len(rows) - ok - skipped

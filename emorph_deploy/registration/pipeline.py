@@ -310,7 +310,9 @@ class RegistrationQC:
     Shapes are (D, H, W) / (I, J, K) voxel counts; ``model_spacing_mm`` in mm. ``affine`` holds the affine
     pre-alignment's keys (``affine_matrix``, ``affine_source``, ``affine_accepted``, ...; empty without it);
     ``ncc_before``/``ncc_after`` are measured inside ``qc_region`` ("fixed-mask", "fixed-foreground" or
-    "volume" when the fixed image has no usable foreground); ``masks`` which masks were given; ``passes`` the
+    "volume" when the fixed image has no usable foreground); ``deformable_check`` whether the deformable
+    stage lowered the NCC of the image it registered below its pre-aligned start
+    (:func:`emorph_deploy.qc.deformable_check`); ``masks`` which masks were given; ``passes`` the
     network passes (0 without the network);
     ``label_overlap`` Dice before/after with fixed labels (:func:`emorph_deploy.qc.label_overlap`; empty
     without); ``deformation`` the Jacobian statistics on the model grid
@@ -332,6 +334,7 @@ class RegistrationQC:
     ncc_before: float
     ncc_after: float
     qc_region: str
+    deformable_check: dict[str, Any]
     masks: dict[str, bool]
     label_overlap: dict[str, Any]
     deformation: dict[str, Any]
@@ -359,6 +362,7 @@ class RegistrationQC:
             "ncc_before": self.ncc_before,
             "ncc_after": self.ncc_after,
             "qc_region": self.qc_region,
+            "deformable_check": dict(self.deformable_check),
             "masks": dict(self.masks),
             **self.label_overlap,
             **self.deformation,
@@ -616,7 +620,7 @@ class Registrar:
             with stopwatch(times, "qc"):
                 # the network warped what it was fed: a contrast-matched image is not the moving image
                 net_warped = out.get("warped") if pair.matched is None else None
-                ncc_before, ncc_after, region, stats, slices = self._quality(pair, flow, net_warped)
+                ncc_before, ncc_after, region, stats, slices, check = self._quality(pair, flow, net_warped)
                 overlap = _label_overlap(extras.get("fixed_labels"), labels_img, nw, fixed_img)
             inverse = _lazy_inverse(flow, pair.affine, m_data.shape, m_aff, pre, moving_img.header)
             with stopwatch(times, "jacobian"):
@@ -636,6 +640,7 @@ class Registrar:
             ncc_before=ncc_before,
             ncc_after=ncc_after,
             qc_region=region,
+            deformable_check=check,
             masks={"fixed": fixed_mask is not None, "moving": moving_mask is not None},
             label_overlap=overlap,
             deformation=stats,
@@ -857,10 +862,11 @@ class Registrar:
 
     def _quality(
         self, pair: _ModelGridPair, flow: np.ndarray, warped: np.ndarray | None
-    ) -> tuple[float, float, str, dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-        """NCC before/after inside the QC region (and its name), Jacobian statistics and the centre slices
-        for ``qc.png``, all on the model grid. ``warped`` is the network's warped moving image
-        (1, 1, D, H, W) when it returned one for this ``flow``; otherwise the moving image is warped here."""
+    ) -> tuple[float, float, str, dict[str, Any], dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+        """NCC before/after inside the QC region (and its name), Jacobian statistics, the centre slices
+        for ``qc.png`` and the deformable stage's check, all on the model grid. ``warped`` is the
+        network's warped moving image (1, 1, D, H, W) when it returned one for this ``flow``; otherwise the
+        moving image is warped here."""
         import torch
 
         from emorph_deploy.qc import (
@@ -889,8 +895,33 @@ class Registrar:
             name = "volume" if region is None else "fixed-foreground"
         ncc_before = region_ncc(pair.fixed, pair.moving_unaligned, region)
         ncc_after = region_ncc(pair.fixed, warped_m, region)
+        check = self._deformable_check(pair, flow, warped_m, region)
         slices = orthogonal_slices(pair.fixed, pair.moving_unaligned, warped_m, flow, jac)
-        return ncc_before, ncc_after, name, stats, slices
+        return ncc_before, ncc_after, name, stats, slices, check
+
+    @staticmethod
+    def _deformable_check(
+        pair: _ModelGridPair, flow: np.ndarray, warped_m: np.ndarray, region: np.ndarray | None
+    ) -> dict[str, Any]:
+        """:func:`~emorph_deploy.qc.deformable_check` on the image the network and the refinement saw: the
+        pre-aligned moving image, or its contrast-matched version (warped here; judged only when it ends
+        correlated by ``NCC_MIN_R``). Not judged when the contrasts differ and were not matched."""
+        from emorph_deploy.qc import deformable_check
+
+        if pair.matched is None:
+            if not (pair.contrast or {}).get("same_contrast", True):
+                reason = "the contrasts differ and were not matched (--no-match-contrast): NCC says little"
+                return {"judged": False, "reason": reason}
+            return deformable_check(pair.fixed, pair.moving, warped_m, region)
+        import torch
+
+        from emorph_deploy.contrast import NCC_MIN_R
+        from emorph_deploy.models.warp import warp
+
+        with torch.inference_mode():
+            seen = torch.from_numpy(pair.matched)[None, None]
+            end = warp(seen, torch.from_numpy(flow)[None]).numpy()[0, 0]
+        return deformable_check(pair.fixed, pair.matched, end, region, min_ncc=NCC_MIN_R)
 
     def __repr__(self) -> str:
         return f"Registrar(backend={self.backend!r}, precision={self.precision!r}, grid={self.grid_shape})"

@@ -132,7 +132,8 @@ def test_qc_keys_and_stage_times(pair, stub):
     stats = list(deformation_stats(np.ones((4, 4, 4), np.float32)))
     assert list(qc) == [
         "format", "backend", "precision", "model_grid", "model_spacing_mm", "fixed_shape", "moving_shape",
-        "affine_prealignment", "ncc_before", "ncc_after", "qc_region", "masks", *stats, "jacobian_grid",
+        "affine_prealignment", "ncc_before", "ncc_after", "qc_region", "deformable_check", "masks", *stats,
+        "jacobian_grid",
         "model_latency_s", "network", "passes", "contrast", "refine", "times_s",
     ]  # fmt: skip
     assert qc["format"] == RegistrationQC.FORMAT and qc["backend"] == "stub"
