@@ -55,10 +55,9 @@ QUANTILE_SAMPLE = 65_536
 
 #: The refinement's similarity: local NCC only when the moving image (contrast-matched or not), warped by
 #: the network, correlates with the fixed image at least this much (Pearson r in the common foreground),
-#: else NGF (similarity_after_matching, refine_similarity). On the validation suite matched real pairs with
-#: an inverted contrast reached r 0.61-0.77 (NCC the better refinement), synthetic pairs whose contrast
-#: merges tissues 0.34-0.49 (NGF the better one); unmatched same-contrast pairs 0.62-0.89, and a
-#: different-contrast pair that contrast_agreement's linearity test alone passed 0.26 (NGF the better one).
+#: else NGF (similarity_after_matching, refine_similarity). It lies between the correlations of the
+#: validation suite's pairs where NCC refined better and those where NGF did (docs/model_card.md, "Across
+#: contrasts").
 NCC_MIN_R = 0.55
 
 #: fewest common-foreground voxels for a verdict or a map

@@ -97,6 +97,14 @@ def train_command(
             "default 0; may change on --resume).",
         ),
     ] = None,
+    synth_shapes: Annotated[
+        float | None,
+        typer.Option(
+            help="brains: share of pairs in [0, 1] with random smooth shapes inside the head instead of "
+            "tissue parcels, in random per-label contrasts (SynthMorph's shapes; default 0; may change on "
+            "--resume).",
+        ),
+    ] = None,
     synth_known_flow: Annotated[
         bool | None,
         typer.Option(
@@ -279,6 +287,7 @@ def train_command(
         "synth_affine_fraction": synth_affine_fraction,
         "synth_known_flow": synth_known_flow,
         "synth_same_subject": synth_same_subject,
+        "synth_shapes": synth_shapes,
         "ncc_weight": ncc_weight,
         "flow_weight": flow_weight,
         "bidirectional": bidirectional,

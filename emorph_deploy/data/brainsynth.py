@@ -81,9 +81,15 @@ class BrainSynthConfig:
     known_flow: bool = False
     # share of pairs whose fixed subject is the moving one under a further subject map of random strength
     # (deformation and affine ranges × uniform 0..1): near-identical pairs, which teach the network that
-    # identical anatomy needs no displacement (trained only on distinct subjects, it moves identical images
-    # by ~0.4 voxel); 0 = off, the generator then draws exactly the pairs it drew before this option
+    # identical anatomy needs no displacement (a network trained only on distinct subjects moves identical
+    # images; docs/model_card.md); 0 = off, the generator then draws exactly the pairs it drew before
     p_same_subject: float = 0.0
+    # share of pairs whose labels inside the head are random smooth shapes instead of tissue parcels, both
+    # images in random per-label contrasts (SynthMorph's shapes): matching that cannot lean on the one
+    # template anatomy every other pair is drawn from; 0 = off (no extra draw)
+    p_shapes: float = 0.0
+    shape_labels: tuple[int, int] = (12, 32)  # labels per shapes map, uniform in this range
+    shape_scale_mm: tuple[float, float] = (8.0, 24.0)  # control spacing of the shapes' noise
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,6 +254,21 @@ def _template_labels(g: torch.Generator, anat: _Anatomy, head: bool, cfg: BrainS
     parcel = parcel.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
     parcel = parcel[:, :, : shape[0], : shape[1], : shape[2]]
     return torch.where(tissue > 0, (tissue - 1) * k + parcel + 1, torch.zeros_like(tissue))
+
+
+def _shape_labels(
+    g: torch.Generator, inside: torch.Tensor, spacing_mm: float, cfg: BrainSynthConfig
+) -> torch.Tensor:
+    """Random smooth shapes (1, 1, D, H, W) int64 labelled 1..K inside the boolean ``inside``, 0 outside:
+    the argmax over K smooth noise channels drawn at half resolution (as the parcels are)."""
+    shape = tuple(inside.shape[2:])
+    k = int(torch.randint(cfg.shape_labels[0], cfg.shape_labels[1] + 1, (1,), generator=g))
+    scale_vox = float(_uniform(g, *cfg.shape_scale_mm)) / spacing_mm / 2
+    half = tuple((n + 1) // 2 for n in shape)
+    lab = _smooth_field(g, half, k, scale_vox).argmax(1, keepdim=True)
+    lab = lab.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
+    lab = lab[:, :, : shape[0], : shape[1], : shape[2]]
+    return torch.where(inside, lab + 1, torch.zeros_like(lab))
 
 
 # ------------------------------------------------------------------------------------------------ contrast
@@ -417,8 +438,18 @@ def brain_pair(
     g = _generator(seed)
     head = float(torch.rand(1, generator=g)) < cfg.p_head
     labels_t = _template_labels(g, anat, head, cfg)
+    shapes = cfg.p_shapes > 0 and float(torch.rand(1, generator=g)) < cfg.p_shapes
+    if shapes:  # the head's outline kept, random shapes inside it
+        labels_t = _shape_labels(g, labels_t > 0, anat.spacing_mm, cfg)
     n_labels = int(labels_t.max()) + 1
-    if render_seed is not None:
+    if shapes:  # no T1 to render: random per-label means, one set for both images or two (training pairs)
+        same = contrast == "same" or (
+            contrast is None and float(torch.rand(1, generator=g)) < cfg.p_same_contrast
+        )
+        c_m = _draw_contrast(g, "labels", n_labels)
+        c_f = c_m if same else _draw_contrast(g, "labels", n_labels)
+        gr = g
+    elif render_seed is not None:
         if contrast not in ("same", "different"):
             raise ValueError(f"render_seed needs contrast 'same' or 'different', got {contrast!r}")
         gr = _generator(render_seed)
@@ -454,6 +485,7 @@ def brain_pair(
     out["contrast"] = f"{c_m.kind}/{c_f.kind}"
     out["head"] = head
     out["same_subject"] = bool(known)
+    out["shapes"] = shapes
     return out
 
 

@@ -49,7 +49,9 @@ class AffineMetric(str, Enum):
 
     ncc = "ncc"  # global NCC over the fixed foreground: same contrast only
     mi = "mi"  # Mattes mutual information: any monotonic or non-monotonic intensity relation
-    auto = "auto"  # the default choice: currently mutual information
+    # the default: mutual information for the pose, then an NCC polish at the finest level where the
+    # intensities at that pose share a contrast (contrast_agreement) and the polish keeps their MI
+    auto = "auto"
 
 
 #: The gross orientations tried at the coarsest level: the headers' own, then 180° and ±90° about each axis.

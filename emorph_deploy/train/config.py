@@ -68,6 +68,7 @@ RESUMABLE_OVERRIDES: frozenset[str] = frozenset(
         "synth_affine_fraction",
         "synth_known_flow",
         "synth_same_subject",
+        "synth_shapes",
         # loss weights: a fine-tuning phase may re-balance them (e.g. less smoothing); the model is the same
         "reg_weight",
         "ncc_weight",
@@ -117,6 +118,9 @@ class TrainConfig:
     # brains: share of near-identical pairs (the moving subject under a further map of random strength,
     # BrainSynthConfig.p_same_subject)
     synth_same_subject: float = 0.0
+    # brains: share of pairs with random shapes inside the head instead of tissue parcels
+    # (BrainSynthConfig.p_shapes)
+    synth_shapes: float = 0.0
     # schedule
     epochs: int = 200
     # iterations per epoch (each = both directions, 2 optimizer steps); None = 100 for synthetic data, one
@@ -191,10 +195,12 @@ class TrainConfig:
             "synth_fine_disp_mm",
             "synth_affine_fraction",
             "synth_same_subject",
+            "synth_shapes",
         ):
             pos(n, allow_zero=True)
-        if self.synth_same_subject > 1:
-            raise InputError(f"--synth-same-subject must be a share in [0, 1]; got {self.synth_same_subject}")
+        for n in ("synth_same_subject", "synth_shapes"):
+            if getattr(self, n) > 1:
+                raise InputError(f"--{n.replace('_', '-')} must be a share in [0, 1]; got {getattr(self, n)}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise InputError(f"--max-minutes must be > 0; got {self.max_minutes}")
         if self.max_steps is not None and self.max_steps < 1:

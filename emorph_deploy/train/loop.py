@@ -292,6 +292,7 @@ def _brain_datasets(cfg: TrainConfig, pre: Any, world_size: int) -> tuple[Any, A
         affine_fraction=cfg.synth_affine_fraction,
         known_flow=cfg.synth_known_flow,
         p_same_subject=cfg.synth_same_subject,
+        p_shapes=cfg.synth_shapes,
     )
     train_ds = BrainSynthPairs(
         n_train, shape, seed=cfg.seed, spacing_mm=spacing, config=synth, ramp_epochs=cfg.synth_ramp_epochs

@@ -239,3 +239,29 @@ def test_same_subject_pairs_are_near_identical_at_random_strength():
     mixed = [_pair(s, config=BrainSynthConfig(p_same_subject=0.5))["same_subject"] for s in range(12)]
     assert 0 < sum(mixed) < 12
     assert not any(_pair(s)["same_subject"] for s in range(3))
+
+
+def test_shapes_pairs_replace_the_parcels_inside_the_head():
+    cfg = BrainSynthConfig(p_shapes=1.0, p_head=0.0)
+    p = _pair(3, config=cfg)
+    brain = _pair(3, config=BrainSynthConfig(p_head=0.0))
+    assert p["shapes"] and not brain["shapes"] and p["contrast"] == "labels/labels"
+    k = int(p["moving_labels"].max())
+    assert cfg.shape_labels[0] <= k <= cfg.shape_labels[1] and k > int(brain["moving_labels"].max())
+    # the outline is the head's (here the brain's): shapes only where the tissue map has a label
+    inside = torch.zeros(1, 1, *SHAPE, dtype=torch.bool)
+    inside[..., 4:-4, 5:-5, 6:-6] = True
+    shapes = bs._shape_labels(torch.Generator().manual_seed(0), inside, 4.0, cfg)
+    assert torch.equal(shapes > 0, inside)
+    n_p, n_b = int((p["moving_labels"] > 0).sum()), int((brain["moving_labels"] > 0).sum())
+    assert 0.8 < n_p / n_b < 1.25  # another subject of the same brain, not a box
+    # the images follow the shapes: each label has its own mean, so the labels explain most of the variance
+    img, lab = p["moving"][0], p["moving_labels"][0]
+    inside = lab > 0
+    means = torch.zeros(k + 1).index_add_(0, lab[inside], img[inside]) / torch.bincount(
+        lab[inside], minlength=k + 1
+    ).clamp_min(1)
+    resid = img[inside] - means[lab[inside]]
+    assert float(resid.var()) < 0.5 * float(img[inside].var())
+    mixed = [_pair(s, config=BrainSynthConfig(p_shapes=0.5))["shapes"] for s in range(12)]
+    assert 0 < sum(mixed) < 12

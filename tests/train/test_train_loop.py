@@ -124,17 +124,19 @@ def test_resume_may_add_fine_deformations_to_brain_pairs(tmp_path, tiny_override
     cfg = _cfg(tmp_path, tiny_overrides, "f", epochs=1, steps_per_epoch=1, val_pairs=2)
     Trainer(cfg, force=True).fit()
     changes = {"synth_fine_disp_mm": 8.0, "synth_affine_fraction": 0.25, "reg_weight": 0.5}
-    changes.update(synth_known_flow=True, flow_weight=0.2, synth_same_subject=0.25)
+    changes.update(synth_known_flow=True, flow_weight=0.2, synth_same_subject=0.25, synth_shapes=0.3)
     resumed = resolve_resume_config(tmp_path / "f", changes)
     assert resumed.synth_fine_disp_mm == 8.0 and resumed.reg_weight == 0.5  # a new loss balance may start
     assert resumed.synth_known_flow and resumed.flow_weight == 0.2
     pre = SimpleNamespace(grid_shape=(16, 16, 16), spacing_mm=(2.0, 2.0, 2.0))
     train_ds, val = _brain_datasets(resumed, pre, 1)
     assert train_ds.config.fine_disp_mm == 8.0 and train_ds.config.affine_fraction == 0.25
-    assert train_ds.config.p_same_subject == 0.25
+    assert train_ds.config.p_same_subject == 0.25 and train_ds.config.p_shapes == 0.3
     assert train_ds.config.known_flow and not any("flow" in item for item in val)  # validation unchanged
     with pytest.raises(InputError, match="synth-same-subject"):
         resolve_resume_config(tmp_path / "f", {"synth_same_subject": 1.5})
+    with pytest.raises(InputError, match="synth-shapes"):
+        resolve_resume_config(tmp_path / "f", {"synth_shapes": -0.1})
     # the held-out validation pairs are those of a run without fine deformations (one comparable curve)
     _, val_before = _brain_datasets(cfg, pre, 1)
     assert all(torch.equal(a["moving"], b["moving"]) for a, b in zip(val, val_before, strict=True))
