@@ -242,15 +242,17 @@ def fit_inversion_map(moving: Any, fixed: Any, levels: int = INVERSION_LEVELS) -
     return IntensityMap(tuple(xs.tolist()), tuple(ys.tolist()))
 
 
-def refine_similarity(agreement: dict[str, Any]) -> Similarity:
+def refine_similarity(agreement: dict[str, Any], min_r: float | None = NCC_MIN_R) -> Similarity:
     """The refinement similarity for an unmatched pair from :func:`contrast_agreement`'s figures on the
     moving image warped by the network: NCC if the verdict is the same contrast *and* ``r`` reaches
-    :data:`NCC_MIN_R` (no verdict: NCC, the training loss), else NGF. A weak correlation passes the
-    linearity test too (r² and η² both small), but gives local NCC little to follow."""
+    ``min_r`` (None: the verdict alone; no verdict: NCC, the training loss), else NGF. After the network a
+    weak correlation that passes the linearity test (r² and η² both small) gives local NCC little to
+    follow; before any deformable alignment (a zero flow) misalignment alone lowers r, so callers pass
+    None there."""
     r = agreement.get("r")
-    if r is None:
-        return Similarity.ncc
-    return Similarity.ncc if agreement["same_contrast"] and r >= NCC_MIN_R else Similarity.ngf
+    if r is None or not agreement["same_contrast"]:
+        return Similarity.ncc if r is None else Similarity.ngf
+    return Similarity.ncc if min_r is None or r >= min_r else Similarity.ngf
 
 
 def similarity_after_matching(warped_matched: Any, fixed: Any) -> tuple[Similarity, float]:

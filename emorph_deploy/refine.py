@@ -26,7 +26,8 @@ step),
 ``"ngf"`` by normalised gradient fields (:class:`~emorph_deploy.losses.NGFLoss`: only the directions of the
 edges count), and ``"auto"`` measures on the model grid whether the two images share a contrast
 (:func:`contrast_agreement`: inside the common foreground, is the fixed intensity a positive, mostly *linear*
-function of the moving one, with a correlation of at least ``NCC_MIN_R``?) and picks NCC if so, NGF
+function of the moving one, and after the network with a correlation of at least ``NCC_MIN_R``?) and picks
+NCC if so, NGF
 otherwise (:func:`~emorph_deploy.contrast.refine_similarity`): starting from the network's flow, NGF was the
 best of the three across contrasts on the validation suite (real brains with the moving contrast inverted,
 synthetic pairs in independent contrasts) while MIND-SSC at the default step count barely moved off the
@@ -297,6 +298,7 @@ def refine_flow(
     fixed_mask: torch.Tensor | None = None,
     contrast_matched: bool = False,
     warped_init: torch.Tensor | None = None,
+    network_init: bool = True,
 ) -> torch.Tensor:
     """Refine a voxel displacement by ``steps`` Adam steps on a similarity (NCC) + ``reg_weight`` · diffusion
     + ``fold_weight`` · folding penalty.
@@ -314,8 +316,8 @@ def refine_flow(
             displacement update trilinearly upsampled; ``None`` = ``steps``).
         similarity: ``"ncc"`` (the training loss), ``"ngf"`` (normalised gradient fields, across
             contrasts), ``"mind"`` (MIND-SSC) or ``"auto"`` (NCC if :func:`contrast_agreement` of the moving
-            image warped by ``flow_init`` and the fixed image says same contrast and its ``r`` reaches
-            :data:`~emorph_deploy.contrast.NCC_MIN_R`, else NGF; with
+            image warped by ``flow_init`` and the fixed image says same contrast and, after a network
+            (``network_init``), its ``r`` reaches :data:`~emorph_deploy.contrast.NCC_MIN_R`, else NGF; with
             ``contrast_matched``, :func:`~emorph_deploy.contrast.similarity_after_matching` decides instead).
         fold_weight: weight of :class:`~emorph_deploy.losses.FoldingLoss` (``mean(relu(0.05 − det J))``):
             it acts only where a voxel is close to folding, so it lowers the share of J ≤ 0 without the
@@ -336,6 +338,10 @@ def refine_flow(
             rather than whether the contrasts agree (they do, by construction).
         warped_init: (1, 1, D, H, W) ``moving`` already warped by ``flow_init`` (e.g. the network's own
             ``warped`` output), for ``"auto"``'s decision; None = warped here (one full-resolution warp).
+        network_init: ``flow_init`` is a network's alignment, so ``"auto"``'s same-contrast verdict also
+            needs ``r`` ≥ :data:`~emorph_deploy.contrast.NCC_MIN_R`; False (e.g. a zero flow): the verdict
+            alone, since before any deformable alignment misalignment lowers ``r`` as much as a contrast
+            change does.
 
     Returns a detached (1, 3, D, H, W) float32 tensor on ``flow_init``'s device. Deterministic; the inputs are
     not modified; works inside ``torch.inference_mode()`` / ``no_grad()`` callers.
@@ -375,8 +381,8 @@ def refine_flow(
             chosen, r = similarity_after_matching(warped, fixed)
             figures: dict[str, Any] = {"matched": True, "r": r, "ncc_min_r": NCC_MIN_R}
         else:
-            figures = {**contrast_agreement(warped, fixed), "ncc_min_r": NCC_MIN_R}
-            chosen = refine_similarity(figures)
+            figures = {**contrast_agreement(warped, fixed), "ncc_min_r": NCC_MIN_R if network_init else None}
+            chosen = refine_similarity(figures, min_r=NCC_MIN_R if network_init else None)
         if info is not None:
             info["contrast"] = figures
     if info is not None:

@@ -135,6 +135,8 @@ def test_refine_similarity_needs_a_linear_and_strong_correlation():
     # a weak correlation passes the linearity test (r² and η² both small) but is not NCC's case
     assert refine_similarity({"r": NCC_MIN_R - 0.01, "same_contrast": True}) is Similarity.ngf
     assert refine_similarity({"r": 0.9, "same_contrast": False}) is Similarity.ngf
-    assert (
-        refine_similarity({"r": None, "same_contrast": True}) is Similarity.ncc
-    )  # no verdict: the training loss
+    # no verdict: the training loss
+    assert refine_similarity({"r": None, "same_contrast": True}) is Similarity.ncc
+    # from a zero flow (no network) the verdict alone decides: misalignment lowers r too
+    assert refine_similarity({"r": 0.3, "same_contrast": True}, min_r=None) is Similarity.ncc
+    assert refine_similarity({"r": 0.9, "same_contrast": False}, min_r=None) is Similarity.ngf

@@ -603,7 +603,7 @@ class Registrar:
             refine_info: dict[str, Any] = {}  # the similarity used ("auto" resolved) and why, for qc.json
             if refine_cfg.steps:
                 with stopwatch(times, "refine"):
-                    flow = self._refine(pair, flow, refine_cfg, refine_info, out.get("warped"))
+                    flow = self._refine(pair, flow, refine_cfg, refine_info, out.get("warped"), network)
                 out = {"flow": flow}  # the network's "warped" is stale after refinement: QC re-warps
             with stopwatch(times, "resample_back"):
                 nw = warp_to_native(
@@ -838,12 +838,14 @@ class Registrar:
         cfg: RefineConfig,
         info: dict[str, Any],
         warped: np.ndarray | None = None,
+        network: bool = True,
     ) -> np.ndarray:
         """Test-time refinement of ``flow`` (3, D, H, W) on the model grid; ``info`` receives the similarity
         used and why. A contrast-matched pair refines its matched image; with ``similarity`` auto, one
         matched by the conditional-median map on NCC or NGF by
         :func:`~emorph_deploy.contrast.similarity_after_matching`, one matched by the inversion map (a
-        histogram match, as faithful as a same-contrast image) as a same-contrast pair."""
+        histogram match, as faithful as a same-contrast image) as a same-contrast pair. ``network``: the
+        flow is the network's (False: a zero flow, refinement alone)."""
         import torch
 
         from emorph_deploy.refine import refine_flow
@@ -858,6 +860,7 @@ class Registrar:
             fixed_mask=mask,
             contrast_matched=pair.loosely_matched,
             warped_init=None if warped is None else torch.from_numpy(np.asarray(warped, np.float32)),
+            network_init=network,
         )[0].numpy()
 
     def _quality(

@@ -53,3 +53,14 @@ def test_no_network_refine_moves_and_differs_from_network_start(reg, pair_in_one
     assert float(np.abs(d0 - np.asanyarray(net.displacement.dataobj)).max()) > 1e-4
     again = reg.register(fixed, moving, network=False, refine=3)  # deterministic
     np.testing.assert_array_equal(d0, np.asanyarray(again.displacement.dataobj))
+
+
+def test_the_correlation_floor_applies_after_the_network_only(reg, pair_in_one_space) -> None:
+    """auto's NCC needs r >= NCC_MIN_R after the network; from a zero flow the same-contrast verdict alone
+    decides (misalignment lowers r as much as a contrast change does)."""
+    from emorph_deploy.contrast import NCC_MIN_R
+
+    fixed, moving = pair_in_one_space
+    zero = reg.register(fixed, moving, network=False, refine=1).qc["refine"]
+    net = reg.register(fixed, moving, refine=1).qc["refine"]
+    assert zero["contrast"]["ncc_min_r"] is None and net["contrast"]["ncc_min_r"] == NCC_MIN_R
