@@ -1085,6 +1085,23 @@ def _worker_ignores_interrupts(worker_id: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.excepthook = _quiet_lost_fd_share(sys.excepthook)
+
+
+def _quiet_lost_fd_share(hook: Any) -> Any:
+    """``sys.excepthook`` for a DataLoader worker: the thread that hands batch tensors' file descriptors to
+    the main process (``multiprocessing.resource_sharer``) reports through ``sys.excepthook`` a connection
+    the main process dropped, which is how the main process ends after saving `last` on SIGTERM; that one
+    case is silent, anything else goes to ``hook``."""
+    import traceback
+
+    def quiet(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        lost = issubclass(exc_type, (ConnectionResetError, BrokenPipeError, EOFError))
+        if lost and any(f.filename.endswith("resource_sharer.py") for f in traceback.extract_tb(tb)):
+            return
+        hook(exc_type, exc, tb)
+
+    return quiet
 
 
 def resolve_resume_config(out: str | Path, requested: dict[str, Any]) -> TrainConfig:

@@ -325,3 +325,30 @@ def test_known_flow_pairs_add_the_endpoint_loss_forward_only(tmp_path, tiny_over
         _brains_cfg(tmp_path, tiny_overrides, "x", flow_weight=0.5)
     with pytest.raises(InputError, match="--flow-weight needs"):
         _cfg(tmp_path, tiny_overrides, "x", data=str(tmp_path), flow_weight=0.5)
+
+
+def test_workers_stay_quiet_when_the_main_process_drops_an_fd_share(tmp_path):
+    """A worker's fd-sharing thread reports a connection the exiting main process dropped: silent; any other
+    error still reaches the hook."""
+    import importlib.util
+    import sys
+
+    from emorph_deploy.train.loop import _quiet_lost_fd_share
+
+    src = tmp_path / "resource_sharer.py"  # stands for multiprocessing.resource_sharer
+    src.write_text("def serve(exc):\n    raise exc\n")
+    spec = importlib.util.spec_from_file_location("fake_resource_sharer", src)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    seen = []
+    hook = _quiet_lost_fd_share(lambda *a: seen.append(a[0]))
+    for exc in (ConnectionResetError(104, "reset"), BrokenPipeError(), ValueError("real")):
+        try:
+            mod.serve(exc)
+        except BaseException:
+            hook(*sys.exc_info())
+    try:
+        raise ConnectionResetError(104, "elsewhere")
+    except ConnectionResetError:
+        hook(*sys.exc_info())
+    assert seen == [ValueError, ConnectionResetError]
