@@ -8,7 +8,8 @@
 * :func:`fixed_foreground` / :func:`region_ncc` — the region ``qc.json``'s NCC is measured in (the fixed
   mask, or the fixed image's foreground: the background's agreement says nothing about the registration).
 * :func:`deformable_check` / :func:`deformable_warning` — did the deformable stage (network, refinement)
-  lower the similarity below the pre-aligned start? ``qc.json``'s ``deformable_check`` and the CLI's warning.
+  lower the similarity below the pre-aligned start? ``qc.json``'s ``deformable_check`` and the CLI's warning;
+  :func:`warnings_of` — every warning line of a ``qc`` (register, demo, batch summaries).
 * :func:`label_overlap` — Dice before/after of the fixed labels and the (warped) moving labels.
 * :func:`orthogonal_slices` — the three centre slices (model grid) that the figure needs, so a result keeps a
   few KB instead of whole volumes.
@@ -35,6 +36,7 @@ __all__ = [
     "orthogonal_slices",
     "qc_figure_png",
     "region_ncc",
+    "warnings_of",
 ]
 
 #: fixed_foreground: a voxel is foreground when the smoothed fixed image exceeds this share of its 99th
@@ -208,6 +210,15 @@ def deformable_warning(qc: dict[str, Any]) -> str | None:
         f"{check['ncc_start']:.4f} -> {check['ncc_end']:.4f}); inspect qc.png, or try more refinement "
         "(e.g. --refine 20)"
     )
+
+
+def warnings_of(qc: dict[str, Any]) -> list[str]:
+    """Every one-line warning the CLI prints for a registration's ``qc``: a rejected affine pre-alignment
+    (:func:`~emorph_deploy.registration.affine.rejection_warning`), then a deformable stage that ended below
+    its start (:func:`deformable_warning`)."""
+    from emorph_deploy.registration.affine import rejection_warning
+
+    return [w for w in (rejection_warning(qc), deformable_warning(qc)) if w is not None]
 
 
 def label_overlap(

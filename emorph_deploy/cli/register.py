@@ -303,12 +303,10 @@ def register_command(
     res = reg.register(*inputs, validate=False, refine=refine_cfg, **extras)
     written = res.save(out, force=force, voxel_flow=voxel_flow, qc_png=qc_png, prefix=prefix)
     q = res.qc
-    from emorph_deploy.qc import deformable_warning
-    from emorph_deploy.registration.affine import rejection_warning
+    from emorph_deploy.qc import warnings_of
 
-    for warning in (rejection_warning(q), deformable_warning(q)):
-        if warning is not None:
-            typer.echo(warning, err=True)
+    for warning in warnings_of(q):
+        typer.echo(warning, err=True)
     t = q["times_s"]
     dice = f"Dice {q['dice_before']:.4f} -> {q['dice_after']:.4f} | " if "dice_after" in q else ""
     typer.echo(

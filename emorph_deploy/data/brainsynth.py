@@ -247,27 +247,28 @@ def _template_labels(g: torch.Generator, anat: _Anatomy, head: bool, cfg: BrainS
     k = max(1, cfg.parcels)
     if k == 1:
         return tissue
-    # parcels are coarse: draw them at half resolution (argmax over channels is the costly part)
-    half = tuple((s + 1) // 2 for s in shape)
-    noise = _smooth_field(g, half, k, cfg.parcel_scale_mm / anat.spacing_mm / 2)
-    parcel = noise.argmax(1, keepdim=True)
-    parcel = parcel.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
-    parcel = parcel[:, :, : shape[0], : shape[1], : shape[2]]
+    parcel = _coarse_regions(g, shape, k, cfg.parcel_scale_mm / anat.spacing_mm)
     return torch.where(tissue > 0, (tissue - 1) * k + parcel + 1, torch.zeros_like(tissue))
+
+
+def _coarse_regions(g: torch.Generator, shape: tuple[int, ...], k: int, scale_vox: float) -> torch.Tensor:
+    """(1, 1, D, H, W) int64 region index 0..k-1: the argmax over ``k`` smooth noise channels of control
+    spacing ``scale_vox`` voxels. The regions are coarse, so they are drawn at half resolution and repeated
+    (the argmax over channels is the costly part)."""
+    half = tuple((n + 1) // 2 for n in shape)
+    region = _smooth_field(g, half, k, scale_vox / 2).argmax(1, keepdim=True)
+    region = region.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
+    return region[:, :, : shape[0], : shape[1], : shape[2]]
 
 
 def _shape_labels(
     g: torch.Generator, inside: torch.Tensor, spacing_mm: float, cfg: BrainSynthConfig
 ) -> torch.Tensor:
-    """Random smooth shapes (1, 1, D, H, W) int64 labelled 1..K inside the boolean ``inside``, 0 outside:
-    the argmax over K smooth noise channels drawn at half resolution (as the parcels are)."""
-    shape = tuple(inside.shape[2:])
+    """Random smooth shapes (1, 1, D, H, W) int64 labelled 1..K inside the boolean ``inside``, 0 outside
+    (:func:`_coarse_regions`, as the parcels are drawn)."""
     k = int(torch.randint(cfg.shape_labels[0], cfg.shape_labels[1] + 1, (1,), generator=g))
-    scale_vox = float(_uniform(g, *cfg.shape_scale_mm)) / spacing_mm / 2
-    half = tuple((n + 1) // 2 for n in shape)
-    lab = _smooth_field(g, half, k, scale_vox).argmax(1, keepdim=True)
-    lab = lab.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
-    lab = lab[:, :, : shape[0], : shape[1], : shape[2]]
+    scale_vox = float(_uniform(g, *cfg.shape_scale_mm)) / spacing_mm
+    lab = _coarse_regions(g, tuple(inside.shape[2:]), k, scale_vox)
     return torch.where(inside, lab + 1, torch.zeros_like(lab))
 
 
@@ -400,15 +401,6 @@ def _forced_contrasts(
     return c_m, c_m if same else _draw_contrast(g, kind_f, n_labels), same
 
 
-def _paired_contrasts(
-    g: torch.Generator, cfg: BrainSynthConfig, n_labels: int
-) -> tuple[_Contrast, _Contrast]:
-    """The moving contrast and a different one for the fixed image, both always drawn, so that a paired
-    "same" pair (fixed in the moving contrast) consumes ``g`` exactly as its "different" twin."""
-    c_m, c_other, _ = _forced_contrasts(g, cfg, n_labels, "different")
-    return c_m, c_other
-
-
 def brain_pair(
     shape: tuple[int, int, int] = (80, 96, 112),
     seed: Any = 0,
@@ -453,7 +445,8 @@ def brain_pair(
         if contrast not in ("same", "different"):
             raise ValueError(f"render_seed needs contrast 'same' or 'different', got {contrast!r}")
         gr = _generator(render_seed)
-        c_m, c_other = _paired_contrasts(gr, cfg, n_labels)
+        # both contrasts always drawn: a paired "same" pair consumes gr exactly as its "different" twin
+        c_m, c_other, _ = _forced_contrasts(gr, cfg, n_labels, "different")
         c_f, same = (c_m, True) if contrast == "same" else (c_other, False)
     else:
         gr = g

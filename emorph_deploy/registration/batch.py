@@ -140,10 +140,9 @@ def failed_row(pair: Pair, error: str, seconds: float = 0.0) -> dict[str, Any]:
 def _qc_row(qc: dict[str, Any]) -> dict[str, Any]:
     """The summary columns a pair's ``qc.json`` gives, ``warning`` the CLI's warnings for it (a rejected
     affine, a deformable stage that ended below its start), joined by "; " without their prefix."""
-    from emorph_deploy.qc import deformable_warning
-    from emorph_deploy.registration.affine import rejection_warning
+    from emorph_deploy.qc import warnings_of
 
-    warnings = [w.removeprefix("warning: ") for w in (rejection_warning(qc), deformable_warning(qc)) if w]
+    warnings = [w.removeprefix("warning: ") for w in warnings_of(qc)]
     row = {k: qc[k] for k in ("ncc_before", "ncc_after", "frac_jac_nonpos", "sdlogj")}
     return {**row, "warning": "; ".join(warnings)}
 

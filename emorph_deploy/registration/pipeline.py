@@ -882,7 +882,8 @@ class Registrar:
 
         shape = self.grid_shape
         warped_seen = None  # the contrast-matched image warped, for the deformable check
-        if warped is not None and np.shape(warped) == (1, 1, *shape):
+        # the network's own output is the warped moving image only when it was fed that image (unmatched)
+        if warped is not None and pair.matched is None and np.shape(warped) == (1, 1, *shape):
             warped_m = np.asarray(warped, dtype=np.float32)[0, 0]
         else:
             from emorph_deploy.models.warp import warp
@@ -903,40 +904,30 @@ class Registrar:
             name = "volume" if region is None else "fixed-foreground"
         ncc_before = region_ncc(pair.fixed, pair.moving_unaligned, region)
         ncc_after = region_ncc(pair.fixed, warped_m, region)
-        check = self._deformable_check(pair, flow, warped_m, region, warped_seen)
+        check = self._deformable_check(pair, warped_m, region, warped_seen)
         slices = orthogonal_slices(pair.fixed, pair.moving_unaligned, warped_m, flow, jac)
         return ncc_before, ncc_after, name, stats, slices, check
 
     @staticmethod
     def _deformable_check(
         pair: _ModelGridPair,
-        flow: np.ndarray,
         warped_m: np.ndarray,
         region: np.ndarray | None,
-        warped_seen: np.ndarray | None = None,
+        warped_seen: np.ndarray | None,
     ) -> dict[str, Any]:
         """:func:`~emorph_deploy.qc.deformable_check` on the image the network and the refinement saw: the
-        pre-aligned moving image, or its contrast-matched version (``warped_seen``, warped here when not
-        given; judged only when it ends correlated by ``NCC_MIN_R``). Not judged when the contrasts differ
-        and were not matched."""
+        pre-aligned moving image (``warped_m`` after the flow), or its contrast-matched version
+        (``warped_seen``; judged only when it ends correlated by ``NCC_MIN_R``). Not judged when the
+        contrasts differ and were not matched."""
+        from emorph_deploy.contrast import NCC_MIN_R
         from emorph_deploy.qc import deformable_check
 
-        if pair.matched is None:
-            if not (pair.contrast or {}).get("same_contrast", True):
-                reason = "the contrasts differ and were not matched (--no-match-contrast): NCC says little"
-                return {"judged": False, "reason": reason}
-            return deformable_check(pair.fixed, pair.moving, warped_m, region)
-        from emorph_deploy.contrast import NCC_MIN_R
-
-        if warped_seen is None:
-            import torch
-
-            from emorph_deploy.models.warp import warp
-
-            with torch.inference_mode():
-                seen = torch.from_numpy(pair.matched)[None, None]
-                warped_seen = warp(seen, torch.from_numpy(flow)[None]).numpy()[0, 0]
-        return deformable_check(pair.fixed, pair.matched, warped_seen, region, min_ncc=NCC_MIN_R)
+        if pair.matched is not None:
+            return deformable_check(pair.fixed, pair.matched, warped_seen, region, min_ncc=NCC_MIN_R)
+        if not (pair.contrast or {}).get("same_contrast", True):
+            reason = "the contrasts differ and were not matched (--no-match-contrast): NCC says little"
+            return {"judged": False, "reason": reason}
+        return deformable_check(pair.fixed, pair.moving, warped_m, region)
 
     def __repr__(self) -> str:
         return f"Registrar(backend={self.backend!r}, precision={self.precision!r}, grid={self.grid_shape})"
