@@ -12,9 +12,9 @@ gives the moving image the fixed image's contrast.
   (:class:`~emorph_deploy.registration.Registrar`'s ``match_contrast``), an inverted or remapped contrast
   becomes one the network and local NCC handle as same-contrast; the outputs still warp the moving image
   as given.
-- :func:`similarity_after_matching`: the refinement similarity for a matched pair: local NCC when the
-  matched image correlates with the fixed one as well as same-contrast pairs do, otherwise normalised
-  gradient fields (the map is then too loose a fit, e.g. tissues that share one moving intensity).
+- A pair matched by the conditional-median map is a loose fit (tissues that share one moving intensity
+  get one fixed intensity), so the refinement works on the moving image as given with normalised
+  gradient fields (:meth:`~emorph_deploy.registration.Registrar.register`).
 
 Images are tensors or arrays of any one shape, in [0, 1], whose background is 0 (the model-grid images of
 :class:`~emorph_deploy.registration.Registrar`). Figures behind the choices: ``docs/model_card.md``.
@@ -40,7 +40,6 @@ __all__ = [
     "fit_intensity_map",
     "fit_inversion_map",
     "refine_similarity",
-    "similarity_after_matching",
 ]
 
 #: contrast_agreement's rule: same contrast iff r > 0 and r² ≥ LINEAR_SHARE · η²; an inversion iff r < 0
@@ -53,9 +52,10 @@ INVERSION_LEVELS = 256
 #: fit_inversion_map: at most about this many voxels per image enter the quantiles (a strided sample)
 QUANTILE_SAMPLE = 65_536
 
-#: The refinement's similarity: local NCC only when the moving image (contrast-matched or not), warped by
-#: the network, correlates with the fixed image at least this much (Pearson r in the common foreground),
-#: else NGF (similarity_after_matching, refine_similarity). It lies between the correlations of the
+#: The refinement's similarity: local NCC only when the moving image (unmatched or inversion-matched),
+#: warped by the network, correlates with the fixed image at least this much (Pearson r in the common
+#: foreground), else NGF (refine_similarity; the QC's deformable check judges a matched image only above
+#: it). It lies between the correlations of the
 #: validation suite's pairs where NCC refined better and those where NGF did (docs/model_card.md, "Across
 #: contrasts").
 NCC_MIN_R = 0.55
@@ -253,15 +253,3 @@ def refine_similarity(agreement: dict[str, Any], min_r: float | None = NCC_MIN_R
     if r is None or not agreement["same_contrast"]:
         return Similarity.ncc if r is None else Similarity.ngf
     return Similarity.ncc if min_r is None or r >= min_r else Similarity.ngf
-
-
-def similarity_after_matching(warped_matched: Any, fixed: Any) -> tuple[Similarity, float]:
-    """The refinement similarity for a contrast-matched pair and the Pearson r it rests on: NCC if the
-    matched moving image (warped by the network's flow) correlates with the fixed image by at least
-    :data:`NCC_MIN_R` in the common foreground (as :func:`contrast_agreement` measures it, without
-    its binning), else NGF."""
-    m, f = _common_foreground(warped_matched, fixed, FOREGROUND_THRESHOLD)
-    if m.size < MIN_VOXELS:  # too little foreground to judge: the training loss
-        return Similarity.ncc, float("nan")
-    r = _pearson(m, f)
-    return (Similarity.ncc if r >= NCC_MIN_R else Similarity.ngf), r

@@ -50,12 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from emorph_deploy.choices import Similarity
-from emorph_deploy.contrast import (
-    NCC_MIN_R,
-    contrast_agreement,
-    refine_similarity,
-    similarity_after_matching,
-)
+from emorph_deploy.contrast import NCC_MIN_R, contrast_agreement, refine_similarity
 from emorph_deploy.errors import InputError
 from emorph_deploy.losses import MINDSSCLoss, NCCLoss, NGFLoss
 from emorph_deploy.registration.defaults import DEFAULTS, MAX_GRAD_SIGMA
@@ -296,7 +291,6 @@ def refine_flow(
     callback: Callable[[int, torch.Tensor], None] | None = None,
     info: dict[str, Any] | None = None,
     fixed_mask: torch.Tensor | None = None,
-    contrast_matched: bool = False,
     warped_init: torch.Tensor | None = None,
     network_init: bool = True,
 ) -> torch.Tensor:
@@ -317,8 +311,7 @@ def refine_flow(
         similarity: ``"ncc"`` (the training loss), ``"ngf"`` (normalised gradient fields, across
             contrasts), ``"mind"`` (MIND-SSC) or ``"auto"`` (NCC if :func:`contrast_agreement` of the moving
             image warped by ``flow_init`` and the fixed image says same contrast and, after a network
-            (``network_init``), its ``r`` reaches :data:`~emorph_deploy.contrast.NCC_MIN_R`, else NGF; with
-            ``contrast_matched``, :func:`~emorph_deploy.contrast.similarity_after_matching` decides instead).
+            (``network_init``), its ``r`` reaches :data:`~emorph_deploy.contrast.NCC_MIN_R`, else NGF).
         fold_weight: weight of :class:`~emorph_deploy.losses.FoldingLoss` (``mean(relu(0.05 − det J))``):
             it acts only where a voxel is close to folding, so it lowers the share of J ≤ 0 without the
             smoothing a larger ``reg_weight`` brings; 0 = off (the plain objective).
@@ -333,9 +326,6 @@ def refine_flow(
             ``"auto"``, ``contrast`` (:func:`contrast_agreement`'s figures) are written into it.
         fixed_mask: (1, 1, D, H, W) weights in [0, 1] on the model grid (the fixed mask): the similarity is
             their weighted mean over the voxels (the regulariser stays global); None = all voxels alike.
-        contrast_matched: ``moving`` was mapped to the fixed image's contrast
-            (:func:`~emorph_deploy.contrast.fit_intensity_map`): ``"auto"`` then judges how well the map fits
-            rather than whether the contrasts agree (they do, by construction).
         warped_init: (1, 1, D, H, W) ``moving`` already warped by ``flow_init`` (e.g. the network's own
             ``warped`` output), for ``"auto"``'s decision; None = warped here (one full-resolution warp).
         network_init: ``flow_init`` is a network's alignment, so ``"auto"``'s same-contrast verdict also
@@ -377,13 +367,9 @@ def refine_flow(
         else:
             with torch.no_grad():
                 warped = warp(moving.float(), flow_init.float())
-        if contrast_matched:
-            chosen, r = similarity_after_matching(warped, fixed)
-            figures: dict[str, Any] = {"matched": True, "r": r, "ncc_min_r": NCC_MIN_R}
-        else:
-            min_r = NCC_MIN_R if network_init else None
-            figures = {**contrast_agreement(warped, fixed), "ncc_min_r": min_r}
-            chosen = refine_similarity(figures, min_r=min_r)
+        min_r = NCC_MIN_R if network_init else None
+        figures = {**contrast_agreement(warped, fixed), "ncc_min_r": min_r}
+        chosen = refine_similarity(figures, min_r=min_r)
         if info is not None:
             info["contrast"] = figures
     if info is not None:

@@ -14,7 +14,6 @@ from emorph_deploy.contrast import (
     contrast_agreement,
     fit_intensity_map,
     fit_inversion_map,
-    similarity_after_matching,
 )
 from emorph_deploy.errors import InputError
 
@@ -105,18 +104,6 @@ def test_inversion_map_keeps_the_fixed_contrast_when_misaligned(inverted_brain):
         fit_inversion_map(brain["inverted"], brain["fixed"], levels=1)
     with pytest.raises(InputError, match="foreground"):
         fit_inversion_map(torch.zeros(16, 16, 16), torch.rand(16, 16, 16))
-
-
-def test_similarity_after_matching_rule(inverted_brain):
-    brain = inverted_brain
-    matched = fit_intensity_map(brain["inverted"], brain["fixed"])(brain["inverted"])
-    chosen, r = similarity_after_matching(matched, brain["fixed"])
-    assert chosen is Similarity.ncc and r >= NCC_MIN_R
-    noise = torch.rand(32, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.05
-    chosen, r = similarity_after_matching(noise, brain["fixed"])  # unrelated: the map cannot be trusted
-    assert chosen is Similarity.ngf and abs(r) < NCC_MIN_R
-    chosen, r = similarity_after_matching(torch.rand(8, 8, 8), torch.rand(8, 8, 8))  # too small to judge
-    assert chosen is Similarity.ncc and np.isnan(r)
 
 
 def test_fit_rejects_bad_input():

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import nibabel as nib
 import numpy as np
 
+from emorph_deploy.choices import Similarity
 from emorph_deploy.errors import (
     ConfigMismatchError,
     EmorphError,
@@ -405,9 +406,9 @@ class _ModelGridPair:
 
     @property
     def loosely_matched(self) -> bool:
-        """``matched`` came from the conditional-median map, whose fit the refinement must judge
-        (:func:`~emorph_deploy.contrast.similarity_after_matching`); False for the inversion map and
-        without matching."""
+        """``matched`` came from the conditional-median map (a loose fit: the refinement then works on the
+        moving image as given, see :meth:`Registrar._refine`); False for the inversion map and without
+        matching."""
         return self.matched is not None and (self.contrast or {}).get("map") != "inversion"
 
 
@@ -841,27 +842,38 @@ class Registrar:
         network: bool = True,
     ) -> np.ndarray:
         """Test-time refinement of ``flow`` (3, D, H, W) on the model grid; ``info`` receives the similarity
-        used and why. A contrast-matched pair refines its matched image; with ``similarity`` auto, one
-        matched by the conditional-median map on NCC or NGF by
-        :func:`~emorph_deploy.contrast.similarity_after_matching`, one matched by the inversion map (a
-        histogram match, as faithful as a same-contrast image) as a same-contrast pair. ``network``: the
-        flow is the network's (False: a zero flow, refinement alone)."""
+        used and why. A pair matched by the inversion map (a histogram match, as faithful as a same-contrast
+        image) refines its matched image as a same-contrast pair. A pair matched by the conditional-median
+        map refines the moving image *as given* on a modality-independent similarity (NGF under ``auto``, or
+        the NGF / MIND-SSC requested): that map gives tissues sharing a moving intensity one fixed
+        intensity, so the matched image lacks edges the fixed image has, and local NCC on it pulled those
+        pairs off (see the model card, "Across contrasts"); only a requested NCC refines the matched image.
+        ``network``: the flow is the network's (False: a zero flow, refinement alone)."""
         import torch
 
         from emorph_deploy.refine import refine_flow
 
+        requested = Similarity.coerce(cfg.similarity)
+        as_given = pair.loosely_matched and requested is not Similarity.ncc
+        moving = pair.moving if as_given else pair.moving_for_network
+        similarity = Similarity.ngf if as_given and requested is Similarity.auto else requested
         mask = None if pair.fixed_mask is None else torch.from_numpy(pair.fixed_mask)[None, None]
-        return refine_flow(
-            torch.from_numpy(pair.moving_for_network)[None, None],
+        seen = None if warped is None or as_given else torch.from_numpy(np.asarray(warped, np.float32))
+        out = refine_flow(
+            torch.from_numpy(moving)[None, None],
             torch.from_numpy(pair.fixed)[None, None],
             torch.from_numpy(flow)[None],
-            **cfg.to_dict(),
+            **{**cfg.to_dict(), "similarity": similarity},
             info=info,
             fixed_mask=mask,
-            contrast_matched=pair.loosely_matched,
-            warped_init=None if warped is None else torch.from_numpy(np.asarray(warped, np.float32)),
+            warped_init=seen,
             network_init=network,
         )[0].numpy()
+        if pair.loosely_matched:
+            info["similarity_requested"] = requested.value
+            image = "the moving image as given" if as_given else "the matched image"
+            info["contrast"] = {"matched": True, "map": "conditional-median", "refined": image}
+        return out
 
     def _quality(
         self, pair: _ModelGridPair, flow: np.ndarray, warped: np.ndarray | None

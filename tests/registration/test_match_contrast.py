@@ -87,19 +87,50 @@ def test_the_map_goes_through_the_native_voxels(stub_runner):
     assert float(np.abs(matched[ring] - same[ring]).mean()) < 0.05
 
 
-def test_a_remapped_contrast_gets_the_conditional_median(inverted_brain, stub_runner):
-    """A non-monotone remap (tissue order changed) is matched by the conditional-median map, and the
-    refinement then judges that map's fit (similarity_after_matching: ``matched`` in its figures)."""
+def test_a_remapped_contrast_gets_the_conditional_median(inverted_brain, stub_runner, monkeypatch):
+    """A non-monotone remap (tissue order changed) is matched by the conditional-median map for the
+    network; the refinement then works on the moving image *as given* with NGF (the map merges tissues, so
+    the matched image lacks edges), and only a requested NCC refines the matched image."""
     brain = inverted_brain
+    import emorph_deploy.refine as refine_mod
     from emorph_deploy.registration import Registrar
+
+    seen = {}
+    real = refine_mod.refine_flow
+
+    def spy(moving, fixed, flow, **kw):
+        seen["moving"], seen["similarity"] = moving[0, 0].numpy().copy(), str(kw["similarity"])
+        return real(moving, fixed, flow, **kw)
+
+    monkeypatch.setattr(refine_mod, "refine_flow", spy)
+
+    class Recorder(stub_runner):
+        def _infer(self, feed):
+            self.seen = feed["moving"][0, 0].copy()
+            return super()._infer(feed)
 
     a = np.diag([4.0, 4.0, 4.0, 1.0])
     remapped = torch.where(brain["inside"], 0.2 + 0.7 * torch.sin(8.0 * brain["moving"]) ** 2, 0.0)
-    runner = stub_runner(np.zeros((3, 32, 32, 32), np.float32), spacing=4.0)
+    runner = Recorder(np.zeros((3, 32, 32, 32), np.float32), spacing=4.0)
     reg = Registrar(runner, affine=False, warmup=False)
     qc = reg.register((brain["fixed"].numpy(), a), (remapped.numpy(), a), refine=2).qc
     assert qc["contrast"]["relation"] == "other" and qc["contrast"]["map"] == "conditional-median"
-    assert qc["refine"]["contrast"]["matched"] is True and qc["refine"]["similarity"] in ("ncc", "ngf")
+    assert qc["refine"]["similarity"] == "ngf" and qc["refine"]["similarity_requested"] == "auto"
+    assert qc["refine"]["contrast"]["refined"] == "the moving image as given"
+    # the refinement saw the remapped image (normalised on the model grid and clipped at its percentiles),
+    # the network the matched one
+    assert np.corrcoef(seen["moving"].ravel(), remapped.numpy().ravel())[0, 1] > 0.95
+    assert float(np.abs(runner.seen - seen["moving"]).max()) > 0.1
+
+    qc = reg.register((brain["fixed"].numpy(), a), (remapped.numpy(), a), refine=reg_ncc()).qc
+    assert qc["refine"]["similarity"] == "ncc" and qc["refine"]["contrast"]["refined"] == "the matched image"
+    np.testing.assert_allclose(seen["moving"], runner.seen, atol=1e-6)
+
+
+def reg_ncc():
+    from emorph_deploy.registration.defaults import DEFAULTS
+
+    return DEFAULTS.refine_config(steps=2, similarity="ncc")
 
 
 def test_qc_after_is_the_moving_image_not_the_matched_one(inverted_brain, stub_runner):
