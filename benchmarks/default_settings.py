@@ -63,21 +63,23 @@ ZERO = "zero flow (no network)"
 # ---------------------------------------------------------------------------------------------- settings
 class Setting(NamedTuple):
     """One refinement setting: half-resolution steps, full-resolution steps, the similarity, the folding
-    penalty's weight and the gradient smoothing (None = the library defaults)."""
+    penalty's weight, the gradient smoothing and Adam's step size (None = the library defaults)."""
 
     half: int
     full: int = 0
     similarity: str = "auto"
     fold: float | None = None
     sigma: float | None = None
+    lr: float | None = None
 
     @property
     def name(self) -> str:
-        return setting_name(self.half, self.full, self.similarity, self.fold, self.sigma)
+        return setting_name(self.half, self.full, self.similarity, self.fold, self.sigma, self.lr)
 
 
 def parse_settings(text: str) -> list[Setting]:
-    """``"0,20,20+5~10^0.7@ngf"`` → ``[Setting(0, 0), Setting(20, 0), Setting(20, 5, "ngf", 10.0, 0.7)]``."""
+    """``"0,20,20+5~10^0.7%0.3@ngf"`` → ``[Setting(0, 0), Setting(20, 0), Setting(20, 5, "ngf", 10.0, 0.7,
+    0.3)]``."""
     from emorph_deploy.choices import Similarity
     from emorph_deploy.registration.defaults import MAX_GRAD_SIGMA
 
@@ -86,6 +88,7 @@ def parse_settings(text: str) -> list[Setting]:
         if not item:
             continue
         rest, _, sim = item.partition("@")
+        rest, percent, lr = rest.partition("%")
         rest, caret, sigma = rest.partition("^")
         steps, tilde, fold = rest.partition("~")
         half, _, full = steps.partition("+")
@@ -96,24 +99,27 @@ def parse_settings(text: str) -> list[Setting]:
                 Similarity(sim or "auto").value,
                 float(fold) if tilde else None,
                 float(sigma) if caret else None,
+                float(lr) if percent else None,
             )
         except ValueError:
             raise SystemExit(
-                f"--settings: expected N, N+K, then optionally ~WEIGHT, ^SIGMA and @SIMILARITY (one of "
+                f"--settings: expected N, N+K, then optionally ~WEIGHT, ^SIGMA, %LR and @SIMILARITY (one of "
                 f"{', '.join(m.value for m in Similarity)}), got {item!r}"
             ) from None
         bad_fold = setting.fold is not None and not 0 <= setting.fold < float("inf")
         bad_sigma = setting.sigma is not None and not 0 <= setting.sigma <= MAX_GRAD_SIGMA
+        bad_lr = setting.lr is not None and not 0 < setting.lr < float("inf")
         if (
             setting.half < 0
             or setting.full < 0
             or bad_fold
             or bad_sigma
-            or (setting.half == 0 and (setting.full or sim or tilde or caret))
+            or bad_lr
+            or (setting.half == 0 and (setting.full or sim or tilde or caret or percent))
         ):
             raise SystemExit(
-                f"--settings: expected N >= 0, K >= 0, a weight >= 0 and a sigma in [0, {MAX_GRAD_SIGMA:g}] "
-                f"(K, ~W, ^S and @SIMILARITY only with N > 0), got {item!r}"
+                f"--settings: expected N >= 0, K >= 0, a weight >= 0, a sigma in [0, {MAX_GRAD_SIGMA:g}] and "
+                f"an lr > 0 (K, ~W, ^S, %LR and @SIMILARITY only with N > 0), got {item!r}"
             )
         out.append(setting)
     if not out:
@@ -122,13 +128,19 @@ def parse_settings(text: str) -> list[Setting]:
 
 
 def setting_name(
-    half: int, full: int, similarity: str = "auto", fold: float | None = None, sigma: float | None = None
+    half: int,
+    full: int,
+    similarity: str = "auto",
+    fold: float | None = None,
+    sigma: float | None = None,
+    lr: float | None = None,
 ) -> str:
     if half == 0:
         return "network alone"
     name = f"{half} half" + (f" + {full} full" if full else "")
     name += "" if fold is None else f", fold {fold:g}"
     name += "" if sigma is None else f", σ {sigma:g}"
+    name += "" if lr is None else f", lr {lr:g}"
     return name if similarity == "auto" else f"{name} @{similarity}"
 
 
@@ -234,6 +246,8 @@ def refined(reg: Any, prep: dict[str, Any], flow0: Any, setting: Setting, info: 
     extra: dict[str, float] = {} if setting.fold is None else {"fold_weight": setting.fold}
     if setting.sigma is not None:
         extra["grad_sigma"] = setting.sigma
+    if setting.lr is not None:
+        extra["lr"] = setting.lr
     config = RefineConfig(steps=setting.half, full_steps=setting.full, similarity=setting.similarity, **extra)
     return reg._refine(prep["grid"], flow0, config, info)
 
@@ -470,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--settings",
         default="0,10,20,40,60,20+5",
-        help="refinement: N or N+K, optionally ~FOLD_WEIGHT and @ncc/@ngf/@mind (default auto), comma list",
+        help="refinement: N or N+K, optionally ~FOLD_WEIGHT, ^GRAD_SIGMA, %%LR and @ncc/@ngf/@mind (default "
+        "auto), comma list",
     )
     ap.add_argument("--backend", default="torch", help="Registrar backend (auto|torch|onnxruntime|openvino)")
     ap.add_argument("--budget-s", type=float, default=1.0, help="network + refinement time budget (s)")

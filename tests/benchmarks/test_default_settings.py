@@ -29,17 +29,20 @@ DS = _load()
 
 
 def test_parse_settings() -> None:
-    assert DS.parse_settings("0, 20,20+5, 10@ngf,10+2~30@mind,10~0,5+2^0,5+2~3^1.5@ncc") == [
-        (0, 0, "auto", None, None),
-        (20, 0, "auto", None, None),
-        (20, 5, "auto", None, None),
-        (10, 0, "ngf", None, None),
-        (10, 2, "mind", 30.0, None),
-        (10, 0, "auto", 0.0, None),
-        (5, 2, "auto", None, 0.0),
-        (5, 2, "ncc", 3.0, 1.5),
+    assert DS.parse_settings("0, 20,20+5, 10@ngf,10+2~30@mind,10~0,5+2^0,5+2~3^1.5@ncc,5+2%0.3") == [
+        (0, 0, "auto", None, None, None),
+        (20, 0, "auto", None, None, None),
+        (20, 5, "auto", None, None, None),
+        (10, 0, "ngf", None, None, None),
+        (10, 2, "mind", 30.0, None, None),
+        (10, 0, "auto", 0.0, None, None),
+        (5, 2, "auto", None, 0.0, None),
+        (5, 2, "ncc", 3.0, 1.5, None),
+        (5, 2, "auto", None, None, 0.3),
     ]
+    assert DS.parse_settings("5+2~10^0.7%0.4@ngf") == [(5, 2, "ngf", 10.0, 0.7, 0.4)]
     bads = ("x", "0+5", "-1", "", "10@nmi", "0@ngf", "0~1", "10~-1", "10~x", "10~nan", "0^1", "5^-1", "5^9")
+    bads += ("0%0.3", "5%0", "5%-1", "5%x", "5%inf")
     for bad in bads:
         with pytest.raises(SystemExit):
             DS.parse_settings(bad)
@@ -47,6 +50,7 @@ def test_parse_settings() -> None:
     assert DS.Setting(10, 2, "ngf").name == "10 half + 2 full @ngf" and DS.Setting(10).name == "10 half"
     assert DS.Setting(10, 2, "ncc", 10.0).name == "10 half + 2 full, fold 10 @ncc"
     assert DS.Setting(5, 2, "auto", None, 0.0).name == "5 half + 2 full, σ 0"
+    assert DS.Setting(5, 2, "auto", None, None, 0.3).name == "5 half + 2 full, lr 0.3"
 
 
 def _row(model, setting, group, dice, half=0, full=0):
