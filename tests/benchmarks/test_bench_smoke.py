@@ -492,3 +492,33 @@ def test_run_all_partial_rerun_keeps_earlier_results(tmp_path: Path, monkeypatch
     assert any("partial re-run" in w and "register_e2e" in w for w in summary["warnings"])
     md = (out / "summary.md").read_text()
     assert "| register_e2e | earlier run | 2026-01-02 03:04–03:09 |" in md
+
+
+@pytest.mark.slow
+def test_network_precision_quick_recovers_part_of_a_known_deformation(tmp_path: Path) -> None:
+    mod = _load("network_precision")
+    out = tmp_path / "np"
+    assert mod.main(["--quick", "--threads", "1", "--out", str(out)]) == 0
+    data = _result(out)
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert set(rows) == {"network", "defaults"} and all(not r["real"] for r in rows.values())
+    for r in rows.values():  # the packaged model moves the right way, by a fraction of the truth
+        assert 0.3 < r["slope"] < 1.2 and 0 < r["epe_mm"] < r["true_mm"] and r["dice"] > r["dice_none"]
+    assert rows["defaults"]["epe_mm"] < rows["network"]["epe_mm"]  # the refinement adds precision
+    assert 0 <= rows["network"]["identity_mm"] < 2.0 and "identity_mm" not in rows["defaults"]
+    means = {m["mode"]: m for m in data["summary"]["means"]}
+    assert means["network"]["slope"] == pytest.approx(rows["network"]["slope"])
+    with pytest.raises(SystemExit, match="--mm"):
+        mod.main(["--quick", "--mm", "x", "--out", str(tmp_path / "bad")])
+
+
+def test_network_precision_flow_figures() -> None:
+    import numpy as np
+
+    mod = _load("network_precision")
+    true = np.zeros((3, 4, 4, 4), np.float32)
+    true[0] = 2.0  # 2 voxels along axis 0
+    inside = np.ones((4, 4, 4), bool)
+    half = mod.flow_figures(true, 0.5 * true, inside, [2.0, 1.0, 1.0])
+    assert half == pytest.approx({"slope": 0.5, "epe_mm": 2.0, "true_mm": 4.0})
+    assert mod.flow_figures(true, true, inside, [1.0, 1.0, 1.0])["epe_mm"] == 0.0
