@@ -55,9 +55,8 @@ QUANTILE_SAMPLE = 65_536
 #: The refinement's similarity: local NCC only when the moving image (unmatched or inversion-matched),
 #: warped by the network, correlates with the fixed image at least this much (Pearson r in the common
 #: foreground), else NGF (refine_similarity; the QC's deformable check judges a matched image only above
-#: it). It lies between the correlations of the
-#: validation suite's pairs where NCC refined better and those where NGF did (docs/model_card.md, "Across
-#: contrasts").
+#: it). It lies between the correlations of the validation suite's pairs where NCC refined better and those
+#: where NGF did (docs/model_card.md, "Across contrasts").
 NCC_MIN_R = 0.55
 
 #: fewest common-foreground voxels for a verdict or a map
