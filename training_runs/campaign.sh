@@ -5,7 +5,9 @@
 #   bash training_runs/campaign.sh 120 --synth-fine-disp-mm 8 --reg-weight 0.5  # change data or loss balance
 # The campaign is `brains-2mm-same` since 2026-12-07 (night): the whole em-23-hires-s-frw fine-tuned from
 # step 5,895 of `brains-2mm-frw` with near-identical (--synth-same-subject 0.25) and random-shapes
-# (--synth-shapes 0.3) pairs; its step 2,852 is the packaged model. Its predecessor `brains-2mm-frw` is
+# (--synth-shapes 0.3) pairs; its step 2,852 is the packaged model. Resumed on 2026-12-07 (late) into a
+# phase with --synth-shapes 0.5 and lr 5e-5 -> 5e-6 over 40 epochs, saved at 5,836 (flat; not packaged): a
+# plain call continues that phase. Its predecessor `brains-2mm-frw` is
 # em-23-hires-s-frw (em-23-hires-s + a full-resolution flow stage that sees
 # the moving image warped by the half-resolution flow), warm-started from step 49,600 of `brains-2mm`
 # (em-23-hires-s, iterations 0-49,797), with only the new stage training (--train-only full_res.); its
