@@ -119,19 +119,22 @@ def measure(
     moving = nib.Nifti1Image(image, aff)
     moving_labels = nib.Nifti1Image(labels, aff)
     inside = image > 0.02 * float(image.max())
+    pair = {
+        "pair": f"{brain['name']} deformed {mm:g} mm",
+        "brain": brain["name"],
+        "real": brain["tissue"],
+        "max_mm": mm,
+        "dice_none": VS.score(labels, fixed_labels, tissue=brain["tissue"])["dice"],
+    }
     rows = []
     for mode in modes:
         r = reg.register(fixed, moving, labels=moving_labels, affine=False, **MODE_KW[mode])
         warped = np.asarray(r.warped_labels.dataobj)
         row = {
-            "pair": f"{brain['name']} deformed {mm:g} mm",
-            "brain": brain["name"],
-            "real": brain["tissue"],
-            "max_mm": mm,
+            **pair,
             "mode": mode,
             **flow_figures(phi, model_flow(r), inside, voxel_mm),
             "dice": VS.score(warped, fixed_labels, tissue=brain["tissue"])["dice"],
-            "dice_none": VS.score(labels, fixed_labels, tissue=brain["tissue"])["dice"],
         }
         if mode == "network" and identity:
             same = reg.register(moving, moving, affine=False, refine=0)

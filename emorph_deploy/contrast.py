@@ -249,6 +249,8 @@ def refine_similarity(agreement: dict[str, Any], min_r: float | None = NCC_MIN_R
     follow; before any deformable alignment (a zero flow) misalignment alone lowers r, so callers pass
     None there."""
     r = agreement.get("r")
-    if r is None or not agreement["same_contrast"]:
-        return Similarity.ncc if r is None else Similarity.ngf
+    if r is None:
+        return Similarity.ncc
+    if not agreement["same_contrast"]:
+        return Similarity.ngf
     return Similarity.ncc if min_r is None or r >= min_r else Similarity.ngf
