@@ -88,6 +88,9 @@ class ModelConfig:
     # "warped" = cat(moving warped by the D/2 flow, fixed), so its few full-resolution voxels of receptive
     # field see the residual misalignment instead of the whole displacement
     full_res_input: str = "pair"
+    # Cascade stage (``layers.cascade.CascadeStage``): a conv U-Net of this base width that sees the moving
+    # image warped by the flow so far and adds a correction (0 = off).
+    cascade_width: int = 0
     warp_sampler: str = "grid_sample"  # "grid_sample" | "gather" (export without GridSample)
 
     def __post_init__(self) -> None:
@@ -132,6 +135,8 @@ class ModelConfig:
             raise InputError(
                 f"full_res_width must be ≥ 0 (0 = no full-resolution stage); got {self.full_res_width}"
             )
+        if self.cascade_width < 0:
+            raise InputError(f"cascade_width must be ≥ 0 (0 = no cascade stage); got {self.cascade_width}")
         if self.full_res_input not in FULL_RES_INPUTS:
             raise InputError(f"full_res_input must be one of {FULL_RES_INPUTS}; got {self.full_res_input!r}")
         if not 0.0 <= self.drop_path < 1.0:
@@ -199,9 +204,10 @@ class ModelConfig:
 def warps_inside(model: Mapping[str, Any] | None) -> bool:
     """True when a model config (a :class:`ModelConfig` as its dict, e.g. a checkpoint's or an export
     manifest's ``model``) has the network warp the moving image inside itself (``full_res_input``
-    "warped"): a bf16 runtime samples that warp correctly only with integer gather indices
+    "warped", or a cascade stage): a bf16 runtime samples that warp correctly only with integer gather indices
     (``emorph_deploy.engines.openvino.check_bf16_warp``, in ``build_ir`` and the OpenVINO runner)."""
-    return (model or {}).get("full_res_input") == "warped"
+    model = model or {}
+    return model.get("full_res_input") == "warped" or int(model.get("cascade_width") or 0) > 0
 
 
 __all__ = [

@@ -1,6 +1,7 @@
 """EfficientMorph: Hi-Res tokenisation, two plane-attention stages, conv decoder, voxel displacement head
 (at D/2, upsampled; optionally plus a full-resolution residual stage, ``ModelConfig.full_res_width``, that
-sees the input pair or the moving image warped by the D/2 flow, ``ModelConfig.full_res_input``)."""
+sees the input pair or the moving image warped by the D/2 flow, ``ModelConfig.full_res_input``, and a
+cascade stage, ``ModelConfig.cascade_width``, a conv U-Net on the moving image warped by the flow so far)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from emorph_deploy.errors import InputError
 from emorph_deploy.models.config import ModelConfig
 from emorph_deploy.models.layers import (
+    CascadeStage,
     ConvBlock3d,
     FullResStage,
     PatchEmbed3D,
@@ -93,6 +95,10 @@ class EfficientMorph(nn.Module):
         self.full_res: FullResStage | None = None
         if cfg.full_res_width > 0:
             self.full_res = FullResStage(dec1, cfg.in_chans, cfg.full_res_width, cfg.flow_init_std)
+        # 8c. optional cascade: a conv U-Net on the moving image warped by the flow so far adds a correction
+        self.cascade: CascadeStage | None = None
+        if cfg.cascade_width > 0:
+            self.cascade = CascadeStage(cfg.in_chans, dec1, cfg.cascade_width, cfg.flow_init_std)
         # 9. warp
         self.transformer = SpatialTransformer(
             cfg.img_size, mode="bilinear", sampler=cfg.warp_sampler, padding="zeros"
@@ -156,6 +162,9 @@ class EfficientMorph(nn.Module):
             if self.config.full_res_input == "warped":  # the stage sees what the D/2 flow leaves
                 pair = torch.cat([self.transformer(moving, flow), fixed], dim=1)  # (B, 2, D, H, W)
             flow = flow + self.full_res(y, pair)  # (B, 3, D, H, W)
+        if self.cascade is not None:  # the stage sees what the flow so far leaves
+            pair = torch.cat([self.transformer(moving, flow), fixed], dim=1)  # (B, 2, D, H, W)
+            flow = flow + self.cascade(pair, y)  # (B, 3, D, H, W)
         return flow
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,6 +90,15 @@ register_model(
 )
 register_model(
     ModelSpec(
+        _SMALL.replace(
+            name="em-23-hires-s-frwc", full_res_width=8, full_res_input="warped", cascade_width=16
+        ),
+        "em-23-hires-s-frw plus a cascade stage (a conv U-Net, width 16, on the moving image warped by the"
+        " flow so far) that adds a correction; warm-starts from em-23-hires-s-frw",
+    )
+)
+register_model(
+    ModelSpec(
         ModelConfig(name="em-23-hires-cga", attention="cga"),
         "depths (2, 3), cascaded group attention on planes",
     )
@@ -184,6 +193,7 @@ REFERENCE_MACS: dict[str, int] = {
     "em-23-hires-s": 125_225_533_440,
     "em-23-hires-s-fr": 144_658_268_160,
     "em-23-hires-s-frw": 144_658_268_160,  # the warp is not counted (no MACs)
+    "em-23-hires-s-frwc": 169_554_739_200,
 }
 
 

@@ -202,9 +202,11 @@ def test_export_leaves_every_module_mode_as_it_was(tmp_path):
     assert torch.equal(a, b)
 
 
-def test_warped_input_full_res_stage_exports_tensorrt_clean(tmp_path, feed, tiny_overrides):
+@pytest.mark.parametrize("cascade", [{}, {"cascade_width": 4}])
+def test_warped_input_full_res_stage_exports_tensorrt_clean(tmp_path, feed, tiny_overrides, cascade):
     """A model whose full-resolution stage sees the moving image warped by the D/2 flow (a second warp in
-    the graph) exports at opset 17 without GridSample, and ONNX Runtime matches torch."""
+    the graph), also with a cascade stage after it (a third), exports at opset 17 without GridSample, and
+    ONNX Runtime matches torch."""
     import torch
 
     from emorph_deploy.data.preprocess import Preprocessing
@@ -214,9 +216,13 @@ def test_warped_input_full_res_stage_exports_tensorrt_clean(tmp_path, feed, tiny
     from emorph_deploy.train.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    model = create_model("em-11-hires", **tiny_overrides, full_res_width=4, full_res_input="warped")
+    model = create_model(
+        "em-11-hires", **tiny_overrides, full_res_width=4, full_res_input="warped", **cascade
+    )
     with torch.no_grad():
         model.full_res.head.weight.normal_(0, 0.05)  # a stage that changes the flow
+        if model.cascade is not None:
+            model.cascade.head.weight.normal_(0, 0.05)
     pre = Preprocessing(grid_shape=GRID, spacing_mm=(1.5, 1.0, 2.0))
     ckpt = Path(save_checkpoint(model, tmp_path / "frw", preprocessing=pre).weights)
     onnx_path = onnx_from_checkpoint(ckpt, tmp_path / "export" / "frw.onnx", grid_sample="gather")

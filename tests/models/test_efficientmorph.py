@@ -44,7 +44,7 @@ def pair(batch=1, seed=1):
     return torch.rand(batch, 1, *SIZE, generator=g), torch.rand(batch, 1, *SIZE, generator=g)
 
 
-@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga", "em-23-hires-s-fr"])
+@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga", "em-23-hires-s-fr", "em-23-hires-s-frwc"])
 def test_forward_shapes_and_warp(name):
     model = tiny(name).eval()
     moving, fixed = pair(2)
@@ -68,7 +68,7 @@ def test_batch_of_two_equals_two_batches_of_one(name, sampler):
             torch.testing.assert_close(w1, warped[i : i + 1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["em-23-hires", "em-23-hires-cga", "em-23-hires-s-fr"])
+@pytest.mark.parametrize("name", ["em-23-hires", "em-23-hires-cga", "em-23-hires-s-fr", "em-23-hires-s-frwc"])
 def test_gradients_reach_every_parameter(name):
     model = tiny(name, drop_path=0.0).train()
     moving, fixed = pair(2)
@@ -156,7 +156,7 @@ def _check_ort(data, model, moving, fixed):
     np.testing.assert_allclose(warped, w_ref.numpy(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga", "em-23-hires-s-fr"])
+@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga", "em-23-hires-s-fr", "em-23-hires-s-frwc"])
 def test_onnx_export_gather_opset17_has_no_gridsample_or_scatter(name):
     model = tiny(name, warp_sampler="gather").eval()
     data, ops, moving, fixed = _export(model, 17)
@@ -172,7 +172,7 @@ def test_onnx_export_grid_sample_opset20():
     _check_ort(data, model, moving, fixed)
 
 
-@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga", "em-23-hires-s-fr"])
+@pytest.mark.parametrize("name", ["em-23-hires", "em-11-hires-cga", "em-23-hires-s-fr", "em-23-hires-s-frwc"])
 def test_eager_fast_path_equals_reference_ops(name):
     """The eager CPU fast kernels (SDPA, direct oneDNN convs, channels-last decoder and instance norm, split
     concat convs) change only float32 summation order: flow and warped image equal the reference ops."""
@@ -222,25 +222,41 @@ def test_full_res_stage_starts_as_the_model_without_it():
     assert float((moved - ref).abs().max()) > 1e-2
 
 
-def test_full_res_stage_channels_last_training_equals_reference_ops():
-    """The full-resolution stage runs channels-last in training as well: values and gradients equal the
-    reference ops (what export sees) to float32 rounding."""
-    from emorph_deploy.models.layers import FullResStage, fastpath
+def _stage_and_inputs(kind):
+    """A stage with a non-zero head and its inputs: ``(stage, args, output shape)``."""
+    from emorph_deploy.models.layers import CascadeStage, FullResStage
 
     torch.manual_seed(0)
-    stage = FullResStage(6, 2, 4, init_std=0.1)
     g = torch.Generator().manual_seed(1)
-    feats, pair_in = torch.randn(1, 6, 4, 5, 6, generator=g), torch.rand(1, 2, 8, 10, 12, generator=g)
+    if kind == "full_res":  # (features at D/2, pair at D)
+        args = (torch.randn(1, 6, 4, 5, 6, generator=g), torch.rand(1, 2, 8, 10, 12, generator=g))
+        return FullResStage(6, 2, 4, init_std=0.1), args, (1, 3, 8, 10, 12)
+    args = (torch.rand(1, 2, 16, 16, 24, generator=g), torch.randn(1, 6, 8, 8, 12, generator=g))
+    return CascadeStage(2, 6, 4, init_std=0.1), args, (1, 3, 16, 16, 24)  # (pair at D, features at D/2)
+
+
+@pytest.mark.parametrize("kind", ["full_res", "cascade"])
+def test_stage_channels_last_equals_reference_ops(kind):
+    """The full-resolution and cascade stages run channels-last (and through oneDNN directly in eager
+    inference): values in training and inference, and gradients, equal the reference ops (what export
+    sees) to float32 rounding."""
+    from emorph_deploy.models.layers import fastpath
+
+    stage, args, shape = _stage_and_inputs(kind)
     results = []
     for fast in (True, False):
         stage.zero_grad()
         with fastpath.fast_path(fast):
-            out = stage(feats, pair_in)
+            out = stage(*args)
+            with torch.no_grad():
+                inferred = stage(*args)
         out.square().sum().backward()
-        results.append((out.detach(), [p.grad.clone() for p in stage.parameters()]))
-    (out_fast, grads_fast), (out_ref, grads_ref) = results
-    assert out_fast.shape == (1, 3, 8, 10, 12) and out_fast.is_contiguous()
+        results.append((out.detach(), inferred, [p.grad.clone() for p in stage.parameters()]))
+    (out_fast, inf_fast, grads_fast), (out_ref, inf_ref, grads_ref) = results
+    assert out_fast.shape == shape and out_fast.is_contiguous() and inf_fast.is_contiguous()
+    assert float(out_ref.abs().max()) > 1e-3  # non-vacuous
     torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inf_fast, inf_ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads_fast, grads_ref, strict=True):
         assert float(b.abs().max()) > 0
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -272,6 +288,39 @@ def test_full_res_stage_sees_the_warped_moving_image_with_input_warped():
             torch.testing.assert_close(stage_in[:, :1], warped, atol=1e-6, rtol=0)
     with pytest.raises(InputError, match="full_res_input"):
         create_model("em-23-hires", **{**TINY, "full_res_width": 4, "full_res_input": "aligned"})
+
+
+def test_cascade_stage_starts_as_the_model_without_it_and_sees_the_flow_so_far():
+    """A model with the cascade stage, given the weights of one without it, starts with (nearly) that
+    model's flow (the stage's head starts at ~0: what a warm start relies on). The stage's image input is
+    cat(moving warped by the flow so far, fixed); once its head is non-zero it changes the flow."""
+    from emorph_deploy.models.warp import warp
+
+    base = tiny(flow_init_std=0.05, full_res_width=4, full_res_input="warped").eval()
+    torch.manual_seed(3)
+    cfg = {**TINY, "flow_init_std": 1e-5, "full_res_width": 4, "full_res_input": "warped", "cascade_width": 4}
+    model = create_model("em-23-hires", **cfg).eval()
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("cascade.") for k in missing)
+    seen: list[torch.Tensor] = []
+    model.cascade.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
+    m, f = pair()
+    with torch.no_grad():
+        ref = base.forward_flow(m, f)
+        got = model.forward_flow(m, f)
+        assert float(ref.abs().max()) > 1e-2  # non-vacuous: the moving image does move
+        assert float((got - ref).abs().max()) < 1e-3
+        (stage_in,) = seen
+        torch.testing.assert_close(stage_in[:, 1:], f)
+        torch.testing.assert_close(stage_in[:, :1], warp(m, ref), atol=1e-4, rtol=0)
+        model.cascade.head.weight.normal_(0, 0.1)
+        moved = model.forward_flow(m, f)
+    assert float((moved - ref).abs().max()) > 1e-2
+
+
+def test_cascade_width_must_not_be_negative():
+    with pytest.raises(InputError, match="cascade_width"):
+        create_model("em-23-hires", **{**TINY, "cascade_width": -2})
 
 
 def test_full_res_width_must_not_be_negative():

@@ -106,6 +106,7 @@ def test_registered_variants_and_parameter_counts():
         "em-23-hires-s",
         "em-23-hires-s-fr",
         "em-23-hires-s-frw",
+        "em-23-hires-s-frwc",
         "em-23-hires-cga",
         "em-11-hires-cga",
     }
@@ -132,6 +133,13 @@ def test_registered_variants_and_parameter_counts():
     frw = get_config("em-23-hires-s-frw")
     assert frw == small.replace(name="em-23-hires-s-frw", full_res_width=8, full_res_input="warped")
     assert counts["em-23-hires-s-frw"] == counts["em-23-hires-s-fr"]
+    # + cascade stage (width 16, 3³ convs with bias): enc1 2→16, enc2 16→32, enc3 32→32, mid 32→32,
+    # dec2 64→16, dec1 (16 + 16 + 16 decoder features)→16, head 16→3
+    convs = [(2, 16), (16, 32), (32, 32), (32, 32), (64, 16), (48, 16), (16, 3)]
+    cascade = sum(i * o * 27 + o for i, o in convs)
+    frwc = get_config("em-23-hires-s-frwc")
+    assert frwc == frw.replace(name="em-23-hires-s-frwc", cascade_width=16)
+    assert counts["em-23-hires-s-frwc"] == counts["em-23-hires-s-frw"] + cascade == 846_069
 
 
 def test_real_build_at_half_resolution_has_registered_count():

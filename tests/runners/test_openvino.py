@@ -171,10 +171,11 @@ def test_ir_build_runs_and_checks_its_manifest(exported, tmp_path):
         load_runner(built.xml, "openvino")
 
 
-def test_bf16_ir_of_a_network_that_warps_inside(tmp_path, tiny_em, monkeypatch):
-    """A full-resolution stage fed the warped image: its gather export forms indices in integers, so the
-    bf16 IR builds and follows torch; an export without that record (an older emorph, or GridSample) is
-    refused for bf16 before anything is written."""
+@pytest.mark.parametrize("stage", ["full_res", "cascade"])
+def test_bf16_ir_of_a_network_that_warps_inside(tmp_path, tiny_em, monkeypatch, stage):
+    """A full-resolution stage fed the warped image, or a cascade stage: the gather export forms indices in
+    integers, so the bf16 IR builds and follows torch; an export without that record (an older emorph, or
+    GridSample) is refused for bf16 before anything is written."""
     import json
 
     from emorph_deploy.data.preprocess import Preprocessing
@@ -182,7 +183,15 @@ def test_bf16_ir_of_a_network_that_warps_inside(tmp_path, tiny_em, monkeypatch):
     from emorph_deploy.export import onnx_from_checkpoint
     from emorph_deploy.train.checkpoint import save_checkpoint
 
-    model = tiny_em(GRID, full_res_width=4, full_res_input="warped")
+    kw = {
+        "full_res": {"full_res_width": 4, "full_res_input": "warped"},
+        "cascade": {"cascade_width": 4},
+    }[stage]
+    model = tiny_em(GRID, **kw)
+    if stage == "cascade":
+        import torch
+
+        torch.nn.init.normal_(model.cascade.head.weight, 0, 0.05)  # a stage that changes the flow
     pre = Preprocessing(grid_shape=GRID, spacing_mm=(4.0, 4.0, 4.0))
     save_checkpoint(model, tmp_path / "ckpt" / "warps", preprocessing=pre)
     onnx = Path(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from emorph_deploy.models.layers.block import PlaneBlock
+from emorph_deploy.models.layers.cascade import CascadeStage
 from emorph_deploy.models.layers.cascaded_attention import CascadedGroupPlaneAttention
 from emorph_deploy.models.layers.conv_block import ConvBlock3d
 from emorph_deploy.models.layers.drop_path import DropPath
@@ -14,6 +15,7 @@ from emorph_deploy.models.layers.plane_attention import PlaneAttention, plane_at
 from emorph_deploy.models.layers.position import SinusoidalPositionEncoding3D, sinusoidal_encoding_3d
 
 __all__ = [
+    "CascadeStage",
     "CascadedGroupPlaneAttention",
     "ConvBlock3d",
     "DropPath",
