@@ -15,6 +15,11 @@ refinement) × pair, inside the moving brain (intensity > 2 % of its maximum):
 * ``dice``: labels (synthetic: mean over labels; real: GM/WM) against the warped fixed labels;
 * ``identity_mm`` (network alone): mean displacement on the pair (x, x), where the answer is 0.
 
+Loss profile (no model): the training loss of the packaged model's campaign (local NCC + λ · diffusion +
+soft Dice on the labels; window, σ and weights from the packaged checkpoint's training config) at
+``α`` × the true flow of each pair, α in ``LOSS_SCALES``: whether the loss itself prefers the whole
+displacement (minimum at α = 1) or an undershoot (a network trained on it would then learn to undershoot).
+
     python benchmarks/network_precision.py [--models NAME=CKPT,...] [--brains 2] [--mm 8,12] [--no-real]
 """
 
@@ -33,6 +38,7 @@ NAME = "network_precision"
 SCALE_MM = 40.0
 SEED0 = 900
 MODES = ("network", "passes2", "defaults")
+LOSS_SCALES = (0.0, 0.5, 0.75, 0.9, 1.0, 1.1)
 MODE_KW: dict[str, dict[str, Any]] = {
     "network": {"refine": 0},
     "passes2": {"refine": 0, "passes": 2},
@@ -99,12 +105,10 @@ def model_flow(result: Any) -> Any:
     return np.moveaxis(u.reshape(*u.shape[:3], 3), -1, 0)
 
 
-def measure(
-    reg: Any, brain: dict[str, Any], mm: float, seed: int, modes: tuple[str, ...], identity: bool
-) -> list[dict]:
-    """Rows of one brain under one known deformation, per mode; ``identity``: also the network's flow on the
-    brain against itself (``identity_mm`` of the network row)."""
-    import nibabel as nib
+def known_deformation(brain: dict[str, Any], mm: float, seed: int) -> tuple[Any, Any, Any, Any]:
+    """``(phi (3, X, Y, Z) voxels, fixed image, fixed labels, voxel sizes (3,) mm)`` of ``brain`` under the
+    random smooth displacement of seed ``seed`` and largest displacement ``mm``: fixed(x) = moving(x +
+    phi(x))."""
     import numpy as np
 
     from emorph_deploy.data.synthetic import random_displacement, warp_numpy
@@ -114,8 +118,82 @@ def measure(
     phi = random_displacement(
         image.shape, seed, max_disp=mm / float(voxel_mm.mean()), scale=SCALE_MM / float(voxel_mm.mean())
     )
-    fixed = nib.Nifti1Image(warp_numpy(image, phi, order=1), aff)
+    fixed = warp_numpy(image, phi, order=1)
     fixed_labels = warp_numpy(labels.astype(np.float32), phi, order=0).astype(np.int16)
+    return phi, fixed, fixed_labels, voxel_mm
+
+
+def training_loss_terms() -> dict[str, Any]:
+    """The packaged model's training loss: its modules and weights (from the checkpoint's training config,
+    the TrainConfig defaults for what it lacks)."""
+    from emorph_deploy.losses import DiffusionLoss, NCCLoss, SoftDiceLoss
+    from emorph_deploy.train.checkpoint import load_checkpoint_meta
+    from emorph_deploy.train.config import TrainConfig
+    from emorph_deploy.weights import default_checkpoint_path
+
+    meta, _ = load_checkpoint_meta(default_checkpoint_path())
+    saved = meta.get("training", {}).get("config", {})
+    base = TrainConfig()
+    get = {
+        k: saved.get(k, getattr(base, k)) for k in ("ncc_window", "ncc_sigma", "reg_weight", "dice_weight")
+    }
+    get["ncc_weight"] = saved.get("ncc_weight", base.ncc_weight)
+    return {
+        **get,
+        "ncc": NCCLoss(window=int(get["ncc_window"]), sigma=float(get["ncc_sigma"]), kind="gaussian"),
+        "reg": DiffusionLoss(),
+        "dice": SoftDiceLoss(),
+    }
+
+
+def loss_profile(brain: dict[str, Any], mm: float, seed: int, terms: dict[str, Any]) -> list[dict]:
+    """The training loss of ``brain`` under one known deformation at α × its true flow, α in LOSS_SCALES."""
+    import numpy as np
+    import torch
+
+    from emorph_deploy.losses import one_hot
+    from emorph_deploy.models.warp import warp
+
+    phi, fixed, fixed_labels, _ = known_deformation(brain, mm, seed)
+    moving = torch.from_numpy(np.ascontiguousarray(brain["image"], np.float32))[None, None]
+    fixed_t = torch.from_numpy(np.ascontiguousarray(fixed, np.float32))[None, None]
+    lab_m = torch.from_numpy(brain["labels"].astype(np.int64))[None, None]
+    lab_f = torch.from_numpy(fixed_labels.astype(np.int64))[None, None]
+    values = torch.arange(int(max(lab_m.max(), lab_f.max())) + 1)
+    oh_m, oh_f = one_hot(lab_m, values), one_hot(lab_f, values)
+    true = torch.from_numpy(np.asarray(phi, np.float32))[None]
+    rows = []
+    for alpha in LOSS_SCALES:
+        u = alpha * true
+        with torch.no_grad():
+            ncc = float(terms["ncc"](warp(moving, u), fixed_t))
+            reg = float(terms["reg"](u))
+            dice = float(terms["dice"](warp(oh_m, u), oh_f))
+        total = terms["ncc_weight"] * ncc + terms["reg_weight"] * reg + terms["dice_weight"] * dice
+        rows.append(
+            {
+                "pair": f"{brain['name']} deformed {mm:g} mm",
+                "alpha": alpha,
+                "ncc": ncc,
+                "reg": reg,
+                "dice": dice,
+                "loss": total,
+            }
+        )
+    return rows
+
+
+def measure(
+    reg: Any, brain: dict[str, Any], mm: float, seed: int, modes: tuple[str, ...], identity: bool
+) -> list[dict]:
+    """Rows of one brain under one known deformation, per mode; ``identity``: also the network's flow on the
+    brain against itself (``identity_mm`` of the network row)."""
+    import nibabel as nib
+    import numpy as np
+
+    image, labels, aff = brain["image"], brain["labels"], brain["affine"]
+    phi, fixed_image, fixed_labels, voxel_mm = known_deformation(brain, mm, seed)
+    fixed = nib.Nifti1Image(fixed_image, aff)
     moving = nib.Nifti1Image(image, aff)
     moving_labels = nib.Nifti1Image(labels, aff)
     inside = image > 0.02 * float(image.max())
@@ -182,6 +260,29 @@ PAIR_COLUMNS = (
 )
 
 
+LOSS_COLUMNS = (
+    ("α", "alpha", ".2f"),
+    ("pairs", "pairs", None),
+    ("NCC", "ncc", ".4f"),
+    ("diffusion", "reg", ".4f"),
+    ("Dice loss", "dice", ".4f"),
+    ("loss", "loss", ".4f"),
+)
+
+
+def summarise_loss(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-α means of the loss profile rows."""
+    import numpy as np
+
+    out = []
+    for alpha in LOSS_SCALES:
+        sel = [r for r in rows if r["alpha"] == alpha]
+        entry = {"alpha": alpha, "pairs": len(sel)}
+        entry.update({k: float(np.mean([r[k] for r in sel])) for k in ("ncc", "reg", "dice", "loss")})
+        out.append(entry)
+    return out
+
+
 def _table(columns: tuple[tuple[str, str, str | None], ...], entries: list[dict[str, Any]]) -> str:
     cells = [[e.get(k) if spec is None else C.fmt(e.get(k), spec) for _, k, spec in columns] for e in entries]
     return C.md_table([h for h, _, _ in columns], cells)
@@ -197,6 +298,16 @@ def markdown(res: dict[str, Any]) -> str:
         "it); EPE: mean endpoint error; identity: mean displacement on (x, x), where the answer is 0.\n\n"
         "## Per pair\n\n" + per_pair
     )
+    if res["summary"].get("loss_profile"):
+        body += (
+            "\n\n## Training loss at a scaled true flow\n\n"
+            + _table(LOSS_COLUMNS, res["summary"]["loss_profile"])
+            + "\n\nloss = NCC + λ · diffusion + Dice at α × the true flow, with the packaged model's "
+            "training settings ("
+            + res["summary"]["loss_settings"]
+            + "); the per-α means over the pairs above, whose minimum says which share of the displacement "
+            "the training loss rewards."
+        )
     return C.markdown_document(res, "Network precision on known deformations", body)
 
 
@@ -243,6 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     pairs = brains(args)
     if not pairs:
         raise SystemExit("no brains: pass --brains N > 0 or drop --no-real")
+    terms = training_loss_terms()
+    loss_rows = []
+    for i, brain in enumerate(pairs):
+        for k, mm in enumerate(mms):
+            loss_rows += loss_profile(brain, mm, SEED0 + 10 * i + k, terms)
+    res["summary"]["loss_profile"] = summarise_loss(loss_rows)
+    res["summary"]["loss_settings"] = (
+        f"NCC window {terms['ncc_window']}, σ {terms['ncc_sigma']}; weights NCC {terms['ncc_weight']}, "
+        f"diffusion {terms['reg_weight']}, Dice {terms['dice_weight']}"
+    )
+    res["loss_rows"] = loss_rows
     for name, path in models.items():
         reg = Registrar.load(path, backend=args.backend)
         for i, brain in enumerate(pairs):

@@ -508,6 +508,11 @@ def test_network_precision_quick_recovers_part_of_a_known_deformation(tmp_path: 
     assert 0 <= rows["network"]["identity_mm"] < 2.0 and "identity_mm" not in rows["defaults"]
     means = {m["mode"]: m for m in data["summary"]["means"]}
     assert means["network"]["slope"] == pytest.approx(rows["network"]["slope"])
+    # the training loss along α × the true flow: lowest at the whole displacement, none the worst
+    profile = {e["alpha"]: e["loss"] for e in data["summary"]["loss_profile"]}
+    assert set(profile) == set(mod.LOSS_SCALES) and min(profile, key=profile.get) == 1.0
+    assert profile[0.0] > profile[0.5] > profile[1.0]
+    assert "Training loss at a scaled true flow" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="--mm"):
         mod.main(["--quick", "--mm", "x", "--out", str(tmp_path / "bad")])
 
