@@ -15,6 +15,8 @@
 # after MINUTES are passed to the resume (see `emorph train --help`). Without saved state the recipe below
 # starts the run again; its original start, step 5,895 of brains-2mm-frw, is in git history only
 # (emorph_deploy/weights/default.* before this run was packaged), so a restart takes that run's `best`.
+# CAMPAIGN_RUN=training_runs/brains-2mm-cascade2 (since 2026-12-08: em-23-hires-s-frwc, a cascade stage
+# learning on the frozen packaged network; not yet better, see training_runs/README.md) resumes that run,
 # CAMPAIGN_RUN=training_runs/brains-2mm-frw (the stage alone on the frozen backbone, packaged until the
 # night of 2026-12-07; resume it with --ncc-weight 1),
 # CAMPAIGN_RUN=training_runs/brains-2mm-fr (the stage on the pair, no longer packaged),
