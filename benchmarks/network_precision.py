@@ -105,10 +105,10 @@ def model_flow(result: Any) -> Any:
     return np.moveaxis(u.reshape(*u.shape[:3], 3), -1, 0)
 
 
-def known_deformation(brain: dict[str, Any], mm: float, seed: int) -> tuple[Any, Any, Any, Any]:
-    """``(phi (3, X, Y, Z) voxels, fixed image, fixed labels, voxel sizes (3,) mm)`` of ``brain`` under the
-    random smooth displacement of seed ``seed`` and largest displacement ``mm``: fixed(x) = moving(x +
-    phi(x))."""
+def known_deformation(brain: dict[str, Any], mm: float, seed: int) -> dict[str, Any]:
+    """``brain`` under the random smooth displacement of seed ``seed`` and largest displacement ``mm``:
+    ``{"brain", "mm", "phi" (3, X, Y, Z) voxels, "fixed" image, "fixed_labels", "voxel_mm" (3,)}`` with
+    fixed(x) = moving(x + phi(x))."""
     import numpy as np
 
     from emorph_deploy.data.synthetic import random_displacement, warp_numpy
@@ -118,61 +118,56 @@ def known_deformation(brain: dict[str, Any], mm: float, seed: int) -> tuple[Any,
     phi = random_displacement(
         image.shape, seed, max_disp=mm / float(voxel_mm.mean()), scale=SCALE_MM / float(voxel_mm.mean())
     )
-    fixed = warp_numpy(image, phi, order=1)
-    fixed_labels = warp_numpy(labels.astype(np.float32), phi, order=0).astype(np.int16)
-    return phi, fixed, fixed_labels, voxel_mm
+    return {
+        "brain": brain,
+        "mm": mm,
+        "phi": phi,
+        "fixed": warp_numpy(image, phi, order=1),
+        "fixed_labels": warp_numpy(labels.astype(np.float32), phi, order=0).astype(np.int16),
+        "voxel_mm": voxel_mm,
+    }
 
 
-def training_loss_terms() -> dict[str, Any]:
-    """The packaged model's training loss: its modules and weights (from the checkpoint's training config,
-    the TrainConfig defaults for what it lacks)."""
-    from emorph_deploy.losses import DiffusionLoss, NCCLoss, SoftDiceLoss
+def training_loss_config() -> Any:
+    """The packaged model's training config (``TrainConfig``): its loss window, σ and weights."""
     from emorph_deploy.train.checkpoint import load_checkpoint_meta
     from emorph_deploy.train.config import TrainConfig
     from emorph_deploy.weights import default_checkpoint_path
 
     meta, _ = load_checkpoint_meta(default_checkpoint_path())
-    saved = meta.get("training", {}).get("config", {})
-    base = TrainConfig()
-    get = {
-        k: saved.get(k, getattr(base, k)) for k in ("ncc_window", "ncc_sigma", "reg_weight", "dice_weight")
-    }
-    get["ncc_weight"] = saved.get("ncc_weight", base.ncc_weight)
-    return {
-        **get,
-        "ncc": NCCLoss(window=int(get["ncc_window"]), sigma=float(get["ncc_sigma"]), kind="gaussian"),
-        "reg": DiffusionLoss(),
-        "dice": SoftDiceLoss(),
-    }
+    return TrainConfig.from_dict(meta.get("training", {}).get("config", {}))
 
 
-def loss_profile(brain: dict[str, Any], mm: float, seed: int, terms: dict[str, Any]) -> list[dict]:
-    """The training loss of ``brain`` under one known deformation at α × its true flow, α in LOSS_SCALES."""
+def loss_profile(case: dict[str, Any], cfg: Any) -> list[dict]:
+    """The training loss (the terms of ``cfg``, a ``TrainConfig``) of one known deformation at α × its true
+    flow, α in LOSS_SCALES."""
     import numpy as np
     import torch
 
-    from emorph_deploy.losses import one_hot
+    from emorph_deploy.losses import DiffusionLoss, NCCLoss, SoftDiceLoss, one_hot
     from emorph_deploy.models.warp import warp
 
-    phi, fixed, fixed_labels, _ = known_deformation(brain, mm, seed)
+    ncc_loss = NCCLoss(window=cfg.ncc_window, sigma=cfg.ncc_sigma, kind="gaussian")
+    reg_loss, dice_loss = DiffusionLoss(), SoftDiceLoss()
+    brain = case["brain"]
     moving = torch.from_numpy(np.ascontiguousarray(brain["image"], np.float32))[None, None]
-    fixed_t = torch.from_numpy(np.ascontiguousarray(fixed, np.float32))[None, None]
+    fixed = torch.from_numpy(np.ascontiguousarray(case["fixed"], np.float32))[None, None]
     lab_m = torch.from_numpy(brain["labels"].astype(np.int64))[None, None]
-    lab_f = torch.from_numpy(fixed_labels.astype(np.int64))[None, None]
+    lab_f = torch.from_numpy(case["fixed_labels"].astype(np.int64))[None, None]
     values = torch.arange(int(max(lab_m.max(), lab_f.max())) + 1)
     oh_m, oh_f = one_hot(lab_m, values), one_hot(lab_f, values)
-    true = torch.from_numpy(np.asarray(phi, np.float32))[None]
+    true = torch.from_numpy(np.asarray(case["phi"], np.float32))[None]
     rows = []
     for alpha in LOSS_SCALES:
         u = alpha * true
         with torch.no_grad():
-            ncc = float(terms["ncc"](warp(moving, u), fixed_t))
-            reg = float(terms["reg"](u))
-            dice = float(terms["dice"](warp(oh_m, u), oh_f))
-        total = terms["ncc_weight"] * ncc + terms["reg_weight"] * reg + terms["dice_weight"] * dice
+            ncc = float(ncc_loss(warp(moving, u), fixed))
+            reg = float(reg_loss(u))
+            dice = float(dice_loss(warp(oh_m, u), oh_f))
+        total = cfg.ncc_weight * ncc + cfg.reg_weight * reg + cfg.dice_weight * dice
         rows.append(
             {
-                "pair": f"{brain['name']} deformed {mm:g} mm",
+                "pair": f"{brain['name']} deformed {case['mm']:g} mm",
                 "alpha": alpha,
                 "ncc": ncc,
                 "reg": reg,
@@ -183,25 +178,23 @@ def loss_profile(brain: dict[str, Any], mm: float, seed: int, terms: dict[str, A
     return rows
 
 
-def measure(
-    reg: Any, brain: dict[str, Any], mm: float, seed: int, modes: tuple[str, ...], identity: bool
-) -> list[dict]:
-    """Rows of one brain under one known deformation, per mode; ``identity``: also the network's flow on the
-    brain against itself (``identity_mm`` of the network row)."""
+def measure(reg: Any, case: dict[str, Any], modes: tuple[str, ...], identity: bool) -> list[dict]:
+    """Rows of one known deformation (:func:`known_deformation`), per mode; ``identity``: also the network's
+    flow on the brain against itself (``identity_mm`` of the network row)."""
     import nibabel as nib
     import numpy as np
 
+    brain, fixed_labels, voxel_mm = case["brain"], case["fixed_labels"], case["voxel_mm"]
     image, labels, aff = brain["image"], brain["labels"], brain["affine"]
-    phi, fixed_image, fixed_labels, voxel_mm = known_deformation(brain, mm, seed)
-    fixed = nib.Nifti1Image(fixed_image, aff)
+    fixed = nib.Nifti1Image(case["fixed"], aff)
     moving = nib.Nifti1Image(image, aff)
     moving_labels = nib.Nifti1Image(labels, aff)
     inside = image > 0.02 * float(image.max())
     pair = {
-        "pair": f"{brain['name']} deformed {mm:g} mm",
+        "pair": f"{brain['name']} deformed {case['mm']:g} mm",
         "brain": brain["name"],
         "real": brain["tissue"],
-        "max_mm": mm,
+        "max_mm": case["mm"],
         "dice_none": VS.score(labels, fixed_labels, tissue=brain["tissue"])["dice"],
     }
     rows = []
@@ -211,7 +204,7 @@ def measure(
         row = {
             **pair,
             "mode": mode,
-            **flow_figures(phi, model_flow(r), inside, voxel_mm),
+            **flow_figures(case["phi"], model_flow(r), inside, voxel_mm),
             "dice": VS.score(warped, fixed_labels, tissue=brain["tissue"])["dice"],
         }
         if mode == "network" and identity:
@@ -354,24 +347,26 @@ def main(argv: list[str] | None = None) -> int:
     pairs = brains(args)
     if not pairs:
         raise SystemExit("no brains: pass --brains N > 0 or drop --no-real")
-    terms = training_loss_terms()
-    loss_rows = []
-    for i, brain in enumerate(pairs):
-        for k, mm in enumerate(mms):
-            loss_rows += loss_profile(brain, mm, SEED0 + 10 * i + k, terms)
+    # each deformation drawn once; the loss profile and every model see the same pairs
+    cases = [  # "first": the brain's first deformation, where the network also meets (x, x)
+        {**known_deformation(brain, mm, SEED0 + 10 * i + k), "first": k == 0}
+        for i, brain in enumerate(pairs)
+        for k, mm in enumerate(mms)
+    ]
+    cfg = training_loss_config()
+    loss_rows = [row for case in cases for row in loss_profile(case, cfg)]
     res["summary"]["loss_profile"] = summarise_loss(loss_rows)
     res["summary"]["loss_settings"] = (
-        f"NCC window {terms['ncc_window']}, σ {terms['ncc_sigma']}; weights NCC {terms['ncc_weight']}, "
-        f"diffusion {terms['reg_weight']}, Dice {terms['dice_weight']}"
+        f"NCC window {cfg.ncc_window}, σ {cfg.ncc_sigma}; weights NCC {cfg.ncc_weight}, "
+        f"diffusion {cfg.reg_weight}, Dice {cfg.dice_weight}"
     )
     res["loss_rows"] = loss_rows
     for name, path in models.items():
         reg = Registrar.load(path, backend=args.backend)
-        for i, brain in enumerate(pairs):
-            for k, mm in enumerate(mms):
-                C.log(f"{name}: {brain['name']} deformed {mm:g} mm")
-                for row in measure(reg, brain, mm, SEED0 + 10 * i + k, modes, identity=k == 0):
-                    res["rows"].append({"model": name, **row})
+        for case in cases:
+            C.log(f"{name}: {case['brain']['name']} deformed {case['mm']:g} mm")
+            for row in measure(reg, case, modes, identity=case["first"]):
+                res["rows"].append({"model": name, **row})
     res["summary"]["means"] = summarise(res["rows"])
     res["summary"]["deformation"] = {
         "max_mm": mms,
